@@ -1,0 +1,174 @@
+"""Job configs: one frozen pydantic model per job, built from shared sub-models.
+
+Precedence: field defaults < YAML file < dotted overrides (``optim.lr=2e-4``). An unknown key is an
+error that lists the valid keys at that level. Configs cross process boundaries as plain dicts and
+are re-validated on the other side (``XConfig.model_validate(d)``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Frozen(BaseModel):
+    """Base of every config model: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- shared sub-models
+
+
+class ModelConfig(Frozen):
+    """The class-conditional UNet (diffusers ``UNet2DModel``)."""
+
+    preset: Literal["tiny", "small", "paper"] = Field(
+        "tiny", description="tiny: 32 px CPU-sized (~1M params); paper: 64 px with attention."
+    )
+    sample_size: int | None = Field(None, description="Image side in px; None = preset's.")
+    block_out_channels: tuple[int, ...] | None = Field(None, description="None = preset's.")
+    layers_per_block: int | None = Field(None, description="ResNet blocks per level; None = preset's.")
+    attention: bool | None = Field(None, description="Attention in the lowest level; None = preset's.")
+    num_classes: int | None = Field(
+        None, description="Real classes (the null class is added on top); None = from the data."
+    )
+    p_uncond: float = Field(0.1, ge=0, le=1, description="Class dropout for classifier-free guidance.")
+
+
+class NoiseConfig(Frozen):
+    """The DDPM training schedule (a diffusers scheduler config)."""
+
+    num_train_timesteps: int = Field(1000, gt=0, description="T of the forward process.")
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = Field(
+        "squaredcos_cap_v2", description="linear (Ho et al.) or cosine (Nichol & Dhariwal)."
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="UNet target.")
+
+
+class SamplerConfig(Frozen):
+    """How samples are drawn: one ``diffusion.sample()`` call."""
+
+    sampler: Literal["ddpm", "ddim", "dpm++"] = Field("ddim", description="diffusers scheduler.")
+    steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
+    guidance: float = Field(2.0, ge=0, le=20, description="CFG scale; 1 = conditional only, 0 = null class.")
+    seed: int = Field(0, description="Base seed; image i of a request uses seed + i.")
+    batch_size: int = Field(64, gt=0, description="Images per UNet call.")
+
+
+class OptimConfig(Frozen):
+    """AdamW with warm-up, clipping and an EMA of the weights."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear LR warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay (paper: 0.9999).")
+    ema_warmup: bool = Field(True, description="EMA decay ramps up so short runs are usable.")
+
+
+class ScalingConfig(Frozen):
+    """Ray Train scaling (named so it does not clash with ray.train.ScalingConfig)."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per worker; None = cpus_per_worker. Reserve 1 CPU "
+        "but use 2 threads on a 2-core box so Ray Data's readers still get a CPU."
+    )
+
+
+class TrackingConfig(Frozen):
+    """MLflow: where runs go and what they are called."""
+
+    tracking_uri: str | None = Field(
+        None, description="None = $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db."
+    )
+    experiment: str = Field("pathloop", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name; None = generated.")
+    register_as: str | None = Field(None, description="Registered model name; None = don't register.")
+
+
+# ----------------------------------------------------------------------------- loading
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML (so 2e-4, true, [1,2] and null work), else keep the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, model: type[BaseModel], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node, cls = tree, model
+    for i, key in enumerate(parts):
+        fields = cls.model_fields if cls is not None else None
+        if fields is not None and key not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(
+                f"unknown config key {dotted!r}: {key!r} is not a field at {where}; "
+                f"valid keys: {', '.join(sorted(fields))}"
+            )
+        if i == len(parts) - 1:
+            node[key] = value
+            return
+        ann = fields[key].annotation if fields is not None else None
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is not a section")
+
+
+class ConfigError(ValueError):
+    """A config could not be built; the message names the key and the fix."""
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = model
+            for p in e["loc"][:-1]:
+                ann = parent.model_fields[str(p)].annotation if parent else None
+                parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            lines.append(f"  {loc}: unknown key; valid keys here: {valid}")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid {model.__name__}:\n" + "\n".join(lines)
+
+
+def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    """Build ``model`` from defaults < YAML ``path`` < ``key.sub=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, _, raw = item.partition("=")
+        _set_dotted(tree, model, key.strip(), parse_value(raw))
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, model)) from None
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Save the resolved config next to an artifact (YAML for people, exact for reloading)."""
+    Path(path).write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))

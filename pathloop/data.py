@@ -1,0 +1,927 @@
+"""Image shards: the schema, the writer, ingest of real images, and the readers.
+
+A shard set is a folder of Parquet files (one row per image, PNG bytes) plus ``manifest.json``,
+which holds the class vocabulary, the counts and a checksum of every shard, so a path alone says
+what the data is. Every step downstream reads images through this module:
+
+- ``ingest`` turns an image-folder tree or a CSV of paths into a shard set, quarantining what it
+  cannot read and listing why;
+- ``ShardWriter`` is what ``ingest``, phantoms and samplers use to write shards;
+- ``iter_records`` / ``load_arrays`` read in-process; ``read_shards`` returns a Ray Dataset and
+  ``torch_batches`` a single-process iterator, both through the one ``transform_batch``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from pathloop.config import Frozen
+from pathloop.vocab import ClassInfo, Vocabulary
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+    import torch
+    from PIL import Image as PILImage
+
+SPLITS: tuple[str, ...] = ("train", "test", "val", "none")
+SOURCES: tuple[str, ...] = ("real", "phantom", "synthetic")
+
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.csv"
+FORMAT_VERSION = 1
+
+# 20 hex chars = 80 bits: collisions are negligible for any dataset this project will see.
+ID_HEX_CHARS = 20
+# Fixed so the same pixels always give the same bytes (and the same shard checksums).
+PNG_COMPRESS_LEVEL = 6
+
+# File-name prefixes of the PBC dataset (Acevedo et al. 2020) that carry a sub-type.
+SUBTYPE_PREFIXES: dict[str, str] = {
+    "SNE_": "segmented",
+    "BNE_": "band",
+    "MMY_": "metamyelocyte",
+    "MY_": "myelocyte",
+    "PMY_": "promyelocyte",
+}
+
+# Modes that convert to RGB without losing meaning; 16-bit and CMYK need a decision by a person.
+_ACCEPTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX"}
+_PROVENANCE_REQUIRED = ("model_uri", "checkpoint_step", "sampler", "steps", "guidance", "seed")
+_PROVENANCE_OPTIONAL = ("strength", "init_id")
+
+
+class NotAShardSetError(FileNotFoundError):
+    """A folder was given where a shard set was expected; the message says how to make one."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def shard_schema() -> pa.Schema:
+    """The Parquet schema of a shard: one row per image, PNG bytes plus labels and provenance."""
+    import pyarrow as pa
+
+    provenance = pa.struct(
+        [
+            pa.field("model_uri", pa.string()),
+            pa.field("checkpoint_step", pa.int64()),
+            pa.field("sampler", pa.string()),
+            pa.field("steps", pa.int32()),
+            pa.field("guidance", pa.float32()),
+            pa.field("seed", pa.int64()),
+            pa.field("strength", pa.float32()),  # image-to-image only
+            pa.field("init_id", pa.string()),  # image-to-image only: id of the starting image
+        ]
+    )
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("image", pa.binary(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("class_id", pa.int32(), nullable=False),
+            pa.field("class_name", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("subtype", pa.string()),
+            pa.field("provenance", provenance),
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------- PNG and ids
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ValueError(f"image must be a uint8 numpy array, got {getattr(image, 'dtype', image)}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be HxWx3 (RGB), got shape {image.shape}")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Deterministic PNG of an HxWx3 uint8 array: no metadata chunks, fixed compression."""
+    from PIL import Image
+
+    _check_image(image)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False
+    )
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes to an HxWx3 uint8 array."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def image_id(image: np.ndarray) -> str:
+    """Stable content id of an image: sha256 of its shape and raw RGB bytes (hex prefix).
+
+    Hashing pixels rather than PNG bytes keeps ids stable across zlib/Pillow versions, which
+    matters because feedback rows refer to images by id.
+    """
+    _check_image(image)
+    h = hashlib.sha256(f"{image.shape[0]}x{image.shape[1]}x3:".encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()[:ID_HEX_CHARS]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{what} {value!r} is not one of: {', '.join(valid)}")
+
+
+def _check_provenance(prov: dict | None) -> dict | None:
+    """Fill the optional image-to-image fields; reject unknown or missing keys by name."""
+    if prov is None:
+        return None
+    known = _PROVENANCE_REQUIRED + _PROVENANCE_OPTIONAL
+    unknown = sorted(set(prov) - set(known))
+    missing = [k for k in _PROVENANCE_REQUIRED if prov.get(k) is None]
+    if unknown or missing:
+        raise ValueError(
+            f"bad provenance: unknown keys {unknown}, missing keys {missing}; "
+            f"valid keys: {', '.join(known)}"
+        )
+    return {k: prov.get(k) for k in known}
+
+
+def _with_subtypes(vocab: Vocabulary, seen: dict[str, Counter]) -> Vocabulary:
+    """The vocabulary with every sub-type seen in the data listed on its class."""
+    classes = []
+    for c in vocab.classes:
+        extra = sorted(set(seen.get(c.name, ())) - set(c.subtypes))
+        classes.append(
+            ClassInfo.model_validate({**c.model_dump(), "subtypes": c.subtypes + tuple(extra)})
+        )
+    return Vocabulary(classes=tuple(classes))
+
+
+class ShardWriter:
+    """Write images to ``part-NNNNN.parquet`` shards plus ``manifest.json``; use as a context.
+
+    Shards go to hidden temporary files and are renamed on ``close``; the manifest is written
+    last, so a crash never leaves a folder that looks like a complete shard set.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        vocab: Vocabulary,
+        rows_per_shard: int = 2048,
+        source_note: str = "",
+    ) -> None:
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.vocab = vocab
+        self.rows_per_shard = rows_per_shard
+        self.source_note = source_note
+        self.num_duplicates = 0
+        self.quarantined: list[tuple[str, str]] = []
+        self.manifest: dict | None = None
+        self._rows: list[dict] = []
+        self._tmp_shards: list[tuple[Path, int]] = []  # (temporary path, rows)
+        self._ids: set[str] = set()
+        self._counts: dict[str, Counter] = defaultdict(Counter)
+        self._sources: Counter = Counter()
+        self._subtypes: dict[str, Counter] = defaultdict(Counter)  # class name -> subtype -> n
+        self._sizes: set[tuple[int, int]] = set()
+
+    def __enter__(self) -> ShardWriter:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._discard()
+
+    @property
+    def num_records(self) -> int:
+        return len(self._ids)
+
+    def add(
+        self,
+        image: np.ndarray,
+        class_id: int,
+        split: str,
+        source: str,
+        subtype: str | None = None,
+        provenance: dict | None = None,
+    ) -> str | None:
+        """Add one HxWx3 uint8 image; return its id, or None if the same pixels were added."""
+        info = self.vocab.lookup(int(class_id))
+        _check_choice("split", split, SPLITS)
+        _check_choice("source", source, SOURCES)
+        rid = image_id(image)
+        if rid in self._ids:
+            self.num_duplicates += 1
+            return None
+        self._ids.add(rid)
+        h, w = int(image.shape[0]), int(image.shape[1])
+        row = dict(id=rid, image=encode_png(image), height=h, width=w, class_id=info.id)
+        row.update(class_name=info.name, split=split, source=source, subtype=subtype)
+        row["provenance"] = _check_provenance(provenance)
+        self._rows.append(row)
+        self._counts[info.name][split] += 1
+        self._sources[source] += 1
+        self._sizes.add((h, w))
+        if subtype:
+            self._subtypes[info.name][subtype] += 1
+        if len(self._rows) >= self.rows_per_shard:
+            self._flush()
+        return rid
+
+    def quarantine(self, path: str | Path, reason: str) -> None:
+        """Record an input that was not written, and why."""
+        self.quarantined.append((str(path), reason))
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._rows:
+            return
+        tmp = self.out_dir / f".tmp-{os.getpid()}-part-{len(self._tmp_shards):05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=shard_schema()), tmp)
+        self._tmp_shards.append((tmp, len(self._rows)))
+        self._rows = []
+
+    def _discard(self) -> None:
+        for tmp, _ in self._tmp_shards:
+            tmp.unlink(missing_ok=True)
+        self._tmp_shards = []
+
+    def _commit_shards(self) -> list[dict]:
+        """Move temporary shards into place and drop stale shards of an earlier run."""
+        shards = []
+        for i, (tmp, n) in enumerate(self._tmp_shards):
+            final = self.out_dir / f"part-{i:05d}.parquet"
+            os.replace(tmp, final)
+            shards.append({"file": final.name, "num_rows": n, "sha256": _file_sha256(final)})
+        keep = {s["file"] for s in shards}
+        for old in self.out_dir.glob("part-*.parquet"):
+            if old.name not in keep:
+                old.unlink()
+        return shards
+
+    def _write_quarantine(self) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "reason"])
+        writer.writerows(self.quarantined)
+        _write_atomic(self.out_dir / QUARANTINE, buf.getvalue())
+
+    def close(self) -> dict:
+        """Write the remaining rows, the shards, ``quarantine.csv`` and ``manifest.json``."""
+        if self.manifest is not None:
+            return self.manifest
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._flush()
+        # Remove the old manifest first: between here and the new one the folder is not a set.
+        (self.out_dir / MANIFEST).unlink(missing_ok=True)
+        shards = self._commit_shards()
+        self._write_quarantine()
+        self.manifest = self._manifest(shards)
+        _write_atomic(self.out_dir / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
+        return self.manifest
+
+    def _manifest(self, shards: list[dict]) -> dict:
+        vocab = _with_subtypes(self.vocab, self._subtypes)
+        return {
+            "format": "pathloop-shards",
+            "version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "num_records": self.num_records,
+            "counts": {c.name: dict(sorted(self._counts[c.name].items())) for c in vocab.classes},
+            "subtype_counts": {
+                k: dict(sorted(v.items())) for k, v in sorted(self._subtypes.items())
+            },
+            "sources": dict(sorted(self._sources.items())),
+            "source_note": self.source_note,
+            "quarantined": len(self.quarantined),
+            "duplicates": self.num_duplicates,
+            # [H, W] when every image has the same size, else null.
+            "image_size": list(next(iter(self._sizes))) if len(self._sizes) == 1 else None,
+            "classes": [c.model_dump(mode="json") for c in vocab.classes],
+            "shards": shards,
+        }
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    """Load ``manifest.json`` of a shard set; a folder without one raises NotAShardSetError."""
+    d = Path(shard_dir)
+    hint = "create one with `pathloop ingest` or `pathloop phantoms`"
+    if not d.is_dir():
+        raise NotAShardSetError(f"{d} is not a shard set: no such folder; {hint}")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise NotAShardSetError(f"{d} is not a shard set: it has no {MANIFEST}; {hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise NotAShardSetError(f"{path} is not valid JSON ({err}); {hint}") from None
+    missing = [k for k in ("classes", "shards", "num_records") if k not in manifest]
+    if missing:
+        raise NotAShardSetError(f"{path} lacks keys {missing}; {hint}")
+    return manifest
+
+
+def read_vocab(shard_dir: str | Path) -> Vocabulary:
+    """The class vocabulary stored in a shard set's manifest."""
+    return Vocabulary.model_validate({"classes": read_manifest(shard_dir)["classes"]})
+
+
+def _shard_paths(shard_dir: Path, manifest: dict) -> list[str]:
+    paths = [shard_dir / s["file"] for s in manifest["shards"]]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise NotAShardSetError(f"{shard_dir}: shards listed in {MANIFEST} are missing: {missing}")
+    return [str(p) for p in paths]
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+class IngestReport(BaseModel):
+    """What ``ingest`` did: counts, and every input it skipped with the reason."""
+
+    out: str = Field(description="The shard set written.")
+    num_ingested: int = Field(description="Images written.")
+    num_quarantined: int = Field(description="Inputs that could not be used.")
+    num_duplicates: int = Field(description="Inputs whose pixels equal an earlier input's.")
+    counts: dict[str, dict[str, int]] = Field(description="class name -> split -> images.")
+    quarantined: list[tuple[str, str]] = Field(description="(path, reason) per bad input.")
+    duplicates: list[tuple[str, str]] = Field([], description="(path, path of the kept copy).")
+    strict: bool = Field(False, description="Whether any quarantined input counts as failure.")
+
+    def exit_code(self, strict: bool | None = None) -> int:
+        """0 if something was ingested and (not strict or nothing quarantined), else 1."""
+        strict = self.strict if strict is None else strict
+        ok = self.num_ingested > 0 and not (strict and self.num_quarantined > 0)
+        return 0 if ok else 1
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One input file and what the source says about it."""
+
+    path: Path
+    rel: str  # path as reported: relative to the source root
+    class_name: str
+    split: str | None = None
+    subtype: str | None = None
+
+
+@dataclass(frozen=True)
+class _Label:
+    split: str
+    subtype: str | None
+    class_name: str | None
+
+
+class _Rejected(Exception):
+    """An input file that goes to quarantine; the message is the reason."""
+
+
+def subtype_from_filename(name: str) -> str | None:
+    """Sub-type from a PBC file-name prefix (``SNE_123.jpg`` -> ``segmented``), else None."""
+    base = Path(name).name
+    for prefix, subtype in SUBTYPE_PREFIXES.items():
+        if base.startswith(prefix):
+            return subtype
+    return None
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _items_from_folder(root: Path) -> list[_Item]:
+    """SRC/<class>/<file>: one item per non-hidden file; hidden files (.DS_Store) are skipped."""
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(
+            f"{root} has no class sub-folders; expected SRC/<class>/<image> "
+            "or a CSV with columns path,class[,split][,subtype]"
+        )
+    items = []
+    for d in class_dirs:
+        for f in d.rglob("*"):
+            hidden = any(p.startswith(".") for p in f.relative_to(d).parts)
+            if f.is_file() and not hidden:
+                items.append(_Item(f, _rel(f, root), d.name))
+    return items
+
+
+def _items_from_csv(csv_path: Path) -> list[_Item]:
+    """CSV with columns path,class[,split][,subtype]; paths relative to the CSV's folder."""
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if not {"path", "class"} <= set(cols):
+            raise ValueError(f"{csv_path} needs columns path,class[,split][,subtype]; got {cols}")
+        items = []
+        for n, row in enumerate(reader, start=2):  # line 1 is the header
+            split = (row.get("split") or "").strip() or None
+            if split is not None and split not in SPLITS:
+                raise ValueError(f"{csv_path}:{n}: split {split!r} is not one of {SPLITS}")
+            path = csv_path.parent / row["path"].strip()
+            subtype = (row.get("subtype") or "").strip() or None
+            items.append(_Item(path, row["path"].strip(), row["class"].strip(), split, subtype))
+    return items
+
+
+def read_labels(path: str | Path) -> dict[str, _Label]:
+    """A labels CSV (``id,split[,class_name][,source_file]``) keyed by file stem."""
+    with Path(path).open(newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if not {"id", "split"} <= set(cols):
+            raise ValueError(f"labels file {path} needs columns id,split; got {cols}")
+        labels = {}
+        for row in reader:
+            split = row["split"].strip()
+            _check_choice(f"labels file {path}: split of {row['id']!r}:", split, SPLITS)
+            subtype = subtype_from_filename(row.get("source_file") or "")
+            labels[row["id"].strip()] = _Label(split, subtype, row.get("class_name") or None)
+    return labels
+
+
+def _apply_label(item: _Item, labels: dict[str, _Label]) -> _Item:
+    """Split and sub-type from the labels file; a missing or conflicting row is rejected."""
+    label = labels.get(item.path.stem)
+    if label is None:
+        raise _Rejected(f"no row for {item.path.stem!r} in the labels file")
+    if label.class_name and label.class_name != item.class_name:
+        raise _Rejected(
+            f"labels file says class {label.class_name!r}, source says {item.class_name!r}"
+        )
+    return _Item(
+        item.path,
+        item.rel,
+        item.class_name,
+        item.split or label.split,
+        item.subtype or label.subtype,
+    )
+
+
+@contextmanager
+def _pixel_guard(pixel_limit: int) -> Iterator[None]:
+    """Make PIL's decompression-bomb check use our limit, and make its warning an error."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pixel_limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _check_mode(mode: str) -> None:
+    if mode in _ACCEPTED_MODES:
+        return
+    if mode.startswith("I;16"):
+        raise _Rejected(f"unsupported mode {mode} (16-bit); convert to 8-bit RGB")
+    if mode in ("I", "F"):
+        raise _Rejected(f"unsupported mode {mode} (32-bit); convert to 8-bit RGB")
+    raise _Rejected(f"unsupported mode {mode}; convert to RGB")
+
+
+def _open_verified(path: Path, pixel_limit: int) -> PILImage.Image:
+    """Open, check size and mode, verify, then reopen and decode fully; else raise _Rejected."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise _Rejected("file not found")
+    if path.stat().st_size == 0:
+        raise _Rejected("empty file")
+    over = f"over pixel limit ({pixel_limit:,} px)"
+    try:
+        with _pixel_guard(pixel_limit):
+            with Image.open(path) as im:
+                if im.size[0] * im.size[1] > pixel_limit:
+                    raise _Rejected(
+                        f"over pixel limit ({im.size[0]}x{im.size[1]} > {pixel_limit:,})"
+                    )
+                _check_mode(im.mode)
+                im.verify()  # checks structure and checksums without decoding
+            im = Image.open(path)  # verify() leaves the image unusable: reopen to decode
+            im.load()
+            return im
+    except _Rejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _Rejected(over) from None
+    except UnidentifiedImageError:
+        raise _Rejected("not an image (cannot identify image file)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise _Rejected(f"truncated or corrupt image ({err})") from None
+
+
+def _to_rgb(im: PILImage.Image) -> PILImage.Image:
+    """RGB; transparent pixels become white (slide background), not black."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _square(im: PILImage.Image, size: int) -> np.ndarray:
+    """Shorter side to ``size`` (Lanczos), centre crop; images already size x size are untouched."""
+    from PIL import Image
+
+    w, h = im.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    # A fresh array: nothing of the source file (EXIF, text, ICC) can reach the shard.
+    return np.array(im, dtype=np.uint8)
+
+
+def _load(path: Path, size: int, pixel_limit: int) -> np.ndarray:
+    from PIL import ImageOps
+
+    with _open_verified(path, pixel_limit) as im:
+        # Camera JPEGs may store their orientation only in EXIF; apply it before it is dropped.
+        return _square(_to_rgb(ImageOps.exif_transpose(im)), size)
+
+
+def load_image(path: str | Path, size: int = 64, pixel_limit: int = 50_000_000) -> np.ndarray:
+    """Read one image file as a size x size x 3 uint8 array, as ingest does.
+
+    Raises ValueError with the quarantine reason (empty, truncated, 16-bit, CMYK, ...).
+    """
+    try:
+        return _load(Path(path), size, pixel_limit)
+    except _Rejected as rej:
+        raise ValueError(f"{path}: {rej}") from None
+
+
+def _discover(src: Path) -> list[_Item]:
+    if not src.exists():
+        raise FileNotFoundError(f"ingest source {src} does not exist")
+    if src.is_file():
+        if src.suffix.lower() != ".csv":
+            raise ValueError(f"ingest source {src} must be a folder or a .csv file")
+        items = _items_from_csv(src)
+    else:
+        items = _items_from_folder(src)
+    # Sorted so that ids, shard contents and which copy of a duplicate is kept never vary.
+    return sorted(items, key=lambda it: (it.class_name, it.rel))
+
+
+def _track(items: list[_Item], progress: bool) -> Iterator[_Item]:
+    if not progress:
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description="ingest", total=len(items))
+
+
+def ingest(
+    src: str | Path,
+    out: str | Path,
+    labels: str | Path | None = None,
+    size: int = 64,
+    strict: bool = False,
+    pixel_limit: int = 50_000_000,
+    progress: bool = True,
+) -> IngestReport:
+    """Turn an image-folder tree or a CSV of paths into a shard set of ``size`` px RGB images.
+
+    Unreadable, truncated, oversized, 16-bit and CMYK files go to ``quarantine.csv`` with the
+    reason; exact duplicates are written once. ``labels`` (a CSV with ``id,split`` and optionally
+    ``class_name,source_file``, matched by file stem) supplies splits and sub-types.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1 px, got {size}")
+    items = _discover(Path(src))
+    label_rows = read_labels(labels) if labels is not None else None
+    vocab = Vocabulary.from_names(sorted({it.class_name for it in items}))
+    # By name, not vocab.lookup: a folder called "3" is a name, not class id 3.
+    class_ids = {c.name: c.id for c in vocab.classes}
+    kept: dict[str, str] = {}  # id -> path of the copy that was written
+    duplicates: list[tuple[str, str]] = []
+    with ShardWriter(out, vocab, source_note=f"ingest {src}") as writer:
+        for item in _track(items, progress):
+            try:
+                if label_rows is not None:
+                    item = _apply_label(item, label_rows)
+                image = _load(item.path, size, pixel_limit)
+            except _Rejected as rej:
+                writer.quarantine(item.rel, str(rej))
+                continue
+            cid = class_ids[item.class_name]
+            rid = writer.add(image, cid, item.split or "train", "real", subtype=item.subtype)
+            if rid is None:
+                duplicates.append((item.rel, kept[image_id(image)]))
+            else:
+                kept[rid] = item.rel
+    manifest = writer.manifest or {}
+    return IngestReport(
+        out=str(out),
+        num_ingested=writer.num_records,
+        num_quarantined=len(writer.quarantined),
+        num_duplicates=writer.num_duplicates,
+        counts=manifest.get("counts", {}),
+        quarantined=writer.quarantined,
+        duplicates=duplicates,
+        strict=strict,
+    )
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+class AugmentConfig(Frozen):
+    """Training-time augmentation; cells have no set orientation, so flips and turns are safe."""
+
+    flips: bool = Field(True, description="Random horizontal and vertical flips, p=0.5 each.")
+    rot90: bool = Field(True, description="Random rotation by k*90 degrees (square images only).")
+    color_jitter: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Max relative change of brightness and saturation; 0 = off. Keep it small "
+        "(<= 0.1): stain colour carries class information.",
+    )
+    seed: int | None = Field(
+        None,
+        description="None: fresh randomness on every pass; an int: each image (by id) gets the "
+        "same augmentation on every pass and in every reader (reproducible tests).",
+    )
+
+
+def _augment_one(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Augment one (H, W, 3) float image in [0, 1]."""
+    if cfg.flips:
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        if rng.random() < 0.5:
+            img = img[::-1]
+    if cfg.rot90 and img.shape[0] == img.shape[1]:
+        img = np.rot90(img, k=int(rng.integers(4)))
+    if cfg.color_jitter > 0:
+        j = cfg.color_jitter
+        brightness, saturation = 1 + rng.uniform(-j, j, size=2)
+        gray = (img @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]  # (H, W, 1)
+        img = np.clip((gray + saturation * (img - gray)) * brightness, 0.0, 1.0)
+    return img
+
+
+def _image_rng(seed: int, rid: str) -> np.random.Generator:
+    return np.random.default_rng([seed, int(rid[:15], 16)])
+
+
+def transform_batch(
+    batch: dict[str, np.ndarray],
+    augment: AugmentConfig | dict | None = None,
+    rng: np.random.Generator | None = None,
+    keep_id: bool = True,
+) -> dict[str, np.ndarray]:
+    """PNG bytes -> float32 (B, 3, H, W) in [-1, 1], augmented; ``class_id`` -> int64.
+
+    The one transform behind both ``read_shards`` (Ray ``map_batches``) and ``torch_batches``.
+    ``augment`` may be a dict because it crosses process boundaries; it is re-validated here.
+    """
+    cfg = AugmentConfig.model_validate(augment) if isinstance(augment, dict) else augment
+    rng = rng if rng is not None else np.random.default_rng()
+    ids = [str(i) for i in batch["id"]]
+    images = []
+    for rid, png in zip(ids, batch["image"], strict=True):
+        img = decode_png(bytes(png)).astype(np.float32) / 255.0  # (H, W, 3) in [0, 1]
+        if cfg is not None:
+            img_rng = _image_rng(cfg.seed, rid) if cfg.seed is not None else rng
+            img = _augment_one(img, cfg, img_rng)
+        images.append(np.ascontiguousarray(img.transpose(2, 0, 1)))  # (3, H, W)
+    out = np.stack(images) * 2.0 - 1.0 if images else np.zeros((0, 3, 0, 0), np.float32)
+    result = {
+        "image": out.astype(np.float32),  # (B, 3, H, W) in [-1, 1]
+        "class_id": np.asarray(batch["class_id"], dtype=np.int64),
+    }
+    if keep_id:
+        result["id"] = np.asarray(ids, dtype=object)
+    return result
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _class_ids(vocab: Vocabulary, classes: list[str | int] | None) -> list[int] | None:
+    """Resolve names, codes or ids; an unknown one raises KeyError listing the valid classes."""
+    if classes is None:
+        return None
+    if isinstance(classes, str | int):
+        classes = [classes]
+    return sorted({vocab.lookup(c).id for c in classes})
+
+
+def _selection(
+    shard_dir: str | Path, split: str | None, classes: list[str | int] | None
+) -> tuple[list[str], Any]:
+    """Shard paths and a pyarrow filter expression (or None) for a split/class selection."""
+    import pyarrow.dataset as pads
+
+    d = Path(shard_dir)
+    manifest = read_manifest(d)
+    vocab = Vocabulary.model_validate({"classes": manifest["classes"]})
+    ids = _class_ids(vocab, classes)
+    expr = None
+    if split is not None:
+        _check_choice("split", split, SPLITS)
+        expr = pads.field("split") == split
+    if ids is not None:
+        cls_expr = pads.field("class_id").isin(ids)
+        expr = cls_expr if expr is None else expr & cls_expr
+    return _shard_paths(d, manifest), expr
+
+
+def _scanner(files: list[str], expr: Any, columns: list[str] | None) -> Any:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(files, format="parquet", schema=shard_schema()).scanner(
+        columns=columns,
+        filter=expr,
+        use_threads=False,  # no threads: keep shard order
+    )
+
+
+def _decode_rows(batch: Any) -> Iterator[dict]:
+    for row in batch.to_pylist():
+        if "image" in row:
+            row["image"] = decode_png(row["image"])
+        yield row
+
+
+def iter_records(
+    shard_dir: str | Path,
+    split: str | None = None,
+    classes: list[str | int] | None = None,
+    columns: list[str] | None = None,
+) -> Iterator[dict]:
+    """Rows of a shard set in order, ``image`` decoded to HxWx3 uint8; filters are pushed down."""
+    files, expr = _selection(shard_dir, split, classes)  # eager: bad arguments fail here
+    if columns is not None:
+        unknown = sorted(set(columns) - set(shard_schema().names))
+        if unknown:
+            raise KeyError(f"unknown columns {unknown}; valid: {', '.join(shard_schema().names)}")
+
+    def rows() -> Iterator[dict]:
+        if not files:
+            return
+        for batch in _scanner(files, expr, columns).to_batches():
+            yield from _decode_rows(batch)
+
+    return rows()
+
+
+def load_arrays(
+    shard_dir: str | Path,
+    split: str | None = None,
+    classes: list[str | int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """All selected images as (N, H, W, 3) uint8 and their class ids as (N,) int64."""
+    images, labels = [], []
+    for row in iter_records(shard_dir, split, classes, columns=["image", "class_id"]):
+        images.append(row["image"])
+        labels.append(row["class_id"])
+    if not images:
+        return np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0,), np.int64)
+    if len({im.shape for im in images}) > 1:
+        raise ValueError(f"{shard_dir}: images differ in size; load_arrays needs one size")
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def read_shards(
+    shard_dir: str | Path,
+    split: str | None = None,
+    classes: list[str | int] | None = None,
+    augment: AugmentConfig | None = None,
+    with_ids: bool = False,
+) -> ray.data.Dataset:
+    """A Ray Dataset of ``image`` float32 (3, H, W) in [-1, 1] and ``class_id`` int64.
+
+    The split/class filter and the column projection are pushed down to the Parquet scan;
+    decoding and augmentation run in ``map_batches``. ``with_ids`` adds the string ``id``
+    column; leave it off for ``iter_torch_batches``, which cannot turn strings into tensors.
+    """
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    d = Path(shard_dir)
+    manifest = read_manifest(d)
+    vocab = Vocabulary.model_validate({"classes": manifest["classes"]})
+    ids = _class_ids(vocab, classes)
+    files = _shard_paths(d, manifest)
+    if not files:
+        raise ValueError(f"{d} holds no records; nothing to read")
+    ds = ray.data.read_parquet(files)
+    if split is not None:
+        _check_choice("split", split, SPLITS)
+        ds = ds.filter(expr=col("split") == lit(split))
+    if ids is not None:
+        ds = ds.filter(expr=col("class_id").is_in(ids))
+    ds = ds.select_columns(["id", "image", "class_id"])
+    aug = augment.model_dump() if augment is not None else None
+    return ds.map_batches(
+        transform_batch, batch_format="numpy", fn_kwargs={"augment": aug, "keep_id": with_ids}
+    )
+
+
+def torch_batches(
+    shard_dir: str | Path,
+    batch_size: int = 64,
+    split: str | None = None,
+    classes: list[str | int] | None = None,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Single-process batches: (images float32 (B, 3, H, W) in [-1, 1], class ids int64 (B,)).
+
+    Holds the selected PNG bytes in memory (compressed; ~8 KB per 64 px image) and shuffles by
+    ``seed``; augmentation is reproducible from ``seed`` unless ``augment.seed`` fixes it per image.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    files, expr = _selection(shard_dir, split, classes)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        if not files:
+            return
+        table = _scanner(files, expr, ["id", "image", "class_id"]).to_table()
+        cols = {
+            name: np.asarray(table.column(name).to_pylist(), dtype=object)
+            for name in ("id", "image")
+        }
+        cols["class_id"] = table.column("class_id").to_numpy()
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(table)) if shuffle else np.arange(len(table))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if drop_last and len(idx) < batch_size:
+                return
+            out = transform_batch({k: v[idx] for k, v in cols.items()}, augment, rng)
+            yield torch.from_numpy(out["image"]), torch.from_numpy(out["class_id"])
+
+    return batches()

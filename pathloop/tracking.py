@@ -1,0 +1,228 @@
+"""Every MLflow call in pathloop: URI resolution, runs, params, artifacts, model registry.
+
+The embedded default is SQLite (MLflow 3 refuses the file store) under the job's work dir, with
+artifacts beside it; ``$MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point at a server.
+Only the driver or rank 0 calls these.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pathloop.config import TrackingConfig
+
+DEFAULT_DB = "mlflow.db"
+
+
+def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
+    """Tracking URI: config > $MLFLOW_TRACKING_URI > sqlite:////<abs workdir>/mlflow.db."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = Path(workdir).resolve() / DEFAULT_DB
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the .db file (not in the process's cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def use(uri: str, experiment: str) -> str:
+    """Point mlflow at ``uri`` and make sure ``experiment`` exists; returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        mlflow.set_experiment(experiment)
+        return exp.experiment_id
+    exp_id = mlflow.create_experiment(experiment, artifact_location=_artifact_root(uri))
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config dict → {'optim.lr': 1e-4, ...} for mlflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def start_run(
+    cfg: TrackingConfig,
+    workdir: str | Path,
+    params: dict | None = None,
+    tags: dict | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create a run (driver side), log the flattened config as params, and return its id."""
+    import mlflow
+
+    uri = resolve_uri(cfg, workdir)
+    exp_id = use(uri, cfg.experiment)
+    client = mlflow.MlflowClient(uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name or cfg.run_name, tags=all_tags)
+    if params:
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params
+            client.log_batch(
+                run.info.run_id,
+                params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]],
+            )
+    return run.info.run_id
+
+
+@contextmanager
+def active_run(uri: str, run_id: str) -> Iterator[Any]:
+    """Resume an existing run (e.g. inside the rank-0 worker) for logging."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    ts = int(__import__("time").time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()],
+    )
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    p = Path(path)
+    if p.is_dir():
+        client.log_artifacts(run_id, str(p), artifact_path)
+    else:
+        client.log_artifact(run_id, str(p), artifact_path)
+
+
+def log_image(uri: str, run_id: str, image: Any, artifact_file: str) -> None:
+    """Log a PIL image as a PNG artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        image.save(path)
+        parent = str(Path(artifact_file).parent)
+        log_artifact(uri, run_id, path, None if parent == "." else parent)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _pyfunc_class() -> type:
+    import mlflow.pyfunc
+
+    class CheckpointModel(mlflow.pyfunc.PythonModel):
+        """A pathloop checkpoint as an MLflow model: ``predict`` takes class ids, returns PNGs.
+
+        The checkpoint directory is the artifact; ``pathloop.tracking.resolve_model`` is the
+        usual way to get it back as a local path for ``load_checkpoint``.
+        """
+
+        def load_context(self, context: Any) -> None:
+            from pathloop.diffusion import load_checkpoint
+
+            self.ckpt = load_checkpoint(context.artifacts["checkpoint"])
+
+        def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+            from pathloop.diffusion import sample, to_uint8
+
+            ids = [int(x) for x in list(model_input["class_id"])]
+            p = params or {}
+            x = sample(
+                self.ckpt.unet,
+                self.ckpt.noise,
+                ids,
+                steps=int(p.get("steps", 50)),
+                guidance=float(p.get("guidance", 2.0)),
+                seed=int(p.get("seed", 0)),
+            )
+            return to_uint8(x).tolist()
+
+    return CheckpointModel
+
+
+def log_checkpoint_model(
+    uri: str, run_id: str, ckpt_dir: str | Path, register_as: str | None = None
+) -> str:
+    """Log a checkpoint directory as an MLflow model; register it when asked.
+
+    Returns ``models:/<name>/<version>`` when registered, else ``runs:/<run_id>/model``.
+    """
+    import mlflow
+
+    with active_run(uri, run_id):
+        mlflow.pyfunc.log_model(
+            name="model",
+            python_model=_pyfunc_class()(),
+            artifacts={"checkpoint": str(ckpt_dir)},
+            pip_requirements=["pathloop"],
+        )
+    model_uri = f"runs:/{run_id}/model"
+    if register_as:
+        mv = mlflow.register_model(model_uri, register_as)
+        return f"models:/{register_as}/{mv.version}"
+    return model_uri
+
+
+def resolve_model(ref: str | Path, tracking_uri: str | None = None) -> Path:
+    """A local checkpoint directory for a path, ``runs:/...`` or ``models:/name/version`` URI."""
+    ref = str(ref)
+    if "://" not in ref and ":/" not in ref:
+        p = Path(ref)
+        if not p.exists():
+            raise FileNotFoundError(
+                f"model {ref!r} is neither an existing checkpoint directory nor an MLflow URI "
+                "(models:/<name>/<version> or runs:/<run_id>/model)"
+            )
+        return p
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+    ckpt = local / "artifacts" / "checkpoint"
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ref} holds no pathloop checkpoint (looked in {ckpt})")
+    return ckpt
