@@ -374,6 +374,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     manifest = read_manifest(cfg.data.shards)
     n = _count(manifest, cfg.data.split, cfg.data.classes, vocab)
     arith = check_arithmetic(cfg, n)
+    _check_image_size(cfg, manifest)
     rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
     workdir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir / "config.yaml")
@@ -430,6 +431,19 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     }
     (workdir / "result.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def _check_image_size(cfg: PretrainConfig, manifest: dict) -> None:
+    """The model's sample size must match the shards' image size."""
+    from pathloop.diffusion import resolve_model_config
+
+    size = resolve_model_config(cfg.model)["sample_size"]
+    have = manifest.get("image_size")
+    if have and tuple(have) != (size, size):
+        raise ValueError(
+            f"shards {cfg.data.shards} hold {have[0]}x{have[1]} images but the model samples "
+            f"{size}x{size}; set model.sample_size={have[0]} or re-make the shards at {size} px"
+        )
 
 
 def _count(manifest: dict, split: str | None, classes: list[str] | None, vocab) -> int:

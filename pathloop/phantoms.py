@@ -89,15 +89,154 @@ def _spec(code: str, accept: dict[str, Range], **kw: object) -> CellSpec:
 
 # Accepted intervals were calibrated on phantoms of tuning seeds (0.2-99.8 % quantiles, widened)
 # and checked on other seeds; see tests/test_phantoms.py for the rates they give.
-_ACCEPT: dict[str, dict[str, Range]] = {}
+_ACCEPT: dict[str, dict[str, Range]] = {
+    "B1": {
+        "cell_diam": (0.53, 0.65), "cell_solidity": (0.89, 1), "bg_light": (0.79, 1.05),
+        "nuc_area": (0.072, 0.135), "nuc_lobes": (1, 1), "nuc_solidity": (0.82, 1),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.28, 0.46), "cyto_light": (0.63, 0.76),
+        "cyto_blue": (0.13, 0.36), "cyto_red": (-0.15, 0.07), "pallor": (-0.35, -0.11),
+        "chrom_light": (0.27, 0.41), "chrom_texture": (0.016, 0.061), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.01), "gran_dark": (0.01, 0.103), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.035, 0.131),
+    },
+    "B2": {
+        "cell_diam": (0.46, 0.59), "cell_solidity": (0.88, 1), "bg_light": (0.81, 1.05),
+        "nuc_area": (0.025, 0.098), "nuc_lobes": (1, 1), "nuc_solidity": (0.55, 1),
+        "nuc_elong": (1, 2.7), "nc_ratio": (0.13, 0.42), "cyto_light": (0.71, 0.84),
+        "cyto_blue": (-0.04, 0.18), "cyto_red": (-0.05, 0.18), "pallor": (-0.51, 0.11),
+        "chrom_light": (0.14, 0.31), "chrom_texture": (0, 0.102), "nucleoli": (0, 0.07),
+        "vacuoles": (0, 0.028), "gran_dark": (0.014, 0.155), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.087, 0.197),
+    },
+    "E1": {
+        "cell_diam": (0.59, 0.71), "cell_solidity": (0.89, 1), "bg_light": (0.8, 1.05),
+        "nuc_area": (0.072, 0.135), "nuc_lobes": (1, 1), "nuc_solidity": (0.84, 1),
+        "nuc_elong": (1, 1.4), "nc_ratio": (0.22, 0.38), "cyto_light": (0.69, 0.82),
+        "cyto_blue": (-0.38, -0.15), "cyto_red": (0.11, 0.33), "pallor": (-0.49, -0.21),
+        "chrom_light": (0.25, 0.42), "chrom_texture": (0.012, 0.063), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.014), "gran_dark": (0, 0.01), "gran_orange": (0.04, 0.3),
+        "cyto_texture": (0.023, 0.056),
+    },
+    "E4": {
+        "cell_diam": (0.53, 0.65), "cell_solidity": (0.88, 1), "bg_light": (0.82, 1.05),
+        "nuc_area": (0.019, 0.06), "nuc_lobes": (1, 2), "nuc_solidity": (0.44, 0.9),
+        "nuc_elong": (1.7, 4.4), "nc_ratio": (0.07, 0.2), "cyto_light": (0.66, 0.79),
+        "cyto_blue": (-0.44, -0.22), "cyto_red": (0.16, 0.35), "pallor": (-0.09, 0.19),
+        "chrom_light": (0.2, 0.41), "chrom_texture": (0, 0.07), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.028), "gran_dark": (0, 0.014), "gran_orange": (0.11, 0.48),
+        "cyto_texture": (0.023, 0.053),
+    },
+    "ER1": {
+        "cell_diam": (0.68, 0.82), "cell_solidity": (0.9, 1), "bg_light": (0.79, 1.05),
+        "nuc_area": (0.172, 0.285), "nuc_lobes": (1, 1), "nuc_solidity": (0.87, 1),
+        "nuc_elong": (1, 1.4), "nc_ratio": (0.42, 0.61), "cyto_light": (0.58, 0.72),
+        "cyto_blue": (0.21, 0.42), "cyto_red": (-0.2, -0.02), "pallor": (-0.2, 0.03),
+        "chrom_light": (0.31, 0.46), "chrom_texture": (0.004, 0.043), "nucleoli": (0, 0.11),
+        "vacuoles": (0, 0.01), "gran_dark": (0, 0.025), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.005, 0.053),
+    },
+    "ER2": {
+        "cell_diam": (0.5, 0.62), "cell_solidity": (0.88, 1), "bg_light": (0.82, 1.05),
+        "nuc_area": (0.083, 0.148), "nuc_lobes": (1, 1), "nuc_solidity": (0.85, 1),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.37, 0.56), "cyto_light": (0.63, 0.75),
+        "cyto_blue": (0.19, 0.4), "cyto_red": (-0.2, 0.02), "pallor": (-0.31, -0.06),
+        "chrom_light": (0.26, 0.42), "chrom_texture": (0.015, 0.059), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.01), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+    },
+    "ER3": {
+        "cell_diam": (0.39, 0.51), "cell_solidity": (0.87, 1), "bg_light": (0.79, 1.05),
+        "nuc_area": (0.031, 0.078), "nuc_lobes": (1, 1), "nuc_solidity": (0.8, 1.01),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.24, 0.45), "cyto_light": (0.67, 0.81),
+        "cyto_blue": (-0.04, 0.19), "cyto_red": (-0.08, 0.13), "pallor": (-0.5, -0.22),
+        "chrom_light": (0.21, 0.41), "chrom_texture": (0.008, 0.066), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.01), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0, 0.045),
+    },
+    "ER4": {
+        "cell_diam": (0.33, 0.44), "cell_solidity": (0.86, 1), "bg_light": (0.82, 1.05),
+        "nuc_area": (0.001, 0.032), "nuc_lobes": (1, 1), "nuc_solidity": (0.71, 1.05),
+        "nuc_elong": (1, 1.6), "nc_ratio": (0.07, 0.23), "cyto_light": (0.71, 0.86),
+        "cyto_blue": (-0.26, -0.03), "cyto_red": (0.05, 0.29), "pallor": (-0.63, -0.11),
+        "chrom_light": (0.13, 0.33), "chrom_texture": (0, 0.123), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.01), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.012, 0.04),
+    },
+    "ER5": {
+        "cell_diam": (0.31, 0.41), "cell_solidity": (0.85, 1), "bg_light": (0.81, 1.05),
+        "nuc_area": (0, 0.01), "nuc_lobes": (0, 0), "nc_ratio": (0, 0.03),
+        "cyto_light": (0.71, 0.85), "cyto_blue": (-0.1, 0.12), "cyto_red": (0.02, 0.24),
+        "pallor": (-0.07, 0.08), "nucleoli": (0, 0.02), "vacuoles": (0, 0.01),
+        "gran_dark": (0, 0.01), "gran_orange": (0, 0.02), "cyto_texture": (0.011, 0.031),
+    },
+    "ER6": {
+        "cell_diam": (0.25, 0.36), "cell_solidity": (0.84, 1), "bg_light": (0.81, 1.05),
+        "nuc_area": (0, 0.01), "nuc_lobes": (0, 0), "nc_ratio": (0, 0.03),
+        "cyto_light": (0.7, 0.85), "cyto_blue": (-0.29, -0.08), "cyto_red": (0.1, 0.33),
+        "pallor": (-0.09, 0.23), "nucleoli": (0, 0.02), "vacuoles": (0, 0.146),
+        "gran_dark": (0, 0.01), "gran_orange": (0, 0.02), "cyto_texture": (0.014, 0.058),
+    },
+    "M1": {
+        "cell_diam": (0.52, 0.64), "cell_solidity": (0.89, 1), "bg_light": (0.81, 1.05),
+        "nuc_area": (0.129, 0.2), "nuc_lobes": (1, 1), "nuc_solidity": (0.86, 1),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.53, 0.71), "cyto_light": (0.66, 0.8),
+        "cyto_blue": (0.13, 0.35), "cyto_red": (-0.18, 0.03), "pallor": (-0.15, 0.1),
+        "chrom_light": (0.31, 0.46), "chrom_texture": (0.008, 0.051), "nucleoli": (0.01, 0.14),
+        "vacuoles": (0, 0.01), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+    },
+    "M2": {
+        "cell_diam": (0.71, 0.86), "cell_solidity": (0.9, 1), "bg_light": (0.81, 1.05),
+        "nuc_area": (0.128, 0.226), "nuc_lobes": (1, 1), "nuc_solidity": (0.86, 1),
+        "nuc_elong": (1, 2.1), "nc_ratio": (0.29, 0.44), "cyto_light": (0.64, 0.76),
+        "cyto_blue": (0.13, 0.36), "cyto_red": (-0.17, 0.07), "pallor": (-0.35, -0.13),
+        "chrom_light": (0.27, 0.41), "chrom_texture": (0.019, 0.059), "nucleoli": (0, 0.03),
+        "vacuoles": (0, 0.01), "gran_dark": (0.009, 0.092), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.036, 0.081),
+    },
+    "M3": {
+        "cell_diam": (0.54, 0.67), "cell_solidity": (0.88, 1), "bg_light": (0.81, 1.05),
+        "nuc_area": (0.088, 0.151), "nuc_lobes": (1, 1), "nuc_solidity": (0.84, 1),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.32, 0.48), "cyto_light": (0.68, 0.8),
+        "cyto_blue": (-0.03, 0.19), "cyto_red": (-0.01, 0.19), "pallor": (-0.4, -0.15),
+        "chrom_light": (0.26, 0.42), "chrom_texture": (0.013, 0.061), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.014), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.014, 0.06),
+    },
+    "M4": {
+        "cell_diam": (0.5, 0.62), "cell_solidity": (0.88, 1), "bg_light": (0.81, 1.05),
+        "nuc_area": (0.049, 0.107), "nuc_lobes": (1, 1), "nuc_solidity": (0.74, 0.95),
+        "nuc_elong": (1.1, 2.1), "nc_ratio": (0.22, 0.39), "cyto_light": (0.72, 0.86),
+        "cyto_blue": (-0.12, 0.1), "cyto_red": (-0.02, 0.19), "pallor": (-0.49, -0.15),
+        "chrom_light": (0.25, 0.44), "chrom_texture": (0.012, 0.067), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.022), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.024, 0.071),
+    },
+    "M5": {
+        "cell_diam": (0.48, 0.6), "cell_solidity": (0.88, 1), "bg_light": (0.8, 1.05),
+        "nuc_area": (0.005, 0.063), "nuc_lobes": (1, 5), "nuc_solidity": (0.11, 0.83),
+        "nuc_elong": (1, 5), "nc_ratio": (0.04, 0.25), "cyto_light": (0.72, 0.88),
+        "cyto_blue": (-0.12, 0.1), "cyto_red": (-0.01, 0.22), "pallor": (-0.23, 0.28),
+        "chrom_light": (0.2, 0.46), "chrom_texture": (0, 0.109), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.022), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.025, 0.072),
+    },
+    "MO2": {
+        "cell_diam": (0.73, 0.87), "cell_solidity": (0.9, 1), "bg_light": (0.81, 1.05),
+        "nuc_area": (0.107, 0.194), "nuc_lobes": (1, 1), "nuc_solidity": (0.78, 0.97),
+        "nuc_elong": (1.1, 1.9), "nc_ratio": (0.22, 0.37), "cyto_light": (0.7, 0.83),
+        "cyto_blue": (0.01, 0.23), "cyto_red": (-0.16, 0.07), "pallor": (-0.45, -0.17),
+        "chrom_light": (0.31, 0.45), "chrom_texture": (0.001, 0.025), "nucleoli": (0, 0.02),
+        "vacuoles": (0, 0.07), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.018, 0.05),
+    },
+}
 
 SPECS: dict[str, CellSpec] = {
     "B1": _spec("B1", _ACCEPT.get("B1", {}), diameter=(0.54, 0.60), nucleus="round",
-                nc_ratio=(0.36, 0.44), cytoplasm=(160, 158, 212), chromatin="coarse",
+                nc_ratio=(0.36, 0.44), cytoplasm=(150, 156, 216), chromatin="coarse",
                 granules="few_dark", n_granules=(5, 9), eccentric=0.18),
     "B2": _spec("B2", _ACCEPT.get("B2", {}), diameter=(0.48, 0.54), nucleus="lobed",
-                nc_ratio=(0.30, 0.36), cytoplasm=(200, 185, 222), chromatin="clumped",
-                granules="dark_large", n_granules=(24, 36)),
+                nc_ratio=(0.30, 0.36), cytoplasm=(206, 184, 218), chromatin="clumped",
+                granules="dark_large", n_granules=(26, 34)),
     "E1": _spec("E1", _ACCEPT.get("E1", {}), diameter=(0.60, 0.66), nucleus="round",
                 nc_ratio=(0.30, 0.38), cytoplasm=(226, 172, 170), chromatin="coarse",
                 granules="orange", n_granules=(28, 40), eccentric=0.2),
@@ -125,10 +264,10 @@ SPECS: dict[str, CellSpec] = {
                 nc_ratio=(0.36, 0.42), cytoplasm=(146, 166, 218), chromatin="coarse",
                 granules="azurophilic", n_granules=(22, 34), eccentric=0.15),
     "M3": _spec("M3", _ACCEPT.get("M3", {}), diameter=(0.56, 0.62), nucleus="round",
-                nc_ratio=(0.36, 0.42), cytoplasm=(206, 180, 212), chromatin="coarse",
+                nc_ratio=(0.42, 0.48), cytoplasm=(200, 174, 216), chromatin="coarse",
                 granules="fine", n_granules=(50, 80), eccentric=0.18),
     "M4": _spec("M4", _ACCEPT.get("M4", {}), diameter=(0.52, 0.58), nucleus="kidney",
-                nc_ratio=(0.30, 0.36), cytoplasm=(216, 188, 210), chromatin="coarse",
+                nc_ratio=(0.23, 0.28), cytoplasm=(222, 192, 206), chromatin="coarse",
                 granules="fine", n_granules=(40, 65), eccentric=0.12),
     "M5": _spec("M5", _ACCEPT.get("M5", {}), diameter=(0.50, 0.56), nucleus="band_or_segmented",
                 nc_ratio=(0.0, 0.0), cytoplasm=(224, 194, 210), chromatin="clumped",
@@ -138,13 +277,13 @@ SPECS: dict[str, CellSpec] = {
                  vacuoles=(3, 6), eccentric=0.15),
 }
 
-# Colour (RGB), radius range (image fraction), opacity, and whether they lie over the nucleus.
-_GRANULE_STYLE: dict[str, tuple[RGB, Range, float, bool]] = {
-    "few_dark": ((66, 28, 98), (0.022, 0.028), 0.95, False),
-    "dark_large": ((58, 24, 88), (0.026, 0.034), 0.95, True),
-    "orange": ((228, 118, 58), (0.020, 0.026), 0.92, False),
-    "azurophilic": ((160, 40, 104), (0.018, 0.024), 0.92, False),
-    "fine": ((150, 98, 172), (0.012, 0.015), 0.8, False),
+# Colour (RGB), radius range (image fraction), opacity, fraction lying over the nucleus.
+_GRANULE_STYLE: dict[str, tuple[RGB, Range, float, float]] = {
+    "few_dark": ((66, 28, 98), (0.022, 0.028), 0.95, 0.0),
+    "dark_large": ((52, 20, 80), (0.028, 0.034), 0.97, 0.5),
+    "orange": ((228, 118, 58), (0.020, 0.026), 0.92, 0.0),
+    "azurophilic": ((160, 40, 104), (0.018, 0.024), 0.92, 0.0),
+    "fine": ((150, 98, 172), (0.012, 0.015), 0.8, 0.0),
 }
 
 # Nuclear base colour, texture scale (image fraction), multiplicative amplitude, clump sharpening.
@@ -275,8 +414,8 @@ def _compact_nucleus(kind: str, rng: np.random.Generator, rn: float) -> tuple[SD
         e = rng.uniform(1.18, 1.28)
         return (lambda x, y: _sd_ellipse(x, y, rn * e, rn / e)), rn * e
     if kind == "kidney":  # one deep central bite: a bean
-        a, b, bite_r = rn * 1.22, rn * 1.0, rn * rng.uniform(0.5, 0.58)
-        bites = [(0.0, b + 0.3 * bite_r, bite_r)]
+        a, b, bite_r = rn * 1.25, rn * 1.0, rn * rng.uniform(0.55, 0.65)
+        bites = [(0.0, b + 0.1 * bite_r, bite_r)]
     else:  # monocyte: a deep off-centre indent and a shallow fold on the other side
         a, b = rn * 1.2, rn * 0.95
         side = rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.4) * a
@@ -397,14 +536,25 @@ def _paint_red_cells(img: np.ndarray, x: np.ndarray, y: np.ndarray, cell: _Cell,
                 break
 
 
-def _scatter(rng: np.random.Generator, count: int, r_max: float, keep: Callable) -> np.ndarray:
-    """Up to ``count`` uniform points in a disc of radius r_max where ``keep(u, v)`` holds."""
+def _scatter(rng: np.random.Generator, count: int, r_max: float, keep: Callable,
+             spacing: float = 0.0) -> np.ndarray:
+    """Up to ``count`` uniform points in a disc of radius r_max where ``keep(u, v)`` holds,
+    greedily kept at least ``spacing`` apart (so dots stay separate at 32 px)."""
     n = 16 * count + 16  # generous: the keep() region can be a thin annulus
     rr = r_max * np.sqrt(rng.random(n))
     th = rng.uniform(0, 2 * math.pi, n)
     u, v = rr * np.cos(th), rr * np.sin(th)
     ok = keep(u, v)
-    return np.stack([u[ok], v[ok]], axis=1)[:count]
+    pts = np.stack([u[ok], v[ok]], axis=1)
+    if spacing <= 0:
+        return pts[:count]
+    chosen: list[np.ndarray] = []
+    for p in pts:
+        if len(chosen) == count:
+            break
+        if not chosen or np.min(np.hypot(*(np.asarray(chosen) - p).T)) >= spacing:
+            chosen.append(p)
+    return np.asarray(chosen).reshape(-1, 2)
 
 
 def _discs_coverage(x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray,
@@ -479,25 +629,28 @@ def _draw_contents(img: np.ndarray, x: np.ndarray, y: np.ndarray, u: np.ndarray,
                    rng: np.random.Generator, px: float) -> None:
     """Granules, nucleus, nucleoli and vacuoles of a nucleated cell, back to front."""
     n = img.shape[0]
-    gran = _GRANULE_STYLE.get(spec.granules)
-    over_nucleus = gran is not None and gran[3]
-    if gran is not None and not over_nucleus:
-        pts = _scatter(rng, int(rng.integers(*spec.n_granules, endpoint=True)),
-                       0.9 * cell.radius, lambda a, b: nuc(a, b) > gran[1][1] + 0.012)
-        _paint_dots(img, x, y, cell, pts, gran[1], _rgb(gran[0]), gran[2], px, rng)
+    colour, radius, opacity, over = _GRANULE_STYLE.get(spec.granules, ((0, 0, 0), (0, 0), 0, 0))
+    n_gran = int(rng.integers(*spec.n_granules, endpoint=True))
+    n_over = int(round(over * n_gran))
+    if n_gran - n_over:  # cytoplasmic granules, clear of the nucleus
+        pts = _scatter(rng, n_gran - n_over, 0.9 * cell.radius,
+                       lambda a, b: nuc(a, b) > radius[1] + 0.03,  # ~1 px clear at 32 px
+                       spacing=2 * radius[1] + 0.03 if over else 0.0)
+        _paint_dots(img, x, y, cell, pts, radius, _rgb(colour), opacity, px, rng)
     _paint(img, _coverage(nuc(u, v), px), _nucleus_colour(spec, rng, n, px))
     n_nucleoli = int(rng.integers(*spec.nucleoli, endpoint=True))
     if n_nucleoli:
-        pts = _scatter(rng, n_nucleoli, 0.5 * cell.radius, lambda a, b: nuc(a, b) < -0.06)
+        pts = _scatter(rng, n_nucleoli, 0.5 * cell.radius, lambda a, b: nuc(a, b) < -0.06,
+                       spacing=0.1)
         _paint_dots(img, x, y, cell, pts, (0.034, 0.044), _rgb(_NUCLEOLUS), 0.95, px, rng)
-    if over_nucleus:
-        pts = _scatter(rng, int(rng.integers(*spec.n_granules, endpoint=True)),
-                       0.9 * cell.radius, lambda a, b: np.ones_like(a, dtype=bool))
-        _paint_dots(img, x, y, cell, pts, gran[1], _rgb(gran[0]), gran[2], px, rng)
+    if n_over:  # basophil granules also lie over (and hide) the nucleus
+        pts = _scatter(rng, n_over, 0.9 * cell.radius, lambda a, b: nuc(a, b) < 0.01)
+        _paint_dots(img, x, y, cell, pts, radius, _rgb(colour), opacity, px, rng)
     n_vac = int(rng.integers(*spec.vacuoles, endpoint=True))
     if n_vac:
-        pts = _scatter(rng, n_vac, 0.8 * cell.radius - 0.04, lambda a, b: nuc(a, b) > 0.06)
-        _paint_dots(img, x, y, cell, pts, (0.03, 0.042), _rgb(_VACUOLE), 1.0, px, rng)
+        pts = _scatter(rng, n_vac, 0.8 * cell.radius - 0.04, lambda a, b: nuc(a, b) > 0.06,
+                       spacing=0.1)
+        _paint_dots(img, x, y, cell, pts, (0.034, 0.046), _rgb(_VACUOLE), 1.0, px, rng)
 
 
 def _finish(img: np.ndarray, rng: np.random.Generator, ss: int, size: int) -> np.ndarray:
@@ -778,7 +931,10 @@ def measure_image(image: np.ndarray) -> dict[str, float]:
     bg = _background_colour(img, img @ _LUMA)
     out = dict.fromkeys(MEASURE_CRITERION, _NAN)
     out["bg_light"] = float(bg @ _LUMA)
-    cell = _main_cell(img, bg)
+    # Outline and vacuoles are read from a lightly smoothed copy so sensor/sampling noise does
+    # not fray them; colours, chromatin and granules use the raw pixels.
+    smooth = ndi.gaussian_filter(img, (0.5, 0.5, 0))
+    cell = _main_cell(smooth, bg)
     if cell is None:
         return out
     wb = img / np.maximum(bg, 0.05)  # white balance: divides out the stain/illumination gains
@@ -792,6 +948,69 @@ def measure_image(image: np.ndarray) -> dict[str, float]:
     out.update(_chromatin_measures(rel, nucleus, dark))
     nuc_area = max(float(nucleus.sum()), 1.0)
     out["nucleoli"] = float((nucleus & ~dark).sum()) / nuc_area
-    out["vacuoles"] = _vacuoles(rel, cell, nucleus)
+    out["vacuoles"] = _vacuoles((smooth / np.maximum(bg, 0.05)) @ _LUMA, cell, nucleus)
     out.update(_granule_measures(wb, rel, cell, nucleus, granules))
     return out
+
+
+def _criteria(code: str, measures: dict[str, float]) -> dict[str, bool]:
+    """Check each measure against the class's accepted interval; NaN never passes."""
+    ok = dict.fromkeys(CRITERIA, True)
+    for name, (lo, hi) in SPECS[code].accept.items():
+        if not lo <= measures[name] <= hi:
+            ok[MEASURE_CRITERION[name]] = False
+    return ok
+
+
+def _read_subtype(code: str, measures: dict[str, float]) -> str | None:
+    """Band (one curved nucleus) or segmented (two or more lobes), for classes with subtypes."""
+    if not BONE_MARROW_16.lookup(code).subtypes or not measures["nuc_lobes"] >= 1:
+        return None
+    return "segmented" if measures["nuc_lobes"] >= 2 else "band"
+
+
+def judge_image(image: np.ndarray, class_id: int) -> Verdict:
+    """Is ``image`` (H x W x 3, uint8 or float 0..1) a plausible cell of ``class_id``?
+
+    Plausible iff all 7 criteria pass; the verdict carries the measures behind each decision.
+    """
+    code = class_code(class_id)
+    measures = measure_image(image)
+    criteria = _criteria(code, measures)
+    return Verdict(plausible=all(criteria.values()), criteria=criteria, measures=measures,
+                   subtype=_read_subtype(code, measures))
+
+
+def judge_batch(images: Iterable[np.ndarray] | np.ndarray,
+                class_ids: Iterable[int] | np.ndarray) -> list[Verdict]:
+    """``judge_image`` over paired images (N x H x W x 3 array or list) and declared classes."""
+    return [judge_image(im, int(c)) for im, c in zip(images, class_ids, strict=True)]
+
+
+def judge_report(verdicts: Sequence[Verdict], class_ids: Sequence[int] | np.ndarray,
+                 true_subtypes: Sequence[str | None] | None = None) -> dict:
+    """Aggregate verdicts: overall, per-class and per-criterion pass rates (+ subtype accuracy).
+
+    ``per_class`` maps class name -> plausible rate for classes present; ``subtype_accuracy``
+    (only with ``true_subtypes``) is over images whose true subtype is not None.
+    """
+    ids = np.asarray(class_ids, dtype=np.int64)
+    ok = np.array([v.plausible for v in verdicts], dtype=bool)
+    report: dict = {
+        "n": len(verdicts),
+        "plausible_rate": float(ok.mean()) if len(ok) else 0.0,
+        "per_class": {
+            BONE_MARROW_16.lookup(int(c)).name: float(ok[ids == c].mean()) for c in np.unique(ids)
+        },
+        "per_criterion": {
+            c: float(np.mean([v.criteria[c] for v in verdicts])) if verdicts else 0.0
+            for c in CRITERIA
+        },
+    }
+    if true_subtypes is not None:
+        pairs = [(v.subtype, t) for v, t in zip(verdicts, true_subtypes, strict=True)
+                 if t is not None]
+        report["subtype_n"] = len(pairs)
+        report["subtype_accuracy"] = (
+            float(np.mean([p == t for p, t in pairs])) if pairs else float("nan"))
+    return report

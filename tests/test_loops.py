@@ -40,7 +40,9 @@ def _cfg(tmp_path: Path, shards: Path, *extra: str) -> PretrainConfig:
 def _params(ckpt_dir: str) -> dict[str, torch.Tensor]:
     from pathloop.diffusion import load_checkpoint
 
-    return {k: v.clone() for k, v in load_checkpoint(ckpt_dir, ema=False).raw_unet.state_dict().items()}
+    return {
+        k: v.clone() for k, v in load_checkpoint(ckpt_dir, ema=False).raw_unet.state_dict().items()
+    }
 
 
 def test_pretrain_registers_loadable_model(ray_session, phantom_shards, tmp_path):
@@ -49,8 +51,14 @@ def test_pretrain_registers_loadable_model(ray_session, phantom_shards, tmp_path
     from pathloop.diffusion import load_checkpoint
     from pathloop.tracking import resolve_model
 
-    cfg = _cfg(tmp_path, phantom_shards, "train.steps=4", "train.checkpoint_every=2",
-               "train.sample_every=4", "tracking.register_as=test-pretrain")
+    cfg = _cfg(
+        tmp_path,
+        phantom_shards,
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.sample_every=4",
+        "tracking.register_as=test-pretrain",
+    )
     res = run_pretrain(cfg)
     assert res["step"] == 4
     assert res["model_uri"] == "models:/test-pretrain/1"
@@ -67,16 +75,30 @@ def test_pretrain_registers_loadable_model(ray_session, phantom_shards, tmp_path
 
 
 def test_worker_failure_recovers_automatically(ray_session, phantom_shards, tmp_path):
-    cfg = _cfg(tmp_path, phantom_shards, "train.steps=4", "train.checkpoint_every=2",
-               "train.sample_every=0", "train.fail_at_step=3", "max_failures=1")
+    cfg = _cfg(
+        tmp_path,
+        phantom_shards,
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.sample_every=0",
+        "train.fail_at_step=3",
+        "max_failures=1",
+    )
     res = run_pretrain(cfg)
     assert (Path(cfg.workdir) / ".injected_failure").read_text() == "3"  # it did fail
     assert res["step"] == 4  # and FailureConfig resumed it from the step-2 checkpoint
 
 
 def test_resume_after_interruption_ends_at_same_step(ray_session, phantom_shards, tmp_path):
-    cfg = _cfg(tmp_path, phantom_shards, "train.steps=4", "train.checkpoint_every=2",
-               "train.sample_every=0", "train.fail_at_step=3", "max_failures=0")
+    cfg = _cfg(
+        tmp_path,
+        phantom_shards,
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.sample_every=0",
+        "train.fail_at_step=3",
+        "max_failures=0",
+    )
     with pytest.raises(Exception):
         run_pretrain(cfg)  # interrupted after the step-2 checkpoint
     with pytest.raises(FileExistsError, match="--resume"):
@@ -91,11 +113,18 @@ def test_resume_after_interruption_ends_at_same_step(ray_session, phantom_shards
 
 def test_two_workers_match_one_worker(ray_session, near_identical_shards, tmp_path):
     """Same global batch, same data: DDP over 2 gloo workers ≈ 1 worker (Adam, 3 steps)."""
-    common = ("train.steps=3", "train.checkpoint_every=3", "train.sample_every=0",
-              "data.augment.flips=false", "data.augment.rot90=false", "model.p_uncond=0.5")
+    common = (
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.sample_every=0",
+        "data.augment.flips=false",
+        "data.augment.rot90=false",
+        "model.p_uncond=0.5",
+    )
     one = run_pretrain(_cfg(tmp_path / "w1", near_identical_shards, *common))
-    two = run_pretrain(_cfg(tmp_path / "w2", near_identical_shards, *common,
-                            "scaling.num_workers=2"))
+    two = run_pretrain(
+        _cfg(tmp_path / "w2", near_identical_shards, *common, "scaling.num_workers=2")
+    )
     p1, p2 = _params(one["checkpoint"]), _params(two["checkpoint"])
     from pathloop.diffusion import build_unet
 

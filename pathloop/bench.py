@@ -1,0 +1,229 @@
+"""``make bench``: every benchmark of the project, each a ratio measured side by side in one run.
+
+Writes BENCHMARKS.md (for people) and benchmarks.json (figure → value, unit, peer, ratio, machine,
+command). Speed targets are checked here, never by timed assertions in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+COMMAND = "make bench"
+
+
+@dataclass
+class Figure:
+    """One measured figure; ``peer`` is what it is compared with in the same run."""
+
+    name: str
+    value: float
+    unit: str
+    peer_name: str | None = None
+    peer_value: float | None = None
+    target: str | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.peer_value in (None, 0):
+            return None
+        return self.value / self.peer_value
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def _rate(n: int, fn: Callable[[], object], repeat: int = 1) -> float:
+    """Items per second of ``fn`` (which handles ``n`` items), best of ``repeat``."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+# ----------------------------------------------------------------------------- foundation
+
+
+def bench_judge(work: Path) -> list[Figure]:
+    from pathloop.phantoms import generate, judge_batch
+
+    items = list(generate(32, size=32, seed=99))  # 512 images
+    imgs, ids = [i for i, _, _ in items], [c for _, c, _ in items]
+    rate = _rate(len(imgs), lambda: judge_batch(imgs, ids), repeat=2)
+    return [Figure("judge, 32 px", rate, "images/s", note="one process, pixels only")]
+
+
+def bench_readers(work: Path, shards: Path) -> list[Figure]:
+    """Ray Data streaming reader vs the plain in-process reader, same shards and transform."""
+    import ray
+
+    from pathloop.data import read_shards, torch_batches
+
+    def plain() -> int:
+        return sum(len(y) for _, y in torch_batches(shards, batch_size=64, split="train"))
+
+    def ray_data() -> int:
+        ds = read_shards(shards, split="train")
+        return sum(len(b["class_id"]) for b in ds.iter_torch_batches(batch_size=64))
+
+    n = plain()
+    ray.init(ignore_reinit_error=True)
+    ray_data()  # warm-up: Ray Data starts its workers once
+    r_ray = _rate(n, ray_data, repeat=2)
+    r_plain = _rate(n, plain, repeat=2)
+    return [Figure("reader: Ray Data iter_torch_batches", r_ray, "images/s",
+                   "plain in-process reader", r_plain, note=f"{n} images, decode + augment")]
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+def _pretrain_cfg(work: Path, shards: Path, steps: int, name: str):
+    from pathloop.config import load_config
+    from pathloop.loops import PretrainConfig
+
+    return load_config(
+        PretrainConfig,
+        Path(__file__).resolve().parents[1] / "jobs/configs/pretrain.tiny.yaml",
+        [f"workdir={work / name}", f"data.shards={shards}", f"train.steps={steps}",
+         f"train.log_every={steps // 2}", "train.sample_every=0",
+         f"train.checkpoint_every={steps}", f"tracking.tracking_uri=sqlite:///{work}/bench.db"],
+    )
+
+
+def bare_loop_rate(cfg, steps: int) -> float:
+    """The diffusers-example-style loop: same model, batch, step function; no Ray. Images/s
+    over the second half of the steps (the first half warms up allocators and caches)."""
+    import torch
+
+    from pathloop.data import read_vocab, torch_batches
+    from pathloop.loops import build_state, global_draw, train_step
+
+    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
+    vocab = read_vocab(cfg.data.shards)
+    st = build_state(cfg, len(vocab), torch.device("cpu"))
+    step, t_half = 0, None
+    while step < steps:
+        for x0, y in torch_batches(cfg.data.shards, batch_size=cfg.train.batch_size,
+                                   split="train", augment=cfg.data.augment, drop_last=True):
+            noise, t, drop = global_draw(cfg, step, tuple(x0.shape), len(vocab))
+            train_step(st, x0, y, noise, t, drop, cfg.optim.grad_clip)
+            step += 1
+            if step == steps // 2:
+                t_half = time.perf_counter()
+            if step >= steps:
+                break
+    return cfg.train.batch_size * (steps - steps // 2) / (time.perf_counter() - t_half)
+
+
+def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
+    """Ray Train pretraining vs the bare loop, same model and global batch, one run."""
+    from pathloop.loops import run_pretrain
+
+    cfg = _pretrain_cfg(work, shards, steps, "ray")
+    res = run_pretrain(cfg)
+    import mlflow
+
+    hist = mlflow.MlflowClient(res["tracking_uri"]).get_metric_history(res["run_id"], "images_per_s")
+    wait = mlflow.MlflowClient(res["tracking_uri"]).get_metric_history(res["run_id"], "data_wait_frac")
+    ray_rate = hist[-1].value  # the second half of the steps, as for the bare loop
+    bare = bare_loop_rate(cfg, steps)
+    return [
+        Figure("pretrain images/s: Ray Train (1 worker) vs bare PyTorch loop", ray_rate,
+               "images/s", "bare PyTorch loop", bare, ">= 0.9x",
+               note=f"tiny preset, 32 px, global batch {cfg.train.batch_size}, {steps} steps"),
+        Figure("pretrain data-wait fraction (Ray Data → Train)", wait[-1].value, "fraction",
+               target="< 0.05"),
+    ]
+
+
+def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Figure]:
+    from pathloop.data import read_vocab
+    from pathloop.diffusion import build_unet, load_checkpoint, sample
+    from pathloop.loops import PretrainConfig
+
+    if checkpoint is not None:
+        ck = load_checkpoint(checkpoint)
+        unet, noise = ck.unet, ck.noise
+    else:
+        cfg = PretrainConfig()
+        unet, noise = build_unet(cfg.model, len(read_vocab(shards))), cfg.noise
+    ids = [i % 16 for i in range(32)]
+    figs = []
+    for sampler, steps in (("ddim", 50), ("dpm++", 20)):
+        sample(unet, noise, ids[:4], sampler=sampler, steps=2)  # warm-up
+        r = _rate(len(ids), lambda s=sampler, k=steps: sample(
+            unet, noise, ids, sampler=s, steps=k, guidance=2.0, batch_size=32))
+        figs.append(Figure(f"sampling {sampler}-{steps}, tiny 32 px, CFG 2", r, "images/s",
+                           note="batch 32, one process"))
+    return figs
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(figs: list[Figure], md: Path, js: Path) -> None:
+    m = machine()
+    rows = [
+        "| figure | value | peer | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+    for f in figs:
+        peer = f"{f.peer_value:.4g} ({f.peer_name})" if f.peer_value is not None else ""
+        ratio = f"{f.ratio:.2f}x" if f.ratio is not None else ""
+        rows.append(f"| {f.name} | {f.value:.4g} {f.unit} | {peer} | {ratio} | {f.target or ''} |")
+    notes = [f"- {f.name}: {f.note}" for f in figs if f.note]
+    md.write_text(
+        "# pathloop benchmarks\n\n"
+        f"Produced by `{COMMAND}` on {m}, {time.strftime('%Y-%m-%d')}. Each ratio is measured side "
+        "by side in the same run. No GPU figures unless the machine line names a GPU.\n\n"
+        + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+    )
+    js.write_text(json.dumps({
+        f.name: {**asdict(f), "ratio": f.ratio, "machine": m, "command": COMMAND} for f in figs
+    }, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    ap.add_argument("--json", type=Path, default=Path("benchmarks.json"))
+    ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="Trained model for sampling.")
+    args = ap.parse_args(argv)
+    from pathloop.phantoms import write_phantoms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shards = work / "phantoms"
+        write_phantoms(shards, per_class=64, test_per_class=8, size=32, seed=3)
+        figs: list[Figure] = []
+        for name, fn in (
+            ("judge", lambda: bench_judge(work)),
+            ("readers", lambda: bench_readers(work, shards)),
+            ("train", lambda: bench_train(work, shards, args.train_steps)),
+            ("sampling", lambda: bench_sampling(work, args.checkpoint, shards)),
+        ):
+            print(f"[bench] {name} ...", flush=True)
+            figs += fn()
+            write_report(figs, args.out, args.json)  # partial results survive a failure
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
