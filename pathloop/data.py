@@ -849,6 +849,30 @@ def load_arrays(
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
+def load_image_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Images (N, H, W, 3) uint8, class ids (N,) and the other columns, from a shard set *or* a
+    single Parquet file with ``image`` PNG bytes and ``class_id`` (e.g. a feedback export)."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if p.is_file():
+        table = pq.read_table(p)
+        missing = {"image", "class_id"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{p} lacks columns {sorted(missing)}; expected a feedback export")
+        rows = table.to_pylist()
+        for r in rows:
+            r["image"] = decode_png(r["image"])
+    else:
+        rows = list(iter_records(p))
+    if not rows:
+        raise ValueError(f"{p} holds no images")
+    images = np.stack([r.pop("image") for r in rows])  # (N, H, W, 3)
+    class_ids = np.asarray([r.pop("class_id") for r in rows], dtype=np.int64)  # (N,)
+    cols = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
+    return images, class_ids, cols
+
+
 def read_shards(
     shard_dir: str | Path,
     split: str | None = None,

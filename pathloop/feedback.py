@@ -1296,3 +1296,37 @@ def _agg_columns() -> tuple[tuple[str, Any], ...]:
         ("subtype", pa.string()),
     ]
     return tuple(cols + [(f"fail_{c}", pa.float64()) for c in CRITERIA])
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+
+def preference_pairs(
+    scores: Sequence[float] | np.ndarray,
+    class_ids: Sequence[int] | np.ndarray,
+    bar: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """MAGIC's rule (Wang et al. 2025): pair images of the same class at random, then label them.
+
+    Both scores below ``bar`` → both lose; a tie at or above the bar → both win; otherwise the
+    higher score wins and the other loses. ``scores`` are checklist scores in [0, 1] (fraction of
+    criteria passed, from the MLLM or the judge). Returns an int array (P, 4): index a, index b,
+    sign a, sign b (+1 win, -1 lose), ready for ``losses.preference_loss``. An odd image out of a
+    class is left unpaired.
+    """
+    s = np.asarray(scores, dtype=float)
+    c = np.asarray(class_ids)
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[int, int, int, int]] = []
+    for cls in np.unique(c):
+        idx = rng.permutation(np.flatnonzero(c == cls))
+        for a, b in zip(idx[0::2], idx[1::2]):
+            if s[a] < bar and s[b] < bar:
+                sa = sb = -1
+            elif s[a] == s[b]:
+                sa = sb = 1
+            else:
+                sa, sb = (1, -1) if s[a] > s[b] else (-1, 1)
+            rows.append((int(a), int(b), sa, sb))
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -103,14 +103,18 @@ def global_draw(cfg: PretrainConfig, step: int, shape: tuple[int, ...], num_clas
     return noise, t, drop
 
 
-def build_state(cfg: PretrainConfig, num_classes: int, device: Any, wrap=None) -> StepState:
-    """UNet, EMA, AdamW with warm-up, the DDPM scheduler; ``wrap`` applies DDP (Ray)."""
+def build_state(
+    cfg: Any, num_classes: int, device: Any, wrap=None, init_unet: Any = None
+) -> StepState:
+    """UNet (fresh, or ``init_unet`` to finetune), EMA, AdamW with warm-up, the DDPM scheduler;
+    ``wrap`` applies DDP (Ray)."""
     import torch
 
     from pathloop.diffusion import build_ema, build_scheduler, build_unet
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank and in the bare loop
-    raw = build_unet(cfg.model, num_classes).to(device)
+    raw = (init_unet if init_unet is not None else build_unet(cfg.model, num_classes)).to(device)
+    raw.train()
     cuda = device.type == "cuda"
     if cuda and cfg.train.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
@@ -280,7 +284,7 @@ class _RankZeroLog:
         from pathloop import tracking
 
         print(
-            f"[pretrain] step {step}/{self.cfg.train.steps} loss {m['loss']:.4f} "
+            f"[{self.cfg.name}] step {step}/{self.cfg.train.steps} loss {m['loss']:.4f} "
             f"{m['images_per_s']:.1f} img/s data-wait {m['data_wait_frac']:.1%}",
             flush=True,
         )
@@ -346,79 +350,69 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return best
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Driver: arithmetic, MLflow run, TorchTrainer.fit(), model logging and registration."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from rich import print as rprint
+def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, str]:
+    """Driver side of any training job: absolute workdir, refuse to clobber a run unless resuming,
+    save the resolved config, create (or, on resume, reopen) the MLflow run.
 
+    Returns (cfg with absolute workdir, tracking URI, run id).
+    """
     from pathloop import tracking
     from pathloop.config import dump_config
-    from pathloop.data import read_manifest, read_shards, read_vocab
 
     workdir = Path(cfg.workdir).resolve()
-    # Workers do not share the driver's cwd: every path crosses as an absolute one.
-    cfg = cfg.model_copy(update={
-        "workdir": str(workdir),
-        "data": cfg.data.model_copy(update={"shards": str(Path(cfg.data.shards).resolve())}),
-    })
-    run_dir = workdir / "ray" / cfg.name
-    state_file = workdir / "run.json"
+    cfg = cfg.model_copy(update={"workdir": str(workdir)})
+    run_dir, state_file = workdir / "ray" / cfg.name, workdir / "run.json"
     if run_dir.exists() and not cfg.resume:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume (resume=true) to continue it, "
             "or choose another workdir/name"
         )
-    vocab = read_vocab(cfg.data.shards)
-    manifest = read_manifest(cfg.data.shards)
-    n = _count(manifest, cfg.data.split, cfg.data.classes, vocab)
-    arith = check_arithmetic(cfg, n)
-    _check_image_size(cfg, manifest)
-    rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
     workdir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir / "config.yaml")
-
-    # ---- MLflow run (driver creates; rank 0 logs into it; resume keeps the same run)
     uri = tracking.resolve_uri(cfg.tracking, workdir)
     prev = json.loads(state_file.read_text()) if (cfg.resume and state_file.exists()) else {}
     run_id = prev.get("run_id") or tracking.start_run(
         cfg.tracking, workdir, params=cfg.model_dump(mode="json"),
-        tags={"pathloop.step": "pretrain", "pathloop.shards": str(Path(cfg.data.shards).resolve())},
-        run_name=cfg.tracking.run_name or cfg.name,
+        tags={"pathloop.step": step, **tags}, run_name=cfg.tracking.run_name or cfg.name,
     )
     state_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return cfg, uri, run_id
 
-    ray.init(ignore_reinit_error=True)
+
+def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) -> Path:
+    """Run ``loop`` on a TorchTrainer with the job's scaling, failure and checkpoint settings;
+    on resume, start from the newest checkpoint in the run dir. Returns the final checkpoint."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(cfg.workdir) / "ray" / cfg.name
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
+    ray.init(ignore_reinit_error=True)
     trainer = TorchTrainer(
-        pretrain_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "vocab": vocab.model_dump(mode="json"),
-            "mlflow": {"uri": uri, "run_id": run_id},
-        },
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
-        datasets={
-            "train": read_shards(cfg.data.shards, split=cfg.data.split, classes=cfg.data.classes,
-                                 augment=cfg.data.augment)
-        },
+        datasets=datasets,
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=str(workdir / "ray"),
+            storage_path=str(Path(cfg.workdir) / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
         resume_from_checkpoint=ray.train.Checkpoint(str(resume_from)) if resume_from else None,
     )
-    result = trainer.fit()
-    ckpt_dir = Path(result.checkpoint.path)
+    return Path(trainer.fit().checkpoint.path)
 
-    # ---- the final model, logged and registered from the driver
+
+def finish_run(cfg: Any, uri: str, run_id: str, ckpt_dir: Path, extra: dict) -> dict[str, Any]:
+    """Log and register the final checkpoint from the driver; write result.json."""
+    from pathloop import tracking
+
     model_uri = tracking.log_checkpoint_model(uri, run_id, ckpt_dir, cfg.tracking.register_as)
     tracking.end_run(uri, run_id)
     out = {
@@ -427,10 +421,35 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "model_uri": model_uri,
         "checkpoint": str(ckpt_dir),
         "step": json.loads((ckpt_dir / "state.json").read_text())["step"],
-        "arithmetic": arith,
+        **extra,
     }
-    (workdir / "result.json").write_text(json.dumps(out, indent=2))
+    (Path(cfg.workdir) / "result.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Driver: arithmetic, MLflow run, TorchTrainer.fit(), model logging and registration."""
+    from rich import print as rprint
+
+    from pathloop.data import read_manifest, read_shards, read_vocab
+
+    # Workers do not share the driver's cwd: every path crosses as an absolute one.
+    shards = str(Path(cfg.data.shards).resolve())
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": shards})})
+    vocab, manifest = read_vocab(shards), read_manifest(shards)
+    arith = check_arithmetic(cfg, _count(manifest, cfg.data.split, cfg.data.classes, vocab))
+    _check_image_size(cfg, manifest)
+    cfg, uri, run_id = prepare_run(cfg, "pretrain", {"pathloop.shards": shards})
+    rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
+    ds = read_shards(shards, split=cfg.data.split, classes=cfg.data.classes, augment=cfg.data.augment)
+    ckpt_dir = fit(
+        pretrain_loop,
+        cfg,
+        {"cfg": cfg.model_dump(mode="json"), "vocab": vocab.model_dump(mode="json"),
+         "mlflow": {"uri": uri, "run_id": run_id}},
+        datasets={"train": ds},
+    )
+    return finish_run(cfg, uri, run_id, ckpt_dir, {"arithmetic": arith})
 
 
 def _check_image_size(cfg: PretrainConfig, manifest: dict) -> None:
@@ -455,3 +474,247 @@ def _count(manifest: dict, split: str | None, classes: list[str] | None, vocab) 
             continue
         total += sum(v for s, v in per_split.items() if split is None or s == split)
     return total
+
+
+# ---- finetuning with feedback: reward-weighted (Eq. 3) and preference (Diffusion-DPO) ----
+
+
+class FinetuneConfig(Frozen):
+    """Step 3 of Sun et al. 2023 (method=reward) or MAGIC's preference route (method=dpo)."""
+
+    workdir: str = Field("runs/finetune", description="Checkpoints, Ray results, result.json.")
+    name: str = Field("finetune", description="Run name (Ray run dir and MLflow run).")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in workdir.")
+    max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from.")
+    method: Literal["reward", "dpo"] = Field("reward", description="Eq. 3 or Diffusion-DPO.")
+    pretrained: str = Field("runs/pretrain/result.json", description="Model to start from.")
+    synthetic: str = Field("runs/samples", description=(
+        "Synthetic images: a shard set or a feedback.parquet (dpo needs its fail_* columns "
+        "unless a reward model scores them)."))
+    reward_model: str | None = Field(None, description="Reward model ref (path or MLflow URI).")
+    real: str | None = Field(None, description="Real shard set for the beta_r term.")
+    real_split: str | None = Field("train", description="Split of the real shards.")
+    beta_r: float = Field(1.0, ge=0, description="Weight of the plain loss on real images.")
+    reward_mode: Literal["raw", "threshold", "class_norm"] = Field("raw", description=(
+        "raw r; threshold: 1[r >= reward_threshold]; class_norm: r / mean_class(r)."))
+    reward_threshold: float = Field(0.5, ge=0, le=1, description="For reward_mode=threshold.")
+    dpo_beta: float = Field(100.0, gt=0, description="Diffusion-DPO beta (errors are per-pixel MSE).")
+    dpo_bar: float = Field(1.0, ge=0, le=1, description="MAGIC's bar on checklist scores.")
+    feedback_round: str | None = Field(None, description="Lineage: the feedback round id.")
+    feedback_fraction: float | None = Field(None, description="Lineage: fraction of feedback used.")
+    p_uncond: float = Field(0.1, ge=0, le=1, description="Class dropout kept during finetuning.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Set from `pretrained`.")
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Set from `pretrained`.")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=500, sample_every=0))
+    preview: SamplerConfig = Field(default_factory=lambda: SamplerConfig(steps=25))
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(register_as="pathloop-finetune")
+    )
+
+
+def shape_rewards(r: Any, class_ids: Any, mode: str, threshold: float) -> Any:
+    """Turn cached rewards (N,) into finetuning weights (N,) per ``reward_mode``."""
+    import numpy as np
+
+    r = np.asarray(r, dtype=np.float64)
+    if mode == "threshold":
+        return (r >= threshold).astype(np.float64)
+    if mode == "class_norm":  # every class keeps the same total weight, whatever its reward level
+        out = r.copy()
+        for c in np.unique(class_ids):
+            m = class_ids == c
+            out[m] = r[m] / max(r[m].mean(), 1e-6)
+        return out
+    return r
+
+
+def _finetune_batch(cfg: FinetuneConfig, step: int, n_syn: int, n_real: int, shape, rank, world):
+    """This rank's slice of the step's global draw: synthetic/real indices, noise, t, dropout."""
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    b = cfg.train.batch_size
+    pick = torch.randint(0, n_syn, (b,), generator=g)  # (B,) synthetic rows (or pairs)
+    pick_real = torch.randint(0, max(n_real, 1), (b,), generator=g)  # (B,)
+    k = 2 if cfg.method == "dpo" else 1  # a pair needs noise for both images
+    noise = torch.randn((b, k, *shape), generator=g)  # (B, k, C, H, W)
+    noise_real = torch.randn((b, *shape), generator=g)  # (B, C, H, W)
+    t = torch.randint(0, cfg.noise.num_train_timesteps, (b, 2), generator=g)  # (B, 2)
+    drop = torch.rand(b, generator=g) < cfg.p_uncond
+    sl = slice(rank * (b // world), (rank + 1) * (b // world))
+    return pick[sl], pick_real[sl], noise[sl], noise_real[sl], t[sl], drop[sl]
+
+
+def _to_x(images: Any, idx: Any) -> Any:
+    """uint8 (N, H, W, 3) rows → float (b, C, H, W) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(images[idx.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
+    """Eq. 3 (reward) or the preference loss (dpo) for this rank's slice, plus beta_r * real."""
+    import torch
+
+    from pathloop.diffusion import null_class
+    from pathloop.losses import diffusion_loss, preference_loss, reward_weighted_loss
+
+    syn, cls, w = data["images"], data["class_ids"], data["weights"]
+    n_syn = len(data["pairs"]) if cfg.method == "dpo" else len(syn)
+    shape = (3, syn.shape[1], syn.shape[2])
+    pick, pick_real, noise, noise_real, t, drop = _finetune_batch(
+        cfg, step, n_syn, len(data["real_images"]), shape, rank, world)
+    null = null_class(st.raw)
+
+    def err(model, idx, k):  # per-sample denoising error of image set idx with noise k: (b,)
+        y = torch.where(drop, null, torch.from_numpy(cls[idx.numpy()]))
+        return diffusion_loss(model, st.scheduler, _to_x(syn, idx), y,
+                              noise=noise[:, k], timesteps=t[:, k])
+
+    if cfg.method == "reward":
+        l_syn = err(st.model, pick, 0)  # (b,)
+        r = torch.from_numpy(w[pick.numpy()]).float()  # (b,) cached, shaped rewards
+    else:
+        p = torch.from_numpy(data["pairs"][pick.numpy()])  # (b, 4): a, b, sign a, sign b
+        ea, eb = err(st.model, p[:, 0], 0), err(st.model, p[:, 1], 1)
+        with torch.no_grad():
+            ra, rb = err(ref, p[:, 0], 0), err(ref, p[:, 1], 1)
+        l_pref = preference_loss(ea, eb, ra, rb, p[:, 2], p[:, 3], cfg.dpo_beta).mean()
+    l_real = None
+    if cfg.beta_r > 0 and len(data["real_images"]):
+        y = torch.from_numpy(data["real_class_ids"][pick_real.numpy()])
+        l_real = diffusion_loss(st.model, st.scheduler, _to_x(data["real_images"], pick_real), y,
+                                noise=noise_real, timesteps=t[:, 0])  # (b,)
+    if cfg.method == "reward":
+        return reward_weighted_loss(l_syn, r, l_real, cfg.beta_r)  # Eq. 3, Sun et al. 2023
+    return l_pref + (cfg.beta_r * l_real.mean() if l_real is not None else 0.0)
+
+
+def finetune_loop(config: dict) -> None:
+    """Ray Train worker loop for finetuning. Data are small (a review round and the real train
+    split), so each worker holds them in memory; rows are drawn per step from the seeded global
+    draw and sliced by rank, as in pretraining."""
+    import copy
+
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg = FinetuneConfig.model_validate(config["cfg"])
+    from pathloop.diffusion import load_checkpoint
+    from pathloop.vocab import Vocabulary
+
+    vocab = Vocabulary.model_validate(config["vocab"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    start = load_checkpoint(config["pretrained_dir"])  # EMA weights of the pretrained model
+    ref = copy.deepcopy(start.unet).eval().requires_grad_(False) if cfg.method == "dpo" else None
+    st = build_state(cfg, len(vocab), device, wrap=ray.train.torch.prepare_model,
+                     init_unet=start.unet)
+    step = _maybe_restore(st, ray.train.get_checkpoint())
+    data = dict(np.load(config["data_file"], allow_pickle=False))
+    log = _RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
+
+    losses, t0 = [], time.perf_counter()
+    while step < cfg.train.steps:
+        loss = finetune_loss(cfg, st, ref, data, step, rank, world)
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.optim.grad_clip)
+        st.opt.step()
+        st.lr_sched.step()
+        st.ema.step(st.raw.parameters())
+        losses.append(float(loss.detach()))
+        step += 1
+        _maybe_inject_failure(cfg, step)
+        metrics = None
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            dt = time.perf_counter() - t0
+            metrics = {"loss": sum(losses) / len(losses), "data_wait_frac": 0.0, "step": step,
+                       "images_per_s": cfg.train.batch_size * len(losses) / max(dt, 1e-9)}
+            losses, t0 = [], time.perf_counter()
+        _report(cfg, st, step, metrics, rank, vocab, log)
+
+
+def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
+    """Load the synthetic set, compute rewards (cached) or pairs, load real rows; save as .npz."""
+    import numpy as np
+
+    from pathloop.data import load_arrays, load_image_table
+    from pathloop.feedback import preference_pairs
+
+    images, class_ids, cols = load_image_table(cfg.synthetic)
+    scores = None
+    if cfg.reward_model:
+        scores = _cached_rewards(cfg, images, class_ids, out.parent / "rewards.npz")
+    elif cfg.method == "reward":
+        raise ValueError("method=reward needs reward_model=<path or MLflow URI>")
+    else:
+        fails = [k for k in cols if k.startswith("fail_")]
+        if not fails:
+            raise ValueError(f"{cfg.synthetic} has no fail_* checklist columns and no "
+                             "reward_model is set; pass a feedback export or a reward model")
+        scores = 1.0 - np.mean([cols[k].astype(float) for k in fails], axis=0)  # (N,)
+    weights = shape_rewards(scores, class_ids, cfg.reward_mode, cfg.reward_threshold)
+    pairs = (preference_pairs(scores, class_ids, cfg.dpo_bar, cfg.train.seed)
+             if cfg.method == "dpo" else np.zeros((0, 4), np.int64))
+    if cfg.method == "dpo" and len(pairs) == 0:
+        raise ValueError("no preference pairs: each class needs at least 2 synthetic images")
+    real_x, real_y = (load_arrays(cfg.real, split=cfg.real_split) if cfg.real
+                      else (np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64)))
+    np.savez(out, images=images, class_ids=class_ids, weights=weights.astype(np.float32),
+             pairs=pairs, real_images=real_x, real_class_ids=real_y)
+    return {"synthetic_images": len(images), "pairs": len(pairs), "real_images": len(real_x),
+            "mean_weight": float(np.mean(weights)), "mean_score": float(np.mean(scores))}
+
+
+def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path):
+    """Reward of every synthetic image, computed once per (reward model, synthetic set)."""
+    import numpy as np
+
+    key = f"{cfg.reward_model}|{Path(cfg.synthetic).resolve()}|{len(images)}"
+    if cache.exists():
+        z = np.load(cache)
+        if str(z["key"]) == key:
+            return z["rewards"]
+    from pathloop.reward import load_reward_model
+
+    rewards = np.asarray(load_reward_model(cfg.reward_model).score(images, class_ids))
+    np.savez(cache, key=np.array(key), rewards=rewards)
+    return rewards
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Driver: resolve the pretrained model, cache rewards or build pairs, fit, register."""
+    from rich import print as rprint
+
+    from pathloop.diffusion import load_checkpoint
+    from pathloop.sampling import resolve_model_ref
+
+    ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
+    start = load_checkpoint(ckpt_dir)
+    abs_ = {k: str(Path(v).resolve()) for k in ("synthetic", "real")
+            if (v := getattr(cfg, k)) and "://" not in v}
+    cfg = cfg.model_copy(update={**abs_,
+                                 "model": ModelConfig.model_validate(start.config["model"]),
+                                 "noise": start.noise or cfg.noise})
+    if cfg.train.batch_size % cfg.scaling.num_workers:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by "
+                         f"scaling.num_workers={cfg.scaling.num_workers}")
+    tags = {"pathloop.pretrained": pre_uri, "pathloop.reward_model": str(cfg.reward_model),
+            "pathloop.feedback_round": str(cfg.feedback_round), "pathloop.method": cfg.method,
+            "pathloop.feedback_fraction": str(cfg.feedback_fraction)}
+    cfg, uri, run_id = prepare_run(cfg, "finetune", tags)
+    data_file = Path(cfg.workdir) / "finetune_data.npz"
+    stats = _finetune_data(cfg, start.vocab, data_file)
+    rprint({"config": cfg.model_dump(mode="json"), "data": stats})
+    ckpt = fit(finetune_loop, cfg, {
+        "cfg": cfg.model_dump(mode="json"), "vocab": start.vocab.model_dump(mode="json"),
+        "pretrained_dir": str(Path(ckpt_dir).resolve()), "data_file": str(data_file),
+        "mlflow": {"uri": uri, "run_id": run_id}})
+    return finish_run(cfg, uri, run_id, ckpt, {"data": stats, "lineage": tags})

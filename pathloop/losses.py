@@ -128,3 +128,29 @@ def dpo_loss(
     """
     delta = (model_err_w - ref_err_w.detach()) - (model_err_l - ref_err_l.detach())  # (B,)
     return -F.logsigmoid(-beta * delta)  # (B,)
+
+
+def preference_loss(
+    model_err_a: torch.Tensor,
+    model_err_b: torch.Tensor,
+    ref_err_a: torch.Tensor,
+    ref_err_b: torch.Tensor,
+    sign_a: torch.Tensor,
+    sign_b: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Diffusion-DPO generalised to MAGIC's pair labels: (B,).
+
+    Each image of a pair carries a sign: +1 wins (its denoising error should fall relative to the
+    reference), -1 loses. MAGIC (Wang et al. 2025) labels a pair win/lose by the higher checklist
+    score, both-win when they tie above the bar, both-lose when both are below it:
+
+        delta = s_a (e_model_a - e_ref_a) + s_b (e_model_b - e_ref_b)
+        L     = -log sigmoid(-beta * delta)
+
+    With (s_a, s_b) = (+1, -1) this is exactly ``dpo_loss`` (a = winner, b = loser).
+    """
+    delta = sign_a.to(model_err_a) * (model_err_a - ref_err_a.detach()) + sign_b.to(
+        model_err_b
+    ) * (model_err_b - ref_err_b.detach())  # (B,)
+    return -F.logsigmoid(-beta * delta)  # (B,)

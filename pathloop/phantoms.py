@@ -83,196 +83,197 @@ class CellSpec:
     accept: dict[str, Range] = field(default_factory=dict)  # judge: measure -> interval
 
 
-def _spec(code: str, accept: dict[str, Range], **kw: object) -> CellSpec:
-    return CellSpec(code=code, accept=accept, **kw)  # type: ignore[arg-type]
+def _spec(code: str, **kw: object) -> CellSpec:
+    return CellSpec(code=code, accept=_ACCEPT.get(code, {}), **kw)  # type: ignore[arg-type]
 
 
-# Accepted intervals were calibrated on phantoms of tuning seeds (0.2-99.8 % quantiles, widened)
-# and checked on other seeds; see tests/test_phantoms.py for the rates they give.
+# The judge's accepted intervals, written by ``calibrate_accept()`` (python -m pathloop.phantoms)
+# from phantoms of tuning seeds 5000 and 6000; the tests check them on other seeds.
 _ACCEPT: dict[str, dict[str, Range]] = {
     "B1": {
-        "cell_diam": (0.53, 0.65), "cell_solidity": (0.89, 1), "bg_light": (0.79, 1.05),
+        "cell_diam": (0.55, 0.67), "cell_solidity": (0.89, 1), "bg_light": (0.79, 1.05),
         "nuc_area": (0.072, 0.135), "nuc_lobes": (1, 1), "nuc_solidity": (0.82, 1),
-        "nuc_elong": (1, 1.5), "nc_ratio": (0.28, 0.46), "cyto_light": (0.63, 0.76),
-        "cyto_blue": (0.13, 0.36), "cyto_red": (-0.15, 0.07), "pallor": (-0.35, -0.11),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.27, 0.44), "cyto_light": (0.65, 0.77),
+        "cyto_blue": (0.12, 0.35), "cyto_red": (-0.15, 0.07), "pallor": (-0.36, -0.12),
         "chrom_light": (0.27, 0.41), "chrom_texture": (0.016, 0.061), "nucleoli": (0, 0.02),
-        "vacuoles": (0, 0.01), "gran_dark": (0.01, 0.103), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.035, 0.131),
+        "vacuoles": (0, 0.01), "gran_dark": (0.01, 0.098), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.034, 0.125),
     },
     "B2": {
-        "cell_diam": (0.46, 0.59), "cell_solidity": (0.88, 1), "bg_light": (0.81, 1.05),
+        "cell_diam": (0.47, 0.6), "cell_solidity": (0.88, 1), "bg_light": (0.81, 1.05),
         "nuc_area": (0.025, 0.098), "nuc_lobes": (1, 1), "nuc_solidity": (0.55, 1),
-        "nuc_elong": (1, 2.7), "nc_ratio": (0.13, 0.42), "cyto_light": (0.71, 0.84),
-        "cyto_blue": (-0.04, 0.18), "cyto_red": (-0.05, 0.18), "pallor": (-0.51, 0.11),
+        "nuc_elong": (1, 2.7), "nc_ratio": (0.13, 0.41), "cyto_light": (0.72, 0.85),
+        "cyto_blue": (-0.04, 0.17), "cyto_red": (-0.05, 0.18), "pallor": (-0.53, 0.11),
         "chrom_light": (0.14, 0.31), "chrom_texture": (0, 0.102), "nucleoli": (0, 0.07),
-        "vacuoles": (0, 0.028), "gran_dark": (0.014, 0.155), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.087, 0.197),
+        "vacuoles": (0, 0.028), "gran_dark": (0.013, 0.152), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.083, 0.196),
     },
     "E1": {
-        "cell_diam": (0.59, 0.71), "cell_solidity": (0.89, 1), "bg_light": (0.8, 1.05),
+        "cell_diam": (0.6, 0.72), "cell_solidity": (0.9, 1), "bg_light": (0.8, 1.05),
         "nuc_area": (0.072, 0.135), "nuc_lobes": (1, 1), "nuc_solidity": (0.84, 1),
-        "nuc_elong": (1, 1.4), "nc_ratio": (0.22, 0.38), "cyto_light": (0.69, 0.82),
-        "cyto_blue": (-0.38, -0.15), "cyto_red": (0.11, 0.33), "pallor": (-0.49, -0.21),
+        "nuc_elong": (1, 1.4), "nc_ratio": (0.21, 0.38), "cyto_light": (0.7, 0.82),
+        "cyto_blue": (-0.36, -0.14), "cyto_red": (0.1, 0.32), "pallor": (-0.49, -0.21),
         "chrom_light": (0.25, 0.42), "chrom_texture": (0.012, 0.063), "nucleoli": (0, 0.02),
-        "vacuoles": (0, 0.014), "gran_dark": (0, 0.01), "gran_orange": (0.04, 0.3),
-        "cyto_texture": (0.023, 0.056),
+        "vacuoles": (0, 0.014), "gran_dark": (0, 0.01), "gran_orange": (0.04, 0.28),
+        "cyto_texture": (0.023, 0.054),
     },
     "E4": {
-        "cell_diam": (0.53, 0.65), "cell_solidity": (0.88, 1), "bg_light": (0.82, 1.05),
+        "cell_diam": (0.54, 0.66), "cell_solidity": (0.89, 1), "bg_light": (0.82, 1.05),
         "nuc_area": (0.019, 0.06), "nuc_lobes": (1, 2), "nuc_solidity": (0.44, 0.9),
-        "nuc_elong": (1.7, 4.4), "nc_ratio": (0.07, 0.2), "cyto_light": (0.66, 0.79),
-        "cyto_blue": (-0.44, -0.22), "cyto_red": (0.16, 0.35), "pallor": (-0.09, 0.19),
+        "nuc_elong": (1.7, 4.4), "nc_ratio": (0.07, 0.2), "cyto_light": (0.67, 0.79),
+        "cyto_blue": (-0.43, -0.22), "cyto_red": (0.15, 0.34), "pallor": (-0.09, 0.18),
         "chrom_light": (0.2, 0.41), "chrom_texture": (0, 0.07), "nucleoli": (0, 0.02),
-        "vacuoles": (0, 0.028), "gran_dark": (0, 0.014), "gran_orange": (0.11, 0.48),
-        "cyto_texture": (0.023, 0.053),
+        "vacuoles": (0, 0.02), "gran_dark": (0, 0.014), "gran_orange": (0.11, 0.47),
+        "cyto_texture": (0.023, 0.054),
     },
     "ER1": {
-        "cell_diam": (0.68, 0.82), "cell_solidity": (0.9, 1), "bg_light": (0.79, 1.05),
+        "cell_diam": (0.69, 0.83), "cell_solidity": (0.9, 1), "bg_light": (0.79, 1.05),
         "nuc_area": (0.172, 0.285), "nuc_lobes": (1, 1), "nuc_solidity": (0.87, 1),
-        "nuc_elong": (1, 1.4), "nc_ratio": (0.42, 0.61), "cyto_light": (0.58, 0.72),
-        "cyto_blue": (0.21, 0.42), "cyto_red": (-0.2, -0.02), "pallor": (-0.2, 0.03),
+        "nuc_elong": (1, 1.4), "nc_ratio": (0.41, 0.59), "cyto_light": (0.61, 0.73),
+        "cyto_blue": (0.19, 0.4), "cyto_red": (-0.19, -0.01), "pallor": (-0.21, 0.02),
         "chrom_light": (0.31, 0.46), "chrom_texture": (0.004, 0.043), "nucleoli": (0, 0.11),
-        "vacuoles": (0, 0.01), "gran_dark": (0, 0.025), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.005, 0.053),
+        "vacuoles": (0, 0.01), "gran_dark": (0, 0.024), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.009, 0.05),
     },
     "ER2": {
-        "cell_diam": (0.5, 0.62), "cell_solidity": (0.88, 1), "bg_light": (0.82, 1.05),
+        "cell_diam": (0.5, 0.63), "cell_solidity": (0.88, 1), "bg_light": (0.82, 1.05),
         "nuc_area": (0.083, 0.148), "nuc_lobes": (1, 1), "nuc_solidity": (0.85, 1),
-        "nuc_elong": (1, 1.5), "nc_ratio": (0.37, 0.56), "cyto_light": (0.63, 0.75),
-        "cyto_blue": (0.19, 0.4), "cyto_red": (-0.2, 0.02), "pallor": (-0.31, -0.06),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.35, 0.54), "cyto_light": (0.64, 0.77),
+        "cyto_blue": (0.17, 0.37), "cyto_red": (-0.18, 0.02), "pallor": (-0.32, -0.07),
         "chrom_light": (0.26, 0.42), "chrom_texture": (0.015, 0.059), "nucleoli": (0, 0.02),
         "vacuoles": (0, 0.01), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.001, 0.042),
     },
     "ER3": {
-        "cell_diam": (0.39, 0.51), "cell_solidity": (0.87, 1), "bg_light": (0.79, 1.05),
+        "cell_diam": (0.4, 0.52), "cell_solidity": (0.87, 1), "bg_light": (0.79, 1.05),
         "nuc_area": (0.031, 0.078), "nuc_lobes": (1, 1), "nuc_solidity": (0.8, 1.01),
-        "nuc_elong": (1, 1.5), "nc_ratio": (0.24, 0.45), "cyto_light": (0.67, 0.81),
-        "cyto_blue": (-0.04, 0.19), "cyto_red": (-0.08, 0.13), "pallor": (-0.5, -0.22),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.23, 0.44), "cyto_light": (0.69, 0.82),
+        "cyto_blue": (-0.04, 0.18), "cyto_red": (-0.08, 0.12), "pallor": (-0.51, -0.22),
         "chrom_light": (0.21, 0.41), "chrom_texture": (0.008, 0.066), "nucleoli": (0, 0.02),
-        "vacuoles": (0, 0.01), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
-        "cyto_texture": (0, 0.045),
+        "vacuoles": (0, 0.016), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0, 0.046),
     },
     "ER4": {
-        "cell_diam": (0.33, 0.44), "cell_solidity": (0.86, 1), "bg_light": (0.82, 1.05),
+        "cell_diam": (0.34, 0.45), "cell_solidity": (0.86, 1), "bg_light": (0.82, 1.05),
         "nuc_area": (0.001, 0.032), "nuc_lobes": (1, 1), "nuc_solidity": (0.71, 1.05),
-        "nuc_elong": (1, 1.6), "nc_ratio": (0.07, 0.23), "cyto_light": (0.71, 0.86),
-        "cyto_blue": (-0.26, -0.03), "cyto_red": (0.05, 0.29), "pallor": (-0.63, -0.11),
+        "nuc_elong": (1, 1.6), "nc_ratio": (0.07, 0.22), "cyto_light": (0.72, 0.86),
+        "cyto_blue": (-0.26, -0.02), "cyto_red": (0.04, 0.29), "pallor": (-0.62, -0.12),
         "chrom_light": (0.13, 0.33), "chrom_texture": (0, 0.123), "nucleoli": (0, 0.02),
         "vacuoles": (0, 0.01), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.012, 0.04),
+        "cyto_texture": (0.012, 0.041),
     },
     "ER5": {
-        "cell_diam": (0.31, 0.41), "cell_solidity": (0.85, 1), "bg_light": (0.81, 1.05),
+        "cell_diam": (0.31, 0.42), "cell_solidity": (0.86, 1), "bg_light": (0.81, 1.05),
         "nuc_area": (0, 0.01), "nuc_lobes": (0, 0), "nc_ratio": (0, 0.03),
-        "cyto_light": (0.71, 0.85), "cyto_blue": (-0.1, 0.12), "cyto_red": (0.02, 0.24),
+        "cyto_light": (0.72, 0.85), "cyto_blue": (-0.09, 0.12), "cyto_red": (0.02, 0.23),
         "pallor": (-0.07, 0.08), "nucleoli": (0, 0.02), "vacuoles": (0, 0.01),
-        "gran_dark": (0, 0.01), "gran_orange": (0, 0.02), "cyto_texture": (0.011, 0.031),
+        "gran_dark": (0, 0.01), "gran_orange": (0, 0.02), "cyto_texture": (0.013, 0.034),
     },
     "ER6": {
-        "cell_diam": (0.25, 0.36), "cell_solidity": (0.84, 1), "bg_light": (0.81, 1.05),
+        "cell_diam": (0.25, 0.37), "cell_solidity": (0.84, 1), "bg_light": (0.81, 1.05),
         "nuc_area": (0, 0.01), "nuc_lobes": (0, 0), "nc_ratio": (0, 0.03),
-        "cyto_light": (0.7, 0.85), "cyto_blue": (-0.29, -0.08), "cyto_red": (0.1, 0.33),
-        "pallor": (-0.09, 0.23), "nucleoli": (0, 0.02), "vacuoles": (0, 0.146),
-        "gran_dark": (0, 0.01), "gran_orange": (0, 0.02), "cyto_texture": (0.014, 0.058),
+        "cyto_light": (0.72, 0.86), "cyto_blue": (-0.28, -0.07), "cyto_red": (0.09, 0.32),
+        "pallor": (-0.1, 0.22), "nucleoli": (0, 0.02), "vacuoles": (0, 0.09),
+        "gran_dark": (0, 0.01), "gran_orange": (0, 0.02), "cyto_texture": (0.015, 0.058),
     },
     "M1": {
-        "cell_diam": (0.52, 0.64), "cell_solidity": (0.89, 1), "bg_light": (0.81, 1.05),
+        "cell_diam": (0.52, 0.65), "cell_solidity": (0.89, 1), "bg_light": (0.81, 1.05),
         "nuc_area": (0.129, 0.2), "nuc_lobes": (1, 1), "nuc_solidity": (0.86, 1),
-        "nuc_elong": (1, 1.5), "nc_ratio": (0.53, 0.71), "cyto_light": (0.66, 0.8),
-        "cyto_blue": (0.13, 0.35), "cyto_red": (-0.18, 0.03), "pallor": (-0.15, 0.1),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.52, 0.68), "cyto_light": (0.68, 0.81),
+        "cyto_blue": (0.12, 0.32), "cyto_red": (-0.16, 0.03), "pallor": (-0.15, 0.08),
         "chrom_light": (0.31, 0.46), "chrom_texture": (0.008, 0.051), "nucleoli": (0.01, 0.14),
         "vacuoles": (0, 0.01), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
     },
     "M2": {
-        "cell_diam": (0.71, 0.86), "cell_solidity": (0.9, 1), "bg_light": (0.81, 1.05),
+        "cell_diam": (0.72, 0.87), "cell_solidity": (0.9, 1), "bg_light": (0.81, 1.05),
         "nuc_area": (0.128, 0.226), "nuc_lobes": (1, 1), "nuc_solidity": (0.86, 1),
-        "nuc_elong": (1, 2.1), "nc_ratio": (0.29, 0.44), "cyto_light": (0.64, 0.76),
-        "cyto_blue": (0.13, 0.36), "cyto_red": (-0.17, 0.07), "pallor": (-0.35, -0.13),
+        "nuc_elong": (1, 2.1), "nc_ratio": (0.28, 0.43), "cyto_light": (0.65, 0.77),
+        "cyto_blue": (0.13, 0.35), "cyto_red": (-0.16, 0.07), "pallor": (-0.35, -0.14),
         "chrom_light": (0.27, 0.41), "chrom_texture": (0.019, 0.059), "nucleoli": (0, 0.03),
-        "vacuoles": (0, 0.01), "gran_dark": (0.009, 0.092), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.036, 0.081),
+        "vacuoles": (0, 0.01), "gran_dark": (0.009, 0.089), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.035, 0.08),
     },
     "M3": {
-        "cell_diam": (0.54, 0.67), "cell_solidity": (0.88, 1), "bg_light": (0.81, 1.05),
+        "cell_diam": (0.55, 0.68), "cell_solidity": (0.89, 1), "bg_light": (0.81, 1.05),
         "nuc_area": (0.088, 0.151), "nuc_lobes": (1, 1), "nuc_solidity": (0.84, 1),
-        "nuc_elong": (1, 1.5), "nc_ratio": (0.32, 0.48), "cyto_light": (0.68, 0.8),
-        "cyto_blue": (-0.03, 0.19), "cyto_red": (-0.01, 0.19), "pallor": (-0.4, -0.15),
+        "nuc_elong": (1, 1.5), "nc_ratio": (0.31, 0.47), "cyto_light": (0.69, 0.82),
+        "cyto_blue": (-0.03, 0.18), "cyto_red": (-0.01, 0.18), "pallor": (-0.4, -0.16),
         "chrom_light": (0.26, 0.42), "chrom_texture": (0.013, 0.061), "nucleoli": (0, 0.02),
         "vacuoles": (0, 0.014), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.014, 0.06),
+        "cyto_texture": (0.013, 0.057),
     },
     "M4": {
-        "cell_diam": (0.5, 0.62), "cell_solidity": (0.88, 1), "bg_light": (0.81, 1.05),
+        "cell_diam": (0.51, 0.63), "cell_solidity": (0.88, 1), "bg_light": (0.81, 1.05),
         "nuc_area": (0.049, 0.107), "nuc_lobes": (1, 1), "nuc_solidity": (0.74, 0.95),
-        "nuc_elong": (1.1, 2.1), "nc_ratio": (0.22, 0.39), "cyto_light": (0.72, 0.86),
+        "nuc_elong": (1.1, 2.1), "nc_ratio": (0.22, 0.38), "cyto_light": (0.73, 0.86),
         "cyto_blue": (-0.12, 0.1), "cyto_red": (-0.02, 0.19), "pallor": (-0.49, -0.15),
         "chrom_light": (0.25, 0.44), "chrom_texture": (0.012, 0.067), "nucleoli": (0, 0.02),
-        "vacuoles": (0, 0.022), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.024, 0.071),
+        "vacuoles": (0, 0.014), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.023, 0.069),
     },
     "M5": {
-        "cell_diam": (0.48, 0.6), "cell_solidity": (0.88, 1), "bg_light": (0.8, 1.05),
+        "cell_diam": (0.48, 0.61), "cell_solidity": (0.88, 1), "bg_light": (0.8, 1.05),
         "nuc_area": (0.005, 0.063), "nuc_lobes": (1, 5), "nuc_solidity": (0.11, 0.83),
-        "nuc_elong": (1, 5), "nc_ratio": (0.04, 0.25), "cyto_light": (0.72, 0.88),
-        "cyto_blue": (-0.12, 0.1), "cyto_red": (-0.01, 0.22), "pallor": (-0.23, 0.28),
+        "nuc_elong": (1, 5), "nc_ratio": (0.03, 0.24), "cyto_light": (0.73, 0.88),
+        "cyto_blue": (-0.12, 0.1), "cyto_red": (-0.01, 0.22), "pallor": (-0.22, 0.27),
         "chrom_light": (0.2, 0.46), "chrom_texture": (0, 0.109), "nucleoli": (0, 0.02),
-        "vacuoles": (0, 0.022), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.025, 0.072),
+        "vacuoles": (0, 0.015), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.025, 0.07),
     },
     "MO2": {
-        "cell_diam": (0.73, 0.87), "cell_solidity": (0.9, 1), "bg_light": (0.81, 1.05),
+        "cell_diam": (0.74, 0.88), "cell_solidity": (0.91, 1), "bg_light": (0.81, 1.05),
         "nuc_area": (0.107, 0.194), "nuc_lobes": (1, 1), "nuc_solidity": (0.78, 0.97),
-        "nuc_elong": (1.1, 1.9), "nc_ratio": (0.22, 0.37), "cyto_light": (0.7, 0.83),
-        "cyto_blue": (0.01, 0.23), "cyto_red": (-0.16, 0.07), "pallor": (-0.45, -0.17),
+        "nuc_elong": (1.1, 1.9), "nc_ratio": (0.21, 0.37), "cyto_light": (0.71, 0.84),
+        "cyto_blue": (0.01, 0.22), "cyto_red": (-0.16, 0.07), "pallor": (-0.45, -0.18),
         "chrom_light": (0.31, 0.45), "chrom_texture": (0.001, 0.025), "nucleoli": (0, 0.02),
-        "vacuoles": (0, 0.07), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
-        "cyto_texture": (0.018, 0.05),
+        "vacuoles": (0, 0.055), "gran_dark": (0, 0.01), "gran_orange": (0, 0.02),
+        "cyto_texture": (0.018, 0.051),
     },
 }
 
 SPECS: dict[str, CellSpec] = {
-    "B1": _spec("B1", _ACCEPT.get("B1", {}), diameter=(0.54, 0.60), nucleus="round",
+    "B1": _spec("B1", diameter=(0.54, 0.60), nucleus="round",
                 nc_ratio=(0.36, 0.44), cytoplasm=(150, 156, 216), chromatin="coarse",
                 granules="few_dark", n_granules=(5, 9), eccentric=0.18),
-    "B2": _spec("B2", _ACCEPT.get("B2", {}), diameter=(0.48, 0.54), nucleus="lobed",
+    "B2": _spec("B2", diameter=(0.48, 0.54), nucleus="lobed",
                 nc_ratio=(0.30, 0.36), cytoplasm=(206, 184, 218), chromatin="clumped",
                 granules="dark_large", n_granules=(26, 34)),
-    "E1": _spec("E1", _ACCEPT.get("E1", {}), diameter=(0.60, 0.66), nucleus="round",
+    "E1": _spec("E1", diameter=(0.60, 0.66), nucleus="round",
                 nc_ratio=(0.30, 0.38), cytoplasm=(226, 172, 170), chromatin="coarse",
                 granules="orange", n_granules=(28, 40), eccentric=0.2),
-    "E4": _spec("E4", _ACCEPT.get("E4", {}), diameter=(0.54, 0.60), nucleus="bilobed",
+    "E4": _spec("E4", diameter=(0.54, 0.60), nucleus="bilobed",
                 nc_ratio=(0.25, 0.30), cytoplasm=(228, 170, 168), chromatin="clumped",
                 granules="orange", n_granules=(70, 95)),
-    "ER1": _spec("ER1", _ACCEPT.get("ER1", {}), diameter=(0.68, 0.76), nucleus="round",
+    "ER1": _spec("ER1", diameter=(0.68, 0.76), nucleus="round",
                  nc_ratio=(0.50, 0.58), cytoplasm=(118, 150, 214), chromatin="fine",
                  nucleoli=(1, 3), rim=0.1),
-    "ER2": _spec("ER2", _ACCEPT.get("ER2", {}), diameter=(0.50, 0.56), nucleus="round",
+    "ER2": _spec("ER2", diameter=(0.50, 0.56), nucleus="round",
                  nc_ratio=(0.46, 0.54), cytoplasm=(128, 154, 214), chromatin="coarse"),
-    "ER3": _spec("ER3", _ACCEPT.get("ER3", {}), diameter=(0.40, 0.45), nucleus="round",
+    "ER3": _spec("ER3", diameter=(0.40, 0.45), nucleus="round",
                  nc_ratio=(0.34, 0.42), cytoplasm=(178, 166, 196), chromatin="clumped"),
-    "ER4": _spec("ER4", _ACCEPT.get("ER4", {}), diameter=(0.34, 0.38), nucleus="round",
+    "ER4": _spec("ER4", diameter=(0.34, 0.38), nucleus="round",
                  nc_ratio=(0.13, 0.18), cytoplasm=(224, 164, 176), chromatin="pyknotic",
                  eccentric=0.3),
-    "ER5": _spec("ER5", _ACCEPT.get("ER5", {}), diameter=(0.32, 0.36), nucleus="absent",
+    "ER5": _spec("ER5", diameter=(0.32, 0.36), nucleus="absent",
                  nc_ratio=(0.0, 0.0), cytoplasm=(204, 162, 202), chromatin="none", pallor=0.15),
-    "ER6": _spec("ER6", _ACCEPT.get("ER6", {}), diameter=(0.26, 0.30), nucleus="absent",
+    "ER6": _spec("ER6", diameter=(0.26, 0.30), nucleus="absent",
                  nc_ratio=(0.0, 0.0), cytoplasm=(224, 146, 158), chromatin="none", pallor=0.9),
-    "M1": _spec("M1", _ACCEPT.get("M1", {}), diameter=(0.52, 0.58), nucleus="round",
+    "M1": _spec("M1", diameter=(0.52, 0.58), nucleus="round",
                 nc_ratio=(0.66, 0.72), cytoplasm=(140, 166, 220), chromatin="fine",
                 nucleoli=(2, 3), eccentric=0.05),
-    "M2": _spec("M2", _ACCEPT.get("M2", {}), diameter=(0.72, 0.80), nucleus="oval",
+    "M2": _spec("M2", diameter=(0.72, 0.80), nucleus="oval",
                 nc_ratio=(0.36, 0.42), cytoplasm=(146, 166, 218), chromatin="coarse",
                 granules="azurophilic", n_granules=(22, 34), eccentric=0.15),
-    "M3": _spec("M3", _ACCEPT.get("M3", {}), diameter=(0.56, 0.62), nucleus="round",
+    "M3": _spec("M3", diameter=(0.56, 0.62), nucleus="round",
                 nc_ratio=(0.42, 0.48), cytoplasm=(200, 174, 216), chromatin="coarse",
                 granules="fine", n_granules=(50, 80), eccentric=0.18),
-    "M4": _spec("M4", _ACCEPT.get("M4", {}), diameter=(0.52, 0.58), nucleus="kidney",
+    "M4": _spec("M4", diameter=(0.52, 0.58), nucleus="kidney",
                 nc_ratio=(0.23, 0.28), cytoplasm=(222, 192, 206), chromatin="coarse",
                 granules="fine", n_granules=(40, 65), eccentric=0.12),
-    "M5": _spec("M5", _ACCEPT.get("M5", {}), diameter=(0.50, 0.56), nucleus="band_or_segmented",
+    "M5": _spec("M5", diameter=(0.50, 0.56), nucleus="band_or_segmented",
                 nc_ratio=(0.0, 0.0), cytoplasm=(224, 194, 210), chromatin="clumped",
                 granules="fine", n_granules=(40, 65)),
-    "MO2": _spec("MO2", _ACCEPT.get("MO2", {}), diameter=(0.74, 0.82), nucleus="indented",
+    "MO2": _spec("MO2", diameter=(0.74, 0.82), nucleus="indented",
                  nc_ratio=(0.26, 0.32), cytoplasm=(172, 180, 204), chromatin="fine",
                  vacuoles=(3, 6), eccentric=0.15),
 }
@@ -525,7 +526,7 @@ def _paint_red_cells(img: np.ndarray, x: np.ndarray, y: np.ndarray, cell: _Cell,
         for _try in range(25):
             edge = rng.choice([-1.0, 1.0]) * rng.uniform(0.42, 0.62)
             cx, cy = (edge, rng.uniform(-0.55, 0.55))[:: 1 if rng.random() < 0.5 else -1]
-            clear = math.hypot(cx - cell.cx, cy - cell.cy) > cell.outer + r + 0.07
+            clear = math.hypot(cx - cell.cx, cy - cell.cy) > cell.outer + r + 0.09
             apart = all(math.hypot(cx - a, cy - b) > 0.85 * (r + rr) for a, b, rr in placed)
             if clear and apart:
                 placed.append((cx, cy, r))
@@ -1014,3 +1015,85 @@ def judge_report(verdicts: Sequence[Verdict], class_ids: Sequence[int] | np.ndar
         report["subtype_accuracy"] = (
             float(np.mean([p == t for p, t in pairs])) if pairs else float("nan"))
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration of the accepted intervals (run after changing the renderer; never at import)
+# ---------------------------------------------------------------------------------------------
+
+# Per feature: the least margin added on each side (about its measurement resolution at 32 px)
+# and the decimals the interval is rounded outwards to.
+_MARGIN: dict[str, tuple[float, int]] = {
+    "cell_diam": (0.02, 2), "cell_solidity": (0.03, 2), "bg_light": (0.05, 2),
+    "nuc_area": (0.01, 3), "nuc_lobes": (0.0, 0), "nuc_solidity": (0.04, 2),
+    "nuc_elong": (0.12, 1), "nc_ratio": (0.03, 2), "cyto_light": (0.03, 2),
+    "cyto_blue": (0.04, 2), "cyto_red": (0.04, 2), "pallor": (0.05, 2),
+    "chrom_light": (0.03, 2), "chrom_texture": (0.008, 3), "nucleoli": (0.02, 2),
+    "vacuoles": (0.01, 3), "gran_dark": (0.01, 3), "gran_orange": (0.02, 2),
+    "cyto_texture": (0.004, 3),
+}
+_SIGNED = ("cyto_blue", "cyto_red", "pallor")  # may be negative; all other features are >= 0
+_PRESENCE = ("gran_dark", "gran_orange", "nucleoli", "vacuoles")  # lower bound: half the least
+
+
+def _interval(name: str, values: np.ndarray) -> Range:
+    """[min, max] widened by max(floor, 20 % of the span), clamped to the feature's domain."""
+    lo, hi = float(values.min()), float(values.max())
+    if name == "nuc_lobes":  # a count: accept exactly what the class shows
+        return lo, hi
+    floor, decimals = _MARGIN[name]
+    margin = max(floor, 0.2 * (hi - lo))
+    a, b = lo - margin, hi + margin
+    if name not in _SIGNED:
+        a = 0.5 * lo if (name in _PRESENCE and lo > 0) else max(a, 0.0)
+    if name == "nuc_elong":
+        a = max(a, 1.0)
+    if name in ("cell_solidity", "bg_light"):
+        b = max(b, 1.0)
+    scale = 10.0**decimals
+    return math.floor(a * scale) / scale, math.ceil(b * scale) / scale
+
+
+def calibrate_accept(seeds: Sequence[int] = (5000, 6000),
+                     sizes: Sequence[tuple[int, int]] = ((32, 150), (64, 60)),
+                     ) -> dict[str, dict[str, Range]]:
+    """Accepted intervals per class code from phantoms of tuning ``seeds``.
+
+    For each seed and (size, per_class) it renders phantoms (seed + size gives the stream),
+    measures them and fits one interval per feature that is defined on every image of the class
+    (a feature that is sometimes NaN, e.g. cytoplasm texture under a thin rim, is not checked).
+    """
+    values: dict[int, list[dict[str, float]]] = {c: [] for c in range(len(BONE_MARROW_16))}
+    for seed in seeds:
+        for size, per_class in sizes:
+            for image, cid, _ in generate(per_class, size, seed + size):
+                values[cid].append(measure_image(image))
+    table: dict[str, dict[str, Range]] = {}
+    for cid, rows in values.items():
+        accept = {}
+        for name in MEASURE_CRITERION:
+            col = np.array([r[name] for r in rows])
+            if not np.isnan(col).any():
+                accept[name] = _interval(name, col)
+        table[class_code(cid)] = accept
+    return table
+
+
+def format_accept(table: dict[str, dict[str, Range]]) -> str:
+    """Python source for an ``_ACCEPT`` table, wrapped at 100 columns."""
+    lines = ["_ACCEPT: dict[str, dict[str, Range]] = {"]
+    for code, accept in table.items():
+        lines.append(f'    "{code}": {{')
+        line = "       "
+        for name, (lo, hi) in accept.items():
+            item = f' "{name}": ({lo:g}, {hi:g}),'
+            if len(line) + len(item) > 99:
+                lines.append(line)
+                line = "       "
+            line += item
+        lines += [line, "    },"]
+    return "\n".join([*lines, "}"])
+
+
+if __name__ == "__main__":
+    print(format_accept(calibrate_accept()))

@@ -135,3 +135,19 @@ def test_dpo_gradient_is_zero_for_a_tie_at_the_reference():
     other, *_ = _batch(2, seed=2)
     grads = _dpo_grads(x0, other)  # a real preference: the model is pushed
     assert max(g.abs().max().item() for g in grads) > 1e-4
+
+
+def test_preference_loss_generalises_dpo():
+    from pathloop.losses import dpo_loss, preference_loss
+
+    mw, ml = torch.tensor([0.3, 0.8]), torch.tensor([0.5, 0.1])
+    rw, rl = torch.tensor([0.4, 0.6]), torch.tensor([0.2, 0.3])
+    one, neg = torch.ones(2), -torch.ones(2)
+    # (+1, -1) is standard Diffusion-DPO with a the winner
+    assert torch.allclose(preference_loss(mw, ml, rw, rl, one, neg, 2.0), dpo_loss(mw, ml, rw, rl, 2.0))
+    # both win: delta = (0.3-0.4) + (0.5-0.2) = 0.2 for pair 0 → -log sigmoid(-0.4)
+    both = preference_loss(mw, ml, rw, rl, one, one, 2.0)
+    assert both[0].item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(-0.4)).item())
+    # both lose: the sign flips, delta = -0.2
+    lose = preference_loss(mw, ml, rw, rl, neg, neg, 2.0)
+    assert lose[0].item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.4)).item())
