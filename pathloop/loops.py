@@ -652,8 +652,6 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
     scores = None
     if cfg.reward_model:
         scores = _cached_rewards(cfg, images, class_ids, out.parent / "rewards.npz")
-    elif cfg.method == "reward":
-        raise ValueError("method=reward needs reward_model=<path or MLflow URI>")
     else:
         fails = [k for k in cols if k.startswith("fail_")]
         if not fails:
@@ -696,6 +694,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from pathloop.diffusion import load_checkpoint
     from pathloop.sampling import resolve_model_ref
 
+    if cfg.method == "reward" and not cfg.reward_model:
+        raise ValueError("method=reward needs reward_model=<path or MLflow URI> (Eq. 3 weights "
+                         "each synthetic image by its reward); or use method=dpo with a "
+                         "feedback export")
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)
     abs_ = {k: str(Path(v).resolve()) for k in ("synthetic", "real")

@@ -1,0 +1,209 @@
+"""HTTP request and response models shared by ``serve/``, clients and tests.
+
+The server enforces tighter, configurable limits (``serve.app.Limits``) on top of the static bounds
+here; the static bounds only keep the OpenAPI schema honest (and API fuzzing finite). Every error
+body is an ``ErrorResponse``: ``{"detail": "<what was wrong and the valid values>"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SAMPLER_NAMES = ("ddim", "ddpm", "dpm++")
+MAX_SEED = 2**32 - 1  # seed + i must stay a valid torch seed for every image of a request
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- common
+
+
+class ErrorResponse(_Model):
+    """Body of every 4xx/5xx answer."""
+
+    detail: str = Field(description="What was wrong, and the valid values where there are any.")
+
+
+class HealthResponse(_Model):
+    status: Literal["ok"] = Field("ok", description="The HTTP layer is up.")
+
+
+class ReadyResponse(_Model):
+    ready: bool = Field(description="Every configured model is loaded.")
+    models: dict[str, bool] = Field(description="Per component (generator, scorer): loaded.")
+
+
+class CriterionInfo(_Model):
+    key: str = Field(description="Criterion id used in requests (e.g. nc_ratio).")
+    text: str = Field(description="Human name shown in the UI.")
+    hotkey: str = Field(description="Review UI key that toggles it (1-7).")
+
+
+class ClassOut(_Model):
+    id: int = Field(description="Integer class id of the model.")
+    name: str = Field(description="Class name.")
+    code: str = Field(description="Short class code; accepted wherever a class name is.")
+    description: str = Field(description="What an expert expects to see.")
+    subtypes: list[str] = Field(description="Subtypes an expert may record, if any.")
+
+
+class ClassesResponse(_Model):
+    classes: list[ClassOut] = Field(description="The classes the model generates and scores.")
+    criteria: list[CriterionInfo] = Field(description="The 7 plausibility criteria.")
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+class GenerateRequest(_Model):
+    """Draw ``n`` images of one class; image i uses seed ``seed + i``."""
+
+    class_name: str = Field(
+        min_length=1, max_length=200, description="Class name or code (case-insensitive)."
+    )
+    n: int = Field(1, ge=1, le=1024, description="Images to draw (server limit: limits.max_n).")
+    sampler: Literal["ddim", "ddpm", "dpm++"] = Field("ddim", description="Diffusers scheduler.")
+    steps: int = Field(
+        50, ge=1, le=1000, description="Denoising steps (server limit: limits.max_steps)."
+    )
+    guidance: float = Field(
+        2.0, ge=0, le=20, description="Classifier-free guidance; 1 = conditional, 0 = null class."
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed; image i uses seed + i.")
+    format: Literal["png", "base64"] = Field(
+        "base64",
+        description="png: raw image/png when n == 1 (JSON base64 otherwise); base64: always JSON.",
+    )
+
+
+class Provenance(_Model):
+    model_uri: str = Field(description="The model reference the server was started with.")
+    checkpoint_step: int = Field(description="Training step of the checkpoint.")
+    sampler: str = Field(description="Scheduler used.")
+    steps: int = Field(description="Denoising steps used.")
+    guidance: float = Field(description="Guidance scale used.")
+    seed: int = Field(description="This image's own seed.")
+
+
+class GeneratedImage(_Model):
+    image_b64: str = Field(description="PNG bytes, base64.")
+    seed: int = Field(description="This image's seed (request seed + index).")
+    class_name: str = Field(description="Class name (canonical, even if a code was sent).")
+    provenance: Provenance
+
+
+class GenerateResponse(_Model):
+    images: list[GeneratedImage]
+
+
+# ----------------------------------------------------------------------------- score
+
+
+class ScoreRequest(_Model):
+    """One image to score for its declared class (PNG or JPEG bytes, base64)."""
+
+    image_b64: str = Field(min_length=1, description="PNG or JPEG bytes, base64.")
+    class_name: str = Field(min_length=1, max_length=200, description="Declared class name/code.")
+
+
+class ScoreResponse(_Model):
+    class_name: str = Field(description="Declared class (canonical name).")
+    reward: float | None = Field(description="Reward model score; None without a reward model.")
+    plausible: bool | None = Field(description="Judge: all 7 criteria pass; None without judge.")
+    criteria: dict[str, bool] | None = Field(description="Judge: criterion -> passes.")
+    failed_criteria: list[str] | None = Field(description="Judge: failed criteria, in order.")
+    subtype: str | None = Field(description="Subtype read from the pixels, where the class has one.")
+
+
+# ----------------------------------------------------------------------------- review
+
+
+class LabelOut(_Model):
+    plausible: bool | None = Field(description="The rater's verdict; None = unscored.")
+    failed_criteria: list[str] = Field(description="Criteria the rater marked as failed.")
+    subtype: str | None = Field(description="Subtype the rater recorded.")
+    comment: str = Field(description="Free-text comment.")
+    revision: int = Field(description="Revision number of this label.")
+
+
+class LabelRequest(_Model):
+    """The signed-in rater's label for one image of the review round (an upsert)."""
+
+    image_id: str = Field(min_length=1, max_length=64, description="Shard id of the image.")
+    plausible: bool = Field(description="Is this a plausible cell of its declared class?")
+    failed_criteria: list[str] = Field(
+        default_factory=list, max_length=7, description="Criteria that failed (keys of criteria)."
+    )
+    subtype: str | None = Field(None, max_length=100, description="Subtype, where the class has.")
+    comment: str = Field("", max_length=2000, description="Free text.")
+
+
+class LabelResponse(_Model):
+    image_id: str
+    label: LabelOut
+    done: int = Field(description="Images this rater has scored.")
+    total: int = Field(description="Images in the round.")
+    next_id: str | None = Field(description="First image this rater has not scored, or None.")
+
+
+class UndoRequest(_Model):
+    image_id: str = Field(min_length=1, max_length=64, description="Image whose label to undo.")
+
+
+class UndoResponse(_Model):
+    image_id: str
+    label: LabelOut | None = Field(description="The label now in force; None when none is left.")
+    done: int
+    total: int
+    next_id: str | None
+
+
+class ProgressResponse(_Model):
+    round_id: int
+    rater: str = Field(description="Name of the signed-in rater.")
+    done: int
+    total: int
+    next_id: str | None = Field(description="First unscored image in review order, or None.")
+
+
+class SubtypeKey(_Model):
+    key: str = Field(description="Review UI key (first letter of the subtype, upper case).")
+    subtype: str
+
+
+class ReviewClass(_Model):
+    name: str
+    code: str
+    description: str
+    subtypes: list[SubtypeKey]
+
+
+class ReviewMetaResponse(_Model):
+    round_id: int
+    round_name: str
+    rater: str = Field(description="Name of the signed-in rater.")
+    criteria: list[CriterionInfo]
+    classes: list[ReviewClass]
+
+
+class NextResponse(_Model):
+    """One image to review: the requested one, else the first this rater has not scored."""
+
+    image_id: str | None = Field(description="None when every image is scored and none was asked.")
+    position: int | None = Field(description="0-based position in review order.")
+    class_name: str | None = Field(description="Declared class.")
+    class_code: str | None
+    description: str | None = Field(description="What the class should look like.")
+    subtypes: list[SubtypeKey] = Field(description="Subtype keys of this class.")
+    image_b64: str | None = Field(description="The image, PNG base64.")
+    url: str | None = Field(description="The same image at GET /v1/review/image/{image_id}.png.")
+    prev_id: str | None = Field(description="Previous image in review order.")
+    next_id: str | None = Field(description="Following image in review order.")
+    label: LabelOut | None = Field(description="This rater's current label of the image.")
+    done: int
+    total: int
+    real_examples: list[str] = Field(description="Real images of the class, PNG base64.")

@@ -1,0 +1,107 @@
+"""Pictures and tables people look at: sample grids, per-class grids, rate tables."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def image_grid(
+    images: Sequence[np.ndarray],
+    rows: int,
+    cols: int,
+    scale: int = 1,
+    labels: Sequence[str] | None = None,
+    pad: int = 2,
+) -> Any:
+    """Tile uint8 (H, W, 3) images row-major into a PIL image, upscaled without smoothing.
+
+    ``labels`` (one per row) are drawn in a left margin so a per-class grid reads at a glance.
+    """
+    from PIL import Image, ImageDraw
+
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    h, w = images[0].shape[:2]
+    hs, ws = h * scale, w * scale
+    margin = 0 if not labels else 8 + 7 * max(len(s) for s in labels)
+    grid = Image.new("RGB", (margin + cols * (ws + pad) + pad, rows * (hs + pad) + pad), "white")
+    for i, img in enumerate(images[: rows * cols]):
+        r, c = divmod(i, cols)
+        tile = Image.fromarray(np.asarray(img, dtype=np.uint8)).resize((ws, hs), Image.NEAREST)
+        grid.paste(tile, (margin + pad + c * (ws + pad), pad + r * (hs + pad)))
+    if labels:
+        draw = ImageDraw.Draw(grid)
+        for r, text in enumerate(labels[:rows]):
+            draw.text((4, pad + r * (hs + pad) + hs // 2 - 5), text, fill=(0, 0, 0))
+    return grid
+
+
+def class_grid(unet: Any, noise: Any, vocab: Any, sampler: Any, per_class: int = 4,
+               scale: int = 2) -> Any:
+    """One row per class of ``per_class`` samples from ``unet`` (the one ``sample()`` loop)."""
+    from pathloop.diffusion import sample, to_uint8
+
+    ids = [c.id for c in vocab.classes for _ in range(per_class)]
+    x = sample(unet, noise, ids, sampler=sampler.sampler, steps=sampler.steps,
+               guidance=sampler.guidance, seed=sampler.seed, batch_size=sampler.batch_size)
+    return image_grid(list(to_uint8(x)), len(vocab), per_class, scale,
+                      labels=[f"{c.code} {c.name}"[:22] for c in vocab.classes])
+
+
+def shard_grid(shard_dir: Any, per_class: int = 8, scale: int = 2, split: str | None = None) -> Any:
+    """A per-class grid of the first ``per_class`` images of each class in a shard set."""
+    from pathloop.data import iter_records, read_vocab
+
+    vocab = read_vocab(shard_dir)
+    rows: dict[int, list[np.ndarray]] = {c.id: [] for c in vocab.classes}
+    for r in iter_records(shard_dir, split=split, columns=["image", "class_id"]):
+        if len(rows[r["class_id"]]) < per_class:
+            rows[r["class_id"]].append(r["image"])
+    present = [c for c in vocab.classes if rows[c.id]]
+    blank = np.full_like(next(iter(rows[present[0].id])), 255)
+    tiles = [(rows[c.id] + [blank] * per_class)[i] for c in present for i in range(per_class)]
+    return image_grid(tiles, len(present), per_class, scale,
+                      labels=[f"{c.code} {c.name}"[:22] for c in present])
+
+
+def _rate_style(v: float) -> str:
+    return "green" if v >= 0.85 else "yellow" if v >= 0.5 else "red"
+
+
+def print_rate_table(report: dict, title: str = "plausibility per class") -> None:
+    """A rich table of a judge/plausibility report: per-class rates and per-criterion passes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("class")
+    t.add_column("plausible", justify="right")
+    for name, rate in report.get("per_class", {}).items():
+        t.add_row(name, f"[{_rate_style(rate)}]{rate:.2f}")
+    t.add_row("[bold]all", f"[bold]{report['plausible_rate']:.3f}")
+    Console().print(t)
+    crit = report.get("per_criterion")
+    if crit:
+        c = Table(title="criteria passed")
+        for k in crit:
+            c.add_column(k, justify="right")
+        c.add_row(*[f"{v:.2f}" for v in crit.values()])
+        Console().print(c)
+
+
+def print_comparison(a: dict, b: dict, name_a: str, name_b: str, title: str = "") -> None:
+    """Per-class plausibility of two reports side by side, with the change."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title or f"judge plausibility: {name_a} vs {name_b}")
+    for col in ("class", name_a, name_b, "change"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for cls in a.get("per_class", {}):
+        va, vb = a["per_class"][cls], b["per_class"].get(cls, float("nan"))
+        t.add_row(cls, f"{va:.2f}", f"[{_rate_style(vb)}]{vb:.2f}", f"{vb - va:+.2f}")
+    ra, rb = a["plausible_rate"], b["plausible_rate"]
+    t.add_row("[bold]all", f"{ra:.3f}", f"[bold]{rb:.3f}", f"[bold]{rb - ra:+.3f}")
+    Console().print(t)

@@ -1,0 +1,1 @@
+"""pathloop's HTTP service: ``serve.app`` (Ray Serve application), ``serve.api`` (FastAPI routes)."""

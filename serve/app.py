@@ -1,0 +1,189 @@
+"""The pathloop Ray Serve application: Generator + Scorer deployments behind a FastAPI ingress.
+
+    build_app(ServeArgs) -> Application        typed builder (tests, ``run``)
+    app_builder(dict)    -> Application        for Serve config files: ``serve.app:app_builder``
+    run(config_path)                           start Ray and Serve, deploy, optionally block
+
+Generator requests are merged with ``@serve.batch``: requests waiting together (up to
+``max_batch_size`` images, ``batch_wait_timeout_s``) that share sampler/steps/guidance go into one
+``sample()`` call whatever their classes and seeds. Models load when a replica starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve.args import ServeArgs, load_args
+
+__all__ = ["ServeArgs", "app_builder", "build_app", "load_args", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def _images_in(jobs: list[dict]) -> int:
+    return sum(int(j["n"]) for j in jobs)
+
+
+# ----------------------------------------------------------------------------- deployments
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """One loaded diffusion model; merges concurrent requests into batched sample() calls."""
+
+    def __init__(self, args: dict) -> None:
+        from serve.models import GeneratorCore
+
+        cfg = ServeArgs.model_validate(args)
+        self.core = GeneratorCore(cfg)
+        self.generate.set_max_batch_size(cfg.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    def info(self) -> dict:
+        return self.core.info()
+
+    def stats(self) -> list[dict]:
+        return self.core.stats()
+
+    def ready(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
+    async def generate(self, jobs: list[dict]) -> list[list[bytes]]:
+        # The UNet runs in a thread so this replica's event loop keeps answering health checks.
+        return await asyncio.to_thread(self.core.run, jobs)
+
+
+@serve.deployment(name="Scorer")
+class Scorer:
+    """Reward model and/or the phantom judge over batches of uploaded images."""
+
+    def __init__(self, args: dict) -> None:
+        from serve.models import ScorerCore
+
+        cfg = ServeArgs.model_validate(args)
+        self.core = ScorerCore(cfg)
+        self.score.set_max_batch_size(cfg.score_batch_size)
+
+    def ready(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def score(self, items: list[tuple[np.ndarray, int, str]]) -> list[dict]:
+        return await asyncio.to_thread(self.core.run, items)
+
+
+class ServeBackend:
+    """The API's backend inside the ingress: calls through deployment handles, with timeouts."""
+
+    def __init__(self, generator: DeploymentHandle | None, scorer: DeploymentHandle | None,
+                 timeout_s: float) -> None:
+        self.generator, self.scorer, self.timeout = generator, scorer, timeout_s
+        self.has_generator, self.has_scorer = generator is not None, scorer is not None
+
+    async def _call(self, response: Any, what: str) -> Any:
+        async def wait() -> Any:
+            return await response
+
+        try:
+            return await asyncio.wait_for(wait(), self.timeout)
+        except TimeoutError:
+            response.cancel()
+            raise TimeoutError(f"{what} did not answer within {self.timeout:g} s") from None
+
+    async def info(self) -> dict | None:
+        if self.generator is None:
+            return None
+        return await self.generator.info.remote()
+
+    async def generate(self, job: dict) -> list[bytes]:
+        return await self._call(self.generator.generate.remote(job), "the generator")
+
+    async def score(self, image: np.ndarray, class_id: int, code: str) -> dict:
+        return await self._call(self.scorer.score.remote((image, class_id, code)), "the scorer")
+
+    async def ready(self) -> dict[str, bool]:
+        out = {}
+        for name, handle in (("generator", self.generator), ("scorer", self.scorer)):
+            if handle is not None:
+                try:
+                    out[name] = await asyncio.wait_for(_await(handle.ready.remote()), 5.0)
+                except Exception:  # not up (yet): not ready, which is the answer asked for
+                    out[name] = False
+        return out
+
+
+async def _await(response: Any) -> Any:
+    return await response
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """FastAPI ingress: builds ``serve.api`` in the replica, over handles to the models."""
+
+    async def __init__(self, args: dict, generator: DeploymentHandle | None = None,
+                       scorer: DeploymentHandle | None = None) -> None:
+        self.args = ServeArgs.model_validate(args)
+        self.backend = ServeBackend(generator, scorer, self.args.request_timeout_s)
+        self.model_info = await self.backend.info()  # waits for the Generator to load
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serve.api import build_api
+
+        return build_api(self.args, self.backend, self.model_info)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def build_app(args: ServeArgs) -> serve.Application:
+    """The Serve application for ``args``: Ingress over Generator (if model) and Scorer."""
+    d = args.to_dict()
+    generator = scorer = None
+    if args.model:
+        generator = Generator.options(
+            num_replicas=args.replicas,
+            health_check_period_s=args.health_check_period_s,
+            max_ongoing_requests=max(2 * args.max_batch_size, 8),
+            ray_actor_options={"num_cpus": args.generator_cpus, "num_gpus": args.num_gpus},
+        ).bind(d)
+    if args.reward_model or args.judge:
+        scorer = Scorer.options(
+            health_check_period_s=args.health_check_period_s,
+            max_ongoing_requests=max(2 * args.score_batch_size, 8),
+            ray_actor_options={"num_cpus": args.scorer_cpus},
+        ).bind(d)
+    return Ingress.options(
+        max_ongoing_requests=256,
+        health_check_period_s=args.health_check_period_s,
+        ray_actor_options={"num_cpus": args.ingress_cpus},
+    ).bind(d, generator, scorer)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Entry point for Serve config files (``import_path: serve.app:app_builder``)."""
+    return build_app(ServeArgs.model_validate(args or {}))
+
+
+def run(config_path: str | Path | None = "serve/config.yaml", blocking: bool = True,
+        overrides: list[str] = ()) -> DeploymentHandle:
+    """Start Ray (if needed) and Serve on args.host:args.port, deploy, and optionally block."""
+    import ray
+
+    args = load_args(config_path, overrides)
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    log.info("serving %s on http://%s:%d%s", args.app_name, args.host, args.port,
+             args.route_prefix)
+    return serve.run(
+        build_app(args), name=args.app_name, route_prefix=args.route_prefix, blocking=blocking
+    )

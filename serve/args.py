@@ -1,0 +1,153 @@
+"""ServeArgs: the one config of the HTTP service, read from a Ray Serve config file.
+
+``serve/config.yaml`` is a plain Ray Serve config (``serve deploy serve/config.yaml`` works); the
+``args`` of its pathloop application are a ``ServeArgs``. ``load_args`` reads them for
+``pathloop serve`` and tests, with the same ``key.sub=value`` overrides as every other job.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, SecretStr, model_validator
+
+from pathloop.config import ConfigError, Frozen, load_config
+
+APP_NAME = "pathloop"
+
+
+class Limits(Frozen):
+    """Bounds on what one request may ask for; past them the answer is 422 or 413."""
+
+    max_n: int = Field(16, ge=1, le=1024, description="Images per /v1/generate request.")
+    max_steps: int = Field(250, ge=1, le=1000, description="Denoising steps per request.")
+    max_image_bytes: int = Field(
+        4 * 2**20, ge=1024, description="Bytes of an uploaded image (413 above); the JSON body may "
+        "be 4/3 of this plus 64 KiB for base64."
+    )
+    max_side: int = Field(2048, ge=8, description="Width or height of an uploaded image, px (413).")
+
+
+class ServeArgs(Frozen):
+    """Everything the pathloop Serve application needs; each deployment re-validates it."""
+
+    # --- models (resolved when a replica starts, never at import)
+    model: str | None = Field(
+        None, description="Diffusion checkpoint dir, models:/name/version or runs:/id/model; "
+        "None = no /v1/generate (503)."
+    )
+    reward_model: str | None = Field(
+        None, description="Reward model ref for /v1/score; None = no reward. Needs "
+        "pathloop.reward.load_scorer (the Scorer replica fails to start without it)."
+    )
+    judge: bool = Field(False, description="Score with the phantom judge (per-criterion results).")
+    tracking_uri: str | None = Field(None, description="MLflow URI for models:/ and runs:/ refs.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present.")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per replica.")
+
+    # --- HTTP
+    app_name: str = Field(APP_NAME, description="Serve application name.")
+    route_prefix: str = Field("/", description="Serve route prefix of the application.")
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to expose).")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Per request wait for a model; past it the answer is 504."
+    )
+    limits: Limits = Field(default_factory=Limits)
+    api_tokens: tuple[SecretStr, ...] | None = Field(
+        None, description="Bearer tokens for /v1/* model routes; None = open. Review routes take "
+        "a rater token from the feedback store instead."
+    )
+    api_tokens_env: str | None = Field(
+        None, description="Env var with comma-separated API tokens, read when the app is built."
+    )
+
+    # --- replicas and batching
+    replicas: int = Field(1, ge=1, description="Generator replicas.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per Generator replica (fractional ok).")
+    generator_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per Generator.")
+    scorer_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for the Scorer.")
+    ingress_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for the ingress.")
+    max_batch_size: int = Field(
+        16, ge=1, description="Images per merged sample() call (and UNet batch); >= limits.max_n."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0, description="How long a batch waits for more requests before it runs."
+    )
+    score_batch_size: int = Field(64, ge=1, description="Images per Scorer batch.")
+    health_check_period_s: float = Field(
+        10.0, gt=0, description="How often Serve checks each replica; a dead one is replaced."
+    )
+
+    # --- review
+    feedback_url: str | None = Field(
+        None, description="Feedback store (SQLite path or SQLAlchemy URL); None = no review routes."
+    )
+    review_round: int | None = Field(None, ge=1, description="Round the review UI serves.")
+    review_samples_dir: str | None = Field(
+        None, description="Or: a shard set; its round is reused, else created at start."
+    )
+    real_examples: str | None = Field(
+        None, description="Shard set of real cells shown beside each image (matched by class)."
+    )
+    real_examples_per_class: int = Field(6, ge=0, le=32, description="Real examples per class.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeArgs:
+        if self.limits.max_n > self.max_batch_size:
+            raise ValueError(
+                f"limits.max_n ({self.limits.max_n}) must be <= max_batch_size "
+                f"({self.max_batch_size}): one request must fit in one batch"
+            )
+        if self.review_round is not None and self.review_samples_dir is not None:
+            raise ValueError("set review_round or review_samples_dir, not both")
+        if (self.review_round or self.review_samples_dir) and not self.feedback_url:
+            raise ValueError("review_round/review_samples_dir need feedback_url")
+        return self
+
+    def tokens(self) -> list[str]:
+        """The API tokens in force: api_tokens plus those in $api_tokens_env."""
+        out = [t.get_secret_value() for t in self.api_tokens or ()]
+        if self.api_tokens_env:
+            out += [t.strip() for t in os.environ.get(self.api_tokens_env, "").split(",")]
+        return [t for t in out if t]
+
+    def to_dict(self) -> dict:
+        """A dict for crossing process boundaries (secrets kept, unlike mode='json')."""
+        d = self.model_dump(mode="python")
+        d["api_tokens"] = self.tokens() or None
+        d["api_tokens_env"] = None  # resolved here, where the environment is
+        return d
+
+
+def app_args(serve_config: dict, app_name: str = APP_NAME) -> dict:
+    """The ``args`` of application ``app_name`` in a Ray Serve config (the only one, if one)."""
+    apps = serve_config.get("applications") or []
+    if not apps:
+        raise ConfigError("the Serve config has no applications: list")
+    match = [a for a in apps if a.get("name") == app_name] or (apps if len(apps) == 1 else [])
+    if not match:
+        names = ", ".join(str(a.get("name")) for a in apps)
+        raise ConfigError(f"no application named {app_name!r} in the Serve config; have: {names}")
+    return dict(match[0].get("args") or {})
+
+
+def load_args(path: str | Path | None = None, overrides: list[str] = ()) -> ServeArgs:
+    """ServeArgs from a Serve config file's application args < ``key.sub=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"serve config {str(p)!r} not found; pass an existing YAML file")
+        tree = app_args(yaml.safe_load(p.read_text()) or {})
+    # load_config gives the same error messages and override rules as every other job.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(tree, f)
+    try:
+        return load_config(ServeArgs, f.name, list(overrides))
+    finally:
+        os.unlink(f.name)

@@ -1,0 +1,213 @@
+"""What the Serve deployments hold: the generator (one sample() loop) and the scorer.
+
+Both are plain classes so the same code runs inside a Ray Serve replica, behind plain uvicorn and
+in the benchmark. Models are resolved and loaded in ``__init__``, i.e. when a replica starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from pathloop.vocab import BONE_MARROW_16, Vocabulary
+from serve.args import ServeArgs
+
+log = logging.getLogger(__name__)
+
+# A reward scorer: (images (N, H, W, 3) uint8, class ids) -> N rewards.
+RewardFn = Callable[[Sequence[np.ndarray], Sequence[int]], Sequence[float]]
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+class ImageTooLarge(ValueError):
+    """An uploaded image is over the byte or side limit (HTTP 413)."""
+
+
+class BadImage(ValueError):
+    """An uploaded image cannot be decoded as PNG or JPEG (HTTP 422)."""
+
+
+def decode_image(raw: bytes, max_bytes: int, max_side: int) -> np.ndarray:
+    """PNG/JPEG bytes -> (H, W, 3) uint8; the size is checked from the header before decoding."""
+    from PIL import Image
+
+    if len(raw) > max_bytes:
+        raise ImageTooLarge(f"image is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise BadImage(f"image format {im.format} not accepted; send PNG or JPEG")
+            w, h = im.size
+            if max(w, h) > max_side:
+                raise ImageTooLarge(f"image is {w}x{h} px; the limit is {max_side} px a side")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    except (BadImage, ImageTooLarge):
+        raise
+    except Exception as err:  # PIL raises many kinds (OSError, SyntaxError, bomb errors...)
+        raise BadImage(f"cannot decode the image as PNG or JPEG ({type(err).__name__})") from None
+
+
+def _torch_setup(args: ServeArgs) -> Any:
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+class GeneratorCore:
+    """A loaded checkpoint and the merged sampling of many requests.
+
+    A *job* is one request: {class_id, n, sampler, steps, guidance, seed}. Jobs with the same
+    sampler, steps and guidance go into one ``sample()`` call whatever their classes and seeds;
+    image k of a job keeps seed ``seed + k`` (``sample(seeds=...)``), so its pixels do not depend
+    on what it was batched with (up to float rounding of batched convolutions: at most 1 level).
+    """
+
+    def __init__(self, args: ServeArgs) -> None:
+        from pathloop.diffusion import load_checkpoint
+        from pathloop.tracking import resolve_model
+
+        if args.model is None:
+            raise ValueError("ServeArgs.model is None: no diffusion model to load")
+        self.device = _torch_setup(args)
+        ck = load_checkpoint(resolve_model(args.model, args.tracking_uri), map_location=self.device)
+        if ck.noise is None:
+            raise ValueError(f"checkpoint {args.model} has no noise config (config.json 'noise')")
+        self.unet, self.noise, self.vocab, self.step = ck.unet.eval(), ck.noise, ck.vocab, ck.step
+        self.model_uri = args.model
+        self.batch_size = args.max_batch_size
+        self.calls: list[dict] = []  # one entry per sample() call: requests and images merged
+        log.info("generator: %s (step %d) on %s", self.model_uri, self.step, self.device)
+
+    def info(self) -> dict:
+        return {
+            "vocab": self.vocab.model_dump(mode="json"),
+            "model_uri": self.model_uri,
+            "checkpoint_step": self.step,
+            "sample_size": int(self.unet.config.sample_size),
+        }
+
+    def stats(self) -> list[dict]:
+        """The sample() calls made so far (requests and images each merged)."""
+        return list(self.calls)
+
+    def run(self, jobs: Sequence[dict]) -> list[list[bytes]]:
+        """PNG bytes of every image of every job, in job order."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[(job["sampler"], int(job["steps"]), float(job["guidance"]))].append(i)
+        out: list[list[bytes]] = [[] for _ in jobs]
+        for (sampler, steps, guidance), idx in groups.items():
+            pngs = self._sample(sampler, steps, guidance, [jobs[i] for i in idx])
+            for i in idx:
+                out[i], pngs = pngs[: jobs[i]["n"]], pngs[jobs[i]["n"] :]
+        return out
+
+    def _sample(self, sampler: str, steps: int, guidance: float, jobs: list[dict]) -> list[bytes]:
+        from pathloop.data import encode_png
+        from pathloop.diffusion import sample, to_uint8
+
+        ids = [int(j["class_id"]) for j in jobs for _ in range(j["n"])]
+        seeds = [int(j["seed"]) + k for j in jobs for k in range(j["n"])]
+        x = sample(
+            self.unet,
+            self.noise,
+            ids,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            seeds=seeds,
+            batch_size=self.batch_size,
+            device=self.device,
+        )  # (N, C, H, W)
+        self.calls.append({"requests": len(jobs), "images": len(ids), "steps": steps})
+        return [encode_png(im) for im in to_uint8(x)]  # (H, W, 3) each
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+def load_scorer(ref: str, tracking_uri: str | None = None) -> RewardFn:
+    """The reward model hook: ``pathloop.reward.load_scorer(checkpoint_dir) -> RewardFn``.
+
+    Called when the Scorer replica starts; a missing module or loader fails that start with a
+    message saying what to do, rather than serving requests without the reward asked for.
+    """
+    from pathloop.tracking import resolve_model
+
+    try:
+        reward = importlib.import_module("pathloop.reward")
+    except ModuleNotFoundError as err:
+        if err.name != "pathloop.reward":
+            raise
+        raise RuntimeError(
+            f"reward_model={ref!r} is set but pathloop.reward does not exist yet; "
+            "unset reward_model (serve the judge alone with judge: true) or add the reward module"
+        ) from None
+    loader = getattr(reward, "load_scorer", None)
+    if not callable(loader):
+        raise RuntimeError(
+            f"reward_model={ref!r} is set but pathloop.reward has no load_scorer(path) returning "
+            "a (images, class_ids) -> rewards callable; unset reward_model or add the loader"
+        )
+    return loader(resolve_model(ref, tracking_uri))
+
+
+class ScorerCore:
+    """Reward model and/or the phantom judge over a batch of (image, class id, class code)."""
+
+    def __init__(self, args: ServeArgs) -> None:
+        self.reward = load_scorer(args.reward_model, args.tracking_uri) if args.reward_model else None
+        self.judge = args.judge
+        if self.reward is None and not self.judge:
+            raise ValueError("ScorerCore needs reward_model or judge: true")
+
+    def run(self, items: Sequence[tuple[np.ndarray, int, str]]) -> list[dict]:
+        images = [it[0] for it in items]
+        rewards: Sequence[float | None] = [None] * len(items)
+        if self.reward is not None:
+            rewards = [float(r) for r in self.reward(images, [int(it[1]) for it in items])]
+        verdicts = self._judge(images, [it[2] for it in items]) if self.judge else None
+        out = []
+        for i, r in enumerate(rewards):
+            v = verdicts[i] if verdicts is not None else None
+            out.append(
+                {
+                    "reward": r,
+                    "plausible": None if v is None else bool(v.plausible),
+                    "criteria": None if v is None else {k: bool(b) for k, b in v.criteria.items()},
+                    "failed_criteria": None if v is None else list(v.failed),
+                    "subtype": None if v is None else v.subtype,
+                }
+            )
+        return out
+
+    @staticmethod
+    def _judge(images: list[np.ndarray], codes: list[str]) -> list[Any]:
+        """Judge verdicts; classes the judge does not know (by code) get None."""
+        from pathloop.phantoms import judge_batch
+
+        known = {c.code for c in BONE_MARROW_16.classes}
+        idx = [i for i, c in enumerate(codes) if c in known]
+        judged = judge_batch([images[i] for i in idx], [BONE_MARROW_16.lookup(codes[i]).id for i in idx])
+        out: list[Any] = [None] * len(images)
+        for i, v in zip(idx, judged, strict=True):
+            out[i] = v
+        return out
+
+
+def default_vocab() -> Vocabulary:
+    """Classes for scoring when no diffusion model is served: the 16 bone-marrow classes."""
+    return BONE_MARROW_16
