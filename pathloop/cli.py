@@ -133,6 +133,132 @@ def sample(
 
 
 @app.command()
+def finetune(
+    config: Optional[Path] = CONFIG,
+    method: Optional[str] = typer.Option(None, help="reward (Eq. 3) or dpo (preference pairs)."),
+    resume: bool = typer.Option(False, help="Continue the run in workdir from its last checkpoint."),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Finetune a pretrained model with feedback: reward-weighted (Eq. 3) or Diffusion-DPO."""
+    from pathloop.loops import FinetuneConfig, run_finetune
+
+    extra = [f"method={method}"] if method else []
+    cfg = _load(FinetuneConfig, config, [*(overrides or []), *extra])
+    if resume:
+        cfg = cfg.model_copy(update={"resume": True})
+    try:
+        result = run_finetune(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        _fail(str(err))
+    console.print_json(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- feedback
+
+review = typer.Typer(help="Expert feedback: review rounds, evaluators, exports.", no_args_is_help=True)
+app.add_typer(review, name="review")
+STORE = typer.Option("runs/feedback.db", "--store", help="Feedback store: SQLite path or DB URL.")
+
+
+def _store(url: str):
+    from pathloop.feedback import FeedbackStore
+
+    return FeedbackStore(url)
+
+
+@review.command("create")
+def review_create(
+    samples: Path = typer.Option(..., "--samples", help="Synthetic shard set to review."),
+    name: Optional[str] = typer.Option(None, help="Round name."),
+    store: str = STORE,
+) -> None:
+    """Create a review round from a sample shard set; prints the round id."""
+    rid = _store(store).create_round(samples, name=name)
+    console.print(f"round [bold]{rid}[/] created from {samples}")
+    typer.echo(rid)
+
+
+@review.command("rater")
+def review_rater(
+    name: str = typer.Argument(..., help="Rater name (e.g. an e-mail)."),
+    store: str = STORE,
+) -> None:
+    """Add a human rater and print their sign-in token (shown once)."""
+    rid, token = _store(store).add_rater(name)
+    console.print(f"rater {rid} ({name}); token (shown once):")
+    typer.echo(token)
+
+
+@review.command("judge")
+def review_judge(round_id: int, store: str = STORE) -> None:
+    """Label a round with the phantom judge (the simulated expert)."""
+    from pathloop.evaluators import evaluate_round
+
+    console.print_json(json.dumps(evaluate_round(_store(store), round_id, "judge"), default=str))
+
+
+@review.command("mllm")
+def review_mllm(
+    round_id: int,
+    model: str = typer.Option(..., help="Model name at the OpenAI-compatible endpoint."),
+    base_url: Optional[str] = typer.Option(None, help="Endpoint; default $PATHLOOP_MLLM_BASE_URL."),
+    checklist: Optional[Path] = typer.Option(None, help="Checklist YAML; default the packaged one."),
+    repeats: int = typer.Option(1, help="Calls per image, averaged like raters."),
+    store: str = STORE,
+) -> None:
+    """Score a round with a multimodal LLM against the expert checklist (MAGIC)."""
+    from pathloop.evaluators import evaluate_round
+
+    opts = {"model": model, "repeats": repeats}
+    if base_url:
+        opts["base_url"] = base_url
+    if checklist:
+        opts["checklist"] = str(checklist)
+    console.print_json(json.dumps(evaluate_round(_store(store), round_id, "mllm", **opts),
+                                  default=str))
+
+
+@review.command("export")
+def review_export(
+    round_id: int,
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    how: str = typer.Option("majority", help="majority or mean (soft labels)."),
+    store: str = STORE,
+) -> None:
+    """Export a round (images + aggregated labels + agreement) to Parquet for the reward model."""
+    path = _store(store).export_round(round_id, out, how=how)
+    console.print(f"wrote {path}")
+
+
+@review.command("stats")
+def review_stats(round_id: int, store: str = STORE) -> None:
+    """Per-class progress, plausibility and inter-rater agreement of a round."""
+    console.print_json(json.dumps(_store(store).round_stats(round_id), default=str))
+
+
+@review.command("labelstudio-export")
+def review_ls_export(
+    round_id: int,
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    store: str = STORE,
+) -> None:
+    """Write Label Studio tasks.json and labeling_config.xml for a round."""
+    console.print(f"wrote {_store(store).labelstudio_export(round_id, out)}")
+
+
+@review.command("labelstudio-import")
+def review_ls_import(
+    round_id: int,
+    export: Path = typer.Argument(..., help="Label Studio JSON export."),
+    store: str = STORE,
+) -> None:
+    """Import a Label Studio annotation export; bad items are listed, good ones kept."""
+    report = _store(store).labelstudio_import(round_id, export)
+    console.print_json(report.model_dump_json())
+    raise typer.Exit(1 if report.bad else 0)
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything."),
 ) -> None:

@@ -190,13 +190,18 @@ def log_checkpoint_model(
 
     Returns ``models:/<name>/<version>`` when registered, else ``runs:/<run_id>/model``.
     """
+    import shutil
+
     import mlflow
 
-    with active_run(uri, run_id):
+    with tempfile.TemporaryDirectory() as tmp, active_run(uri, run_id):
+        # The registry copy is for inference: weights, config and vocabulary, no optimizer state.
+        clean = Path(tmp) / "checkpoint"
+        shutil.copytree(ckpt_dir, clean, ignore=shutil.ignore_patterns("optimizer.pt"))
         mlflow.pyfunc.log_model(
             name="model",
             python_model=_pyfunc_class()(),
-            artifacts={"checkpoint": str(ckpt_dir)},
+            artifacts={"checkpoint": str(clean)},
             pip_requirements=["pathloop"],
         )
     model_uri = f"runs:/{run_id}/model"
@@ -222,7 +227,7 @@ def resolve_model(ref: str | Path, tracking_uri: str | None = None) -> Path:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
-    ckpt = local / "artifacts" / "checkpoint"
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ref} holds no pathloop checkpoint (looked in {ckpt})")
-    return ckpt
+    found = sorted(p.parent for p in local.glob("**/state.json"))
+    if not found:
+        raise FileNotFoundError(f"{ref} holds no pathloop checkpoint (no state.json under {local})")
+    return found[0]

@@ -19,6 +19,7 @@ import email.parser
 import email.policy
 import hmac
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -262,6 +263,8 @@ class Review:
         self.pngs = _read_pngs(info.samples_dir)
         self.real = _real_examples(args.real_examples, self.vocab, args.real_examples_per_class)
         self.keys = {c.name: subtype_keys(c.subtypes) for c in self.vocab.classes}
+        self._scored: dict[int, set[str]] = {}  # rater id -> scored image ids (see refresh)
+        self._lock = threading.Lock()
         log.info("review: round %d (%d images)", self.round_id, len(self.images))
 
     def position(self, image_id: str) -> int:
@@ -273,11 +276,32 @@ class Review:
             )
         return self.index[image_id]
 
-    def label(self, rater_id: int, image_id: str) -> S.LabelOut | None:
-        for lab in self.store.labels(self.round_id, rater_id):
-            if lab.image_id == image_id:
-                return label_out(lab)
-        return None
+    # FeedbackStore.progress loads every image and label of the round (~0.1 s at 500 images),
+    # too slow for each POST under load. Each replica keeps the set of image ids each rater has
+    # scored: read from the store on every GET (so it is never stale for long, even with several
+    # replicas) and updated from the store's answer on every write.
+
+    def refresh(self, rater_id: int) -> dict[str, Any]:
+        """This rater's current labels by image id (from the store); updates the cache."""
+        labels = {lab.image_id: lab for lab in self.store.labels(self.round_id, rater_id)}
+        with self._lock:
+            self._scored[rater_id] = {i for i, lab in labels.items() if lab.plausible is not None}
+        return labels
+
+    def update(self, rater_id: int, image_id: str, scored: bool) -> None:
+        if rater_id not in self._scored:
+            self.refresh(rater_id)
+        with self._lock:
+            (self._scored[rater_id].add if scored else self._scored[rater_id].discard)(image_id)
+
+    def progress(self, rater_id: int) -> tuple[int, int, str | None]:
+        """(scored, images, first unscored id in review order) as FeedbackStore.progress."""
+        if rater_id not in self._scored:
+            self.refresh(rater_id)
+        with self._lock:
+            done = set(self._scored[rater_id])
+        first = next((im.image_id for im in self.images if im.image_id not in done), None)
+        return len(done & self.index.keys()), len(self.images), first
 
 
 def label_out(lab: Any) -> S.LabelOut:
@@ -575,7 +599,8 @@ def _review_routes(app: FastAPI, st: _State) -> None:
     ) -> S.NextResponse:
         """The asked image, else the first this rater has not scored (resume point)."""
         rv = _review_of(st)
-        done, total, first = rv.store.progress(rv.round_id, rater.id)
+        labels = rv.refresh(rater.id)
+        done, total, first = rv.progress(rater.id)
         target = image_id or first
         if target is None:
             return S.NextResponse(
@@ -583,7 +608,8 @@ def _review_routes(app: FastAPI, st: _State) -> None:
                 subtypes=[], image_b64=None, url=None, prev_id=None, next_id=None, label=None,
                 done=done, total=total, real_examples=[],
             )
-        return _next_response(st, rv, rater, target, done, total)
+        lab = labels.get(target)
+        return _next_response(st, rv, target, None if lab is None else label_out(lab), done, total)
 
     @app.post(
         "/v1/review/labels", response_model=S.LabelResponse, name="review_post_label", tags=tags,
@@ -596,7 +622,8 @@ def _review_routes(app: FastAPI, st: _State) -> None:
             rv.round_id, req.image_id, rater.id, req.plausible, req.failed_criteria,
             subtype=req.subtype, comment=req.comment, source="human",
         )
-        done, total, nxt = rv.store.progress(rv.round_id, rater.id)
+        rv.update(rater.id, req.image_id, lab.plausible is not None)
+        done, total, nxt = rv.progress(rater.id)
         return S.LabelResponse(
             image_id=req.image_id, label=label_out(lab), done=done, total=total, next_id=nxt
         )
@@ -609,7 +636,8 @@ def _review_routes(app: FastAPI, st: _State) -> None:
         """Step this rater's label of an image back one revision (none left: no label)."""
         rv = _review_of(st)
         lab = rv.store.undo(rv.round_id, req.image_id, rater.id)
-        done, total, nxt = rv.store.progress(rv.round_id, rater.id)
+        rv.update(rater.id, req.image_id, lab is not None and lab.plausible is not None)
+        done, total, nxt = rv.progress(rater.id)
         return S.UndoResponse(
             image_id=req.image_id, label=None if lab is None else label_out(lab),
             done=done, total=total, next_id=nxt,
@@ -622,7 +650,8 @@ def _review_routes(app: FastAPI, st: _State) -> None:
     def progress(rater: Any = rater_dep) -> S.ProgressResponse:
         """Images scored by this rater, images in the round, and where to resume."""
         rv = _review_of(st)
-        done, total, nxt = rv.store.progress(rv.round_id, rater.id)
+        rv.refresh(rater.id)
+        done, total, nxt = rv.progress(rater.id)
         return S.ProgressResponse(
             round_id=rv.round_id, rater=rater.name, done=done, total=total, next_id=nxt
         )
@@ -642,7 +671,7 @@ def _review_routes(app: FastAPI, st: _State) -> None:
 
 
 def _next_response(
-    st: _State, rv: Review, rater: Any, image_id: str, done: int, total: int
+    st: _State, rv: Review, image_id: str, label: S.LabelOut | None, done: int, total: int
 ) -> S.NextResponse:
     pos = rv.position(image_id)
     img = rv.images[pos]
@@ -659,7 +688,7 @@ def _next_response(
         url=f"{st.args.route_prefix.rstrip('/')}/v1/review/image/{image_id}.png",
         prev_id=rv.images[pos - 1].image_id if pos > 0 else None,
         next_id=rv.images[pos + 1].image_id if pos + 1 < len(rv.images) else None,
-        label=rv.label(rater.id, image_id),
+        label=label,
         done=done,
         total=total,
         real_examples=rv.real.get(info.name, []),
