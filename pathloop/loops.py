@@ -340,16 +340,6 @@ def check_arithmetic(cfg: PretrainConfig, num_records: int) -> dict[str, Any]:
     }
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under a Ray run dir (for --resume)."""
-    best, best_step = None, -1
-    for state in run_dir.glob("checkpoint_*/state.json"):
-        s = json.loads(state.read_text()).get("step", -1)
-        if s > best_step:
-            best, best_step = state.parent, s
-    return best
-
-
 def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, str]:
     """Driver side of any training job: absolute workdir, refuse to clobber a run unless resuming,
     save the resolved config, create (or, on resume, reopen) the MLflow run.
@@ -380,14 +370,16 @@ def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, st
 
 
 def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) -> Path:
-    """Run ``loop`` on a TorchTrainer with the job's scaling, failure and checkpoint settings;
-    on resume, start from the newest checkpoint in the run dir. Returns the final checkpoint."""
+    """Run ``loop`` on a TorchTrainer with the job's scaling, failure and checkpoint settings.
+
+    Resume needs nothing here: Train V2 restores a run's checkpoint manager from its storage
+    (same name and storage_path), so ``get_checkpoint()`` in the loop returns the newest one.
+    ``prepare_run`` refuses to reuse a run dir unless ``resume`` is set. Returns the final
+    checkpoint."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    run_dir = Path(cfg.workdir) / "ray" / cfg.name
-    resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     ray.init(ignore_reinit_error=True)
     trainer = TorchTrainer(
         loop,
@@ -404,7 +396,6 @@ def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) ->
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint(str(resume_from)) if resume_from else None,
     )
     return Path(trainer.fit().checkpoint.path)
 
@@ -720,3 +711,283 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "pretrained_dir": str(Path(ckpt_dir).resolve()), "data_file": str(data_file),
         "mlflow": {"uri": uri, "run_id": run_id}})
     return finish_run(cfg, uri, run_id, ckpt, {"data": stats, "lineage": tags})
+
+
+# ---- reward model (Eq. 2) ----
+# Step 2 of Sun et al. 2023: a reward model learns the experts' plausible/implausible feedback.
+# Models, the Eq. 2 step and the metrics live in pathloop.reward (imported lazily: it imports
+# torch); this section holds the job configs, the Ray worker loop and the drivers.
+
+
+class RewardConfig(Frozen):
+    """Step 2 of Sun et al. 2023: the reward model Γφ(x, c) learns expert feedback (Eq. 2)."""
+
+    workdir: str = Field("runs/reward", description="Checkpoints, Ray results, result.json.")
+    name: str = Field("reward", description="Run name (Ray run dir and MLflow run).")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in workdir.")
+    max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from.")
+    feedback: str = Field("runs/feedback/feedback.parquet",
+                          description="export_round's feedback.parquet, or the folder holding it.")
+    real_shards: str = Field("runs/demo/phantoms", description=(
+        "Real shard set: the λr term and, when backbone is None, the backbone's training data."))
+    real_split: str = Field("train", description="Split of real_shards used.")
+    backbone: str | None = Field(None, description=(
+        "Trained backbone (dir, result.json or MLflow URI); None = train one on real_shards."))
+    backbone_arch: str = Field("tiny", description=(
+        "When backbone is None: preset (tiny, paper) or timm model name to train."))
+    backbone_steps: int = Field(300, gt=0, description="When backbone is None: its train steps.")
+    finetune_backbone: bool = Field(False, description=(
+        "Train the backbone with the head; false = frozen, embeddings computed once."))
+    hidden: int = Field(256, gt=0, description="Width of the head's MLP.")
+    lambda_r: float = Field(1.0, ge=0, description="Weight of the real-image term of Eq. 2.")
+    holdout_frac: float = Field(0.2, ge=0, lt=1, description=(
+        "Feedback held out for AUC/accuracy/ECE (seeded, stratified by label)."))
+    fraction: float = Field(1.0, ge=0, le=1, description=(
+        "Fraction of the non-held-out feedback used (the paper's 0/10/50/100 % ablation); "
+        "0 = real-image term only. The held-out set does not change with it."))
+    steps: int = Field(500, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(32, gt=0, description=(
+        "Global batch of feedback rows (plus as many real rows); must divide by num_workers."))
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    augment: bool = Field(True, description=(
+        "Random flips/90° turns; frozen backbone: 8 cached embeddings per image."))
+    seed: int = Field(0, description="Seed of the holdout split, fraction, init and draws.")
+    log_every: int = Field(25, gt=0, description="Steps between loss reports.")
+    checkpoint_every: int = Field(250, gt=0, description=(
+        "Steps between checkpoints; each one also measures the held-out metrics."))
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(register_as="pathloop-reward")
+    )
+
+    @property
+    def train(self) -> TrainConfig:
+        """The step/checkpoint settings as the ``TrainConfig`` that the shared ``fit`` reads."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, seed=self.seed,
+                           log_every=self.log_every, checkpoint_every=self.checkpoint_every,
+                           keep_checkpoints=self.keep_checkpoints, sample_every=0)
+
+
+def reward_loop(config: dict) -> None:
+    """Ray Train worker loop for the reward model. A feedback round is small (hundreds to a few
+    thousand images), so each worker loads the driver's .npz into memory instead of streaming
+    it through Ray Data; rows come from the seeded global draw, sliced by rank."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg = RewardConfig.model_validate(config["cfg"])
+    from pathloop.reward import RewardData, RewardFit, RewardModel, load_backbone
+    from pathloop.vocab import Vocabulary
+
+    vocab = Vocabulary.model_validate(config["vocab"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
+    torch.manual_seed(cfg.seed)  # the same head init on every rank
+    model = RewardModel(load_backbone(config["backbone_dir"]), vocab, hidden=cfg.hidden)
+    fitter = RewardFit(
+        model, RewardData.load(config["data_file"]), lr=cfg.lr, lambda_r=cfg.lambda_r,
+        batch_size=cfg.batch_size, seed=cfg.seed, finetune_backbone=cfg.finetune_backbone,
+        augment=cfg.augment, weight_decay=cfg.weight_decay, device=ray.train.torch.get_device(),
+        wrap=ray.train.torch.prepare_model,
+    )
+    step = _restore_reward(fitter, ray.train.get_checkpoint())
+    mlflow_info = config.get("mlflow") if rank == 0 else None
+
+    losses: list[float] = []
+    while step < cfg.steps:
+        losses.append(fitter.step(step, rank, world))
+        step += 1
+        metrics = None
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics = {"loss": sum(losses) / len(losses), "step": step}
+            losses = []
+        _report_reward(cfg, fitter, step, metrics, rank, mlflow_info)
+
+
+def _restore_reward(fitter: Any, checkpoint: Any) -> int:
+    """Load head, backbone and optimizer from a Ray checkpoint; return its step (0 if none)."""
+    if checkpoint is None:
+        return 0
+    import torch
+
+    from pathloop.reward import load_reward_model
+
+    with checkpoint.as_directory() as d:
+        saved = load_reward_model(d)
+        fitter.model.head.load_state_dict(saved.head.state_dict())
+        fitter.model.backbone.load_state_dict(saved.backbone.state_dict())
+        if (Path(d) / "optimizer.pt").exists():
+            fitter.opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location="cpu"))
+        return int(json.loads((Path(d) / "state.json").read_text())["step"])
+
+
+def _report_reward(cfg: RewardConfig, fitter: Any, step: int, metrics: dict | None, rank: int,
+                   mlflow_info: dict | None) -> None:
+    """Report every log step; at checkpoints rank 0 also measures the held-out feedback and
+    writes the reward model dir. All ranks call ``ray.train.report`` together."""
+    import tempfile
+
+    import ray.train
+
+    from pathloop import tracking
+    from pathloop.reward import save_reward_model
+
+    want_ckpt = step % cfg.checkpoint_every == 0 or step >= cfg.steps
+    if metrics is None and not want_ckpt:
+        return
+    metrics = dict(metrics or {"step": step})
+    if rank == 0 and want_ckpt:
+        metrics.update(fitter.evaluate())  # held-out AUC, accuracy at 0.5, ECE
+    if rank == 0:
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
+        print(f"[{cfg.name}] step {step}/{cfg.steps} {shown}", flush=True)
+    if mlflow_info:
+        tracking.log_metrics(mlflow_info["uri"], mlflow_info["run_id"],
+                             {k: v for k, v in metrics.items() if k != "step"}, step)
+    if not want_ckpt:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_reward_model(tmp, fitter.model, step=step, config=cfg.model_dump(mode="json"),
+                              metrics=metrics, optimizer=fitter.opt)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _reward_arithmetic(cfg: RewardConfig, data: Any, n_feedback: int) -> dict[str, Any]:
+    """State the numbers before the loop and check that they divide."""
+    w = cfg.scaling.num_workers
+    if cfg.batch_size % w:
+        raise ValueError(f"batch_size={cfg.batch_size} must divide by scaling.num_workers={w}; "
+                         f"use e.g. batch_size={cfg.batch_size // w * w or w}")
+    n_syn = len(data.syn_x)
+    return {
+        "feedback_rows": n_feedback,
+        "held_out": len(data.test_x),
+        "feedback_used": n_syn,
+        "fraction": cfg.fraction,
+        "real_images": len(data.real_x),
+        "workers": w,
+        "global_batch": f"{cfg.batch_size} feedback + {cfg.batch_size} real",
+        "per_worker_batch": cfg.batch_size // w,
+        "steps": cfg.steps,
+        "epochs_over_feedback": round(cfg.steps * cfg.batch_size / n_syn, 2) if n_syn else 0,
+    }
+
+
+def _reward_backbone(cfg: RewardConfig, uri: str, run_id: str) -> str:
+    """The backbone dir: resolve ``cfg.backbone``, or train one on the real shards (logged as
+    this run's ``backbone`` artifact; reused when resuming)."""
+    from pathloop import tracking
+    from pathloop.reward import BackboneConfig, train_backbone
+    from pathloop.sampling import resolve_model_ref
+
+    if cfg.backbone:
+        return str(resolve_model_ref(cfg.backbone, cfg.tracking)[0].resolve())
+    out = Path(cfg.workdir) / "backbone"
+    if cfg.resume and (out / "config.json").exists():
+        return str(out)
+    bcfg = BackboneConfig(name=cfg.backbone_arch, steps=cfg.backbone_steps, seed=cfg.seed)
+    m = train_backbone(cfg.real_shards, out, bcfg, split=cfg.real_split)
+    tracking.log_metrics(uri, run_id, {f"backbone_{k}": v for k, v in m.items() if k != "path"}, 0)
+    tracking.log_artifact(uri, run_id, out, "backbone")
+    return str(out)
+
+
+def run_reward(cfg: RewardConfig) -> dict[str, Any]:
+    """Driver: load and split the feedback, get a backbone, fit Γφ on Ray Train, log the
+    held-out metrics, register the model; result.json has its URI, AUC, accuracy and ECE."""
+    from rich import print as rprint
+
+    from pathloop.data import load_arrays, read_vocab
+    from pathloop.reward import load_feedback, split_feedback
+
+    # Workers do not share the driver's cwd: every local path crosses as an absolute one.
+    local = {k: str(Path(v).resolve()) for k in ("feedback", "real_shards", "backbone")
+             if (v := getattr(cfg, k)) and ":/" not in v}
+    cfg = cfg.model_copy(update=local)
+    vocab = read_vocab(cfg.real_shards)
+    images, class_ids, targets, fb_vocab = load_feedback(cfg.feedback)
+    if fb_vocab is not None and fb_vocab.names != vocab.names:
+        raise ValueError(f"feedback classes {fb_vocab.names} differ from {cfg.real_shards}'s "
+                         f"{vocab.names}; pair a feedback round with the shards it came from")
+    real = load_arrays(cfg.real_shards, cfg.real_split)
+    if len(real[0]) and real[0].shape[1:] != images.shape[1:]:
+        raise ValueError(f"feedback images are {images.shape[1:3]} px but real images "
+                         f"{real[0].shape[1:3]} px; use real shards of the sampled size")
+    data = split_feedback(images, class_ids, targets, real, cfg.holdout_frac, cfg.fraction,
+                          cfg.seed)
+    arith = _reward_arithmetic(cfg, data, len(images))
+    tags = {"pathloop.feedback": cfg.feedback, "pathloop.real_shards": cfg.real_shards,
+            "pathloop.feedback_fraction": str(cfg.fraction)}
+    cfg, uri, run_id = prepare_run(cfg, "reward", tags)
+    backbone_dir = _reward_backbone(cfg, uri, run_id)
+    data_file = Path(cfg.workdir) / "reward_data.npz"
+    data.save(data_file)
+    rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
+    ckpt = fit(reward_loop, cfg, {
+        "cfg": cfg.model_dump(mode="json"), "vocab": vocab.model_dump(mode="json"),
+        "backbone_dir": backbone_dir, "data_file": str(data_file),
+        "mlflow": {"uri": uri, "run_id": run_id}})
+    metrics = json.loads((ckpt / "config.json").read_text())["metrics"]
+    held_out = {k: metrics[k] for k in ("auc", "accuracy", "ece")}
+    return finish_run(cfg, uri, run_id, ckpt,
+                      {**held_out, "backbone": backbone_dir, "arithmetic": arith})
+
+
+class BackboneJobConfig(Frozen):
+    """The reward model's backbone on its own: a cell-type classifier on real cells."""
+
+    workdir: str = Field("runs/backbone", description="The model dir, result.json, MLflow db.")
+    name: str = Field("backbone", description="MLflow run name.")
+    shards: str = Field("runs/demo/phantoms", description="Real (or phantom) shard set.")
+    split: str = Field("train", description="Split to train on; the test split is measured.")
+    arch: str = Field("tiny", description="Preset (tiny, paper) or timm model name.")
+    in_px: int | None = Field(None, gt=0, description="Side the network sees; None = data's.")
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(32, gt=0, description="Images per step.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
+    seed: int = Field(0, description="Seed of init, batches and augmentation.")
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(register_as="pathloop-backbone")
+    )
+
+
+def run_backbone(cfg: BackboneJobConfig) -> dict[str, Any]:
+    """Driver without Ray (a small CNN trains in this process): MLflow run, train, log metrics,
+    register the model dir; writes result.json. The CLI can call this directly."""
+    from pathloop import tracking
+    from pathloop.config import dump_config
+    from pathloop.reward import BackboneConfig, train_backbone
+
+    workdir, shards = Path(cfg.workdir).resolve(), str(Path(cfg.shards).resolve())
+    cfg = cfg.model_copy(update={"workdir": str(workdir), "shards": shards})
+    workdir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, workdir / "config.yaml")
+    uri = tracking.resolve_uri(cfg.tracking, workdir)
+    run_id = tracking.start_run(cfg.tracking, workdir, params=cfg.model_dump(mode="json"),
+                                tags={"pathloop.step": "backbone", "pathloop.shards": cfg.shards},
+                                run_name=cfg.tracking.run_name or cfg.name)
+    bcfg = BackboneConfig(name=cfg.arch, in_px=cfg.in_px, steps=cfg.steps,
+                          batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    try:
+        m = train_backbone(cfg.shards, workdir / "model", bcfg, split=cfg.split,
+                           on_log=lambda s, loss: tracking.log_metrics(uri, run_id,
+                                                                        {"loss": loss}, s))
+    except Exception:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    metrics = {k: v for k, v in m.items() if k != "path"}
+    tracking.log_metrics(uri, run_id, metrics, cfg.steps)
+    model_uri = tracking.log_checkpoint_model(uri, run_id, m["path"], cfg.tracking.register_as)
+    tracking.end_run(uri, run_id)
+    out = {"run_id": run_id, "tracking_uri": uri, "model_uri": model_uri,
+           "checkpoint": m["path"], **metrics}
+    (workdir / "result.json").write_text(json.dumps(out, indent=2))
+    return out

@@ -22,7 +22,6 @@ ever downloaded: timm models are built with ``pretrained=False``.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -772,7 +771,3 @@ def load_guidance_classifier(path: str | Path) -> GuidanceClassifier:
                              NoiseConfig.model_validate(config["noise"]))
     return clf.eval()
 
-
-def rounds_of(n: int, batch: int) -> int:
-    """Steps for one pass over n rows at ``batch`` rows a step (for stating arithmetic)."""
-    return math.ceil(n / max(batch, 1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ class Generator:
 
         cfg = ServeArgs.model_validate(args)
         self.core = GeneratorCore(cfg)
+        # One long-lived thread runs the UNet: torch's OpenMP pool belongs to the thread that
+        # made it, and a new thread per call (asyncio.to_thread) multiplies spinning pools.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="generator")
         self.generate.set_max_batch_size(cfg.max_batch_size)
         self.generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -57,8 +61,8 @@ class Generator:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
     async def generate(self, jobs: list[dict]) -> list[list[bytes]]:
-        # The UNet runs in a thread so this replica's event loop keeps answering health checks.
-        return await asyncio.to_thread(self.core.run, jobs)
+        # Off the event loop, so this replica keeps answering health checks while sampling.
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.core.run, jobs)
 
 
 @serve.deployment(name="Scorer")
@@ -70,6 +74,7 @@ class Scorer:
 
         cfg = ServeArgs.model_validate(args)
         self.core = ScorerCore(cfg)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="scorer")
         self.score.set_max_batch_size(cfg.score_batch_size)
 
     def ready(self) -> bool:
@@ -77,7 +82,7 @@ class Scorer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def score(self, items: list[tuple[np.ndarray, int, str]]) -> list[dict]:
-        return await asyncio.to_thread(self.core.run, items)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.core.run, items)
 
 
 class ServeBackend:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import io
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,6 +120,7 @@ class GeneratorCore:
         from pathloop.data import encode_png
         from pathloop.diffusion import sample, to_uint8
 
+        start = time.perf_counter()
         ids = [int(j["class_id"]) for j in jobs for _ in range(j["n"])]
         seeds = [int(j["seed"]) + k for j in jobs for k in range(j["n"])]
         x = sample(
@@ -132,7 +134,8 @@ class GeneratorCore:
             batch_size=self.batch_size,
             device=self.device,
         )  # (N, C, H, W)
-        self.calls.append({"requests": len(jobs), "images": len(ids), "steps": steps})
+        seconds = round(time.perf_counter() - start, 4)
+        self.calls.append({"requests": len(jobs), "images": len(ids), "steps": steps, "s": seconds})
         return [encode_png(im) for im in to_uint8(x)]  # (H, W, 3) each
 
 

@@ -146,7 +146,9 @@ function render() {
 
 function renderChoices() {
   const v = $("verdict");
-  v.textContent = state.verdict === null ? "No verdict yet: P or I" : state.verdict ? "Plausible" : "Implausible";
+  const saved = state.cur.label && state.cur.label.plausible === state.verdict;
+  v.textContent = state.verdict === null ? "No verdict yet: P or I"
+    : (state.verdict ? "Plausible" : "Implausible") + (saved ? "" : " (not saved yet: Enter saves)");
   v.className = state.verdict === null ? "" : state.verdict ? "plausible" : "implausible";
   const list = $("criteria");
   list.replaceChildren(
