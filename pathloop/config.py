@@ -107,7 +107,19 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _set_dotted(tree: dict, model: type[BaseModel], dotted: str, value: Any) -> None:
+def _is_str_field(ann: Any) -> bool:
+    """str, or str | None: the annotation a typed-as-text override should stay text for."""
+    import typing
+
+    if ann is str:
+        return True
+    args = typing.get_args(ann)
+    return bool(args) and str in args and all(a in (str, type(None)) for a in args)
+
+
+def _set_dotted(
+    tree: dict, model: type[BaseModel], dotted: str, value: Any, raw: str | None = None
+) -> None:
     parts = dotted.split(".")
     node, cls = tree, model
     for i, key in enumerate(parts):
@@ -119,7 +131,9 @@ def _set_dotted(tree: dict, model: type[BaseModel], dotted: str, value: Any) -> 
                 f"valid keys: {', '.join(sorted(fields))}"
             )
         if i == len(parts) - 1:
-            node[key] = value
+            # A string field keeps the text as typed (run names like "7", paths like "1e3").
+            ann = fields[key].annotation if fields is not None else None
+            node[key] = raw if _is_str_field(ann) and raw is not None else value
             return
         ann = fields[key].annotation if fields is not None else None
         cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
@@ -162,7 +176,7 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: list[
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, _, raw = item.partition("=")
-        _set_dotted(tree, model, key.strip(), parse_value(raw))
+        _set_dotted(tree, model, key.strip(), parse_value(raw), raw if raw != "null" else None)
     try:
         return model.model_validate(tree)
     except ValidationError as err:

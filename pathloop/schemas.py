@@ -116,7 +116,9 @@ class ScoreResponse(_Model):
     plausible: bool | None = Field(description="Judge: all 7 criteria pass; None without judge.")
     criteria: dict[str, bool] | None = Field(description="Judge: criterion -> passes.")
     failed_criteria: list[str] | None = Field(description="Judge: failed criteria, in order.")
-    subtype: str | None = Field(description="Subtype read from the pixels, where the class has one.")
+    subtype: str | None = Field(
+        description="Subtype read from the pixels, where the class has one."
+    )
 
 
 # ----------------------------------------------------------------------------- review

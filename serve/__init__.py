@@ -1,1 +1,1 @@
-"""pathloop's HTTP service: ``serve.app`` (Ray Serve application), ``serve.api`` (FastAPI routes)."""
+"""pathloop's HTTP service: serve.app (Ray Serve application) over serve.api (FastAPI routes)."""

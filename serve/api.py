@@ -392,7 +392,9 @@ def _rater_auth(st: _State) -> Any:
     def check(cred: HTTPAuthorizationCredentials | None = Depends(_rater_bearer)) -> Any:
         rv = _review_of(st)
         if cred is None or not cred.credentials:
-            raise HTTPException(401, "missing rater token: send Authorization: Bearer <token>", _UNAUTH)
+            raise HTTPException(
+                401, "missing rater token: send Authorization: Bearer <token>", _UNAUTH
+            )
         rater = rv.store.rater_for_token(cred.credentials)
         if rater is None:
             raise HTTPException(401, "rater token not recognised", headers=_UNAUTH)
@@ -433,8 +435,12 @@ def _model_routes(app: FastAPI, st: _State) -> None:
     auth = Depends(_api_auth(st))
 
     @app.get(
-        "/v1/classes", response_model=S.ClassesResponse, name="list_classes", tags=["model"],
-        dependencies=[auth], responses=ERRORS,
+        "/v1/classes",
+        response_model=S.ClassesResponse,
+        name="list_classes",
+        tags=["model"],
+        dependencies=[auth],
+        responses=ERRORS,
     )
     def list_classes() -> S.ClassesResponse:
         """The classes /v1/generate and /v1/score accept, and the 7 criteria."""
@@ -445,8 +451,12 @@ def _model_routes(app: FastAPI, st: _State) -> None:
     png = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
 
     @app.post(
-        "/v1/generate", response_model=S.GenerateResponse, name="generate_images", tags=["model"],
-        dependencies=[auth], responses={**ERRORS, 200: png},
+        "/v1/generate",
+        response_model=S.GenerateResponse,
+        name="generate_images",
+        tags=["model"],
+        dependencies=[auth],
+        responses={**ERRORS, 200: png},
     )
     async def generate(req: S.GenerateRequest) -> Any:
         """Draw ``n`` images of a class. ``format: png`` with ``n == 1`` answers ``image/png``
@@ -493,8 +503,12 @@ def _score_routes(app: FastAPI, st: _State) -> None:
         return S.ScoreResponse(class_name=cls.name, **out)
 
     @app.post(
-        "/v1/score", response_model=S.ScoreResponse, name="score_image", tags=["model"],
-        dependencies=[auth], responses=ERRORS,
+        "/v1/score",
+        response_model=S.ScoreResponse,
+        name="score_image",
+        tags=["model"],
+        dependencies=[auth],
+        responses=ERRORS,
     )
     async def score_json(req: S.ScoreRequest) -> S.ScoreResponse:
         """Score one image (base64 PNG/JPEG) for its declared class: reward and/or judge."""
@@ -525,8 +539,13 @@ def _score_routes(app: FastAPI, st: _State) -> None:
     }
 
     @app.post(
-        "/v1/score/upload", response_model=S.ScoreResponse, name="score_upload", tags=["model"],
-        dependencies=[auth], responses=ERRORS, openapi_extra={"requestBody": upload_body},
+        "/v1/score/upload",
+        response_model=S.ScoreResponse,
+        name="score_upload",
+        tags=["model"],
+        dependencies=[auth],
+        responses=ERRORS,
+        openapi_extra={"requestBody": upload_body},
     )
     async def score_upload(
         request: Request,
@@ -574,23 +593,34 @@ def _review_routes(app: FastAPI, st: _State) -> None:
     tags = ["review"]
 
     @app.get(
-        "/v1/review/meta", response_model=S.ReviewMetaResponse, name="review_meta", tags=tags,
+        "/v1/review/meta",
+        response_model=S.ReviewMetaResponse,
+        name="review_meta",
+        tags=tags,
         responses=ERRORS,
     )
     def review_meta(rater: Any = rater_dep) -> S.ReviewMetaResponse:
         """Round, signed-in rater, criteria with their keys, and each class's subtype keys."""
         rv = _review_of(st)
         classes = [
-            S.ReviewClass(name=c.name, code=c.code, description=c.description, subtypes=rv.keys[c.name])
+            S.ReviewClass(
+                name=c.name, code=c.code, description=c.description, subtypes=rv.keys[c.name]
+            )
             for c in rv.vocab.classes
         ]
         return S.ReviewMetaResponse(
-            round_id=rv.round_id, round_name=rv.round_name, rater=rater.name,
-            criteria=criteria_info(), classes=classes,
+            round_id=rv.round_id,
+            round_name=rv.round_name,
+            rater=rater.name,
+            criteria=criteria_info(),
+            classes=classes,
         )
 
     @app.get(
-        "/v1/review/next", response_model=S.NextResponse, name="review_next", tags=tags,
+        "/v1/review/next",
+        response_model=S.NextResponse,
+        name="review_next",
+        tags=tags,
         responses=ERRORS,
     )
     def review_next(
@@ -604,23 +634,43 @@ def _review_routes(app: FastAPI, st: _State) -> None:
         target = image_id or first
         if target is None:
             return S.NextResponse(
-                image_id=None, position=None, class_name=None, class_code=None, description=None,
-                subtypes=[], image_b64=None, url=None, prev_id=None, next_id=None, label=None,
-                done=done, total=total, real_examples=[],
+                image_id=None,
+                position=None,
+                class_name=None,
+                class_code=None,
+                description=None,
+                subtypes=[],
+                image_b64=None,
+                url=None,
+                prev_id=None,
+                next_id=None,
+                label=None,
+                done=done,
+                total=total,
+                real_examples=[],
             )
         lab = labels.get(target)
         return _next_response(st, rv, target, None if lab is None else label_out(lab), done, total)
 
     @app.post(
-        "/v1/review/labels", response_model=S.LabelResponse, name="review_post_label", tags=tags,
+        "/v1/review/labels",
+        response_model=S.LabelResponse,
+        name="review_post_label",
+        tags=tags,
         responses=ERRORS,
     )
     def post_label(req: S.LabelRequest, rater: Any = rater_dep) -> S.LabelResponse:
         """Store (upsert) this rater's label; resending the same label changes nothing."""
         rv = _review_of(st)
         lab = rv.store.put_label(
-            rv.round_id, req.image_id, rater.id, req.plausible, req.failed_criteria,
-            subtype=req.subtype, comment=req.comment, source="human",
+            rv.round_id,
+            req.image_id,
+            rater.id,
+            req.plausible,
+            req.failed_criteria,
+            subtype=req.subtype,
+            comment=req.comment,
+            source="human",
         )
         rv.update(rater.id, req.image_id, lab.plausible is not None)
         done, total, nxt = rv.progress(rater.id)
@@ -629,7 +679,10 @@ def _review_routes(app: FastAPI, st: _State) -> None:
         )
 
     @app.post(
-        "/v1/review/undo", response_model=S.UndoResponse, name="review_undo", tags=tags,
+        "/v1/review/undo",
+        response_model=S.UndoResponse,
+        name="review_undo",
+        tags=tags,
         responses=ERRORS,
     )
     def undo(req: S.UndoRequest, rater: Any = rater_dep) -> S.UndoResponse:
@@ -639,13 +692,19 @@ def _review_routes(app: FastAPI, st: _State) -> None:
         rv.update(rater.id, req.image_id, lab is not None and lab.plausible is not None)
         done, total, nxt = rv.progress(rater.id)
         return S.UndoResponse(
-            image_id=req.image_id, label=None if lab is None else label_out(lab),
-            done=done, total=total, next_id=nxt,
+            image_id=req.image_id,
+            label=None if lab is None else label_out(lab),
+            done=done,
+            total=total,
+            next_id=nxt,
         )
 
     @app.get(
-        "/v1/review/progress", response_model=S.ProgressResponse, name="review_progress",
-        tags=tags, responses=ERRORS,
+        "/v1/review/progress",
+        response_model=S.ProgressResponse,
+        name="review_progress",
+        tags=tags,
+        responses=ERRORS,
     )
     def progress(rater: Any = rater_dep) -> S.ProgressResponse:
         """Images scored by this rater, images in the round, and where to resume."""
@@ -657,7 +716,9 @@ def _review_routes(app: FastAPI, st: _State) -> None:
         )
 
     @app.get(
-        "/v1/review/image/{image_id}.png", name="review_image", tags=tags,
+        "/v1/review/image/{image_id}.png",
+        name="review_image",
+        tags=tags,
         responses={**ERRORS, 404: {"model": S.ErrorResponse}, 200: {"content": {"image/png": {}}}},
         response_class=Response,
     )

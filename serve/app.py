@@ -88,8 +88,9 @@ class Scorer:
 class ServeBackend:
     """The API's backend inside the ingress: calls through deployment handles, with timeouts."""
 
-    def __init__(self, generator: DeploymentHandle | None, scorer: DeploymentHandle | None,
-                 timeout_s: float) -> None:
+    def __init__(
+        self, generator: DeploymentHandle | None, scorer: DeploymentHandle | None, timeout_s: float
+    ) -> None:
         self.generator, self.scorer, self.timeout = generator, scorer, timeout_s
         self.has_generator, self.has_scorer = generator is not None, scorer is not None
 
@@ -134,8 +135,12 @@ async def _await(response: Any) -> Any:
 class Ingress:
     """FastAPI ingress: builds ``serve.api`` in the replica, over handles to the models."""
 
-    async def __init__(self, args: dict, generator: DeploymentHandle | None = None,
-                       scorer: DeploymentHandle | None = None) -> None:
+    async def __init__(
+        self,
+        args: dict,
+        generator: DeploymentHandle | None = None,
+        scorer: DeploymentHandle | None = None,
+    ) -> None:
         self.args = ServeArgs.model_validate(args)
         self.backend = ServeBackend(generator, scorer, self.args.request_timeout_s)
         self.model_info = await self.backend.info()  # waits for the Generator to load
@@ -178,8 +183,11 @@ def app_builder(args: dict) -> serve.Application:
     return build_app(ServeArgs.model_validate(args or {}))
 
 
-def run(config_path: str | Path | None = "serve/config.yaml", blocking: bool = True,
-        overrides: list[str] = ()) -> DeploymentHandle:
+def run(
+    config_path: str | Path | None = "serve/config.yaml",
+    blocking: bool = True,
+    overrides: list[str] = (),
+) -> DeploymentHandle:
     """Start Ray (if needed) and Serve on args.host:args.port, deploy, and optionally block."""
     import ray
 
@@ -187,8 +195,7 @@ def run(config_path: str | Path | None = "serve/config.yaml", blocking: bool = T
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    log.info("serving %s on http://%s:%d%s", args.app_name, args.host, args.port,
-             args.route_prefix)
+    log.info("serving %s on http://%s:%d%s", args.app_name, args.host, args.port, args.route_prefix)
     return serve.run(
         build_app(args), name=args.app_name, route_prefix=args.route_prefix, blocking=blocking
     )

@@ -26,8 +26,10 @@ class Limits(Frozen):
     max_n: int = Field(16, ge=1, le=1024, description="Images per /v1/generate request.")
     max_steps: int = Field(250, ge=1, le=1000, description="Denoising steps per request.")
     max_image_bytes: int = Field(
-        4 * 2**20, ge=1024, description="Bytes of an uploaded image (413 above); the JSON body may "
-        "be 4/3 of this plus 64 KiB for base64."
+        4 * 2**20,
+        ge=1024,
+        description="Bytes of an uploaded image (413 above); the JSON body may "
+        "be 4/3 of this plus 64 KiB for base64.",
     )
     max_side: int = Field(2048, ge=8, description="Width or height of an uploaded image, px (413).")
 
@@ -37,17 +39,24 @@ class ServeArgs(Frozen):
 
     # --- models (resolved when a replica starts, never at import)
     model: str | None = Field(
-        None, description="Diffusion checkpoint dir, models:/name/version or runs:/id/model; "
-        "None = no /v1/generate (503)."
+        None,
+        description="Diffusion checkpoint dir, models:/name/version or runs:/id/model; "
+        "None = no /v1/generate (503).",
     )
     reward_model: str | None = Field(
-        None, description="Reward model ref for /v1/score; None = no reward. Needs "
-        "pathloop.reward.load_scorer (the Scorer replica fails to start without it)."
+        None,
+        description="Reward model ref for /v1/score; None = no reward. Needs "
+        "pathloop.reward.load_scorer (the Scorer replica fails to start without it).",
     )
     judge: bool = Field(False, description="Score with the phantom judge (per-criterion results).")
     tracking_uri: str | None = Field(None, description="MLflow URI for models:/ and runs:/ refs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present.")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per replica.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per replica; None = Ray's default (its reserved "
+        "CPUs). More threads than reserved CPUs oversubscribe the cores and slow sampling down.",
+    )
 
     # --- HTTP
     app_name: str = Field(APP_NAME, description="Serve application name.")
@@ -59,8 +68,9 @@ class ServeArgs(Frozen):
     )
     limits: Limits = Field(default_factory=Limits)
     api_tokens: tuple[SecretStr, ...] | None = Field(
-        None, description="Bearer tokens for /v1/* model routes; None = open. Review routes take "
-        "a rater token from the feedback store instead."
+        None,
+        description="Bearer tokens for /v1/* model routes; None = open. Review routes take "
+        "a rater token from the feedback store instead.",
     )
     api_tokens_env: str | None = Field(
         None, description="Env var with comma-separated API tokens, read when the app is built."

@@ -20,8 +20,9 @@ def run_local(config_path: str | None, overrides: list[str] = ()) -> None:
 
     args = load_args(config_path, overrides)
     # No access log: it would be noise at load, and tokens never appear in it anyway.
-    uvicorn.run(build_local_api(args), host=args.host, port=args.port, access_log=False,
-                log_level="warning")
+    uvicorn.run(
+        build_local_api(args), host=args.host, port=args.port, access_log=False, log_level="warning"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -172,7 +172,9 @@ class ScorerCore:
     """Reward model and/or the phantom judge over a batch of (image, class id, class code)."""
 
     def __init__(self, args: ServeArgs) -> None:
-        self.reward = load_scorer(args.reward_model, args.tracking_uri) if args.reward_model else None
+        self.reward = (
+            load_scorer(args.reward_model, args.tracking_uri) if args.reward_model else None
+        )
         self.judge = args.judge
         if self.reward is None and not self.judge:
             raise ValueError("ScorerCore needs reward_model or judge: true")
@@ -204,7 +206,9 @@ class ScorerCore:
 
         known = {c.code for c in BONE_MARROW_16.classes}
         idx = [i for i, c in enumerate(codes) if c in known]
-        judged = judge_batch([images[i] for i in idx], [BONE_MARROW_16.lookup(codes[i]).id for i in idx])
+        judged = judge_batch(
+            [images[i] for i in idx], [BONE_MARROW_16.lookup(codes[i]).id for i in idx]
+        )
         out: list[Any] = [None] * len(images)
         for i, v in zip(idx, judged, strict=True):
             out[i] = v

@@ -51,3 +51,10 @@ def test_frozen_and_dict_round_trip():
 def test_tiny_preset_file_loads():
     cfg = load_config(PretrainConfig, "jobs/configs/pretrain.tiny.yaml")
     assert cfg.model.preset == "tiny" and cfg.train.batch_size % cfg.scaling.num_workers == 0
+
+
+def test_string_fields_keep_override_text():
+    from pathloop.loops import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, None, ["feedback_round=7", "name=1e3", "reward_model=null"])
+    assert cfg.feedback_round == "7" and cfg.name == "1e3" and cfg.reward_model is None

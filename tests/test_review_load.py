@@ -110,9 +110,11 @@ def check(log: Log, store, round_id: int, rater_ids: list[int], n: int, where: s
     first_fail = min((e for s, e, c in failed if e >= log.killed_at), default=None)
     assert first_fail is not None, "the crash went unnoticed by every client"
     back = min(e for s, e, c in log.calls if e > first_fail and 200 <= c < 300)
-    print(f"\n{where}: {len(log.acked)} labels in {log.elapsed:.1f} s, {log.rate:.0f} labels/s "
-          f"before the crash; answering again {back - first_fail:.1f} s after the first failed "
-          f"call; {len(failed)} failed calls retried")
+    print(
+        f"\n{where}: {len(log.acked)} labels in {log.elapsed:.1f} s, {log.rate:.0f} labels/s "
+        f"before the crash; answering again {back - first_fail:.1f} s after the first failed "
+        f"call; {len(failed)} failed calls retried"
+    )
     # Every label acknowledged: clients retried until the (restarted) server took it.
     assert len(log.acked) == len(rater_ids) * n, f"only {len(log.acked)} acknowledged"
     # No 5xx from a request that did not overlap the crash.
@@ -135,8 +137,11 @@ def ingress_replica() -> tuple[str, object]:
     """(actor name, handle) of the one live ingress replica."""
     import ray
 
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-             if "SERVE_REPLICA" in a["name"] and "Ingress" in a["name"]]
+    names = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA" in a["name"] and "Ingress" in a["name"]
+    ]
     assert len(names) == 1, names
     return names[0]["name"], ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
 
@@ -160,8 +165,10 @@ def world(tmp_path_factory) -> dict:
 
 def start_local(config: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.local", str(config), f"port={port}"], cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "serve.local", str(config), f"port={port}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     for _ in range(300):
         try:
@@ -181,8 +188,10 @@ def test_4000_labels_survive_a_kill_9_of_uvicorn(world):
     store, ids = world["store"], world["ids"]
     raters = [store.add_rater(f"uvicorn-{r}") for r in range(N_RATERS)]
     config = world["root"] / "serve.yaml"
-    args = {"feedback_url": str(world["root"] / "feedback.db"),
-            "review_samples_dir": str(world["root"] / "samples")}
+    args = {
+        "feedback_url": str(world["root"] / "feedback.db"),
+        "review_samples_dir": str(world["root"] / "samples"),
+    }
     config.write_text(yaml.safe_dump({"applications": [{"name": "pathloop", "args": args}]}))
     port = free_port()
     procs = [start_local(config, port)]
@@ -193,8 +202,9 @@ def test_4000_labels_survive_a_kill_9_of_uvicorn(world):
         procs.append(start_local(config, port))
 
     try:
-        log = run_raters(f"http://127.0.0.1:{port}", [t for _, t in raters], ids,
-                         N_RATERS * N_IMAGES // 3, crash)
+        log = run_raters(
+            f"http://127.0.0.1:{port}", [t for _, t in raters], ids, N_RATERS * N_IMAGES // 3, crash
+        )
     finally:
         for p in procs:
             p.kill()
@@ -212,8 +222,12 @@ def test_labels_survive_a_killed_serve_replica(world, ray_session):
     store, ids = world["store"], world["ids"][:N_SERVE]
     raters = [store.add_rater(f"serve-{r}") for r in range(N_RATERS)]
     port = free_port()
-    args = ServeArgs(port=port, feedback_url=str(world["root"] / "feedback.db"),
-                     review_samples_dir=str(world["root"] / "samples"), health_check_period_s=1.0)
+    args = ServeArgs(
+        port=port,
+        feedback_url=str(world["root"] / "feedback.db"),
+        review_samples_dir=str(world["root"] / "samples"),
+        health_check_period_s=1.0,
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=args.app_name, route_prefix="/")
     names: list[str] = []
@@ -224,8 +238,9 @@ def test_labels_survive_a_killed_serve_replica(world, ray_session):
         ray.kill(replica, no_restart=True)  # the replica process dies, mid-request
 
     try:
-        log = run_raters(f"http://127.0.0.1:{port}", [t for _, t in raters], ids,
-                         N_RATERS * N_SERVE // 3, crash)
+        log = run_raters(
+            f"http://127.0.0.1:{port}", [t for _, t in raters], ids, N_RATERS * N_SERVE // 3, crash
+        )
         assert ingress_replica()[0] != names[0]  # Serve replaced the replica
     finally:
         serve.shutdown()

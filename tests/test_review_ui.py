@@ -1,4 +1,4 @@
-"""The review UI in real headless Chromium: sign in, label 10 images by keyboard alone, check the store.
+"""The review UI in real headless Chromium: sign in, label 10 images by keyboard, check the store.
 
 The page and its API run in-process under uvicorn (``serve.api``, the same routes as behind Serve;
 no model is needed to review). Debian's Chromium is used (``make browsers``); the test is skipped
@@ -15,8 +15,16 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CLASSES = [0, 3, 14, 5, 10, 4, 7, 9, 11, 12, 1, 2]  # one phantom each; image 2 is a neutrophil
 SCREENSHOT = Path("/tmp/review_ui.png")
 
@@ -57,19 +65,35 @@ def site(tmp_path_factory) -> dict:
     real = phantom_shards(root / "real", sorted(set(CLASSES)), 4, seed=99)
     store = FeedbackStore(root / "feedback.db")
     rater_id, token = store.add_rater("dr-ui")
-    args = ServeArgs(feedback_url=str(root / "feedback.db"), review_samples_dir=str(samples),
-                     real_examples=str(real), real_examples_per_class=4)
+    args = ServeArgs(
+        feedback_url=str(root / "feedback.db"),
+        review_samples_dir=str(samples),
+        real_examples=str(real),
+        real_examples_per_class=4,
+    )
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_local_api(args), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_local_api(args),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
     round_id = store.rounds()[-1].id
-    yield {"url": f"http://127.0.0.1:{port}", "store": store, "token": token,
-           "rater_id": rater_id, "round_id": round_id,
-           "ids": [im.image_id for im in store.images(round_id)]}
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "store": store,
+        "token": token,
+        "rater_id": rater_id,
+        "round_id": round_id,
+        "ids": [im.image_id for im in store.images(round_id)],
+    }
     server.should_exit = True
     thread.join(10)
 
@@ -88,8 +112,10 @@ def test_rater_labels_ten_images_by_keyboard(site):
             want = "" if i is None else ids[i]
             page.wait_for_function(
                 "want => document.body.dataset.busy === '0' && "
-                "document.getElementById('figure').dataset.imageId === want", arg=want,
-                timeout=10_000)
+                "document.getElementById('figure').dataset.imageId === want",
+                arg=want,
+                timeout=10_000,
+            )
 
         def keys(*seq: str, then: int | None = None) -> None:
             for k in seq:
@@ -111,25 +137,25 @@ def test_rater_labels_ten_images_by_keyboard(site):
         assert "Cell size" in page.inner_text("#criteria")
 
         # --- label 10 images by keystrokes alone
-        keys("P", then=1)                                 # 0 plausible
-        keys("1", "3", "I", then=2)                       # 1 implausible: cell_size, nc_ratio
+        keys("P", then=1)  # 0 plausible
+        keys("1", "3", "I", then=2)  # 1 implausible: cell_size, nc_ratio
         assert page.is_visible("#subtype-box") and "segmented" in page.inner_text("#subtypes")
-        keys("S", "P", then=3)                            # 2 plausible, subtype segmented
-        keys("2", "2", "7", "I", then=4)                  # 3 implausible: granules (2 toggled off)
-        keys("P", then=5)                                 # 4 plausible ...
-        keys("U", then=4)                                 # ... undone: back to 4, no label
+        keys("S", "P", then=3)  # 2 plausible, subtype segmented
+        keys("2", "2", "7", "I", then=4)  # 3 implausible: granules (2 toggled off)
+        keys("P", then=5)  # 4 plausible ...
+        keys("U", then=4)  # ... undone: back to 4, no label
         assert page.inner_text("#status") == "Not labelled yet"
-        keys("5", "Enter", then=5)                        # 4 implausible: chromatin
-        keys("I", then=6)                                 # 5 implausible, no criteria
-        keys("ArrowLeft", then=5)                         # look back at 5 ...
+        keys("5", "Enter", then=5)  # 4 implausible: chromatin
+        keys("I", then=6)  # 5 implausible, no criteria
+        keys("ArrowLeft", then=5)  # look back at 5 ...
         assert "implausible" in page.inner_text("#status")
-        keys("ArrowRight", then=6)                        # ... and forward again
-        keys("P", then=7)                                 # 6 plausible
-        keys("4", "6")                                    # 7: toggle two criteria
+        keys("ArrowRight", then=6)  # ... and forward again
+        keys("P", then=7)  # 6 plausible
+        keys("4", "6")  # 7: toggle two criteria
         page.screenshot(path=str(SCREENSHOT), full_page=True)
-        keys("I", then=8)                                 # 7 implausible: cytoplasm, inclusions
-        keys("P", then=9)                                 # 8 plausible
-        keys("I", then=10)                                # 9 implausible
+        keys("I", then=8)  # 7 implausible: cytoplasm, inclusions
+        keys("P", then=9)  # 8 plausible
+        keys("I", then=10)  # 9 implausible
         assert page.inner_text("#progress") == "10 / 12 labelled"
 
         # --- a reload resumes at the first unlabelled image (token kept in sessionStorage)
@@ -140,10 +166,16 @@ def test_rater_labels_ten_images_by_keyboard(site):
 
     got = {lab.image_id: lab for lab in store.labels(site["round_id"], site["rater_id"])}
     want = {
-        0: (True, (), None), 1: (False, ("cell_size", "nc_ratio"), None),
-        2: (True, (), "segmented"), 3: (False, ("granules",), None),
-        4: (False, ("chromatin",), None), 5: (False, (), None), 6: (True, (), None),
-        7: (False, ("cytoplasm", "inclusions"), None), 8: (True, (), None), 9: (False, (), None),
+        0: (True, (), None),
+        1: (False, ("cell_size", "nc_ratio"), None),
+        2: (True, (), "segmented"),
+        3: (False, ("granules",), None),
+        4: (False, ("chromatin",), None),
+        5: (False, (), None),
+        6: (True, (), None),
+        7: (False, ("cytoplasm", "inclusions"), None),
+        8: (True, (), None),
+        9: (False, (), None),
     }
     assert set(got) == {ids[i] for i in want}
     for i, (plausible, failed, subtype) in want.items():
@@ -152,4 +184,6 @@ def test_rater_labels_ten_images_by_keyboard(site):
         assert lab.source == "human"
     assert got[ids[4]].revision == 2  # the undone revision 1 stays in the history
     assert [r.undone for r in store.history(site["round_id"], ids[4], site["rater_id"])] == [
-        True, False]
+        True,
+        False,
+    ]

@@ -27,6 +27,16 @@ def _write_phantoms(out: Path, per_class: int, test_per_class: int, seed: int,
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny CNNs gain little from a second thread, and on a shared 2-core box two spinning
+    threads can cost 10x; restore the setting for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shards(request, tmp_path_factory) -> Path:
     """conftest's phantom_shards (16 classes × (8 + 2), 32 px); the same set written here while

@@ -72,8 +72,15 @@ def world(tmp_path_factory) -> dict:
     db = root / "feedback.db"
     store = FeedbackStore(db)
     rater_id, token = store.add_rater("alice")
-    return {"root": root, "ckpt": ckpt, "samples": samples, "db": db, "store": store,
-            "rater_id": rater_id, "rater_token": token}
+    return {
+        "root": root,
+        "ckpt": ckpt,
+        "samples": samples,
+        "db": db,
+        "store": store,
+        "rater_id": rater_id,
+        "rater_token": token,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +92,27 @@ def url(ray_session, world) -> str:
 
     port = free_port()
     args = ServeArgs(
-        model=str(world["ckpt"]), judge=True, port=port, torch_threads=1,
-        limits={"max_n": MAX_N, "max_steps": MAX_STEPS, "max_image_bytes": 200_000,
-                "max_side": MAX_SIDE},
-        max_batch_size=8, batch_wait_timeout_s=0.2, request_timeout_s=60,
-        api_tokens=[API_TOKEN], feedback_url=str(world["db"]),
-        review_samples_dir=str(world["samples"]), real_examples=str(world["samples"]),
-        real_examples_per_class=2, generator_cpus=1, scorer_cpus=0.5, ingress_cpus=0.5,
+        model=str(world["ckpt"]),
+        judge=True,
+        port=port,
+        torch_threads=1,
+        limits={
+            "max_n": MAX_N,
+            "max_steps": MAX_STEPS,
+            "max_image_bytes": 200_000,
+            "max_side": MAX_SIDE,
+        },
+        max_batch_size=8,
+        batch_wait_timeout_s=0.2,
+        request_timeout_s=60,
+        api_tokens=[API_TOKEN],
+        feedback_url=str(world["db"]),
+        review_samples_dir=str(world["samples"]),
+        real_examples=str(world["samples"]),
+        real_examples_per_class=2,
+        generator_cpus=1,
+        scorer_cpus=0.5,
+        ingress_cpus=0.5,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=args.app_name, route_prefix="/")
@@ -101,8 +122,9 @@ def url(ray_session, world) -> str:
 
 @pytest.fixture(scope="module")
 def api(url) -> httpx.Client:
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"},
-                      timeout=60) as c:
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=60
+    ) as c:
         yield c
 
 
@@ -162,9 +184,14 @@ def test_generate_png_json_and_determinism(api):
     assert gen(api, class_name="M5", n=1, seed=4, format="png").content != a.content
     js = gen(api, class_name="m5", n=2, seed=3, guidance=1.5).json()["images"]
     assert [im["seed"] for im in js] == [3, 4]
-    assert js[0]["provenance"] == {"model_uri": js[0]["provenance"]["model_uri"],
-                                   "checkpoint_step": 7, "sampler": "ddim", "steps": 2,
-                                   "guidance": 1.5, "seed": 3}
+    assert js[0]["provenance"] == {
+        "model_uri": js[0]["provenance"]["model_uri"],
+        "checkpoint_step": 7,
+        "sampler": "ddim",
+        "steps": 2,
+        "guidance": 1.5,
+        "seed": 3,
+    }
     # format=png with n > 1 answers JSON (documented).
     multi = gen(api, class_name="M5", n=2, seed=3, format="png")
     assert multi.headers["content-type"].startswith("application/json")
@@ -237,18 +264,27 @@ def test_score_json_upload_and_multipart(api):
     body = r.json()
     assert body["reward"] is None and isinstance(body["plausible"], bool)
     assert len(body["criteria"]) == 7 and body["class_name"] == "neutrophil"
-    raw = api.post("/v1/score/upload", params={"class_name": "M5"}, content=png,
-                   headers={"content-type": "image/png"})
+    raw = api.post(
+        "/v1/score/upload",
+        params={"class_name": "M5"},
+        content=png,
+        headers={"content-type": "image/png"},
+    )
     assert raw.status_code == 200 and raw.json() == body
-    form = api.post("/v1/score/upload", files={"file": ("x.png", png, "image/png")},
-                    data={"class_name": "M5"})
+    form = api.post(
+        "/v1/score/upload", files={"file": ("x.png", png, "image/png")}, data={"class_name": "M5"}
+    )
     assert form.status_code == 200 and form.json() == body
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (180, 120, 200)).save(buf, format="JPEG")
-    jpg = api.post("/v1/score/upload", params={"class_name": "E4"}, content=buf.getvalue(),
-                   headers={"content-type": "image/jpeg"})
+    jpg = api.post(
+        "/v1/score/upload",
+        params={"class_name": "E4"},
+        content=buf.getvalue(),
+        headers={"content-type": "image/jpeg"},
+    )
     assert jpg.status_code == 200 and jpg.json()["plausible"] is False
 
 
@@ -257,23 +293,41 @@ def test_score_errors(api):
     cases = [
         ({"image_b64": ok, "class_name": "nope"}, 422, "valid classes"),
         ({"image_b64": "###", "class_name": "M5"}, 422, "base64"),
-        ({"image_b64": base64.b64encode(b"GIF89a not really").decode(), "class_name": "M5"},
-         422, "cannot decode"),
-        ({"image_b64": base64.b64encode(png_of((MAX_SIDE + 1, 8))).decode(), "class_name": "M5"},
-         413, "px a side"),
+        (
+            {"image_b64": base64.b64encode(b"GIF89a not really").decode(), "class_name": "M5"},
+            422,
+            "cannot decode",
+        ),
+        (
+            {"image_b64": base64.b64encode(png_of((MAX_SIDE + 1, 8))).decode(), "class_name": "M5"},
+            413,
+            "px a side",
+        ),
         ({"image_b64": "A" * 400_000, "class_name": "M5"}, 413, "limit"),
     ]
     for body, status, needle in cases:
         r = api.post("/v1/score", json=body)
-        assert r.status_code == status and needle in r.json()["detail"], (body["class_name"], r.text)
-    big = api.post("/v1/score/upload", params={"class_name": "M5"}, content=b"\0" * 300_000,
-                   headers={"content-type": "image/png"})
+        assert r.status_code == status and needle in r.json()["detail"], (
+            body["class_name"],
+            r.text,
+        )
+    big = api.post(
+        "/v1/score/upload",
+        params={"class_name": "M5"},
+        content=b"\0" * 300_000,
+        headers={"content-type": "image/png"},
+    )
     assert big.status_code == 413
-    junk = api.post("/v1/score/upload", params={"class_name": "M5"}, content=b"junk",
-                    headers={"content-type": "image/png"})
+    junk = api.post(
+        "/v1/score/upload",
+        params={"class_name": "M5"},
+        content=b"junk",
+        headers={"content-type": "image/png"},
+    )
     assert junk.status_code == 422
-    noname = api.post("/v1/score/upload", content=png_of((8, 8)),
-                      headers={"content-type": "image/png"})
+    noname = api.post(
+        "/v1/score/upload", content=png_of((8, 8)), headers={"content-type": "image/png"}
+    )
     assert noname.status_code == 422 and "class_name" in noname.json()["detail"]
 
 
@@ -289,8 +343,10 @@ def test_review_routes(rater, world):
     assert nxt["position"] == 0 and nxt["done"] == 0 and nxt["total"] == 24
     assert nxt["prev_id"] is None and len(nxt["real_examples"]) == 2
     first = nxt["image_id"]
-    lab = rater.post("/v1/review/labels", json={"image_id": first, "plausible": False,
-                                                "failed_criteria": ["granules", "nc_ratio"]})
+    lab = rater.post(
+        "/v1/review/labels",
+        json={"image_id": first, "plausible": False, "failed_criteria": ["granules", "nc_ratio"]},
+    )
     assert lab.status_code == 200, lab.text
     assert lab.json()["label"]["failed_criteria"] == ["nc_ratio", "granules"]
     assert lab.json()["next_id"] == nxt["next_id"] and lab.json()["done"] == 1
@@ -300,8 +356,13 @@ def test_review_routes(rater, world):
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert base64.b64encode(png.content).decode() == nxt["image_b64"]
     prog = rater.get("/v1/review/progress").json()
-    assert prog == {"round_id": prog["round_id"], "rater": "alice", "done": 1, "total": 24,
-                    "next_id": nxt["next_id"]}
+    assert prog == {
+        "round_id": prog["round_id"],
+        "rater": "alice",
+        "done": 1,
+        "total": 24,
+        "next_id": nxt["next_id"],
+    }
     undo = rater.post("/v1/review/undo", json={"image_id": first}).json()
     assert undo["label"] is None and undo["done"] == 0
     assert world["store"].labels(prog["round_id"], world["rater_id"]) == []
@@ -324,8 +385,9 @@ def test_review_errors(rater, world):
     assert rater.get("/v1/review/next", params={"image_id": "zzz"}).status_code == 422
     assert rater.post("/v1/review/undo", json={"image_id": b1}).status_code == 422
     assert rater.get("/v1/review/image/zzz.png").status_code == 404
-    ok = rater.post("/v1/review/labels", json={"image_id": m5, "plausible": True,
-                                               "subtype": "band"})
+    ok = rater.post(
+        "/v1/review/labels", json={"image_id": m5, "plausible": True, "subtype": "band"}
+    )
     assert ok.status_code == 200 and ok.json()["label"]["subtype"] == "band"
     rater.post("/v1/review/undo", json={"image_id": m5})
 
@@ -345,9 +407,16 @@ def test_openapi_fuzzing_finds_no_server_errors(url, world):
     stop_at = time.monotonic() + 50  # the whole fuzz run stays under a minute
     errors: list[str] = []
     calls = [0]
+
     def fuzz_operation(op, mode, headers: dict) -> None:
-        @settings(max_examples=10, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        @settings(
+            max_examples=10,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate],
+        )
         @given(case=op.as_strategy(generation_mode=mode))
         def fuzz(case) -> None:
             if time.monotonic() > stop_at:
@@ -355,7 +424,9 @@ def test_openapi_fuzzing_finds_no_server_errors(url, world):
             resp = case.call(base_url=url, headers=headers, timeout=30)
             calls[0] += 1
             if resp.status_code >= 500:
-                errors.append(f"{op.method.upper()} {op.path}: {resp.status_code} {resp.text[:200]}")
+                errors.append(
+                    f"{op.method.upper()} {op.path}: {resp.status_code} {resp.text[:200]}"
+                )
 
         try:
             fuzz()
@@ -380,10 +451,10 @@ def test_timeout_is_504_without_serve():
 
     from fastapi.testclient import TestClient
 
+    from pathloop.vocab import BONE_MARROW_16
     from serve.api import build_api
     from serve.app import ServeBackend
     from serve.args import ServeArgs
-    from pathloop.vocab import BONE_MARROW_16
 
     class Stuck:
         cancelled = False
@@ -402,8 +473,12 @@ def test_timeout_is_504_without_serve():
         generate = Method()
 
     backend = ServeBackend(Handle(), None, timeout_s=0.2)
-    info = {"vocab": BONE_MARROW_16.model_dump(mode="json"), "model_uri": "m",
-            "checkpoint_step": 0, "sample_size": 16}
+    info = {
+        "vocab": BONE_MARROW_16.model_dump(mode="json"),
+        "model_uri": "m",
+        "checkpoint_step": 0,
+        "sample_size": 16,
+    }
     app = build_api(ServeArgs(model="m", request_timeout_s=0.2), backend, info)
     r = TestClient(app).post("/v1/generate", json={"class_name": "M5"})
     assert r.status_code == 504 and "did not answer within 0.2 s" in r.json()["detail"]
