@@ -258,6 +258,23 @@ def review_ls_import(
     raise typer.Exit(1 if report.bad else 0)
 
 
+@app.command("serve")
+def serve_cmd(
+    config: Path = typer.Option(Path("serve/config.yaml"), "--config", "-c", help="Serve config."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Same API in plain uvicorn (no Ray)."),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Start the HTTP app: generate, score, and the review UI (on 127.0.0.1 by default)."""
+    if no_ray:
+        from serve.local import run_local
+
+        run_local(config, overrides or [])
+    else:
+        from serve.app import run
+
+        run(config, blocking=True, overrides=overrides or [])
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything."),

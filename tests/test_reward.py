@@ -50,8 +50,8 @@ def shards(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def extra_shards(tmp_path_factory) -> Path:
-    """More images of 3 classes (48 train + 24 test each): M5 for subtypes, ER6/M1 for guidance."""
-    return _write_phantoms(tmp_path_factory.mktemp("extra"), 48, 24, seed=3,
+    """More images of 3 classes (32 train + 16 test each): M5 for subtypes, ER6/M1 for guidance."""
+    return _write_phantoms(tmp_path_factory.mktemp("extra"), 32, 16, seed=3,
                            classes=[ER6, M1, M5])
 
 
@@ -59,7 +59,7 @@ def extra_shards(tmp_path_factory) -> Path:
 def backbone_dir(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("backbone") / "bb"
     torch.manual_seed(0)
-    R.train_backbone(shards, out, R.BackboneConfig(steps=150))
+    R.train_backbone(shards, out, R.BackboneConfig(steps=100))
     return out
 
 
@@ -158,8 +158,8 @@ def test_reward_model_learns_simulated_feedback(backbone_dir, shards, feedback):
 
 def test_subtype_classifier_beats_chance_on_m5(extra_shards, tmp_path):
     clf, m = R.train_subtype_classifier(extra_shards, "M5", tmp_path / "sub",
-                                        R.BackboneConfig(steps=150))
-    assert clf.subtypes == ("band", "segmented") and m["n_test"] == 24
+                                        R.BackboneConfig(steps=60))
+    assert clf.subtypes == ("band", "segmented") and m["n_test"] == 16
     assert m["accuracy"] >= max(0.75, m["chance"] + 0.1), m
     loaded = R.load_subtype_classifier(tmp_path / "sub")
     x = R.to_float_images(np.stack([np.zeros((32, 32, 3), np.uint8)] * 2)).requires_grad_(True)
@@ -176,7 +176,7 @@ def test_guidance_classifier_gradients_and_accuracy(extra_shards, tmp_path):
 
     noise = NoiseConfig()
     clf, m = R.train_guidance_classifier(extra_shards, noise, tmp_path / "g",
-                                         R.BackboneConfig(steps=150), classes=[ER6, M1])
+                                         R.BackboneConfig(steps=60), classes=[ER6, M1])
     assert m["accuracy_t0.05"] >= 0.8, m  # two classes: chance is 0.5
     loaded = R.load_guidance_classifier(tmp_path / "g")
     fn = R.guidance_fn(loaded)
