@@ -432,6 +432,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     _check_image_size(cfg, manifest)
     cfg, uri, run_id = prepare_run(cfg, "pretrain", {"pathloop.shards": shards})
     rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
+    import ray.data
+
+    # One bar per epoch from Ray Data drowns the step log; the loop prints its own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = read_shards(shards, split=cfg.data.split, classes=cfg.data.classes, augment=cfg.data.augment)
     ckpt_dir = fit(
         pretrain_loop,

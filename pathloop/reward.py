@@ -127,12 +127,21 @@ def build_backbone(name: str, num_classes: int, in_px: int, in_chans: int = 3) -
 
 
 def _build_args(bb: Backbone) -> dict[str, Any]:
-    return {"name": bb.name, "num_classes": bb.num_classes, "in_px": bb.in_px,
-            "in_chans": bb.in_chans}
+    return {
+        "name": bb.name,
+        "num_classes": bb.num_classes,
+        "in_px": bb.in_px,
+        "in_chans": bb.in_chans,
+    }
 
 
-def save_backbone(out: str | Path, bb: Backbone, vocab: Vocabulary, kind: str = "backbone",
-                  extra: dict | None = None) -> Path:
+def save_backbone(
+    out: str | Path,
+    bb: Backbone,
+    vocab: Vocabulary,
+    kind: str = "backbone",
+    extra: dict | None = None,
+) -> Path:
     """Write ``model.pt`` (timm state dict), ``config.json`` (build args, ``extra``) and
     ``classes.json`` (what logit i means) to ``out``."""
     out = Path(out)
@@ -142,6 +151,12 @@ def save_backbone(out: str | Path, bb: Backbone, vocab: Vocabulary, kind: str = 
     (out / CONFIG).write_text(json.dumps(config, indent=2, default=str))
     vocab.save(out / CLASSES)
     return out
+
+
+def _mark_standalone(out: str | Path, steps: int) -> None:
+    """``state.json`` marks a directory as a checkpoint for ``tracking.resolve_model`` (only on
+    standalone dirs: a reward model's ``backbone/`` must not look like a second checkpoint)."""
+    (Path(out) / STATE).write_text(json.dumps({"step": steps}))
 
 
 def _read_config(path: str | Path, kind: str) -> dict:
@@ -187,12 +202,14 @@ def dihedral(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: Any,
-             batch_size: int = 256) -> torch.Tensor:
+def _batched(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: Any, batch_size: int = 256
+) -> torch.Tensor:
     """``fn`` over ``x`` in chunks, no grad; results on the CPU."""
     with torch.no_grad():
-        return torch.cat([fn(x[i:i + batch_size].to(device)).cpu()
-                          for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+        )
 
 
 def fit_classifier(
@@ -214,8 +231,11 @@ def fit_classifier(
     recent: list[float] = []
     for step in range(cfg.steps):
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)  # (B,)
-        xb = dihedral(x[idx], torch.randint(0, 8, (len(idx),), generator=g)) if cfg.augment \
+        xb = (
+            dihedral(x[idx], torch.randint(0, 8, (len(idx),), generator=g))
+            if cfg.augment
             else x[idx]
+        )
         loss = F.cross_entropy(logits_fn(xb, g), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -257,10 +277,21 @@ def train_backbone(
     metrics = {"loss": loss, "train_accuracy": _accuracy(_batched(bb, x, "cpu"), y)}
     test_x, test_y = load_arrays(shards, split="test")
     if len(test_x):
-        metrics["test_accuracy"] = _accuracy(_batched(bb, to_float_images(test_x), "cpu"),
-                                             torch.from_numpy(test_y))
-    save_backbone(out, bb, vocab, extra={"train": cfg.model_dump(), "metrics": metrics,
-                                         "shards": str(shards), "split": split})
+        metrics["test_accuracy"] = _accuracy(
+            _batched(bb, to_float_images(test_x), "cpu"), torch.from_numpy(test_y)
+        )
+    save_backbone(
+        out,
+        bb,
+        vocab,
+        extra={
+            "train": cfg.model_dump(),
+            "metrics": metrics,
+            "shards": str(shards),
+            "split": split,
+        },
+    )
+    _mark_standalone(out, cfg.steps)
     return {"path": str(out), **metrics}
 
 
@@ -270,13 +301,18 @@ def train_backbone(
 class RewardHead(nn.Module):
     """Γφ's head: embedding (B, D) ⊕ one-hot class (B, K) → MLP → sigmoid reward (B,)."""
 
-    def __init__(self, embed_dim: int, num_classes: int, hidden: int = 256,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, embed_dim: int, num_classes: int, hidden: int = 256, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.mlp = nn.Sequential(
-            nn.Linear(embed_dim + num_classes, hidden), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1),
+            nn.Linear(embed_dim + num_classes, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 1),
         )
 
     def forward(self, emb: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -288,8 +324,9 @@ class RewardHead(nn.Module):
 class RewardModel(nn.Module):
     """Γφ(x, c) of Sun et al. 2023: ``REWARD_MEANING``, for image x declared as class c."""
 
-    def __init__(self, backbone: Backbone, vocab: Vocabulary, hidden: int = 256,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, backbone: Backbone, vocab: Vocabulary, hidden: int = 256, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.backbone, self.vocab = backbone, vocab
         self.head = RewardHead(backbone.embed_dim, len(vocab), hidden, dropout)
@@ -311,21 +348,25 @@ class RewardModel(nn.Module):
         self.eval()
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                out.append(self(x[i:i + batch_size].to(device), ids[i:i + batch_size].to(device)))
+                out.append(
+                    self(x[i : i + batch_size].to(device), ids[i : i + batch_size].to(device))
+                )
         self.train(was)
         return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, np.float32)
 
 
-def redraw_classes(true_ids: torch.Tensor, num_classes: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def redraw_classes(
+    true_ids: torch.Tensor, num_classes: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The real-image term of Eq. 2: each real image gets a class drawn uniformly from all K
     classes (so with probability 1/K it keeps its own); target 1 iff drawn == true, else 0."""
     drawn = torch.randint(0, num_classes, true_ids.shape, generator=generator)  # (B,)
     return drawn, (drawn == true_ids).float()  # (B,), (B,)
 
 
-def stratified_split(targets: np.ndarray, holdout_frac: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    targets: np.ndarray, holdout_frac: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, holdout) row indices; each label (target ≥ 0.5 or not) is split in proportion."""
     rng, train, test = np.random.default_rng(seed), [], []
     labels = np.asarray(targets) >= 0.5
@@ -337,8 +378,7 @@ def stratified_split(targets: np.ndarray, holdout_frac: float,
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def take_fraction(idx: np.ndarray, targets: np.ndarray, fraction: float,
-                  seed: int) -> np.ndarray:
+def take_fraction(idx: np.ndarray, targets: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A stratified ``fraction`` of rows ``idx`` (the paper's 0/10/50/100 % feedback ablation);
     a non-empty label keeps at least one row when fraction > 0."""
     if fraction >= 1:
@@ -372,9 +412,13 @@ def reward_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
     yb = y >= 0.5
     auc = float(roc_auc_score(yb, p)) if 0 < yb.sum() < len(yb) else float("nan")
     acc = float(((p >= 0.5) == yb).mean()) if len(y) else float("nan")
-    return {"auc": auc, "accuracy": acc, "ece": calibration_error(p, y) if len(y) else float("nan"),
-            "n_holdout": float(len(y)), "holdout_plausible_rate": float(yb.mean()) if len(y) else
-            float("nan")}
+    return {
+        "auc": auc,
+        "accuracy": acc,
+        "ece": calibration_error(p, y) if len(y) else float("nan"),
+        "n_holdout": float(len(y)),
+        "holdout_plausible_rate": float(yb.mean()) if len(y) else float("nan"),
+    }
 
 
 # ----------------------------------------------------------------------------- reward data
@@ -426,28 +470,45 @@ class RewardData:
         return cls(**{f.name: z[f.name] for f in fields(cls)})
 
 
-def split_feedback(images: np.ndarray, class_ids: np.ndarray, targets: np.ndarray,
-                   real: tuple[np.ndarray, np.ndarray], holdout_frac: float, fraction: float,
-                   seed: int) -> RewardData:
+def split_feedback(
+    images: np.ndarray,
+    class_ids: np.ndarray,
+    targets: np.ndarray,
+    real: tuple[np.ndarray, np.ndarray],
+    holdout_frac: float,
+    fraction: float,
+    seed: int,
+) -> RewardData:
     """Seeded stratified holdout first, then a ``fraction`` of the rest: ablations at different
     fractions are measured on the same held-out images."""
     train, test = stratified_split(targets, holdout_frac, seed)
     train = take_fraction(train, targets, fraction, seed)
-    return RewardData(images[train], class_ids[train], targets[train], images[test],
-                      class_ids[test], targets[test], real[0], real[1].astype(np.int64))
+    return RewardData(
+        images[train],
+        class_ids[train],
+        targets[train],
+        images[test],
+        class_ids[test],
+        targets[test],
+        real[0],
+        real[1].astype(np.int64),
+    )
 
 
-def reward_draw(seed: int, step: int, batch_size: int, n_syn: int, real_c: torch.Tensor,
-                num_classes: int) -> dict[str, torch.Tensor]:
+def reward_draw(
+    seed: int, step: int, batch_size: int, n_syn: int, real_c: torch.Tensor, num_classes: int
+) -> dict[str, torch.Tensor]:
     """The global batch of one Eq. 2 step, each (B,): synthetic/real rows, augmentation codes,
     the re-drawn classes of the real rows and their targets. Seeded by (seed, step) so any
     number of workers slicing it by rank compute what one worker would."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     b = batch_size
-    d = {"syn": torch.randint(0, max(n_syn, 1), (b,), generator=g),
-         "real": torch.randint(0, max(len(real_c), 1), (b,), generator=g),
-         "syn_aug": torch.randint(0, 8, (b,), generator=g),
-         "real_aug": torch.randint(0, 8, (b,), generator=g)}
+    d = {
+        "syn": torch.randint(0, max(n_syn, 1), (b,), generator=g),
+        "real": torch.randint(0, max(len(real_c), 1), (b,), generator=g),
+        "syn_aug": torch.randint(0, 8, (b,), generator=g),
+        "real_aug": torch.randint(0, 8, (b,), generator=g),
+    }
     true = real_c[d["real"]] if len(real_c) else torch.zeros(b, dtype=torch.long)
     d["drawn"], d["real_target"] = redraw_classes(true, num_classes, g)
     return d
@@ -461,13 +522,26 @@ class RewardFit:
     Synthetic and real rows go through one forward call (DDP allows one per backward).
     """
 
-    def __init__(self, model: RewardModel, data: RewardData, *, lr: float, lambda_r: float,
-                 batch_size: int, seed: int, finetune_backbone: bool = False,
-                 augment: bool = True, weight_decay: float = 0.0, device: Any = "cpu",
-                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+    def __init__(
+        self,
+        model: RewardModel,
+        data: RewardData,
+        *,
+        lr: float,
+        lambda_r: float,
+        batch_size: int,
+        seed: int,
+        finetune_backbone: bool = False,
+        augment: bool = True,
+        weight_decay: float = 0.0,
+        device: Any = "cpu",
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
         if len(data.syn_x) == 0 and (lambda_r <= 0 or len(data.real_x) == 0):
-            raise ValueError("nothing to learn: no feedback rows (fraction=0?) and no real term "
-                             "(lambda_r=0 or no real images)")
+            raise ValueError(
+                "nothing to learn: no feedback rows (fraction=0?) and no real term "
+                "(lambda_r=0 or no real images)"
+            )
         self.model, self.data, self.device = model.to(device), data, torch.device(device)
         self.lambda_r, self.batch_size, self.seed = lambda_r, batch_size, seed
         self.finetune, self.augment = finetune_backbone, augment
@@ -490,8 +564,9 @@ class RewardFit:
         embed = self.model.backbone.embed
         if not len(x):
             return torch.zeros(len(variants), 0, self.model.backbone.embed_dim)
-        return torch.stack([_batched(embed, dihedral(x, torch.full((len(x),), k)), self.device)
-                            for k in variants])  # (V, N, D)
+        return torch.stack(
+            [_batched(embed, dihedral(x, torch.full((len(x),), k)), self.device) for k in variants]
+        )  # (V, N, D)
 
     def _inputs(self, bank: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         if self.finetune:
@@ -503,24 +578,29 @@ class RewardFit:
         """Eq. 2 on this rank's slice of the step's global batch: a scalar."""
         from pathloop.losses import reward_mse_loss
 
-        d = reward_draw(self.seed, step, self.batch_size, len(self.syn_c), self.real_c,
-                        len(self.model.vocab))
+        d = reward_draw(
+            self.seed, step, self.batch_size, len(self.syn_c), self.real_c, len(self.model.vocab)
+        )
         sl = slice(rank * (self.batch_size // world), (rank + 1) * (self.batch_size // world))
         d = {k: v[sl] for k, v in d.items()}
         use_syn = len(self.syn_c) > 0
         use_real = self.lambda_r > 0 and len(self.real_c) > 0
-        parts = ([(self.syn_bank, d["syn"], d["syn_aug"], self.syn_c[d["syn"]])] if use_syn
-                 else []) + ([(self.real_bank, d["real"], d["real_aug"], d["drawn"])]
-                             if use_real else [])
-        x = torch.cat([self._inputs(bank, i, a) for bank, i, a, _ in parts]).to(self.device)
-        c = torch.cat([cls for *_, cls in parts]).to(self.device)
-        pred = self.net(x, c)  # (b_syn + b_real,) one forward for DDP
+        terms = []  # (bank, rows, augmentation codes, declared classes) of each term of Eq. 2
+        if use_syn:
+            terms.append((self.syn_bank, d["syn"], d["syn_aug"], self.syn_c[d["syn"]]))
+        if use_real:
+            terms.append((self.real_bank, d["real"], d["real_aug"], d["drawn"]))
+        x = torch.cat([self._inputs(bank, i, a) for bank, i, a, _ in terms]).to(self.device)
+        c = torch.cat([cls for *_, cls in terms]).to(self.device)
+        pred = self.net(x, c)  # (b_syn + b_real,): one forward per backward, as DDP wants
         if not use_syn:  # fraction 0: only the real-image term of Eq. 2 remains
             return self.lambda_r * reward_mse_loss(pred, d["real_target"])
         b = len(d["syn"])
-        pred_real = pred[b:] if use_real else None
-        return reward_mse_loss(pred[:b], self.syn_y[d["syn"]], pred_real,  # Eq. 2, Sun et al. 2023
-                               d["real_target"] if use_real else None, self.lambda_r)
+        pred_real, real_target = (pred[b:], d["real_target"]) if use_real else (None, None)
+        # Eq. 2, Sun et al. 2023: E_syn[(r - y)^2] + lambda_r E_real[(r - 1[c' = c])^2]
+        return reward_mse_loss(
+            pred[:b], self.syn_y[d["syn"]], pred_real, real_target, self.lambda_r
+        )
 
     def step(self, step: int, rank: int = 0, world: int = 1) -> float:
         """One optimizer step; returns this rank's loss."""
@@ -539,27 +619,57 @@ class RewardFit:
         return reward_metrics(p, self.data.test_y)
 
 
-def fit_reward(model: RewardModel, data: RewardData, steps: int, *, lr: float = 1e-3,
-               lambda_r: float = 1.0, batch_size: int = 32, seed: int = 0,
-               finetune_backbone: bool = False, augment: bool = True) -> dict[str, float]:
+def fit_reward(
+    model: RewardModel,
+    data: RewardData,
+    steps: int,
+    *,
+    lr: float = 3e-3,
+    lambda_r: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    finetune_backbone: bool = False,
+    augment: bool = True,
+) -> dict[str, float]:
     """Train Γφ in this process (no Ray) and return its held-out metrics."""
-    fitter = RewardFit(model, data, lr=lr, lambda_r=lambda_r, batch_size=batch_size, seed=seed,
-                       finetune_backbone=finetune_backbone, augment=augment)
+    fitter = RewardFit(
+        model,
+        data,
+        lr=lr,
+        lambda_r=lambda_r,
+        batch_size=batch_size,
+        seed=seed,
+        finetune_backbone=finetune_backbone,
+        augment=augment,
+    )
     losses = [fitter.step(s) for s in range(steps)]
     return {"loss": float(np.mean(losses[-20:])), **fitter.evaluate()}
 
 
-def save_reward_model(out: str | Path, model: RewardModel, *, step: int, config: dict,
-                      metrics: dict, optimizer: torch.optim.Optimizer | None = None) -> Path:
+def save_reward_model(
+    out: str | Path,
+    model: RewardModel,
+    *,
+    step: int,
+    config: dict,
+    metrics: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
     """A self-describing reward model dir: ``backbone/`` (a backbone dir), ``head.pt``,
     ``config.json`` (job config, holdout metrics, what the score means), ``classes.json``,
     ``state.json`` (step) and, for resuming, ``optimizer.pt``."""
     out = Path(out)
     save_backbone(out / "backbone", model.backbone, model.backbone.vocab or model.vocab)
     torch.save(model.head.state_dict(), out / "head.pt")
-    meta = {"kind": "reward_model", "score": REWARD_MEANING, "hidden": model.hidden,
-            "dropout": model.dropout, "num_classes": len(model.vocab), "job": config,
-            "metrics": metrics}
+    meta = {
+        "kind": "reward_model",
+        "score": REWARD_MEANING,
+        "hidden": model.hidden,
+        "dropout": model.dropout,
+        "num_classes": len(model.vocab),
+        "job": config,
+        "metrics": metrics,
+    }
     (out / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
     model.vocab.save(out / CLASSES)
     (out / STATE).write_text(json.dumps({"step": step}))
@@ -579,13 +689,18 @@ def _local_model_dir(ref: str | Path, tracking_uri: str | None) -> Path:
     return tracking.resolve_model(ref, tracking_uri)
 
 
-def load_reward_model(ref: str | Path, tracking_uri: str | None = None,
-                      device: str | torch.device = "cpu") -> RewardModel:
+def load_reward_model(
+    ref: str | Path, tracking_uri: str | None = None, device: str | torch.device = "cpu"
+) -> RewardModel:
     """Load Γφ (eval mode) from a directory, a job's ``result.json`` or an MLflow model URI."""
     path = _local_model_dir(ref, tracking_uri)
     meta = _read_config(path, "reward_model")
-    model = RewardModel(load_backbone(path / "backbone"), Vocabulary.load(path / CLASSES),
-                        hidden=meta["hidden"], dropout=meta.get("dropout", 0.1))
+    model = RewardModel(
+        load_backbone(path / "backbone"),
+        Vocabulary.load(path / CLASSES),
+        hidden=meta["hidden"],
+        dropout=meta.get("dropout", 0.1),
+    )
     model.head.load_state_dict(torch.load(path / "head.pt", map_location="cpu"))
     model.meta = meta
     return model.to(device).eval()
@@ -614,16 +729,22 @@ class SubtypeClassifier(nn.Module):
         return [self.subtypes[i] for i in logits.argmax(1).tolist()]
 
 
-def _subtype_rows(shards: str | Path, parent: ClassInfo, split: str,
-                  subtypes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _subtype_rows(
+    shards: str | Path, parent: ClassInfo, split: str, subtypes: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     from pathloop.data import iter_records
 
-    rows = [r for r in iter_records(shards, split, [parent.id], ["image", "subtype"])
-            if r["subtype"] in subtypes]
+    rows = [
+        r
+        for r in iter_records(shards, split, [parent.id], ["image", "subtype"])
+        if r["subtype"] in subtypes
+    ]
     if not rows:
         return np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64)
-    return (np.stack([r["image"] for r in rows]),
-            np.array([subtypes.index(r["subtype"]) for r in rows], dtype=np.int64))
+    return (
+        np.stack([r["image"] for r in rows]),
+        np.array([subtypes.index(r["subtype"]) for r in rows], dtype=np.int64),
+    )
 
 
 def train_subtype_classifier(
@@ -649,24 +770,45 @@ def train_subtype_classifier(
     if len(x) == 0:
         raise ValueError(f"no {parent.name} rows with a subtype in {shards}")
     torch.manual_seed(cfg.seed)
-    clf = SubtypeClassifier(build_backbone(cfg.name, len(parent.subtypes),
-                                           cfg.in_px or x.shape[1]), parent, parent.subtypes)
+    clf = SubtypeClassifier(
+        build_backbone(cfg.name, len(parent.subtypes), cfg.in_px or x.shape[1]),
+        parent,
+        parent.subtypes,
+    )
     loss = fit_classifier(clf, to_float_images(x), torch.from_numpy(y), cfg)
     acc = _accuracy(_batched(clf, to_float_images(tx), "cpu"), torch.from_numpy(ty))
-    metrics = {"loss": loss, "accuracy": acc, "n_train": len(x), "n_test": len(tx),
-               "chance": float(np.bincount(ty).max() / len(ty)) if len(ty) else float("nan")}
+    metrics = {
+        "loss": loss,
+        "accuracy": acc,
+        "n_train": len(x),
+        "n_test": len(tx),
+        "chance": float(np.bincount(ty).max() / len(ty)) if len(ty) else float("nan"),
+    }
     if out is not None:
-        save_backbone(out, clf.backbone, Vocabulary.from_names(list(parent.subtypes)), "subtype",
-                      {"parent": parent.model_dump(), "subtypes": list(parent.subtypes),
-                       "train": cfg.model_dump(), "metrics": metrics})
+        save_backbone(
+            out,
+            clf.backbone,
+            Vocabulary.from_names(list(parent.subtypes)),
+            "subtype",
+            {
+                "parent": parent.model_dump(),
+                "subtypes": list(parent.subtypes),
+                "train": cfg.model_dump(),
+                "metrics": metrics,
+            },
+        )
+        _mark_standalone(out, cfg.steps)
     return clf, metrics
 
 
 def load_subtype_classifier(path: str | Path) -> SubtypeClassifier:
     """Load a directory written by ``train_subtype_classifier`` (eval mode, CPU)."""
     config = _read_config(path, "subtype")
-    return SubtypeClassifier(load_backbone(path, "subtype"),
-                             ClassInfo.model_validate(config["parent"]), tuple(config["subtypes"]))
+    return SubtypeClassifier(
+        load_backbone(path, "subtype"),
+        ClassInfo.model_validate(config["parent"]),
+        tuple(config["subtypes"]),
+    )
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -686,8 +828,7 @@ class GuidanceClassifier(nn.Module):
         plane = (t / max(self.noise.num_train_timesteps - 1, 1) * 2 - 1)[:, None, None, None]
         return self.backbone(torch.cat([x_t, plane.expand(-1, 1, *x_t.shape[2:])], dim=1))
 
-    def log_prob(self, x_t: torch.Tensor, t: torch.Tensor,
-                 class_ids: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, x_t: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         """(B,) log p(c | x_t, t); rows asking for an id outside 0..K-1 (the null class) get 0,
         i.e. no guidance."""
         logp = F.log_softmax(self(x_t, t), dim=1)  # (B, K)
@@ -698,15 +839,23 @@ class GuidanceClassifier(nn.Module):
 
 
 def guidance_fn(clf: GuidanceClassifier) -> Callable:
-    """``diffusion.sample(guidance_fn=...)`` for this classifier (eval mode: BatchNorm fixed)."""
+    """``diffusion.sample(guidance_fn=...)`` for this classifier (eval mode: BatchNorm fixed;
+    moved to the sampler's device on first use)."""
     from pathloop.diffusion import classifier_guidance
 
     clf.eval()
-    return classifier_guidance(clf.log_prob)
+
+    def log_prob(x_t: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        if next(clf.parameters()).device != x_t.device:
+            clf.to(x_t.device)
+        return clf.log_prob(x_t, t, class_ids)  # (B,)
+
+    return classifier_guidance(log_prob)
 
 
-def _noisy_logits(clf: GuidanceClassifier, scheduler: Any,
-                  t_max: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+def _noisy_logits(
+    clf: GuidanceClassifier, scheduler: Any, t_max: int
+) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """``fit_classifier``'s logits_fn: noise each clean batch to t ~ U{0..t_max-1}."""
 
     def logits(x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -717,8 +866,9 @@ def _noisy_logits(clf: GuidanceClassifier, scheduler: Any,
     return logits
 
 
-def _noisy_accuracy(clf: GuidanceClassifier, scheduler: Any, x: torch.Tensor, y: torch.Tensor,
-                    t: int, seed: int) -> float:
+def _noisy_accuracy(
+    clf: GuidanceClassifier, scheduler: Any, x: torch.Tensor, y: torch.Tensor, t: int, seed: int
+) -> float:
     g = torch.Generator().manual_seed(seed)
     tt = torch.full((len(x),), t)
     x_t = scheduler.add_noise(x, torch.randn(x.shape, generator=g), tt)
@@ -746,28 +896,45 @@ def train_guidance_classifier(
     if len(x) == 0:
         raise ValueError(f"{shards} has no train rows for classes {classes}")
     torch.manual_seed(cfg.seed)
-    clf = GuidanceClassifier(build_backbone(cfg.name, len(vocab), cfg.in_px or x.shape[1], 4),
-                             noise_cfg)
+    clf = GuidanceClassifier(
+        build_backbone(cfg.name, len(vocab), cfg.in_px or x.shape[1], 4), noise_cfg
+    )
     scheduler, T = build_scheduler(noise_cfg, "ddpm"), noise_cfg.num_train_timesteps
-    loss = fit_classifier(clf, to_float_images(x), torch.from_numpy(y), cfg,
-                          logits_fn=_noisy_logits(clf, scheduler, T))
+    loss = fit_classifier(
+        clf,
+        to_float_images(x),
+        torch.from_numpy(y),
+        cfg,
+        logits_fn=_noisy_logits(clf, scheduler, T),
+    )
     metrics: dict[str, Any] = {"loss": loss}
     tx, ty = load_arrays(shards, "test", classes)
     for frac in (0.05, 0.25, 0.5):
         if len(tx):
             metrics[f"accuracy_t{frac:g}"] = _noisy_accuracy(
-                clf, scheduler, to_float_images(tx), torch.from_numpy(ty), int(frac * T), cfg.seed)
+                clf, scheduler, to_float_images(tx), torch.from_numpy(ty), int(frac * T), cfg.seed
+            )
     if out is not None:
-        save_backbone(out, clf.backbone, vocab, "guidance",
-                      {"noise": noise_cfg.model_dump(), "train": cfg.model_dump(),
-                       "classes": classes, "metrics": metrics})
+        save_backbone(
+            out,
+            clf.backbone,
+            vocab,
+            "guidance",
+            {
+                "noise": noise_cfg.model_dump(),
+                "train": cfg.model_dump(),
+                "classes": classes,
+                "metrics": metrics,
+            },
+        )
+        _mark_standalone(out, cfg.steps)
     return clf, metrics
 
 
 def load_guidance_classifier(path: str | Path) -> GuidanceClassifier:
     """Load a directory written by ``train_guidance_classifier`` (eval mode, CPU)."""
     config = _read_config(path, "guidance")
-    clf = GuidanceClassifier(load_backbone(path, "guidance"),
-                             NoiseConfig.model_validate(config["noise"]))
+    clf = GuidanceClassifier(
+        load_backbone(path, "guidance"), NoiseConfig.model_validate(config["noise"])
+    )
     return clf.eval()
-

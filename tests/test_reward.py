@@ -13,8 +13,9 @@ from pathloop.vocab import BONE_MARROW_16
 M5, ER6, M1 = 14, 9, 10  # neutrophil (band/segmented), erythrocyte, myeloblast
 
 
-def _write_phantoms(out: Path, per_class: int, test_per_class: int, seed: int,
-                    classes: list[int] | None = None) -> Path:
+def _write_phantoms(
+    out: Path, per_class: int, test_per_class: int, seed: int, classes: list[int] | None = None
+) -> Path:
     """Phantom shard set written with ShardWriter (train rows first, then test, per class)."""
     from pathloop.data import ShardWriter
     from pathloop.phantoms import generate
@@ -51,8 +52,7 @@ def shards(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def extra_shards(tmp_path_factory) -> Path:
     """More images of 3 classes (32 train + 16 test each): M5 for subtypes, ER6/M1 for guidance."""
-    return _write_phantoms(tmp_path_factory.mktemp("extra"), 32, 16, seed=3,
-                           classes=[ER6, M1, M5])
+    return _write_phantoms(tmp_path_factory.mktemp("extra"), 32, 16, seed=3, classes=[ER6, M1, M5])
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +122,24 @@ def test_holdout_is_stratified_and_fixed_across_fractions():
     y = np.array([1.0] * 30 + [0.0] * 70)
     train, test = R.stratified_split(y, 0.2, seed=0)
     assert len(test) == 20 and (y[test] == 1).sum() == 6 and not set(train) & set(test)
-    d_full = R.split_feedback(np.zeros((100, 2, 2, 3), np.uint8), np.zeros(100, np.int64), y,
-                              (np.zeros((0, 2, 2, 3), np.uint8), np.zeros(0)), 0.2, 1.0, 0)
-    d_10 = R.split_feedback(np.zeros((100, 2, 2, 3), np.uint8), np.zeros(100, np.int64), y,
-                            (np.zeros((0, 2, 2, 3), np.uint8), np.zeros(0)), 0.2, 0.1, 0)
+    d_full = R.split_feedback(
+        np.zeros((100, 2, 2, 3), np.uint8),
+        np.zeros(100, np.int64),
+        y,
+        (np.zeros((0, 2, 2, 3), np.uint8), np.zeros(0)),
+        0.2,
+        1.0,
+        0,
+    )
+    d_10 = R.split_feedback(
+        np.zeros((100, 2, 2, 3), np.uint8),
+        np.zeros(100, np.int64),
+        y,
+        (np.zeros((0, 2, 2, 3), np.uint8), np.zeros(0)),
+        0.2,
+        0.1,
+        0,
+    )
     assert len(d_full.syn_y) == 80 and len(d_10.syn_y) == 8 and d_10.syn_y.sum() == 2
     assert np.array_equal(d_full.test_y, d_10.test_y)
     assert len(R.take_fraction(train, y, 0.0, 0)) == 0
@@ -156,9 +170,31 @@ def test_reward_model_learns_simulated_feedback(backbone_dir, shards, feedback):
     assert m["accuracy"] >= 0.75, m
 
 
+def test_finetuned_backbone_and_real_term_only_paths(backbone_dir, shards, feedback):
+    from pathloop.data import load_arrays
+
+    x, c, y = feedback
+    real = load_arrays(shards, "train")
+    data = R.split_feedback(x[:32], c[:32], y[:32], real, 0.25, 1.0, seed=0)
+    model = R.RewardModel(R.load_backbone(backbone_dir), BONE_MARROW_16, hidden=16)
+    before = [p.clone() for p in model.backbone.parameters()]
+    m = R.fit_reward(model, data, steps=2, batch_size=4, finetune_backbone=True)
+    assert np.isfinite(m["loss"]) and 0 <= m["accuracy"] <= 1
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters(), strict=True)
+    )
+    none = R.split_feedback(x[:32], c[:32], y[:32], real, 0.25, 0.0, seed=0)  # fraction 0
+    assert len(none.syn_x) == 0 and len(none.test_x) == len(data.test_x)
+    model = R.RewardModel(R.load_backbone(backbone_dir), BONE_MARROW_16, hidden=16)
+    assert np.isfinite(R.fit_reward(model, none, steps=2, batch_size=4)["loss"])
+    with pytest.raises(ValueError, match="nothing to learn"):
+        R.fit_reward(model, none, steps=1, lambda_r=0.0)
+
+
 def test_subtype_classifier_beats_chance_on_m5(extra_shards, tmp_path):
-    clf, m = R.train_subtype_classifier(extra_shards, "M5", tmp_path / "sub",
-                                        R.BackboneConfig(steps=60))
+    clf, m = R.train_subtype_classifier(
+        extra_shards, "M5", tmp_path / "sub", R.BackboneConfig(steps=60)
+    )
     assert clf.subtypes == ("band", "segmented") and m["n_test"] == 16
     assert m["accuracy"] >= max(0.75, m["chance"] + 0.1), m
     loaded = R.load_subtype_classifier(tmp_path / "sub")
@@ -175,8 +211,9 @@ def test_guidance_classifier_gradients_and_accuracy(extra_shards, tmp_path):
     from pathloop.config import NoiseConfig
 
     noise = NoiseConfig()
-    clf, m = R.train_guidance_classifier(extra_shards, noise, tmp_path / "g",
-                                         R.BackboneConfig(steps=60), classes=[ER6, M1])
+    clf, m = R.train_guidance_classifier(
+        extra_shards, noise, tmp_path / "g", R.BackboneConfig(steps=60), classes=[ER6, M1]
+    )
     assert m["accuracy_t0.05"] >= 0.8, m  # two classes: chance is 0.5
     loaded = R.load_guidance_classifier(tmp_path / "g")
     fn = R.guidance_fn(loaded)
@@ -196,20 +233,48 @@ def _feedback_parquet(path: Path, x: np.ndarray, c: np.ndarray, y: np.ndarray) -
 
     from pathloop.data import encode_png, image_id
 
-    table = pa.table({
-        "id": [image_id(im) for im in x],
-        "image": [encode_png(im) for im in x],
-        "class_id": pa.array(c, pa.int32()),
-        "class_name": [BONE_MARROW_16.lookup(int(i)).name for i in c],
-        "plausible": pa.array(y, pa.float64()),
-        "n_raters": pa.array(np.ones(len(y)), pa.int32()),
-    })
+    table = pa.table(
+        {
+            "id": [image_id(im) for im in x],
+            "image": [encode_png(im) for im in x],
+            "class_id": pa.array(c, pa.int32()),
+            "class_name": [BONE_MARROW_16.lookup(int(i)).name for i in c],
+            "plausible": pa.array(y, pa.float64()),
+            "n_raters": pa.array(np.ones(len(y)), pa.int32()),
+        }
+    )
     meta = {"pathloop.vocabulary": BONE_MARROW_16.model_dump_json()}
     pq.write_table(table.replace_schema_metadata(meta), path)
     return path
 
 
-def test_run_reward_on_ray_registers_loadable_model(ray_session, shards, feedback, tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One SQLite store for the module's jobs: creating its tables takes seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_run_backbone_registers_loadable_dir(shards, mlflow_uri, tmp_path):
+    from pathloop.loops import BackboneJobConfig, run_backbone
+    from pathloop.tracking import resolve_model
+
+    res = run_backbone(
+        BackboneJobConfig(
+            workdir=str(tmp_path),
+            shards=str(shards),
+            steps=20,
+            tracking={"tracking_uri": mlflow_uri, "register_as": "test-backbone"},
+        )
+    )
+    assert res["model_uri"] == "models:/test-backbone/1" and "test_accuracy" in res
+    bb = R.load_backbone(resolve_model(res["model_uri"], mlflow_uri))
+    assert bb.vocab.names == BONE_MARROW_16.names and bb.num_classes == 16
+    assert json.loads((tmp_path / "result.json").read_text())["run_id"] == res["run_id"]
+
+
+def test_run_reward_on_ray_registers_loadable_model(
+    ray_session, shards, feedback, mlflow_uri, tmp_path
+):
     import mlflow
 
     from pathloop.config import load_config
@@ -217,12 +282,23 @@ def test_run_reward_on_ray_registers_loadable_model(ray_session, shards, feedbac
 
     x, c, y = feedback
     fb = _feedback_parquet(tmp_path / "feedback.parquet", x[::3], c[::3], y[::3])  # 64 rows
-    cfg = load_config(RewardConfig, None, [
-        f"workdir={tmp_path / 'run'}", f"feedback={fb}", f"real_shards={shards}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tracking.register_as=test-reward", "backbone_steps=20", "steps=10", "log_every=5",
-        "checkpoint_every=10", "batch_size=8", "scaling.torch_threads=1",
-    ])
+    cfg = load_config(
+        RewardConfig,
+        None,
+        [
+            f"workdir={tmp_path / 'run'}",
+            f"feedback={fb}",
+            f"real_shards={shards}",
+            f"tracking.tracking_uri={mlflow_uri}",
+            "tracking.register_as=test-reward",
+            "backbone_steps=20",
+            "steps=10",
+            "log_every=5",
+            "checkpoint_every=10",
+            "batch_size=8",
+            "scaling.torch_threads=1",
+        ],
+    )
     res = run_reward(cfg)  # backbone=None: trains one on the real shards first
     saved = json.loads((Path(cfg.workdir).resolve() / "result.json").read_text())
     assert saved["model_uri"] == res["model_uri"] == "models:/test-reward/1"
