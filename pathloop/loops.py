@@ -179,41 +179,79 @@ def pretrain_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     log = _RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
 
-    # ---- epochs until the global step count is reached
+    # ---- one endless stream of batches (epochs chained in the background) until the step count
     t_wait = t_total = 0.0
     losses: list[float] = []
-    while step < cfg.train.steps:
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker, drop_last=True, dtypes={"image": torch.float32, "class_id": torch.int64}
+    batches = epochs_in_background(
+        lambda: shard.iter_torch_batches(
+            batch_size=per_worker, drop_last=True,
+            dtypes={"image": torch.float32, "class_id": torch.int64},
         )
+    )
+    t0 = time.perf_counter()
+    while step < cfg.train.steps:
+        batch = next(batches)
+        t1 = time.perf_counter()
+        x0 = batch["image"]  # (b, C, H, W) in [-1, 1]
+        shape = (cfg.train.batch_size, *x0.shape[1:])
+        noise, t, drop = global_draw(cfg, step, shape, len(vocab))
+        sl = slice(rank * per_worker, (rank + 1) * per_worker)
+        losses.append(train_step(st, x0, batch["class_id"], noise[sl], t[sl], drop[sl],
+                                 cfg.optim.grad_clip))
+        step += 1
+        _maybe_inject_failure(cfg, step)
+        t2 = time.perf_counter()
+        t_wait, t_total = t_wait + (t1 - t0), t_total + (t2 - t0)
+        metrics = None
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics = {
+                "loss": sum(losses) / len(losses),
+                "images_per_s": cfg.train.batch_size * len(losses) / max(t_total, 1e-9),
+                "data_wait_frac": t_wait / max(t_total, 1e-9),
+                "lr": st.lr_sched.get_last_lr()[0],
+                "step": step,
+            }
+            losses, t_wait, t_total = [], 0.0, 0.0
+        _report(cfg, st, step, metrics, rank, vocab, log)
         t0 = time.perf_counter()
-        for batch in batches:
-            t1 = time.perf_counter()
-            x0 = batch["image"]  # (b, C, H, W) in [-1, 1]
-            shape = (cfg.train.batch_size, *x0.shape[1:])
-            noise, t, drop = global_draw(cfg, step, shape, len(vocab))
-            sl = slice(rank * per_worker, (rank + 1) * per_worker)
-            losses.append(train_step(st, x0, batch["class_id"], noise[sl], t[sl], drop[sl],
-                                     cfg.optim.grad_clip))
-            step += 1
-            _maybe_inject_failure(cfg, step)
-            t2 = time.perf_counter()
-            t_wait, t_total = t_wait + (t1 - t0), t_total + (t2 - t0)
-            metrics = None
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                metrics = {
-                    "loss": sum(losses) / len(losses),
-                    "images_per_s": cfg.train.batch_size * len(losses) / max(t_total, 1e-9),
-                    "data_wait_frac": t_wait / max(t_total, 1e-9),
-                    "lr": st.lr_sched.get_last_lr()[0],
-                    "step": step,
-                }
-                losses, t_wait, t_total = [], 0.0, 0.0
-            _report(cfg, st, step, metrics, rank, vocab, log)
-            if step >= cfg.train.steps:
-                break
-            t0 = time.perf_counter()
+    batches.close()
     log.close()
+
+
+def epochs_in_background(make_epoch: Any, depth: int = 8) -> Any:
+    """Endless batches from ``make_epoch()`` called again at each epoch's end, read ahead by a
+    thread. Starting a Ray Data epoch costs seconds; on small shard sets (tens of steps per
+    epoch) that start-up would otherwise show up as data wait at every epoch boundary."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while not stop.is_set():
+                for b in make_epoch():
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+        except BaseException as err:  # surface reader errors in the training thread
+            q.put(err)
+
+    threading.Thread(target=produce, daemon=True, name="epochs").start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _maybe_inject_failure(cfg: PretrainConfig, step: int) -> None:

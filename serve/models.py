@@ -6,7 +6,6 @@ in the benchmark. Models are resolved and loaded in ``__init__``, i.e. when a re
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 import time
@@ -143,29 +142,11 @@ class GeneratorCore:
 
 
 def load_scorer(ref: str, tracking_uri: str | None = None) -> RewardFn:
-    """The reward model hook: ``pathloop.reward.load_scorer(checkpoint_dir) -> RewardFn``.
+    """The reward model (path, result.json or MLflow URI) as an (images, class_ids) -> rewards
+    callable; loaded when the Scorer replica starts, never at import."""
+    from pathloop.reward import load_reward_model
 
-    Called when the Scorer replica starts; a missing module or loader fails that start with a
-    message saying what to do, rather than serving requests without the reward asked for.
-    """
-    from pathloop.tracking import resolve_model
-
-    try:
-        reward = importlib.import_module("pathloop.reward")
-    except ModuleNotFoundError as err:
-        if err.name != "pathloop.reward":
-            raise
-        raise RuntimeError(
-            f"reward_model={ref!r} is set but pathloop.reward does not exist yet; "
-            "unset reward_model (serve the judge alone with judge: true) or add the reward module"
-        ) from None
-    loader = getattr(reward, "load_scorer", None)
-    if not callable(loader):
-        raise RuntimeError(
-            f"reward_model={ref!r} is set but pathloop.reward has no load_scorer(path) returning "
-            "a (images, class_ids) -> rewards callable; unset reward_model or add the loader"
-        )
-    return loader(resolve_model(ref, tracking_uri))
+    return load_reward_model(ref, tracking_uri=tracking_uri).score
 
 
 class ScorerCore:
