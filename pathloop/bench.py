@@ -174,6 +174,15 @@ def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Fi
     return figs
 
 
+def bench_http(work: Path) -> list[Figure]:
+    """/v1/generate and /v1/score through Ray Serve vs direct calls, same model, one run."""
+    from serve.bench import bench_serve
+
+    keys = ("name", "value", "unit", "peer_name", "peer_value", "target")
+    return [Figure(**{k: d.get(k) for k in keys}, note=d.get("note", ""))
+            for d in bench_serve(work / "serve")]
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             ("readers", lambda: bench_readers(work, shards)),
             ("train", lambda: bench_train(work, shards, args.train_steps)),
             ("sampling", lambda: bench_sampling(work, args.checkpoint, shards)),
+            ("serve", lambda: bench_http(work)),
         ):
             print(f"[bench] {name} ...", flush=True)
             figs += fn()
