@@ -1,6 +1,7 @@
 """Ray job: `pretrain`, the same code path as `pathloop pretrain`.
 
-    ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/pretrain.tiny.yaml [key=value ...]
+    ray job submit --working-dir . -- \
+        python jobs/pretrain.py --config jobs/configs/pretrain.tiny.yaml [key=value ...]
 """
 
 import sys

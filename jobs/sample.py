@@ -1,6 +1,7 @@
 """Ray job: `sample`, the same code path as `pathloop sample`.
 
-    ray job submit --working-dir . -- python jobs/sample.py --config jobs/configs/sample.tiny.yaml [key=value ...]
+    ray job submit --working-dir . -- \
+        python jobs/sample.py --config jobs/configs/sample.tiny.yaml [key=value ...]
 """
 
 import sys

@@ -11,9 +11,9 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 COMMAND = "make bench"
 
@@ -86,8 +86,16 @@ def bench_readers(work: Path, shards: Path) -> list[Figure]:
     ray_data()  # warm-up: Ray Data starts its workers once
     r_ray = _rate(n, ray_data, repeat=2)
     r_plain = _rate(n, plain, repeat=2)
-    return [Figure("reader: Ray Data iter_torch_batches", r_ray, "images/s",
-                   "plain in-process reader", r_plain, note=f"{n} images, decode + augment")]
+    return [
+        Figure(
+            "reader: Ray Data iter_torch_batches",
+            r_ray,
+            "images/s",
+            "plain in-process reader",
+            r_plain,
+            note=f"{n} images, decode + augment",
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -100,9 +108,15 @@ def _pretrain_cfg(work: Path, shards: Path, steps: int, name: str):
     return load_config(
         PretrainConfig,
         Path(__file__).resolve().parents[1] / "jobs/configs/pretrain.tiny.yaml",
-        [f"workdir={work / name}", f"data.shards={shards}", f"train.steps={steps}",
-         f"train.log_every={steps // 2}", "train.sample_every=0",
-         f"train.checkpoint_every={steps}", f"tracking.tracking_uri=sqlite:///{work}/bench.db"],
+        [
+            f"workdir={work / name}",
+            f"data.shards={shards}",
+            f"train.steps={steps}",
+            f"train.log_every={steps // 2}",
+            "train.sample_every=0",
+            f"train.checkpoint_every={steps}",
+            f"tracking.tracking_uri=sqlite:///{work}/bench.db",
+        ],
     )
 
 
@@ -119,8 +133,13 @@ def bare_loop_rate(cfg, steps: int) -> float:
     st = build_state(cfg, len(vocab), torch.device("cpu"))
     step, t_half = 0, None
     while step < steps:
-        for x0, y in torch_batches(cfg.data.shards, batch_size=cfg.train.batch_size,
-                                   split="train", augment=cfg.data.augment, drop_last=True):
+        for x0, y in torch_batches(
+            cfg.data.shards,
+            batch_size=cfg.train.batch_size,
+            split="train",
+            augment=cfg.data.augment,
+            drop_last=True,
+        ):
             noise, t, drop = global_draw(cfg, step, tuple(x0.shape), len(vocab))
             train_step(st, x0, y, noise, t, drop, cfg.optim.grad_clip)
             step += 1
@@ -139,16 +158,30 @@ def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
     res = run_pretrain(cfg)
     import mlflow
 
-    hist = mlflow.MlflowClient(res["tracking_uri"]).get_metric_history(res["run_id"], "images_per_s")
-    wait = mlflow.MlflowClient(res["tracking_uri"]).get_metric_history(res["run_id"], "data_wait_frac")
+    hist = mlflow.MlflowClient(res["tracking_uri"]).get_metric_history(
+        res["run_id"], "images_per_s"
+    )
+    wait = mlflow.MlflowClient(res["tracking_uri"]).get_metric_history(
+        res["run_id"], "data_wait_frac"
+    )
     ray_rate = hist[-1].value  # the second half of the steps, as for the bare loop
     bare = bare_loop_rate(cfg, steps)
     return [
-        Figure("pretrain images/s: Ray Train (1 worker) vs bare PyTorch loop", ray_rate,
-               "images/s", "bare PyTorch loop", bare, ">= 0.9x",
-               note=f"tiny preset, 32 px, global batch {cfg.train.batch_size}, {steps} steps"),
-        Figure("pretrain data-wait fraction (Ray Data → Train)", wait[-1].value, "fraction",
-               target="< 0.05"),
+        Figure(
+            "pretrain images/s: Ray Train (1 worker) vs bare PyTorch loop",
+            ray_rate,
+            "images/s",
+            "bare PyTorch loop",
+            bare,
+            ">= 0.9x",
+            note=f"tiny preset, 32 px, global batch {cfg.train.batch_size}, {steps} steps",
+        ),
+        Figure(
+            "pretrain data-wait fraction (Ray Data → Train)",
+            wait[-1].value,
+            "fraction",
+            target="< 0.05",
+        ),
     ]
 
 
@@ -167,10 +200,20 @@ def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Fi
     figs = []
     for sampler, steps in (("ddim", 50), ("dpm++", 20)):
         sample(unet, noise, ids[:4], sampler=sampler, steps=2)  # warm-up
-        r = _rate(len(ids), lambda s=sampler, k=steps: sample(
-            unet, noise, ids, sampler=s, steps=k, guidance=2.0, batch_size=32))
-        figs.append(Figure(f"sampling {sampler}-{steps}, tiny 32 px, CFG 2", r, "images/s",
-                           note="batch 32, one process"))
+        r = _rate(
+            len(ids),
+            lambda s=sampler, k=steps: sample(
+                unet, noise, ids, sampler=s, steps=k, guidance=2.0, batch_size=32
+            ),
+        )
+        figs.append(
+            Figure(
+                f"sampling {sampler}-{steps}, tiny 32 px, CFG 2",
+                r,
+                "images/s",
+                note="batch 32, one process",
+            )
+        )
     return figs
 
 
@@ -179,8 +222,10 @@ def bench_http(work: Path) -> list[Figure]:
     from serve.bench import bench_serve
 
     keys = ("name", "value", "unit", "peer_name", "peer_value", "target")
-    return [Figure(**{k: d.get(k) for k in keys}, note=d.get("note", ""))
-            for d in bench_serve(work / "serve")]
+    return [
+        Figure(**{k: d.get(k) for k in keys}, note=d.get("note", ""))
+        for d in bench_serve(work / "serve")
+    ]
 
 
 # ----------------------------------------------------------------------------- report
@@ -201,11 +246,20 @@ def write_report(figs: list[Figure], md: Path, js: Path) -> None:
         "# pathloop benchmarks\n\n"
         f"Produced by `{COMMAND}` on {m}, {time.strftime('%Y-%m-%d')}. Each ratio is measured side "
         "by side in the same run. No GPU figures unless the machine line names a GPU.\n\n"
-        + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + "\n".join(notes)
+        + "\n"
     )
-    js.write_text(json.dumps({
-        f.name: {**asdict(f), "ratio": f.ratio, "machine": m, "command": COMMAND} for f in figs
-    }, indent=2))
+    js.write_text(
+        json.dumps(
+            {
+                f.name: {**asdict(f), "ratio": f.ratio, "machine": m, "command": COMMAND}
+                for f in figs
+            },
+            indent=2,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

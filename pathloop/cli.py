@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -18,7 +17,9 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 OVERRIDES = typer.Argument(None, help="Dotted config overrides, e.g. optim.lr=2e-4 train.steps=100")
-CONFIG = typer.Option(None, "--config", "-c", help="YAML config file (defaults < YAML < overrides).")
+CONFIG = typer.Option(
+    None, "--config", "-c", help="YAML config file (defaults < YAML < overrides)."
+)
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -26,7 +27,7 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(model: type, config: Optional[Path], overrides: Optional[list[str]]):
+def _load(model: type, config: Path | None, overrides: list[str] | None):
     from pathloop.config import ConfigError, load_config
 
     try:
@@ -42,7 +43,7 @@ def _load(model: type, config: Optional[Path], overrides: Optional[list[str]]):
 def ingest(
     src: Path = typer.Argument(..., help="Image-folder tree (one folder per class) or a CSV."),
     out: Path = typer.Option(..., "--out", "-o", help="Output shard-set directory."),
-    labels: Optional[Path] = typer.Option(None, help="LABELS.csv giving split and subtype."),
+    labels: Path | None = typer.Option(None, help="LABELS.csv giving split and subtype."),
     size: int = typer.Option(64, help="Output side in px (resize shorter side, centre-crop)."),
     strict: bool = typer.Option(False, help="Exit non-zero if any file was quarantined."),
 ) -> None:
@@ -66,7 +67,7 @@ def ingest(
 def phantoms(
     out: Path = typer.Option(..., "--out", "-o", help="Output shard-set directory."),
     per_class: int = typer.Option(64, help="Training images per class."),
-    test_per_class: Optional[int] = typer.Option(None, help="Test images per class (default N/4)."),
+    test_per_class: int | None = typer.Option(None, help="Test images per class (default N/4)."),
     size: int = typer.Option(32, help="Image side in px: 32 (CPU) or 64 (paper)."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
 ) -> None:
@@ -84,10 +85,10 @@ def phantoms(
 def judge(
     shards: Path = typer.Argument(..., help="Shard set to judge (phantom or synthetic images)."),
     out: Path = typer.Option(Path("report.json"), "--out", "-o", help="Report JSON path."),
-    shuffle_classes: Optional[int] = typer.Option(
+    shuffle_classes: int | None = typer.Option(
         None, help="Seed: replace each declared class with a different random class first."
     ),
-    split: Optional[str] = typer.Option(None, help="Only this split."),
+    split: str | None = typer.Option(None, help="Only this split."),
 ) -> None:
     """Judge images against their declared class from pixels alone; write report.json."""
     from pathloop.phantoms import judge_shards
@@ -97,7 +98,9 @@ def judge(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print_rate_table(report, title=f"judge: {shards}")
-    console.print(f"plausible rate {report['plausible_rate']:.3f} over {report['n']} images → {out}")
+    console.print(
+        f"plausible rate {report['plausible_rate']:.3f} over {report['n']} images → {out}"
+    )
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -105,9 +108,11 @@ def judge(
 
 @app.command()
 def pretrain(
-    config: Optional[Path] = CONFIG,
-    resume: bool = typer.Option(False, help="Continue the run in workdir from its last checkpoint."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    config: Path | None = CONFIG,
+    resume: bool = typer.Option(
+        False, help="Continue the run in workdir from its last checkpoint."
+    ),
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Pretrain the class-conditional diffusion model on Ray Train; log and register in MLflow."""
     from pathloop.loops import PretrainConfig, run_pretrain
@@ -121,8 +126,8 @@ def pretrain(
 
 @app.command()
 def sample(
-    config: Optional[Path] = CONFIG,
-    overrides: Optional[list[str]] = OVERRIDES,
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Sample a synthetic shard set (with provenance per image) from a model path or MLflow URI."""
     from pathloop.sampling import SampleConfig, run_sample
@@ -134,10 +139,12 @@ def sample(
 
 @app.command()
 def finetune(
-    config: Optional[Path] = CONFIG,
-    method: Optional[str] = typer.Option(None, help="reward (Eq. 3) or dpo (preference pairs)."),
-    resume: bool = typer.Option(False, help="Continue the run in workdir from its last checkpoint."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    config: Path | None = CONFIG,
+    method: str | None = typer.Option(None, help="reward (Eq. 3) or dpo (preference pairs)."),
+    resume: bool = typer.Option(
+        False, help="Continue the run in workdir from its last checkpoint."
+    ),
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Finetune a pretrained model with feedback: reward-weighted (Eq. 3) or Diffusion-DPO."""
     from pathloop.loops import FinetuneConfig, run_finetune
@@ -155,7 +162,9 @@ def finetune(
 
 # ----------------------------------------------------------------------------- feedback
 
-review = typer.Typer(help="Expert feedback: review rounds, evaluators, exports.", no_args_is_help=True)
+review = typer.Typer(
+    help="Expert feedback: review rounds, evaluators, exports.", no_args_is_help=True
+)
 app.add_typer(review, name="review")
 STORE = typer.Option("runs/feedback.db", "--store", help="Feedback store: SQLite path or DB URL.")
 
@@ -169,7 +178,7 @@ def _store(url: str):
 @review.command("create")
 def review_create(
     samples: Path = typer.Option(..., "--samples", help="Synthetic shard set to review."),
-    name: Optional[str] = typer.Option(None, help="Round name."),
+    name: str | None = typer.Option(None, help="Round name."),
     store: str = STORE,
 ) -> None:
     """Create a review round from a sample shard set; prints the round id."""
@@ -201,8 +210,8 @@ def review_judge(round_id: int, store: str = STORE) -> None:
 def review_mllm(
     round_id: int,
     model: str = typer.Option(..., help="Model name at the OpenAI-compatible endpoint."),
-    base_url: Optional[str] = typer.Option(None, help="Endpoint; default $PATHLOOP_MLLM_BASE_URL."),
-    checklist: Optional[Path] = typer.Option(None, help="Checklist YAML; default the packaged one."),
+    base_url: str | None = typer.Option(None, help="Endpoint; default $PATHLOOP_MLLM_BASE_URL."),
+    checklist: Path | None = typer.Option(None, help="Checklist YAML; default the packaged one."),
     repeats: int = typer.Option(1, help="Calls per image, averaged like raters."),
     store: str = STORE,
 ) -> None:
@@ -214,8 +223,9 @@ def review_mllm(
         opts["base_url"] = base_url
     if checklist:
         opts["checklist"] = str(checklist)
-    console.print_json(json.dumps(evaluate_round(_store(store), round_id, "mllm", **opts),
-                                  default=str))
+    console.print_json(
+        json.dumps(evaluate_round(_store(store), round_id, "mllm", **opts), default=str)
+    )
 
 
 @review.command("export")
@@ -262,7 +272,7 @@ def review_ls_import(
 def serve_cmd(
     config: Path = typer.Option(Path("serve/config.yaml"), "--config", "-c", help="Serve config."),
     no_ray: bool = typer.Option(False, "--no-ray", help="Same API in plain uvicorn (no Ray)."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Start the HTTP app: generate, score, and the review UI (on 127.0.0.1 by default)."""
     if no_ray:

@@ -32,12 +32,18 @@ class ModelConfig(Frozen):
     )
     sample_size: int | None = Field(None, description="Image side in px; None = preset's.")
     block_out_channels: tuple[int, ...] | None = Field(None, description="None = preset's.")
-    layers_per_block: int | None = Field(None, description="ResNet blocks per level; None = preset's.")
-    attention: bool | None = Field(None, description="Attention in the lowest level; None = preset's.")
+    layers_per_block: int | None = Field(
+        None, description="ResNet blocks per level; None = preset's."
+    )
+    attention: bool | None = Field(
+        None, description="Attention in the lowest level; None = preset's."
+    )
     num_classes: int | None = Field(
         None, description="Real classes (the null class is added on top); None = from the data."
     )
-    p_uncond: float = Field(0.1, ge=0, le=1, description="Class dropout for classifier-free guidance.")
+    p_uncond: float = Field(
+        0.1, ge=0, le=1, description="Class dropout for classifier-free guidance."
+    )
 
 
 class NoiseConfig(Frozen):
@@ -47,7 +53,9 @@ class NoiseConfig(Frozen):
     beta_schedule: Literal["linear", "squaredcos_cap_v2"] = Field(
         "squaredcos_cap_v2", description="linear (Ho et al.) or cosine (Nichol & Dhariwal)."
     )
-    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="UNet target.")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="UNet target."
+    )
 
 
 class SamplerConfig(Frozen):
@@ -55,7 +63,9 @@ class SamplerConfig(Frozen):
 
     sampler: Literal["ddpm", "ddim", "dpm++"] = Field("ddim", description="diffusers scheduler.")
     steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
-    guidance: float = Field(2.0, ge=0, le=20, description="CFG scale; 1 = conditional only, 0 = null class.")
+    guidance: float = Field(
+        2.0, ge=0, le=20, description="CFG scale; 1 = conditional only, 0 = null class."
+    )
     seed: int = Field(0, description="Base seed; image i of a request uses seed + i.")
     batch_size: int = Field(64, gt=0, description="Images per UNet call.")
 
@@ -78,8 +88,10 @@ class ScalingConfig(Frozen):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker.")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch threads per worker; None = cpus_per_worker. Reserve 1 CPU "
-        "but use 2 threads on a 2-core box so Ray Data's readers still get a CPU."
+        None,
+        ge=1,
+        description="torch threads per worker; None = cpus_per_worker. Reserve 1 CPU "
+        "but use 2 threads on a 2-core box so Ray Data's readers still get a CPU.",
     )
 
 
@@ -91,7 +103,9 @@ class TrackingConfig(Frozen):
     )
     experiment: str = Field("pathloop", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name; None = generated.")
-    register_as: str | None = Field(None, description="Registered model name; None = don't register.")
+    register_as: str | None = Field(
+        None, description="Registered model name; None = don't register."
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -100,7 +114,7 @@ C = TypeVar("C", bound=BaseModel)
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override value as YAML (so 2e-4, true, [1,2] and null work), else keep the string."""
+    """Parse an override as YAML (so 2e-4, true, [1,2] and null work), else keep the string."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -80,14 +80,25 @@ def compare_with_untrained(workdir: Path, result: dict, cfg) -> dict:
         from pathloop.data import read_vocab
 
         vocab = read_vocab(cfg.data.shards)
-        save_checkpoint(untrained, build_unet(cfg.model, len(vocab)), step=0,
-                        config=cfg.model_dump(mode="json"), vocab=vocab)
+        save_checkpoint(
+            untrained,
+            build_unet(cfg.model, len(vocab)),
+            step=0,
+            config=cfg.model_dump(mode="json"),
+            vocab=vocab,
+        )
     reports = {}
     for name, model in (("untrained", str(untrained)), ("pretrained", result["checkpoint"])):
         out = workdir / f"samples-{name}"
         if _step(f"5. sample 16 per class from the {name} model", out / "manifest.json"):
-            run_sample(SampleConfig(model=model, out=str(out), per_class=16,
-                                    sampler=cfg.preview.model_copy(update={"seed": 1234})))
+            run_sample(
+                SampleConfig(
+                    model=model,
+                    out=str(out),
+                    per_class=16,
+                    sampler=cfg.preview.model_copy(update={"seed": 1234}),
+                )
+            )
         reports[name] = judge_shards(out)
         (workdir / f"judge-{name}.json").write_text(json.dumps(reports[name], indent=2))
     print_comparison(reports["untrained"], reports["pretrained"], "untrained", "pretrained")

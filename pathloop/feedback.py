@@ -1321,7 +1321,7 @@ def preference_pairs(
     rows: list[tuple[int, int, int, int]] = []
     for cls in np.unique(c):
         idx = rng.permutation(np.flatnonzero(c == cls))
-        for a, b in zip(idx[0::2], idx[1::2]):
+        for a, b in zip(idx[0::2], idx[1::2], strict=False):
             if s[a] < bar and s[b] < bar:
                 sa = sb = -1
             elif s[a] == s[b]:

@@ -44,7 +44,9 @@ class TrainConfig(Frozen):
     batch_size: int = Field(64, gt=0, description="Global batch; must divide by num_workers.")
     seed: int = Field(0, description="Seed of init and of per-step noise.")
     log_every: int = Field(25, gt=0, description="Steps between metric reports.")
-    sample_every: int = Field(500, ge=0, description="Steps between preview grids; 0 = only at end.")
+    sample_every: int = Field(
+        500, ge=0, description="Steps between preview grids; 0 = only at end."
+    )
     checkpoint_every: int = Field(500, gt=0, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
     preview_per_class: int = Field(4, ge=1, description="Images per class in preview grids.")
@@ -72,7 +74,9 @@ class PretrainConfig(Frozen):
         default_factory=lambda: SamplerConfig(steps=25), description="Sampler of preview grids."
     )
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(register_as="pathloop-pretrain"))
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(register_as="pathloop-pretrain")
+    )
 
 
 # ----------------------------------------------------------------------------- one train step
@@ -128,7 +132,13 @@ def build_state(
     if cfg.train.compile:
         model = torch.compile(model)
     return StepState(
-        model, raw, ema, opt, lr_sched, build_scheduler(cfg.noise, "ddpm"), device,
+        model,
+        raw,
+        ema,
+        opt,
+        lr_sched,
+        build_scheduler(cfg.noise, "ddpm"),
+        device,
         autocast=cuda and cfg.train.bf16,
     )
 
@@ -184,7 +194,8 @@ def pretrain_loop(config: dict) -> None:
     losses: list[float] = []
     batches = epochs_in_background(
         lambda: shard.iter_torch_batches(
-            batch_size=per_worker, drop_last=True,
+            batch_size=per_worker,
+            drop_last=True,
             dtypes={"image": torch.float32, "class_id": torch.int64},
         )
     )
@@ -196,8 +207,9 @@ def pretrain_loop(config: dict) -> None:
         shape = (cfg.train.batch_size, *x0.shape[1:])
         noise, t, drop = global_draw(cfg, step, shape, len(vocab))
         sl = slice(rank * per_worker, (rank + 1) * per_worker)
-        losses.append(train_step(st, x0, batch["class_id"], noise[sl], t[sl], drop[sl],
-                                 cfg.optim.grad_clip))
+        losses.append(
+            train_step(st, x0, batch["class_id"], noise[sl], t[sl], drop[sl], cfg.optim.grad_clip)
+        )
         step += 1
         _maybe_inject_failure(cfg, step)
         t2 = time.perf_counter()
@@ -267,7 +279,6 @@ def _maybe_restore(st: StepState, checkpoint) -> int:
     """Load UNet, EMA and optimizer from a Ray checkpoint; return its step (0 if none)."""
     if checkpoint is None:
         return 0
-    import torch
 
     from pathloop.diffusion import load_checkpoint
 
@@ -306,8 +317,15 @@ def _report(cfg, st, step, metrics, rank, vocab, log) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            save_checkpoint(tmp, st.raw, ema_unet=st.ema, optimizer=st.opt, step=step,
-                            config=cfg.model_dump(mode="json"), vocab=vocab)
+            save_checkpoint(
+                tmp,
+                st.raw,
+                ema_unet=st.ema,
+                optimizer=st.opt,
+                step=step,
+                config=cfg.model_dump(mode="json"),
+                vocab=vocab,
+            )
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -327,16 +345,25 @@ class _RankZeroLog:
             flush=True,
         )
         if self.info:
-            tracking.log_metrics(self.info["uri"], self.info["run_id"],
-                                 {k: v for k, v in m.items() if k != "step"}, step)
+            tracking.log_metrics(
+                self.info["uri"],
+                self.info["run_id"],
+                {k: v for k, v in m.items() if k != "step"},
+                step,
+            )
 
     def preview(self, st: StepState, step: int) -> None:
         from pathloop import tracking
         from pathloop.diffusion import ema_copy
         from pathloop.viz import class_grid
 
-        grid = class_grid(ema_copy(st.raw, st.ema), self.cfg.noise, self.vocab, self.cfg.preview,
-                          per_class=self.cfg.train.preview_per_class)
+        grid = class_grid(
+            ema_copy(st.raw, st.ema),
+            self.cfg.noise,
+            self.vocab,
+            self.cfg.preview,
+            per_class=self.cfg.train.preview_per_class,
+        )
         out = Path(self.cfg.workdir) / "previews" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
@@ -400,8 +427,11 @@ def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, st
     uri = tracking.resolve_uri(cfg.tracking, workdir)
     prev = json.loads(state_file.read_text()) if (cfg.resume and state_file.exists()) else {}
     run_id = prev.get("run_id") or tracking.start_run(
-        cfg.tracking, workdir, params=cfg.model_dump(mode="json"),
-        tags={"pathloop.step": step, **tags}, run_name=cfg.tracking.run_name or cfg.name,
+        cfg.tracking,
+        workdir,
+        params=cfg.model_dump(mode="json"),
+        tags={"pathloop.step": step, **tags},
+        run_name=cfg.tracking.run_name or cfg.name,
     )
     state_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return cfg, uri, run_id
@@ -474,12 +504,17 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     # One bar per epoch from Ray Data drowns the step log; the loop prints its own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = read_shards(shards, split=cfg.data.split, classes=cfg.data.classes, augment=cfg.data.augment)
+    ds = read_shards(
+        shards, split=cfg.data.split, classes=cfg.data.classes, augment=cfg.data.augment
+    )
     ckpt_dir = fit(
         pretrain_loop,
         cfg,
-        {"cfg": cfg.model_dump(mode="json"), "vocab": vocab.model_dump(mode="json"),
-         "mlflow": {"uri": uri, "run_id": run_id}},
+        {
+            "cfg": cfg.model_dump(mode="json"),
+            "vocab": vocab.model_dump(mode="json"),
+            "mlflow": {"uri": uri, "run_id": run_id},
+        },
         datasets={"train": ds},
     )
     return finish_run(cfg, uri, run_id, ckpt_dir, {"arithmetic": arith})
@@ -521,17 +556,25 @@ class FinetuneConfig(Frozen):
     max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from.")
     method: Literal["reward", "dpo"] = Field("reward", description="Eq. 3 or Diffusion-DPO.")
     pretrained: str = Field("runs/pretrain/result.json", description="Model to start from.")
-    synthetic: str = Field("runs/samples", description=(
-        "Synthetic images: a shard set or a feedback.parquet (dpo needs its fail_* columns "
-        "unless a reward model scores them)."))
+    synthetic: str = Field(
+        "runs/samples",
+        description=(
+            "Synthetic images: a shard set or a feedback.parquet (dpo needs its fail_* columns "
+            "unless a reward model scores them)."
+        ),
+    )
     reward_model: str | None = Field(None, description="Reward model ref (path or MLflow URI).")
     real: str | None = Field(None, description="Real shard set for the beta_r term.")
     real_split: str | None = Field("train", description="Split of the real shards.")
     beta_r: float = Field(1.0, ge=0, description="Weight of the plain loss on real images.")
-    reward_mode: Literal["raw", "threshold", "class_norm"] = Field("raw", description=(
-        "raw r; threshold: 1[r >= reward_threshold]; class_norm: r / mean_class(r)."))
+    reward_mode: Literal["raw", "threshold", "class_norm"] = Field(
+        "raw",
+        description=("raw r; threshold: 1[r >= reward_threshold]; class_norm: r / mean_class(r)."),
+    )
     reward_threshold: float = Field(0.5, ge=0, le=1, description="For reward_mode=threshold.")
-    dpo_beta: float = Field(100.0, gt=0, description="Diffusion-DPO beta (errors are per-pixel MSE).")
+    dpo_beta: float = Field(
+        100.0, gt=0, description="Diffusion-DPO beta (errors are per-pixel MSE)."
+    )
     dpo_bar: float = Field(1.0, ge=0, le=1, description="MAGIC's bar on checklist scores.")
     feedback_round: str | None = Field(None, description="Lineage: the feedback round id.")
     feedback_fraction: float | None = Field(None, description="Lineage: fraction of feedback used.")
@@ -598,13 +641,15 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     n_syn = len(data["pairs"]) if cfg.method == "dpo" else len(syn)
     shape = (3, syn.shape[1], syn.shape[2])
     pick, pick_real, noise, noise_real, t, drop = _finetune_batch(
-        cfg, step, n_syn, len(data["real_images"]), shape, rank, world)
+        cfg, step, n_syn, len(data["real_images"]), shape, rank, world
+    )
     null = null_class(st.raw)
 
     def err(model, idx, k):  # per-sample denoising error of image set idx with noise k: (b,)
         y = torch.where(drop, null, torch.from_numpy(cls[idx.numpy()]))
-        return diffusion_loss(model, st.scheduler, _to_x(syn, idx), y,
-                              noise=noise[:, k], timesteps=t[:, k])
+        return diffusion_loss(
+            model, st.scheduler, _to_x(syn, idx), y, noise=noise[:, k], timesteps=t[:, k]
+        )
 
     if cfg.method == "reward":
         l_syn = err(st.model, pick, 0)  # (b,)
@@ -618,8 +663,14 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     l_real = None
     if cfg.beta_r > 0 and len(data["real_images"]):
         y = torch.from_numpy(data["real_class_ids"][pick_real.numpy()])
-        l_real = diffusion_loss(st.model, st.scheduler, _to_x(data["real_images"], pick_real), y,
-                                noise=noise_real, timesteps=t[:, 0])  # (b,)
+        l_real = diffusion_loss(
+            st.model,
+            st.scheduler,
+            _to_x(data["real_images"], pick_real),
+            y,
+            noise=noise_real,
+            timesteps=t[:, 0],
+        )  # (b,)
     if cfg.method == "reward":
         return reward_weighted_loss(l_syn, r, l_real, cfg.beta_r)  # Eq. 3, Sun et al. 2023
     return l_pref + (cfg.beta_r * l_real.mean() if l_real is not None else 0.0)
@@ -647,8 +698,9 @@ def finetune_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     start = load_checkpoint(config["pretrained_dir"])  # EMA weights of the pretrained model
     ref = copy.deepcopy(start.unet).eval().requires_grad_(False) if cfg.method == "dpo" else None
-    st = build_state(cfg, len(vocab), device, wrap=ray.train.torch.prepare_model,
-                     init_unet=start.unet)
+    st = build_state(
+        cfg, len(vocab), device, wrap=ray.train.torch.prepare_model, init_unet=start.unet
+    )
     step = _maybe_restore(st, ray.train.get_checkpoint())
     data = dict(np.load(config["data_file"], allow_pickle=False))
     log = _RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
@@ -668,8 +720,12 @@ def finetune_loop(config: dict) -> None:
         metrics = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             dt = time.perf_counter() - t0
-            metrics = {"loss": sum(losses) / len(losses), "data_wait_frac": 0.0, "step": step,
-                       "images_per_s": cfg.train.batch_size * len(losses) / max(dt, 1e-9)}
+            metrics = {
+                "loss": sum(losses) / len(losses),
+                "data_wait_frac": 0.0,
+                "step": step,
+                "images_per_s": cfg.train.batch_size * len(losses) / max(dt, 1e-9),
+            }
             losses, t0 = [], time.perf_counter()
         _report(cfg, st, step, metrics, rank, vocab, log)
 
@@ -688,20 +744,40 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
     else:
         fails = [k for k in cols if k.startswith("fail_")]
         if not fails:
-            raise ValueError(f"{cfg.synthetic} has no fail_* checklist columns and no "
-                             "reward_model is set; pass a feedback export or a reward model")
+            raise ValueError(
+                f"{cfg.synthetic} has no fail_* checklist columns and no "
+                "reward_model is set; pass a feedback export or a reward model"
+            )
         scores = 1.0 - np.mean([cols[k].astype(float) for k in fails], axis=0)  # (N,)
     weights = shape_rewards(scores, class_ids, cfg.reward_mode, cfg.reward_threshold)
-    pairs = (preference_pairs(scores, class_ids, cfg.dpo_bar, cfg.train.seed)
-             if cfg.method == "dpo" else np.zeros((0, 4), np.int64))
+    pairs = (
+        preference_pairs(scores, class_ids, cfg.dpo_bar, cfg.train.seed)
+        if cfg.method == "dpo"
+        else np.zeros((0, 4), np.int64)
+    )
     if cfg.method == "dpo" and len(pairs) == 0:
         raise ValueError("no preference pairs: each class needs at least 2 synthetic images")
-    real_x, real_y = (load_arrays(cfg.real, split=cfg.real_split) if cfg.real
-                      else (np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64)))
-    np.savez(out, images=images, class_ids=class_ids, weights=weights.astype(np.float32),
-             pairs=pairs, real_images=real_x, real_class_ids=real_y)
-    return {"synthetic_images": len(images), "pairs": len(pairs), "real_images": len(real_x),
-            "mean_weight": float(np.mean(weights)), "mean_score": float(np.mean(scores))}
+    real_x, real_y = (
+        load_arrays(cfg.real, split=cfg.real_split)
+        if cfg.real
+        else (np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64))
+    )
+    np.savez(
+        out,
+        images=images,
+        class_ids=class_ids,
+        weights=weights.astype(np.float32),
+        pairs=pairs,
+        real_images=real_x,
+        real_class_ids=real_y,
+    )
+    return {
+        "synthetic_images": len(images),
+        "pairs": len(pairs),
+        "real_images": len(real_x),
+        "mean_weight": float(np.mean(weights)),
+        "mean_score": float(np.mean(scores)),
+    }
 
 
 def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path):
@@ -728,30 +804,52 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from pathloop.sampling import resolve_model_ref
 
     if cfg.method == "reward" and not cfg.reward_model:
-        raise ValueError("method=reward needs reward_model=<path or MLflow URI> (Eq. 3 weights "
-                         "each synthetic image by its reward); or use method=dpo with a "
-                         "feedback export")
+        raise ValueError(
+            "method=reward needs reward_model=<path or MLflow URI> (Eq. 3 weights "
+            "each synthetic image by its reward); or use method=dpo with a "
+            "feedback export"
+        )
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)
-    abs_ = {k: str(Path(v).resolve()) for k in ("synthetic", "real")
-            if (v := getattr(cfg, k)) and "://" not in v}
-    cfg = cfg.model_copy(update={**abs_,
-                                 "model": ModelConfig.model_validate(start.config["model"]),
-                                 "noise": start.noise or cfg.noise})
+    abs_ = {
+        k: str(Path(v).resolve())
+        for k in ("synthetic", "real")
+        if (v := getattr(cfg, k)) and "://" not in v
+    }
+    cfg = cfg.model_copy(
+        update={
+            **abs_,
+            "model": ModelConfig.model_validate(start.config["model"]),
+            "noise": start.noise or cfg.noise,
+        }
+    )
     if cfg.train.batch_size % cfg.scaling.num_workers:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by "
-                         f"scaling.num_workers={cfg.scaling.num_workers}")
-    tags = {"pathloop.pretrained": pre_uri, "pathloop.reward_model": str(cfg.reward_model),
-            "pathloop.feedback_round": str(cfg.feedback_round), "pathloop.method": cfg.method,
-            "pathloop.feedback_fraction": str(cfg.feedback_fraction)}
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} must divide by "
+            f"scaling.num_workers={cfg.scaling.num_workers}"
+        )
+    tags = {
+        "pathloop.pretrained": pre_uri,
+        "pathloop.reward_model": str(cfg.reward_model),
+        "pathloop.feedback_round": str(cfg.feedback_round),
+        "pathloop.method": cfg.method,
+        "pathloop.feedback_fraction": str(cfg.feedback_fraction),
+    }
     cfg, uri, run_id = prepare_run(cfg, "finetune", tags)
     data_file = Path(cfg.workdir) / "finetune_data.npz"
     stats = _finetune_data(cfg, start.vocab, data_file)
     rprint({"config": cfg.model_dump(mode="json"), "data": stats})
-    ckpt = fit(finetune_loop, cfg, {
-        "cfg": cfg.model_dump(mode="json"), "vocab": start.vocab.model_dump(mode="json"),
-        "pretrained_dir": str(Path(ckpt_dir).resolve()), "data_file": str(data_file),
-        "mlflow": {"uri": uri, "run_id": run_id}})
+    ckpt = fit(
+        finetune_loop,
+        cfg,
+        {
+            "cfg": cfg.model_dump(mode="json"),
+            "vocab": start.vocab.model_dump(mode="json"),
+            "pretrained_dir": str(Path(ckpt_dir).resolve()),
+            "data_file": str(data_file),
+            "mlflow": {"uri": uri, "run_id": run_id},
+        },
+    )
     return finish_run(cfg, uri, run_id, ckpt, {"data": stats, "lineage": tags})
 
 
@@ -768,36 +866,70 @@ class RewardConfig(Frozen):
     name: str = Field("reward", description="Run name (Ray run dir and MLflow run).")
     resume: bool = Field(False, description="Continue from the latest checkpoint in workdir.")
     max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from.")
-    feedback: str = Field("runs/feedback/feedback.parquet",
-                          description="export_round's feedback.parquet, or the folder holding it.")
-    real_shards: str = Field("runs/demo/phantoms", description=(
-        "Real shard set: the λr term and, when backbone is None, the backbone's training data."))
+    feedback: str = Field(
+        "runs/feedback/feedback.parquet",
+        description="export_round's feedback.parquet, or the folder holding it.",
+    )
+    real_shards: str = Field(
+        "runs/demo/phantoms",
+        description=(
+            "Real shard set: the λr term and, when backbone is None, the backbone's training data."
+        ),
+    )
     real_split: str = Field("train", description="Split of real_shards used.")
-    backbone: str | None = Field(None, description=(
-        "Trained backbone (dir, result.json or MLflow URI); None = train one on real_shards."))
-    backbone_arch: str = Field("tiny", description=(
-        "When backbone is None: preset (tiny, paper) or timm model name to train."))
+    backbone: str | None = Field(
+        None,
+        description=(
+            "Trained backbone (dir, result.json or MLflow URI); None = train one on real_shards."
+        ),
+    )
+    backbone_arch: str = Field(
+        "tiny",
+        description=("When backbone is None: preset (tiny, paper) or timm model name to train."),
+    )
     backbone_steps: int = Field(300, gt=0, description="When backbone is None: its train steps.")
-    finetune_backbone: bool = Field(False, description=(
-        "Train the backbone with the head; false = frozen, embeddings computed once."))
+    finetune_backbone: bool = Field(
+        False,
+        description=("Train the backbone with the head; false = frozen, embeddings computed once."),
+    )
     hidden: int = Field(256, gt=0, description="Width of the head's MLP.")
     lambda_r: float = Field(1.0, ge=0, description="Weight of the real-image term of Eq. 2.")
-    holdout_frac: float = Field(0.2, ge=0, lt=1, description=(
-        "Feedback held out for AUC/accuracy/ECE (seeded, stratified by label)."))
-    fraction: float = Field(1.0, ge=0, le=1, description=(
-        "Fraction of the non-held-out feedback used (the paper's 0/10/50/100 % ablation); "
-        "0 = real-image term only. The held-out set does not change with it."))
+    holdout_frac: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description=("Feedback held out for AUC/accuracy/ECE (seeded, stratified by label)."),
+    )
+    fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description=(
+            "Fraction of the non-held-out feedback used (the paper's 0/10/50/100 % ablation); "
+            "0 = real-image term only. The held-out set does not change with it."
+        ),
+    )
     steps: int = Field(500, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(32, gt=0, description=(
-        "Global batch of feedback rows (plus as many real rows); must divide by num_workers."))
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description=(
+            "Global batch of feedback rows (plus as many real rows); must divide by num_workers."
+        ),
+    )
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    augment: bool = Field(True, description=(
-        "Random flips/90° turns; frozen backbone: 8 cached embeddings per image."))
+    augment: bool = Field(
+        True,
+        description=("Random flips/90° turns; frozen backbone: 8 cached embeddings per image."),
+    )
     seed: int = Field(0, description="Seed of the holdout split, fraction, init and draws.")
     log_every: int = Field(25, gt=0, description="Steps between loss reports.")
-    checkpoint_every: int = Field(250, gt=0, description=(
-        "Steps between checkpoints; each one also measures the held-out metrics."))
+    checkpoint_every: int = Field(
+        250,
+        gt=0,
+        description=("Steps between checkpoints; each one also measures the held-out metrics."),
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(
@@ -807,9 +939,15 @@ class RewardConfig(Frozen):
     @property
     def train(self) -> TrainConfig:
         """The step/checkpoint settings as the ``TrainConfig`` that the shared ``fit`` reads."""
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, seed=self.seed,
-                           log_every=self.log_every, checkpoint_every=self.checkpoint_every,
-                           keep_checkpoints=self.keep_checkpoints, sample_every=0)
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            log_every=self.log_every,
+            checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=self.keep_checkpoints,
+            sample_every=0,
+        )
 
 
 def reward_loop(config: dict) -> None:
@@ -831,9 +969,16 @@ def reward_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same head init on every rank
     model = RewardModel(load_backbone(config["backbone_dir"]), vocab, hidden=cfg.hidden)
     fitter = RewardFit(
-        model, RewardData.load(config["data_file"]), lr=cfg.lr, lambda_r=cfg.lambda_r,
-        batch_size=cfg.batch_size, seed=cfg.seed, finetune_backbone=cfg.finetune_backbone,
-        augment=cfg.augment, weight_decay=cfg.weight_decay, device=ray.train.torch.get_device(),
+        model,
+        RewardData.load(config["data_file"]),
+        lr=cfg.lr,
+        lambda_r=cfg.lambda_r,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        finetune_backbone=cfg.finetune_backbone,
+        augment=cfg.augment,
+        weight_decay=cfg.weight_decay,
+        device=ray.train.torch.get_device(),
         wrap=ray.train.torch.prepare_model,
     )
     step = _restore_reward(fitter, ray.train.get_checkpoint())
@@ -867,8 +1012,14 @@ def _restore_reward(fitter: Any, checkpoint: Any) -> int:
         return int(json.loads((Path(d) / "state.json").read_text())["step"])
 
 
-def _report_reward(cfg: RewardConfig, fitter: Any, step: int, metrics: dict | None, rank: int,
-                   mlflow_info: dict | None) -> None:
+def _report_reward(
+    cfg: RewardConfig,
+    fitter: Any,
+    step: int,
+    metrics: dict | None,
+    rank: int,
+    mlflow_info: dict | None,
+) -> None:
     """Report every log step; at checkpoints rank 0 also measures the held-out feedback and
     writes the reward model dir. All ranks call ``ray.train.report`` together."""
     import tempfile
@@ -888,16 +1039,26 @@ def _report_reward(cfg: RewardConfig, fitter: Any, step: int, metrics: dict | No
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
         print(f"[{cfg.name}] step {step}/{cfg.steps} {shown}", flush=True)
     if mlflow_info:
-        tracking.log_metrics(mlflow_info["uri"], mlflow_info["run_id"],
-                             {k: v for k, v in metrics.items() if k != "step"}, step)
+        tracking.log_metrics(
+            mlflow_info["uri"],
+            mlflow_info["run_id"],
+            {k: v for k, v in metrics.items() if k != "step"},
+            step,
+        )
     if not want_ckpt:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            save_reward_model(tmp, fitter.model, step=step, config=cfg.model_dump(mode="json"),
-                              metrics=metrics, optimizer=fitter.opt)
+            save_reward_model(
+                tmp,
+                fitter.model,
+                step=step,
+                config=cfg.model_dump(mode="json"),
+                metrics=metrics,
+                optimizer=fitter.opt,
+            )
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -906,8 +1067,10 @@ def _reward_arithmetic(cfg: RewardConfig, data: Any, n_feedback: int) -> dict[st
     """State the numbers before the loop and check that they divide."""
     w = cfg.scaling.num_workers
     if cfg.batch_size % w:
-        raise ValueError(f"batch_size={cfg.batch_size} must divide by scaling.num_workers={w}; "
-                         f"use e.g. batch_size={cfg.batch_size // w * w or w}")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must divide by scaling.num_workers={w}; "
+            f"use e.g. batch_size={cfg.batch_size // w * w or w}"
+        )
     n_syn = len(data.syn_x)
     return {
         "feedback_rows": n_feedback,
@@ -951,36 +1114,55 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
     from pathloop.reward import load_feedback, split_feedback
 
     # Workers do not share the driver's cwd: every local path crosses as an absolute one.
-    local = {k: str(Path(v).resolve()) for k in ("feedback", "real_shards", "backbone")
-             if (v := getattr(cfg, k)) and ":/" not in v}
+    local = {
+        k: str(Path(v).resolve())
+        for k in ("feedback", "real_shards", "backbone")
+        if (v := getattr(cfg, k)) and ":/" not in v
+    }
     cfg = cfg.model_copy(update=local)
     vocab = read_vocab(cfg.real_shards)
     images, class_ids, targets, fb_vocab = load_feedback(cfg.feedback)
     if fb_vocab is not None and fb_vocab.names != vocab.names:
-        raise ValueError(f"feedback classes {fb_vocab.names} differ from {cfg.real_shards}'s "
-                         f"{vocab.names}; pair a feedback round with the shards it came from")
+        raise ValueError(
+            f"feedback classes {fb_vocab.names} differ from {cfg.real_shards}'s "
+            f"{vocab.names}; pair a feedback round with the shards it came from"
+        )
     real = load_arrays(cfg.real_shards, cfg.real_split)
     if len(real[0]) and real[0].shape[1:] != images.shape[1:]:
-        raise ValueError(f"feedback images are {images.shape[1:3]} px but real images "
-                         f"{real[0].shape[1:3]} px; use real shards of the sampled size")
-    data = split_feedback(images, class_ids, targets, real, cfg.holdout_frac, cfg.fraction,
-                          cfg.seed)
+        raise ValueError(
+            f"feedback images are {images.shape[1:3]} px but real images "
+            f"{real[0].shape[1:3]} px; use real shards of the sampled size"
+        )
+    data = split_feedback(
+        images, class_ids, targets, real, cfg.holdout_frac, cfg.fraction, cfg.seed
+    )
     arith = _reward_arithmetic(cfg, data, len(images))
-    tags = {"pathloop.feedback": cfg.feedback, "pathloop.real_shards": cfg.real_shards,
-            "pathloop.feedback_fraction": str(cfg.fraction)}
+    tags = {
+        "pathloop.feedback": cfg.feedback,
+        "pathloop.real_shards": cfg.real_shards,
+        "pathloop.feedback_fraction": str(cfg.fraction),
+    }
     cfg, uri, run_id = prepare_run(cfg, "reward", tags)
     backbone_dir = _reward_backbone(cfg, uri, run_id)
     data_file = Path(cfg.workdir) / "reward_data.npz"
     data.save(data_file)
     rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
-    ckpt = fit(reward_loop, cfg, {
-        "cfg": cfg.model_dump(mode="json"), "vocab": vocab.model_dump(mode="json"),
-        "backbone_dir": backbone_dir, "data_file": str(data_file),
-        "mlflow": {"uri": uri, "run_id": run_id}})
+    ckpt = fit(
+        reward_loop,
+        cfg,
+        {
+            "cfg": cfg.model_dump(mode="json"),
+            "vocab": vocab.model_dump(mode="json"),
+            "backbone_dir": backbone_dir,
+            "data_file": str(data_file),
+            "mlflow": {"uri": uri, "run_id": run_id},
+        },
+    )
     metrics = json.loads((ckpt / "config.json").read_text())["metrics"]
     held_out = {k: metrics[k] for k in ("auc", "accuracy", "ece")}
-    return finish_run(cfg, uri, run_id, ckpt,
-                      {**held_out, "backbone": backbone_dir, "arithmetic": arith})
+    return finish_run(
+        cfg, uri, run_id, ckpt, {**held_out, "backbone": backbone_dir, "arithmetic": arith}
+    )
 
 
 class BackboneJobConfig(Frozen):
@@ -1013,15 +1195,29 @@ def run_backbone(cfg: BackboneJobConfig) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir / "config.yaml")
     uri = tracking.resolve_uri(cfg.tracking, workdir)
-    run_id = tracking.start_run(cfg.tracking, workdir, params=cfg.model_dump(mode="json"),
-                                tags={"pathloop.step": "backbone", "pathloop.shards": cfg.shards},
-                                run_name=cfg.tracking.run_name or cfg.name)
-    bcfg = BackboneConfig(name=cfg.arch, in_px=cfg.in_px, steps=cfg.steps,
-                          batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    run_id = tracking.start_run(
+        cfg.tracking,
+        workdir,
+        params=cfg.model_dump(mode="json"),
+        tags={"pathloop.step": "backbone", "pathloop.shards": cfg.shards},
+        run_name=cfg.tracking.run_name or cfg.name,
+    )
+    bcfg = BackboneConfig(
+        name=cfg.arch,
+        in_px=cfg.in_px,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+    )
     try:
-        m = train_backbone(cfg.shards, workdir / "model", bcfg, split=cfg.split,
-                           on_log=lambda s, loss: tracking.log_metrics(uri, run_id,
-                                                                        {"loss": loss}, s))
+        m = train_backbone(
+            cfg.shards,
+            workdir / "model",
+            bcfg,
+            split=cfg.split,
+            on_log=lambda s, loss: tracking.log_metrics(uri, run_id, {"loss": loss}, s),
+        )
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise
@@ -1029,7 +1225,12 @@ def run_backbone(cfg: BackboneJobConfig) -> dict[str, Any]:
     tracking.log_metrics(uri, run_id, metrics, cfg.steps)
     model_uri = tracking.log_checkpoint_model(uri, run_id, m["path"], cfg.tracking.register_as)
     tracking.end_run(uri, run_id)
-    out = {"run_id": run_id, "tracking_uri": uri, "model_uri": model_uri,
-           "checkpoint": m["path"], **metrics}
+    out = {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "model_uri": model_uri,
+        "checkpoint": m["path"],
+        **metrics,
+    }
     (workdir / "result.json").write_text(json.dumps(out, indent=2))
     return out

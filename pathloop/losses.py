@@ -150,7 +150,7 @@ def preference_loss(
 
     With (s_a, s_b) = (+1, -1) this is exactly ``dpo_loss`` (a = winner, b = loser).
     """
-    delta = sign_a.to(model_err_a) * (model_err_a - ref_err_a.detach()) + sign_b.to(
-        model_err_b
-    ) * (model_err_b - ref_err_b.detach())  # (B,)
+    delta = sign_a.to(model_err_a) * (model_err_a - ref_err_a.detach()) + sign_b.to(model_err_b) * (
+        model_err_b - ref_err_b.detach()
+    )  # (B,)
     return -F.logsigmoid(-beta * delta)  # (B,)

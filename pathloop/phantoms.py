@@ -1202,8 +1202,9 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 
 
-def write_phantoms(out: str | Path, per_class: int, test_per_class: int = 0, size: int = 32,
-                   seed: int = 0) -> dict:
+def write_phantoms(
+    out: str | Path, per_class: int, test_per_class: int = 0, size: int = 32, seed: int = 0
+) -> dict:
     """Render phantoms into a shard set (train, then test from a disjoint seed); the manifest."""
     from rich.progress import track
 
@@ -1223,14 +1224,17 @@ def _judge_ids(vocab: Vocabulary, class_ids: np.ndarray) -> np.ndarray:
     known = {c.code for c in BONE_MARROW_16.classes}
     unknown = sorted({c.code for c in vocab.classes} - known)
     if unknown:
-        raise ValueError(f"the judge knows only the 16 phantom classes ({sorted(known)}); "
-                         f"this shard set has {unknown}")
+        raise ValueError(
+            f"the judge knows only the 16 phantom classes ({sorted(known)}); "
+            f"this shard set has {unknown}"
+        )
     table = np.array([BONE_MARROW_16.lookup(c.code).id for c in vocab.classes])
     return table[class_ids]
 
 
-def judge_shards(shard_dir: str | Path, shuffle_seed: int | None = None,
-                 split: str | None = None) -> dict:
+def judge_shards(
+    shard_dir: str | Path, shuffle_seed: int | None = None, split: str | None = None
+) -> dict:
     """Judge every image of a shard set against its declared class; the report dict.
 
     ``shuffle_seed`` first replaces each declared class with a different random class (the
@@ -1241,7 +1245,11 @@ def judge_shards(shard_dir: str | Path, shuffle_seed: int | None = None,
     images, class_ids, cols = load_image_table(shard_dir)
     if split is not None:
         keep = cols["split"] == split
-        images, class_ids, cols = images[keep], class_ids[keep], {k: v[keep] for k, v in cols.items()}
+        images, class_ids, cols = (
+            images[keep],
+            class_ids[keep],
+            {k: v[keep] for k, v in cols.items()},
+        )
     ids = _judge_ids(read_vocab(shard_dir), class_ids)
     if shuffle_seed is not None:
         ids = shuffle_classes(ids, shuffle_seed)

@@ -20,9 +20,12 @@ from pathloop.config import Frozen, SamplerConfig, TrackingConfig
 class SampleConfig(Frozen):
     """Draw ``per_class`` synthetic images for each requested class."""
 
-    model: str = Field("runs/pretrain/result.json", description=(
-        "Checkpoint dir, models:/name/version, runs:/id/model, or a result.json of a training job."
-    ))
+    model: str = Field(
+        "runs/pretrain/result.json",
+        description=(
+            "Checkpoint dir, models:/name/version, runs:/id/model, or a training result.json."
+        ),
+    )
     out: str = Field("runs/samples", description="Output shard-set directory.")
     per_class: int = Field(16, gt=0, description="Images per class.")
     classes: list[str] | None = Field(None, description="Class names/codes; None = all.")
@@ -74,10 +77,16 @@ class _Sampler:
             arr = np.stack([decode_png(b) for b in batch["init_png"]])  # (B, H, W, 3) uint8
             init = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, C, H, W)
         x = sample(
-            self.ck.unet, self.ck.noise, batch["class_id"].tolist(),
-            sampler=self.cfg.sampler, steps=self.cfg.steps, guidance=self.cfg.guidance,
-            seeds=batch["seed"].tolist(), batch_size=self.cfg.batch_size,
-            init_images=init, strength=self.strength if init is not None else 1.0,
+            self.ck.unet,
+            self.ck.noise,
+            batch["class_id"].tolist(),
+            sampler=self.cfg.sampler,
+            steps=self.cfg.steps,
+            guidance=self.cfg.guidance,
+            seeds=batch["seed"].tolist(),
+            batch_size=self.cfg.batch_size,
+            init_images=init,
+            strength=self.strength if init is not None else 1.0,
             device=self.device,
         )
         out = {k: v for k, v in batch.items() if k != "init_png"}
@@ -123,25 +132,40 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     ray.init(ignore_reinit_error=True)
     ds = ray.data.from_items(rows).map_batches(
         _Sampler,
-        fn_constructor_kwargs={"ckpt_dir": str(ckpt_dir),
-                               "sampler": cfg.sampler.model_dump(), "strength": cfg.strength},
+        fn_constructor_kwargs={
+            "ckpt_dir": str(ckpt_dir),
+            "sampler": cfg.sampler.model_dump(),
+            "strength": cfg.strength,
+        },
         batch_size=cfg.sampler.batch_size,
         concurrency=cfg.num_actors,
         num_gpus=1 if cfg.use_gpu else 0,
         batch_format="numpy",
     )
-    prov = {"model_uri": model_uri, "checkpoint_step": step, "sampler": cfg.sampler.sampler,
-            "steps": cfg.sampler.steps, "guidance": cfg.sampler.guidance}
-    with ShardWriter(cfg.out, vocab, source_note=f"sampled from {model_uri}") as w, \
-            Progress(transient=False) as bar:
+    prov = {
+        "model_uri": model_uri,
+        "checkpoint_step": step,
+        "sampler": cfg.sampler.sampler,
+        "steps": cfg.sampler.steps,
+        "guidance": cfg.sampler.guidance,
+    }
+    with (
+        ShardWriter(cfg.out, vocab, source_note=f"sampled from {model_uri}") as w,
+        Progress(transient=False) as bar,
+    ):
         task = bar.add_task("sampling", total=len(rows))
         for r in ds.iter_rows():
             p = dict(prov, seed=int(r["seed"]))
             if cfg.init_from:
                 p.update(strength=cfg.strength, init_id=str(r["init_id"]))
-            w.add(r["pixels"], int(r["class_id"]), split=cfg.split, source="synthetic",
-                  provenance=p)
+            w.add(
+                r["pixels"], int(r["class_id"]), split=cfg.split, source="synthetic", provenance=p
+            )
             bar.advance(task)
     manifest = json.loads((Path(cfg.out) / "manifest.json").read_text())
-    return {"out": str(Path(cfg.out).resolve()), "num_records": manifest["num_records"],
-            "model_uri": model_uri, "checkpoint_step": step}
+    return {
+        "out": str(Path(cfg.out).resolve()),
+        "num_records": manifest["num_records"],
+        "model_uri": model_uri,
+        "checkpoint_step": step,
+    }

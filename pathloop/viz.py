@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,16 +39,30 @@ def image_grid(
     return grid
 
 
-def class_grid(unet: Any, noise: Any, vocab: Any, sampler: Any, per_class: int = 4,
-               scale: int = 2) -> Any:
+def class_grid(
+    unet: Any, noise: Any, vocab: Any, sampler: Any, per_class: int = 4, scale: int = 2
+) -> Any:
     """One row per class of ``per_class`` samples from ``unet`` (the one ``sample()`` loop)."""
     from pathloop.diffusion import sample, to_uint8
 
     ids = [c.id for c in vocab.classes for _ in range(per_class)]
-    x = sample(unet, noise, ids, sampler=sampler.sampler, steps=sampler.steps,
-               guidance=sampler.guidance, seed=sampler.seed, batch_size=sampler.batch_size)
-    return image_grid(list(to_uint8(x)), len(vocab), per_class, scale,
-                      labels=[f"{c.code} {c.name}"[:22] for c in vocab.classes])
+    x = sample(
+        unet,
+        noise,
+        ids,
+        sampler=sampler.sampler,
+        steps=sampler.steps,
+        guidance=sampler.guidance,
+        seed=sampler.seed,
+        batch_size=sampler.batch_size,
+    )
+    return image_grid(
+        list(to_uint8(x)),
+        len(vocab),
+        per_class,
+        scale,
+        labels=[f"{c.code} {c.name}"[:22] for c in vocab.classes],
+    )
 
 
 def shard_grid(shard_dir: Any, per_class: int = 8, scale: int = 2, split: str | None = None) -> Any:
@@ -62,8 +77,9 @@ def shard_grid(shard_dir: Any, per_class: int = 8, scale: int = 2, split: str | 
     present = [c for c in vocab.classes if rows[c.id]]
     blank = np.full_like(next(iter(rows[present[0].id])), 255)
     tiles = [(rows[c.id] + [blank] * per_class)[i] for c in present for i in range(per_class)]
-    return image_grid(tiles, len(present), per_class, scale,
-                      labels=[f"{c.code} {c.name}"[:22] for c in present])
+    return image_grid(
+        tiles, len(present), per_class, scale, labels=[f"{c.code} {c.name}"[:22] for c in present]
+    )
 
 
 def _rate_style(v: float) -> str:

@@ -110,18 +110,35 @@ BONE_MARROW_16 = Vocabulary(
     classes=(
         _c(0, "B1", "basophilic myelocyte", "Round nucleus, blue cytoplasm, few dark granules."),
         _c(1, "B2", "basophil", "Lobed nucleus hidden under large dark-purple granules."),
-        _c(2, "E1", "eosinophilic myelocyte", "Round/oval nucleus, pink cytoplasm, orange granules."),
+        _c(
+            2,
+            "E1",
+            "eosinophilic myelocyte",
+            "Round/oval nucleus, pink cytoplasm, orange granules.",
+        ),
         _c(3, "E4", "eosinophil", "Bilobed nucleus, pink cytoplasm packed with orange granules."),
         _c(4, "ER1", "proerythroblast", "Large cell, round nucleus with nucleoli, deep-blue rim."),
         _c(5, "ER2", "basophilic erythroblast", "Round nucleus, coarse chromatin, blue cytoplasm."),
-        _c(6, "ER3", "polychromatic erythroblast", "Smaller, clumped chromatin, grey-lilac cytoplasm."),
+        _c(
+            6,
+            "ER3",
+            "polychromatic erythroblast",
+            "Smaller, clumped chromatin, grey-lilac cytoplasm.",
+        ),
         _c(7, "ER4", "orthochromatic erythroblast", "Small pyknotic nucleus, pink cytoplasm."),
         _c(8, "ER5", "polychromatic erythrocyte", "No nucleus, lilac-pink disc, slightly large."),
         _c(9, "ER6", "erythrocyte", "No nucleus, pink disc with central pallor."),
         _c(10, "M1", "myeloblast", "High N:C, fine chromatin, nucleoli, blue agranular rim."),
         _c(11, "M2", "promyelocyte", "Large, oval nucleus, azurophilic granules, blue cytoplasm."),
-        _c(12, "M3", "myelocyte", "Round nucleus, coarser chromatin, lilac cytoplasm, fine granules."),
-        _c(13, "M4", "metamyelocyte", "Kidney-shaped nucleus, pale lilac cytoplasm, fine granules."),
+        _c(
+            12,
+            "M3",
+            "myelocyte",
+            "Round nucleus, coarser chromatin, lilac cytoplasm, fine granules.",
+        ),
+        _c(
+            13, "M4", "metamyelocyte", "Kidney-shaped nucleus, pale lilac cytoplasm, fine granules."
+        ),
         _c(
             14,
             "M5",
@@ -129,6 +146,8 @@ BONE_MARROW_16 = Vocabulary(
             "Band or 2-5 segmented lobes, clumped chromatin, pale pink cytoplasm, fine granules.",
             ("band", "segmented"),
         ),
-        _c(15, "MO2", "monocyte", "Large, indented/folded nucleus, grey-blue vacuolated cytoplasm."),
+        _c(
+            15, "MO2", "monocyte", "Large, indented/folded nucleus, grey-blue vacuolated cytoplasm."
+        ),
     )
 )

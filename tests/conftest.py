@@ -47,3 +47,25 @@ def phantom_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, per_class=8, test_per_class=2, size=32, seed=11)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """An untrained tiny UNet checkpoint (16 classes, 32 px, (16, 32) channels) at step 3."""
+    from pathloop.config import ModelConfig, NoiseConfig
+    from pathloop.diffusion import build_unet, save_checkpoint
+    from pathloop.vocab import BONE_MARROW_16
+
+    out = tmp_path_factory.mktemp("ckpt")
+    model = ModelConfig(block_out_channels=(16, 32), layers_per_block=1)
+    save_checkpoint(
+        out,
+        build_unet(model, 16),
+        step=3,
+        vocab=BONE_MARROW_16,
+        config={
+            "model": model.model_dump(mode="json"),
+            "noise": NoiseConfig().model_dump(mode="json"),
+        },
+    )
+    return out

@@ -1,6 +1,7 @@
 """Config: defaults < YAML < dotted overrides; unknown keys fail with the valid keys listed."""
 
 import pytest
+from pydantic import ValidationError
 
 from pathloop.config import ConfigError, load_config
 from pathloop.loops import PretrainConfig
@@ -42,7 +43,7 @@ def test_bad_value_and_missing_file(tmp_path):
 
 def test_frozen_and_dict_round_trip():
     cfg = load_config(PretrainConfig, None, ["train.steps=7"])
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.steps = 3  # frozen
     again = PretrainConfig.model_validate(cfg.model_dump(mode="json"))
     assert again == cfg  # crosses process boundaries as a dict

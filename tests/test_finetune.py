@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pathloop.config import ModelConfig, NoiseConfig, load_config
+from pathloop.config import load_config
 from pathloop.loops import FinetuneConfig, run_finetune, shape_rewards
 
 
@@ -19,19 +19,6 @@ def test_shape_rewards_modes():
 
 
 @pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory):
-    from pathloop.diffusion import build_unet, save_checkpoint
-    from pathloop.vocab import BONE_MARROW_16
-
-    out = tmp_path_factory.mktemp("pretrained")
-    model = ModelConfig(block_out_channels=(16, 32), layers_per_block=1)
-    save_checkpoint(out, build_unet(model, 16), step=0, vocab=BONE_MARROW_16,
-                    config={"model": model.model_dump(mode="json"),
-                            "noise": NoiseConfig().model_dump(mode="json")})
-    return out
-
-
-@pytest.fixture(scope="module")
 def checklist_feedback(tmp_path_factory, phantom_shards):
     """A feedback export with per-criterion failure fractions (as the judge or an MLLM gives)."""
     from pathloop.data import encode_png, iter_records
@@ -39,8 +26,11 @@ def checklist_feedback(tmp_path_factory, phantom_shards):
 
     rng = np.random.default_rng(0)
     rows = list(iter_records(phantom_shards, split="train"))
-    cols = {"id": [r["id"] for r in rows], "image": [encode_png(r["image"]) for r in rows],
-            "class_id": [r["class_id"] for r in rows]}
+    cols = {
+        "id": [r["id"] for r in rows],
+        "image": [encode_png(r["image"]) for r in rows],
+        "class_id": [r["class_id"] for r in rows],
+    }
     for c in CRITERIA:
         cols[f"fail_{c}"] = rng.integers(0, 2, len(rows)).astype(float) * (rng.random() < 0.5)
     out = tmp_path_factory.mktemp("feedback") / "feedback.parquet"
@@ -48,30 +38,48 @@ def checklist_feedback(tmp_path_factory, phantom_shards):
     return out
 
 
-def test_dpo_finetune_end_to_end(ray_session, tiny_pretrained, checklist_feedback,
-                                 phantom_shards, tmp_path):
+def test_dpo_finetune_end_to_end(
+    ray_session, tiny_ckpt, checklist_feedback, phantom_shards, tmp_path
+):
     import mlflow
 
-    cfg = load_config(FinetuneConfig, None, [
-        f"workdir={tmp_path / 'ft'}", f"pretrained={tiny_pretrained}",
-        f"synthetic={checklist_feedback}", f"real={phantom_shards}", "method=dpo",
-        "train.steps=3", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=3",
-        "train.preview_per_class=1", "preview.steps=2", "scaling.torch_threads=1",
-        f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "feedback_round=7",
-        "feedback_fraction=0.5",
-    ])
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        [
+            f"workdir={tmp_path / 'ft'}",
+            f"pretrained={tiny_ckpt}",
+            f"synthetic={checklist_feedback}",
+            f"real={phantom_shards}",
+            "method=dpo",
+            "train.steps=3",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.checkpoint_every=3",
+            "train.preview_per_class=1",
+            "preview.steps=2",
+            "scaling.torch_threads=1",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+            "feedback_round=7",
+            "feedback_fraction=0.5",
+        ],
+    )
     res = run_finetune(cfg)
     assert res["step"] == 3 and res["data"]["pairs"] > 0 and res["data"]["real_images"] == 128
     run = mlflow.MlflowClient(res["tracking_uri"]).get_run(res["run_id"])
     assert run.data.tags["pathloop.method"] == "dpo"
     assert run.data.tags["pathloop.feedback_round"] == "7"
-    assert run.data.tags["pathloop.pretrained"] == str(tiny_pretrained)
+    assert run.data.tags["pathloop.pretrained"] == str(tiny_ckpt)
     assert np.isfinite(run.data.metrics["loss"])
 
 
-def test_reward_method_needs_a_reward_model(tiny_pretrained, checklist_feedback, tmp_path):
-    cfg = FinetuneConfig(workdir=str(tmp_path / "ft"), pretrained=str(tiny_pretrained),
-                         synthetic=str(checklist_feedback), method="reward",
-                         tracking={"tracking_uri": f"sqlite:///{tmp_path}/m.db"})
+def test_reward_method_needs_a_reward_model(tiny_ckpt, checklist_feedback, tmp_path):
+    cfg = FinetuneConfig(
+        workdir=str(tmp_path / "ft"),
+        pretrained=str(tiny_ckpt),
+        synthetic=str(checklist_feedback),
+        method="reward",
+        tracking={"tracking_uri": f"sqlite:///{tmp_path}/m.db"},
+    )
     with pytest.raises(ValueError, match="reward_model"):
         run_finetune(cfg)

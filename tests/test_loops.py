@@ -99,7 +99,9 @@ def test_resume_after_interruption_ends_at_same_step(ray_session, phantom_shards
         "train.fail_at_step=3",
         "max_failures=0",
     )
-    with pytest.raises(Exception):
+    import ray.train
+
+    with pytest.raises(ray.train.TrainingFailedError):
         run_pretrain(cfg)  # interrupted after the step-2 checkpoint
     with pytest.raises(FileExistsError, match="--resume"):
         run_pretrain(cfg)  # refuses to overwrite the interrupted run

@@ -144,10 +144,16 @@ def test_preference_loss_generalises_dpo():
     rw, rl = torch.tensor([0.4, 0.6]), torch.tensor([0.2, 0.3])
     one, neg = torch.ones(2), -torch.ones(2)
     # (+1, -1) is standard Diffusion-DPO with a the winner
-    assert torch.allclose(preference_loss(mw, ml, rw, rl, one, neg, 2.0), dpo_loss(mw, ml, rw, rl, 2.0))
+    assert torch.allclose(
+        preference_loss(mw, ml, rw, rl, one, neg, 2.0), dpo_loss(mw, ml, rw, rl, 2.0)
+    )
     # both win: delta = (0.3-0.4) + (0.5-0.2) = 0.2 for pair 0 → -log sigmoid(-0.4)
     both = preference_loss(mw, ml, rw, rl, one, one, 2.0)
-    assert both[0].item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(-0.4)).item())
+    assert both[0].item() == pytest.approx(
+        -torch.nn.functional.logsigmoid(torch.tensor(-0.4)).item()
+    )
     # both lose: the sign flips, delta = -0.2
     lose = preference_loss(mw, ml, rw, rl, neg, neg, 2.0)
-    assert lose[0].item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.4)).item())
+    assert lose[0].item() == pytest.approx(
+        -torch.nn.functional.logsigmoid(torch.tensor(0.4)).item()
+    )

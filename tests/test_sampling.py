@@ -5,21 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pathloop.config import ModelConfig, NoiseConfig, SamplerConfig
+from pathloop.config import SamplerConfig
 from pathloop.sampling import SampleConfig, run_sample
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from pathloop.diffusion import build_unet, save_checkpoint
-    from pathloop.vocab import BONE_MARROW_16
-
-    out = tmp_path_factory.mktemp("ckpt")
-    model = ModelConfig(block_out_channels=(16, 32), layers_per_block=1)
-    save_checkpoint(out, build_unet(model, 16), step=3, vocab=BONE_MARROW_16,
-                    config={"model": model.model_dump(mode="json"),
-                            "noise": NoiseConfig().model_dump(mode="json")})
-    return out
 
 
 def _run(ckpt, out, **kw):
@@ -35,8 +22,9 @@ def test_sample_shards_carry_provenance(ray_session, tiny_ckpt, tmp_path):
     man = read_manifest(tmp_path / "s")
     assert man["sources"] == {"synthetic": 6} or "synthetic" in json.dumps(man["sources"])
     rows = list(iter_records(tmp_path / "s"))
-    assert sorted(r["class_name"] for r in rows) == sorted(["neutrophil"] * 2 + ["erythrocyte"] * 2
-                                                         + ["basophil"] * 2)
+    assert sorted(r["class_name"] for r in rows) == sorted(
+        ["neutrophil"] * 2 + ["erythrocyte"] * 2 + ["basophil"] * 2
+    )
     for r in rows:
         p = r["provenance"]
         assert r["source"] == "synthetic"
@@ -58,8 +46,14 @@ def test_sample_job_is_deterministic(ray_session, tiny_ckpt, tmp_path):
 def test_image_to_image_records_its_start(ray_session, tiny_ckpt, phantom_shards, tmp_path):
     from pathloop.data import iter_records
 
-    _run(tiny_ckpt, tmp_path / "i2i", per_class=2, classes=["M5"], init_from=str(phantom_shards),
-         strength=0.3)
+    _run(
+        tiny_ckpt,
+        tmp_path / "i2i",
+        per_class=2,
+        classes=["M5"],
+        init_from=str(phantom_shards),
+        strength=0.3,
+    )
     src = {r["id"]: r["class_id"] for r in iter_records(phantom_shards)}
     for r in iter_records(tmp_path / "i2i"):
         p = r["provenance"]
