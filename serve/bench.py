@@ -170,7 +170,7 @@ def bench_serve(
             "unit": "images/s",
             "peer_name": "direct batched sample()",
             "peer_value": direct_rate,
-            "target": ">= 0.5x direct: batching recovers most of the batch speed-up",
+            "target": ">= 0.9x direct batched sample() (issue #8)",
         },
         {
             "name": f"serve /v1/generate latency p50 ({tag})",
@@ -178,7 +178,7 @@ def bench_serve(
             "unit": "ms",
             "peer_name": "direct sample() of one batch",
             "peer_value": batch_ms,
-            "target": "<= 2x one batch + batch_wait_timeout_s",
+            "target": "",
         },
         {
             "name": f"serve /v1/generate latency p95 ({tag})",
@@ -186,7 +186,7 @@ def bench_serve(
             "unit": "ms",
             "peer_name": "direct sample() of one batch",
             "peer_value": batch_ms,
-            "target": "<= 3x one batch",
+            "target": "",
         },
         {
             "name": f"serve /v1/score throughput ({clients} clients, judge)",
@@ -194,7 +194,7 @@ def bench_serve(
             "unit": "images/s",
             "peer_name": "direct judge_batch()",
             "peer_value": judge_rate,
-            "target": ">= 30 images/s on 2 CPU cores: two Serve hops (proxy, ingress) per image",
+            "target": "",
         },
     ]
 
