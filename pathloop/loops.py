@@ -296,9 +296,6 @@ def _maybe_restore(st: StepState, checkpoint) -> int:
 
 def _report(cfg, st, step, metrics, rank, vocab, log) -> None:
     """Report metrics every log step; checkpoint (rank 0 writes) on schedule. All ranks call."""
-    import tempfile
-
-    import ray.train
 
     from pathloop.diffusion import save_checkpoint
 
@@ -310,22 +307,35 @@ def _report(cfg, st, step, metrics, rank, vocab, log) -> None:
         log.metrics(metrics, step)
     if rank == 0 and (last or (cfg.train.sample_every and step % cfg.train.sample_every == 0)):
         log.preview(st, step)
-    metrics = metrics or {"step": step}
+    report_step(
+        metrics or {"step": step},
+        want_ckpt,
+        rank,
+        lambda tmp: save_checkpoint(
+            tmp,
+            st.raw,
+            ema_unet=st.ema,
+            optimizer=st.opt,
+            step=step,
+            config=cfg.model_dump(mode="json"),
+            vocab=vocab,
+        ),
+    )
+
+
+def report_step(metrics: dict, want_ckpt: bool, rank: int, save: Any) -> None:
+    """Every rank reports; with a checkpoint due, rank 0 writes it with ``save(tmp_dir)``."""
+    import tempfile
+
+    import ray.train
+
     if not want_ckpt:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            save_checkpoint(
-                tmp,
-                st.raw,
-                ema_unet=st.ema,
-                optimizer=st.opt,
-                step=step,
-                config=cfg.model_dump(mode="json"),
-                vocab=vocab,
-            )
+            save(tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -1022,9 +1032,6 @@ def _report_reward(
 ) -> None:
     """Report every log step; at checkpoints rank 0 also measures the held-out feedback and
     writes the reward model dir. All ranks call ``ray.train.report`` together."""
-    import tempfile
-
-    import ray.train
 
     from pathloop import tracking
     from pathloop.reward import save_reward_model
@@ -1045,22 +1052,19 @@ def _report_reward(
             {k: v for k, v in metrics.items() if k != "step"},
             step,
         )
-    if not want_ckpt:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
-            save_reward_model(
-                tmp,
-                fitter.model,
-                step=step,
-                config=cfg.model_dump(mode="json"),
-                metrics=metrics,
-                optimizer=fitter.opt,
-            )
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+    report_step(
+        metrics,
+        want_ckpt,
+        rank,
+        lambda tmp: save_reward_model(
+            tmp,
+            fitter.model,
+            step=step,
+            config=cfg.model_dump(mode="json"),
+            metrics=metrics,
+            optimizer=fitter.opt,
+        ),
+    )
 
 
 def _reward_arithmetic(cfg: RewardConfig, data: Any, n_feedback: int) -> dict[str, Any]:
