@@ -160,6 +160,27 @@ def finetune(
     console.print_json(json.dumps(result))
 
 
+@app.command()
+def concepts(
+    config: Path | None = CONFIG,
+    resume: bool = typer.Option(
+        False, help="Continue the run in workdir from its last checkpoint."
+    ),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """New concepts: split a class into subtype classes (e.g. neutrophil → band / segmented)."""
+    from pathloop.concepts import ConceptsConfig, run_concepts
+
+    cfg = _load(ConceptsConfig, config, overrides)
+    if resume:
+        cfg = cfg.model_copy(update={"resume": True})
+    try:
+        result = run_concepts(cfg)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+        _fail(str(err))
+    console.print_json(json.dumps(result, default=str))
+
+
 # ----------------------------------------------------------------------------- feedback
 
 review = typer.Typer(

@@ -156,7 +156,13 @@ def train_step(st: StepState, x0, class_ids, noise, t, drop, grad_clip: float) -
         per_sample = diffusion_loss(
             st.model, st.scheduler, x0, labels, noise=noise.to(st.device), timesteps=t.to(st.device)
         )  # (B,)
-    loss = per_sample.mean()
+    return optimizer_step(st, per_sample.mean(), grad_clip)
+
+
+def optimizer_step(st: StepState, loss: Any, grad_clip: float) -> float:
+    """Backward ``loss``, clip, AdamW step, LR schedule and EMA update; returns the loss."""
+    import torch
+
     st.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(st.raw.parameters(), grad_clip)
@@ -718,13 +724,7 @@ def finetune_loop(config: dict) -> None:
     losses, t0 = [], time.perf_counter()
     while step < cfg.train.steps:
         loss = finetune_loss(cfg, st, ref, data, step, rank, world)
-        st.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.optim.grad_clip)
-        st.opt.step()
-        st.lr_sched.step()
-        st.ema.step(st.raw.parameters())
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(st, loss, cfg.optim.grad_clip))
         step += 1
         _maybe_inject_failure(cfg, step)
         metrics = None

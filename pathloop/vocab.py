@@ -44,6 +44,9 @@ class ClassInfo(BaseModel):
     code: str = Field(min_length=1, description="Short code (the paper's, e.g. M5), unique.")
     description: str = Field("", description="What an expert expects to see; shown in the UI.")
     subtypes: tuple[str, ...] = Field((), description="Subtypes an expert may record, if any.")
+    parent: str | None = Field(
+        None, description="Code of the class this one was split from (new concepts); else None."
+    )
 
 
 class Vocabulary(BaseModel):
@@ -90,6 +93,25 @@ class Vocabulary(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         return cls.model_validate_json(Path(path).read_text())
+
+    def with_subclasses(self, parent: str | int, subtypes: tuple[str, ...]) -> Vocabulary:
+        """This vocabulary plus one class per subtype of ``parent``, appended with the next ids
+        (so every old id keeps its meaning). New classes are named "<parent name> <subtype>",
+        coded "<parent code>-<subtype>" and record ``parent`` (the new-concepts step)."""
+        p = self.lookup(parent)
+        if not subtypes:
+            raise ValueError(f"class {p.code} ({p.name}): no subtypes given to split it into")
+        new = tuple(
+            ClassInfo(
+                id=len(self.classes) + i,
+                name=f"{p.name} {s}",
+                code=f"{p.code}-{s}",
+                description=f"The {s} form of {p.name} ({p.code}). {p.description}".strip(),
+                parent=p.code,
+            )
+            for i, s in enumerate(subtypes)
+        )
+        return Vocabulary(classes=self.classes + new)
 
     @classmethod
     def from_names(cls, names: list[str]) -> Vocabulary:
