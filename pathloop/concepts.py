@@ -17,7 +17,6 @@ did not label (neutrophil → band / segmented) in a pretrained class-conditiona
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -272,23 +271,22 @@ def concepts_loss(cfg: ConceptsConfig, st: Any, clf: Any, data: dict, step: int,
 
 def concepts_loop(config: dict) -> None:
     """Ray Train worker loop: extend the pretrained UNet, then train new classes with replay."""
+    import numpy as np
     import ray.train
     import ray.train.torch
-    import torch
 
     cfg = ConceptsConfig.model_validate(config["cfg"])
-    import numpy as np
-
     from pathloop.diffusion import load_checkpoint
-    from pathloop.loops import _maybe_restore, _RankZeroLog, _report, build_state, optimizer_step
+    from pathloop.loops import (
+        _maybe_restore,
+        _RankZeroLog,
+        build_state,
+        step_until_done,
+        worker_context,
+    )
     from pathloop.reward import load_subtype_classifier
-    from pathloop.vocab import Vocabulary
 
-    vocab = Vocabulary.model_validate(config["vocab"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    vocab, rank, world, device = worker_context(cfg, config)
     start = load_checkpoint(config["pretrained_dir"])  # EMA weights of the pretrained model
     unet = extend_class_embedding(start.unet, config["parent_id"], len(config["subtypes"]))
     st = build_state(cfg, len(vocab), device, wrap=ray.train.torch.prepare_model, init_unet=unet)
@@ -296,24 +294,13 @@ def concepts_loop(config: dict) -> None:
     clf = load_subtype_classifier(config["classifier_dir"]).to(device).requires_grad_(False)
     data = dict(np.load(config["data_file"], allow_pickle=False))
     log = _RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
-
-    parts: list[dict] = []
-    t0 = time.perf_counter()
-    while step < cfg.train.steps:
-        loss, logged = concepts_loss(cfg, st, clf, data, step, rank, world)
-        parts.append({"loss": optimizer_step(st, loss, cfg.optim.grad_clip), **logged})
-        step += 1
-        metrics = None
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            dt = time.perf_counter() - t0
-            metrics = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-            metrics.update(
-                step=step,
-                data_wait_frac=0.0,
-                images_per_s=cfg.train.batch_size * len(parts) / max(dt, 1e-9),
-            )
-            parts, t0 = [], time.perf_counter()
-        _report(cfg, st, step, metrics, rank, vocab, log)
+    step_until_done(
+        cfg,
+        st,
+        step,
+        lambda s: concepts_loss(cfg, st, clf, data, s, rank, world),
+        (rank, vocab, log),
+    )
 
 
 # ----------------------------------------------------------------------------- driver pieces

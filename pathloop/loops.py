@@ -701,17 +701,11 @@ def finetune_loop(config: dict) -> None:
     import numpy as np
     import ray.train
     import ray.train.torch
-    import torch
 
     cfg = FinetuneConfig.model_validate(config["cfg"])
     from pathloop.diffusion import load_checkpoint
-    from pathloop.vocab import Vocabulary
 
-    vocab = Vocabulary.model_validate(config["vocab"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    vocab, rank, world, device = worker_context(cfg, config)
     start = load_checkpoint(config["pretrained_dir"])  # EMA weights of the pretrained model
     ref = copy.deepcopy(start.unet).eval().requires_grad_(False) if cfg.method == "dpo" else None
     st = build_state(
@@ -720,23 +714,56 @@ def finetune_loop(config: dict) -> None:
     step = _maybe_restore(st, ray.train.get_checkpoint())
     data = dict(np.load(config["data_file"], allow_pickle=False))
     log = _RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
+    step_until_done(
+        cfg,
+        st,
+        step,
+        lambda s: (finetune_loss(cfg, st, ref, data, s, rank, world), {}),
+        (rank, vocab, log),
+    )
 
-    losses, t0 = [], time.perf_counter()
+
+def worker_context(cfg: Any, config: dict) -> tuple[Any, int, int, Any]:
+    """First lines of a Ray Train worker loop: (vocabulary from ``config["vocab"]``, rank, world
+    size, device); sets torch's thread count from the job's scaling."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pathloop.vocab import Vocabulary
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
+    return (
+        Vocabulary.model_validate(config["vocab"]),
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.train.torch.get_device(),
+    )
+
+
+def step_until_done(cfg: Any, st: StepState, step: int, loss_fn: Any, where: tuple) -> None:
+    """Optimizer steps on ``loss_fn(step) -> (loss, extra metrics)`` from ``step`` up to
+    ``cfg.train.steps`` (data held in memory), with windowed metrics, fault injection, reports
+    and checkpoints; ``where`` is (rank, vocab, _RankZeroLog)."""
+    rank, vocab, log = where
+    parts: list[dict] = []
+    t0 = time.perf_counter()
     while step < cfg.train.steps:
-        loss = finetune_loss(cfg, st, ref, data, step, rank, world)
-        losses.append(optimizer_step(st, loss, cfg.optim.grad_clip))
+        loss, extra = loss_fn(step)
+        parts.append({"loss": optimizer_step(st, loss, cfg.optim.grad_clip), **extra})
         step += 1
         _maybe_inject_failure(cfg, step)
         metrics = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             dt = time.perf_counter() - t0
-            metrics = {
-                "loss": sum(losses) / len(losses),
-                "data_wait_frac": 0.0,
-                "step": step,
-                "images_per_s": cfg.train.batch_size * len(losses) / max(dt, 1e-9),
-            }
-            losses, t0 = [], time.perf_counter()
+            metrics = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+            metrics.update(
+                step=step,
+                data_wait_frac=0.0,
+                images_per_s=cfg.train.batch_size * len(parts) / max(dt, 1e-9),
+            )
+            parts, t0 = [], time.perf_counter()
         _report(cfg, st, step, metrics, rank, vocab, log)
 
 
