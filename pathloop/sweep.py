@@ -1,0 +1,667 @@
+"""Ray Tune sweeps over dotted job-config keys, and the feedback-amount ablation (Figure 4a).
+
+A trial is a function Tune runs in its own actor. It builds its job config the way the CLI does,
+``load_config(JobConfig, yaml, overrides)`` with the searched values as ``key=value`` overrides,
+and runs the job (``run_pretrain`` / ``run_reward`` / ``run_finetune``: a Ray Train run each) in
+*segments*: runs of one work dir, each resuming to a larger step count. After every segment the
+trial measures the model (the hooks in ``MEASURES``) and calls ``tune.report``, so ASHA can stop a
+poor trial at a rung. Segments rather than Train's own reports because the metric that matters
+for finetuning (the judge's plausibility of new samples) is measured outside the training loop.
+
+Every trial's job runs log to the sweep's one MLflow store, tagged with the sweep id (the sweep's
+own MLflow run id, which is also their parent run) and the Tune trial id. The best configuration is
+written back as a full job config (``best.yaml``) that ``pathloop finetune --config`` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pathloop.config import Frozen, SamplerConfig, TrackingConfig
+
+REWARD_PREFIX = "reward."  # step reward_finetune: keys of the reward-model job
+
+
+class Param(Frozen):
+    """One searched key: exactly one of grid, choice, uniform, loguniform."""
+
+    grid: list[Any] | None = Field(None, description="Every value, each in its own trial.")
+    choice: list[Any] | None = Field(None, description="Values drawn at random per trial.")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high) drawn uniformly.")
+    loguniform: tuple[float, float] | None = Field(
+        None, description="[low, high) drawn uniformly in log space; low > 0."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Param:
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                f"a search dimension needs exactly one of grid, choice, uniform, loguniform "
+                f"(non-empty); got {given or 'none'}"
+            )
+        bounds = self.uniform or self.loguniform
+        if bounds and not bounds[0] < bounds[1]:
+            raise ValueError(f"bounds must be [low, high] with low < high, got {list(bounds)}")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        return self
+
+    def to_tune(self) -> Any:
+        """The Tune search-space object."""
+        from ray import tune
+
+        if self.grid:
+            return tune.grid_search(self.grid)
+        if self.choice:
+            return tune.choice(self.choice)
+        if self.uniform:
+            return tune.uniform(*self.uniform)
+        return tune.loguniform(*self.loguniform)
+
+    def first(self) -> Any:
+        """A representative value: used to check the key against the job config up front."""
+        return (self.grid or self.choice or self.uniform or self.loguniform)[0]
+
+
+class SchedulerConfig(Frozen):
+    """Early stopping between segments."""
+
+    kind: Literal["asha", "fifo"] = Field(
+        "asha", description="asha: stop poor trials at rungs; fifo: run every trial to the end."
+    )
+    grace_period: int = Field(1, ge=1, description="Segments every trial runs before a stop.")
+    reduction_factor: float = Field(
+        2.0, gt=1, description="ASHA keeps about 1/reduction_factor of trials at each rung."
+    )
+
+
+class SweepConfig(Frozen):
+    """A Ray Tune search over dotted keys of one job config (or of reward model + finetuning)."""
+
+    workdir: str = Field("runs/sweep", description="Trials, Tune state, best.yaml, trials.csv.")
+    name: str = Field("sweep", description="Tune experiment and MLflow run name.")
+    step: Literal["pretrain", "reward", "finetune", "reward_finetune"] = Field(
+        "finetune",
+        description="The job each trial runs; reward_finetune: a reward model (Eq. 2), then "
+        "finetuning with it (Eq. 3). Its reward-job keys are written reward.<key>.",
+    )
+    config: str | None = Field(
+        None,
+        description="YAML of the swept job (reward_finetune: the finetune job); None = defaults.",
+    )
+    overrides: list[str] = Field(
+        default_factory=list, description="key=value overrides of that job, before the search."
+    )
+    reward_config: str | None = Field(None, description="reward_finetune: the reward job YAML.")
+    reward_overrides: list[str] = Field(
+        default_factory=list, description="reward_finetune: overrides of the reward job."
+    )
+    space: dict[str, Param] = Field(
+        default_factory=dict,
+        description="Searched dotted keys, e.g. beta_r: {grid: [0, 1]}, optim.lr: "
+        "{loguniform: [1e-5, 1e-3]}, reward.lambda_r: {choice: [0, 1]}.",
+    )
+    metric: str = Field("plausibility", description="Reported metric the search optimises.")
+    mode: Literal["min", "max"] = Field("max", description="Minimise or maximise the metric.")
+    measures: list[str] | None = Field(
+        None,
+        description="Metric hooks run after each segment (see MEASURES); None = train for "
+        "step reward, judge + train otherwise.",
+    )
+    num_samples: int = Field(
+        1, ge=1, description="Random draws; with grid keys, repeats of the whole grid."
+    )
+    max_concurrent: int = Field(1, ge=1, description="Trials running at once.")
+    trial_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.25},
+        description="Resources of the trial function itself (it samples for the judge while "
+        "its Train workers are idle); the Train workers reserve the job's scaling on top.",
+    )
+    segments: int = Field(2, ge=1, description="Train runs per trial; metrics after each.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    judge_per_class: int = Field(4, ge=1, description="Judge measure: samples per class.")
+    judge_sampler: SamplerConfig = Field(
+        default_factory=lambda: SamplerConfig(steps=25), description="Judge measure: sampler."
+    )
+    seed: int = Field(0, description="Seed of the random search.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="The one store every trial logs to (register_as is ignored).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        if self.step != "reward_finetune":
+            bad = [k for k in self.space if k.startswith(REWARD_PREFIX)]
+            if bad or self.reward_config or self.reward_overrides:
+                raise ValueError(
+                    f"reward.* keys {bad} and reward_config/reward_overrides need "
+                    "step=reward_finetune"
+                )
+        unknown = sorted(set(self.measure_names) - set(MEASURES))
+        if unknown:
+            raise ValueError(f"unknown measures {unknown}; valid measures: {', '.join(MEASURES)}")
+        if self.step == "reward" and set(self.measure_names) - {"train"}:
+            raise ValueError("step reward trains no diffusion model: use measures: [train]")
+        return self
+
+    @property
+    def measure_names(self) -> list[str]:
+        if self.measures is not None:
+            return self.measures
+        return ["train"] if self.step == "reward" else ["judge", "train"]
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    """How a step is built and run: its config model, its driver and its step-count key."""
+
+    config_cls: type
+    run: Callable[[Any], dict]
+    steps_key: str
+
+
+def jobs() -> dict[str, Job]:
+    """The steps a trial can run (imported here: loops pulls in the training stack)."""
+    from pathloop import loops
+
+    return {
+        "pretrain": Job(loops.PretrainConfig, loops.run_pretrain, "train.steps"),
+        "reward": Job(loops.RewardConfig, loops.run_reward, "steps"),
+        "finetune": Job(loops.FinetuneConfig, loops.run_finetune, "train.steps"),
+    }
+
+
+def _job(cfg: SweepConfig) -> Job:
+    return jobs()["finetune" if cfg.step == "reward_finetune" else cfg.step]
+
+
+def as_override(key: str, value: Any) -> str:
+    """``key=value`` with the value written so that ``config.parse_value`` reads it back."""
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000)
+    return f"{key}={text.removesuffix(chr(10)).removesuffix('...').strip()}"
+
+
+def split_params(params: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Searched values as overrides: (reward job's, swept job's)."""
+    reward = [
+        as_override(k[len(REWARD_PREFIX) :], v)
+        for k, v in params.items()
+        if k.startswith(REWARD_PREFIX)
+    ]
+    job = [as_override(k, v) for k, v in params.items() if not k.startswith(REWARD_PREFIX)]
+    return reward, job
+
+
+def _imposed(workdir: Path, name: str, uri: str, experiment: str) -> list[str]:
+    """What the sweep decides for every job run: its own dir, the sweep's store, no registry."""
+    return [
+        f"workdir={workdir}",
+        f"name={name}",
+        f"tracking.tracking_uri={uri}",
+        f"tracking.experiment={experiment}",
+        f"tracking.run_name={name}",
+        "tracking.register_as=null",
+    ]
+
+
+def segment_plan(total: int, segments: int) -> list[int]:
+    """Step counts the segments end at: about equal parts of ``total``, the last one ``total``."""
+    size = math.ceil(total / segments)
+    return sorted({min(i * size, total) for i in range(1, segments + 1)})
+
+
+def check_space(cfg: SweepConfig) -> None:
+    """Build every job config once with each key's first value: an unknown key or a bad value
+    fails here, naming the key, before any trial starts."""
+    from pathloop.config import load_config
+
+    first = {k: p.first() for k, p in cfg.space.items()}
+    reward, job = split_params(first)
+    load_config(_job(cfg).config_cls, cfg.config, [*cfg.overrides, *job])
+    if cfg.step == "reward_finetune":
+        load_config(
+            jobs()["reward"].config_cls, cfg.reward_config, [*cfg.reward_overrides, *reward]
+        )
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+@dataclass
+class Segment:
+    """What a measure sees after a segment."""
+
+    sweep: SweepConfig
+    job: Any  # the job config of this segment
+    result: dict  # the job driver's result (result.json)
+    reward: dict | None  # reward_finetune: the reward job's result
+
+
+def measure_judge(seg: Segment) -> dict[str, float]:
+    """Sample ``judge_per_class`` images per class from the run's checkpoint (EMA weights, the one
+    ``sample()`` loop) and let the phantom judge call them: overall and per-class rates."""
+    import numpy as np
+    import torch
+
+    from pathloop.diffusion import load_checkpoint, sample, to_uint8
+    from pathloop.phantoms import _judge_ids, judge_batch
+    from pathloop.viz import image_grid
+
+    torch.set_num_threads(seg.job.scaling.torch_threads or seg.job.scaling.cpus_per_worker)
+    ck = load_checkpoint(seg.result["checkpoint"])
+    n = seg.sweep.judge_per_class
+    ids = np.repeat(np.arange(len(ck.vocab)), n)  # (K * n,)
+    images = to_uint8(
+        sample(ck.unet, ck.noise, ids.tolist(), **seg.sweep.judge_sampler.model_dump())
+    )
+    ok = np.array([v.plausible for v in judge_batch(images, _judge_ids(ck.vocab, ids))])
+    grid = image_grid(list(images), len(ck.vocab), n, 2, [c.code for c in ck.vocab.classes])
+    grid.save(Path(seg.job.workdir) / f"judged_step{seg.result['step']}.png")
+    per_class = {f"plausibility_{c.code}": float(ok[ids == c.id].mean()) for c in ck.vocab.classes}
+    return {"plausibility": float(ok.mean()), **per_class}
+
+
+def measure_train(seg: Segment) -> dict[str, float]:
+    """What the Train run measured itself: held-out AUC/accuracy/ECE of a reward model, the last
+    logged loss of a diffusion run."""
+    from pathloop import tracking
+
+    out: dict[str, float] = {}
+    for prefix, res in (("", seg.result), ("reward_", seg.reward)):
+        if res is None:
+            continue
+        if "auc" in res:
+            out.update({f"{prefix}{k}": float(res[k]) for k in ("auc", "accuracy", "ece")})
+        else:
+            last = tracking.run_metrics(res["tracking_uri"], res["run_id"])
+            out.update({f"{prefix}{k}": v for k, v in last.items() if k == "loss"})
+    return out
+
+
+MEASURES: dict[str, Callable[[Segment], dict[str, float]]] = {
+    "judge": measure_judge,
+    "train": measure_train,
+}
+
+
+def measure(seg: Segment) -> dict[str, float]:
+    """Run the sweep's measures; a measure's name not in MEASURES lists the valid ones."""
+    out: dict[str, float] = {}
+    for name in seg.sweep.measure_names:
+        out.update(MEASURES[name](seg))
+    return out
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def _run_reward_stage(cfg: SweepConfig, reward_params: list[str], trial_dir: Path, shared: dict):
+    """reward_finetune: train this trial's reward model once, before the finetuning segments."""
+    from pathloop.config import load_config
+
+    over = _imposed(
+        trial_dir / "reward",
+        f"{cfg.name}-{shared['trial_id']}-reward",
+        shared["uri"],
+        cfg.tracking.experiment,
+    )
+    rcfg = load_config(
+        jobs()["reward"].config_cls,
+        cfg.reward_config,
+        [*cfg.reward_overrides, *reward_params, *over],
+    )
+    return jobs()["reward"].run(rcfg), rcfg
+
+
+def _lineage(cfg: SweepConfig, params: dict, reward_result: dict | None, rcfg: Any) -> list[str]:
+    """reward_finetune: finetuning uses this trial's reward model and records its fraction."""
+    if reward_result is None:
+        return []
+    out = [f"reward_model={Path(rcfg.workdir) / 'result.json'}"]
+    if "feedback_fraction" not in params:
+        out.append(as_override("feedback_fraction", rcfg.fraction))
+    return out
+
+
+def _tag(uri: str, run_id: str, shared: dict, params: dict) -> None:
+    from pathloop import tracking
+
+    tracking.set_tags(
+        uri,
+        run_id,
+        {
+            "mlflow.parentRunId": shared["sweep_id"],
+            "pathloop.sweep_id": shared["sweep_id"],
+            "pathloop.trial_id": shared["trial_id"],
+            "pathloop.sweep_params": json.dumps(params, sort_keys=True),
+        },
+    )
+
+
+def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
+    """One Tune trial: build the job config through ``load_config`` (as the CLI does), run it in
+    segments, measure and ``tune.report`` after each."""
+    from ray import tune
+
+    from pathloop import tracking
+    from pathloop.config import load_config
+
+    cfg = SweepConfig.model_validate(sweep)
+    os.chdir(shared["cwd"])  # relative paths in job YAMLs mean what they mean on the CLI
+    shared = {**shared, "trial_id": tune.get_context().get_trial_id()}
+    trial_dir, uri = Path(shared["workdir"]) / "trials" / shared["trial_id"], shared["uri"]
+    reward_params, job_params = split_params(params)
+    reward_result, rcfg = None, None
+    if cfg.step == "reward_finetune":
+        reward_result, rcfg = _run_reward_stage(cfg, reward_params, trial_dir, shared)
+        _tag(uri, reward_result["run_id"], shared, params)
+    job = _job(cfg)
+    over = [
+        *cfg.overrides,
+        *job_params,
+        *_lineage(cfg, params, reward_result, rcfg),
+        *_imposed(
+            trial_dir / cfg.step.split("_")[-1],
+            f"{cfg.name}-{shared['trial_id']}",
+            uri,
+            cfg.tracking.experiment,
+        ),
+    ]
+    total = _steps_of(load_config(job.config_cls, cfg.config, over), job)
+    for k, n in enumerate(segment_plan(total, cfg.segments), 1):
+        seg_over = [*over, f"{job.steps_key}={n}", f"resume={str(k > 1).lower()}"]
+        jcfg = load_config(job.config_cls, cfg.config, seg_over)
+        result = job.run(jcfg)
+        if k == 1:
+            _tag(uri, result["run_id"], shared, params)
+        metrics = measure(Segment(cfg, jcfg, result, reward_result))
+        tracking.log_metrics(uri, result["run_id"], metrics, n)
+        tune.report({**metrics, "step": n, "segment": k, "mlflow_run_id": result["run_id"]})
+
+
+def _steps_of(job_cfg: Any, job: Job) -> int:
+    node = job_cfg
+    for part in job.steps_key.split("."):
+        node = getattr(node, part)
+    return int(node)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _scheduler(cfg: SweepConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler.kind == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",  # = segments reported so far
+        max_t=cfg.segments,
+        grace_period=min(cfg.scheduler.grace_period, cfg.segments),
+        reduction_factor=cfg.scheduler.reduction_factor,
+    )
+
+
+def _tuner(cfg: SweepConfig, shared: dict) -> Any:
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    fn = tune.with_parameters(trial, sweep=cfg.model_dump(mode="json"), shared=shared)
+    return tune.Tuner(
+        tune.with_resources(fn, dict(cfg.trial_resources)),
+        param_space={k: p.to_tune() for k, p in cfg.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            num_samples=cfg.num_samples,
+            max_concurrent_trials=cfg.max_concurrent,
+            scheduler=_scheduler(cfg),
+            search_alg=BasicVariantGenerator(random_state=cfg.seed),
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=str(Path(cfg.workdir) / "tune"), verbose=1
+        ),
+    )
+
+
+def best_job_config(cfg: SweepConfig, params: dict, trial_dir: Path) -> tuple[Any, Any]:
+    """The winning job config (and reward job config), built through the same override path:
+    base < searched values; its own work dir; a reward_finetune winner reuses its trial's reward
+    model."""
+    from pathloop.config import load_config
+
+    reward_params, job_params = split_params(params)
+    out = Path(cfg.workdir) / "best"
+    rcfg = None
+    if cfg.step == "reward_finetune":
+        rcfg = load_config(
+            jobs()["reward"].config_cls,
+            cfg.reward_config,
+            [*cfg.reward_overrides, *reward_params, f"workdir={out / 'reward'}"],
+        )
+        job_params += [f"reward_model={trial_dir / 'reward' / 'result.json'}"]
+        if "feedback_fraction" not in params:
+            job_params.append(as_override("feedback_fraction", rcfg.fraction))
+    job = load_config(
+        _job(cfg).config_cls,
+        cfg.config,
+        [*cfg.overrides, *job_params, f"workdir={out / cfg.step.split('_')[-1]}"],
+    )
+    return job, rcfg
+
+
+def _summarise(cfg: SweepConfig, grid: Any, workdir: Path) -> dict[str, Any]:
+    """Best trial, best.yaml (+ best-reward.yaml), trials.csv; how many ASHA stopped early."""
+    from pathloop.config import dump_config
+
+    ok = [r for r in grid if r.error is None and cfg.metric in (r.metrics or {})]
+    if not ok:
+        errors = [str(r.error).splitlines()[-1] for r in grid if r.error is not None]
+        raise RuntimeError(
+            f"no trial reported {cfg.metric!r}; {len(errors)} failed: {errors[:3]}; "
+            f"see {workdir / 'tune'}"
+        )
+    best = grid.get_best_result(cfg.metric, cfg.mode, scope="last")
+    trial_id = best.metrics["trial_id"]
+    job, rcfg = best_job_config(cfg, best.config, workdir / "trials" / trial_id)
+    dump_config(job, workdir / "best.yaml")
+    if rcfg is not None:
+        dump_config(rcfg, workdir / "best-reward.yaml")
+    grid.get_dataframe().to_csv(workdir / "trials.csv", index=False)
+    segments = len(segment_plan(_steps_of(job, _job(cfg)), cfg.segments))
+    rows = [trial_row(r) for r in ok]
+    (workdir / "trials.json").write_text(json.dumps(rows, indent=2))
+    return {
+        "best_params": best.config,
+        "best_metric": best.metrics[cfg.metric],
+        "best_trial": trial_id,
+        "best_run_id": best.metrics["mlflow_run_id"],
+        "best_config": str(workdir / "best.yaml"),
+        "trials": len(grid),
+        "failed": sum(r.error is not None for r in grid),
+        "stopped_early": sum(r.metrics.get("segment", 0) < segments for r in ok),
+        "rows": rows,
+    }
+
+
+def trial_row(result: Any) -> dict[str, Any]:
+    """A trial's searched values and last measured metrics, without Tune's bookkeeping."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    skip = {*AUTO_RESULT_KEYS, "done", "experiment_tag", "trial_id", "mlflow_run_id", "segment"}
+    m = result.metrics
+    measured = {k: v for k, v in m.items() if k not in skip and isinstance(v, int | float)}
+    return {
+        "trial_id": m["trial_id"],
+        "mlflow_run_id": m["mlflow_run_id"],
+        **result.config,
+        **measured,
+    }
+
+
+def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """Driver: check the space, open the sweep's MLflow run, run the Tuner, write best.yaml."""
+    import ray
+    from rich import print as rprint
+
+    from pathloop import tracking
+    from pathloop.config import dump_config
+
+    workdir = Path(cfg.workdir).resolve()
+    cfg = cfg.model_copy(update={"workdir": str(workdir)})
+    if not cfg.space:
+        raise ValueError("space is empty: give at least one key, e.g. beta_r: {grid: [0, 1]}")
+    check_space(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, workdir / "sweep.yaml")
+    uri = tracking.resolve_uri(cfg.tracking, workdir)
+    sweep_id = tracking.start_run(
+        cfg.tracking,
+        workdir,
+        params=cfg.model_dump(mode="json"),
+        tags={"pathloop.step": "sweep", "pathloop.swept_step": cfg.step},
+        run_name=cfg.tracking.run_name or cfg.name,
+    )
+    tracking.set_tags(uri, sweep_id, {"pathloop.sweep_id": sweep_id})
+    ray.init(ignore_reinit_error=True)
+    shared = {"cwd": os.getcwd(), "workdir": str(workdir), "uri": uri, "sweep_id": sweep_id}
+    try:
+        out = _summarise(cfg, _tuner(cfg, shared).fit(), workdir)
+    except Exception:
+        tracking.end_run(uri, sweep_id, "FAILED")
+        raise
+    tracking.log_metrics(uri, sweep_id, {f"best_{cfg.metric}": out["best_metric"]}, 0)
+    for f in ("best.yaml", "best-reward.yaml", "trials.csv", "trials.json"):
+        if (workdir / f).exists():
+            tracking.log_artifact(uri, sweep_id, workdir / f)
+    tracking.end_run(uri, sweep_id)
+    out = {"sweep_id": sweep_id, "tracking_uri": uri, **out}
+    (workdir / "result.json").write_text(json.dumps(out, indent=2, default=str))
+    rprint({"best": out, "best.yaml": (workdir / "best.yaml").read_text()})
+    return out
+
+
+# ----------------------------------------------------------------------------- ablation
+
+
+class AblationConfig(Frozen):
+    """Paper Figure 4a: a reward model on 0/10/50/100 % of a feedback round, finetuning (Eq. 3)
+    with each from the same pretrained model, and every metric against the fraction."""
+
+    workdir: str = Field("runs/ablation", description="Trials, rows, plots, MLflow db.")
+    name: str = Field("ablation", description="Tune experiment and MLflow run name.")
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.5, 1.0],
+        description="Fractions of the round's (non-held-out) feedback; 0 = the reward model "
+        "learns only Eq. 2's real-image term.",
+    )
+    config: str | None = Field(None, description="YAML of the finetune job (method=reward).")
+    overrides: list[str] = Field(default_factory=list, description="Finetune job overrides.")
+    reward_config: str | None = Field(None, description="YAML of the reward job.")
+    reward_overrides: list[str] = Field(default_factory=list, description="Reward overrides.")
+    measures: list[str] = Field(
+        default_factory=lambda: ["judge", "train"], description="Metric hooks (see MEASURES)."
+    )
+    judge_per_class: int = Field(8, ge=1, description="Judge measure: samples per class.")
+    judge_sampler: SamplerConfig = Field(
+        default_factory=lambda: SamplerConfig(steps=25), description="Judge measure: sampler."
+    )
+    max_concurrent: int = Field(1, ge=1, description="Fractions running at once.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> AblationConfig:
+        if not self.fractions or any(not 0 <= f <= 1 for f in self.fractions):
+            raise ValueError(f"fractions must be a non-empty list in [0, 1], got {self.fractions}")
+        return self
+
+    def as_sweep(self) -> SweepConfig:
+        """The ablation is a grid sweep over reward.fraction, one segment, no early stopping."""
+        shared = self.model_dump(exclude={"fractions"})
+        return SweepConfig(
+            **shared,
+            step="reward_finetune",
+            space={"reward.fraction": Param(grid=sorted(set(self.fractions)))},
+            metric="plausibility" if "judge" in self.measures else "reward_auc",
+            segments=1,
+            scheduler=SchedulerConfig(kind="fifo"),
+        )
+
+
+def plot_against(rows: list[dict], x: str, keys: list[str], out: Path, title: str) -> Path:
+    """One panel per metric: value against ``x`` (a PNG, for people and for MLflow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers and CI
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    xs = [r[x] for r in rows]
+    for ax, key in zip(axes.flat, keys, strict=False):
+        ax.plot(xs, [r.get(key, float("nan")) for r in rows], "o-")
+        ax.set(xlabel=x, title=key)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
+    """Run the fraction grid (``run_sweep``), then write rows {fraction, metrics…} as CSV and
+    JSON, plot each metric against the fraction and log it all to the ablation's MLflow run."""
+    import csv
+
+    from pathloop import tracking
+
+    res = run_sweep(cfg.as_sweep())
+    workdir, uri, run_id = Path(cfg.workdir).resolve(), res["tracking_uri"], res["sweep_id"]
+    rows = sorted(
+        ({"fraction": r.pop("reward.fraction"), **r} for r in res["rows"]),
+        key=lambda r: r["fraction"],
+    )
+    metrics = [k for k in rows[0] if k not in ("fraction", "trial_id", "mlflow_run_id", "step")]
+    (workdir / "ablation.json").write_text(json.dumps(rows, indent=2))
+    with (workdir / "ablation.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    main = [k for k in metrics if not k.startswith("plausibility_")]
+    per_class = [k for k in metrics if k.startswith("plausibility_")]
+    plots = [plot_against(rows, "fraction", main, workdir / "ablation.png", cfg.name)]
+    if per_class:
+        plots.append(
+            plot_against(
+                rows,
+                "fraction",
+                per_class,
+                workdir / "ablation_per_class.png",
+                f"{cfg.name}: judge plausibility per class",
+            )
+        )
+    tracking.set_tags(uri, run_id, {"pathloop.step": "ablation"})
+    for r in rows:  # MLflow step = percent of the feedback: the UI draws the curve
+        tracking.log_metrics(uri, run_id, {k: r[k] for k in metrics}, round(100 * r["fraction"]))
+    for f in ("ablation.json", "ablation.csv", *[p.name for p in plots]):
+        tracking.log_artifact(uri, run_id, workdir / f, "ablation")
+    return {**res, "rows": rows, "plots": [str(p) for p in plots], "metrics": metrics}
