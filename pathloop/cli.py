@@ -289,6 +289,56 @@ def review_ls_import(
     raise typer.Exit(1 if report.bad else 0)
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+
+@app.command()
+def evaluate(
+    config: Path | None = CONFIG,
+    model: str | None = typer.Option(
+        None, help="Model: checkpoint dir, result.json, models:/name/version, or a shard set."
+    ),
+    baseline: list[str] | None = typer.Option(None, help="A baseline, as --model (repeatable)."),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """PRDC, FID, train-on-synthetic/test-on-real and plausibility per class; MLflow + HTML."""
+    from pathloop.evaluate import EvaluateConfig, evaluate_models
+
+    cfg = _load(EvaluateConfig, config, overrides)
+    update = {"model": model} if model else {}
+    if baseline:
+        update["baselines"] = tuple(baseline)
+    cfg = EvaluateConfig.model_validate({**cfg.model_dump(), **update})
+    try:
+        result = evaluate_models(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(str(err))
+    console.print(f"report: {result['report']}  (MLflow run {result['run_id']})")
+
+
+@app.command()
+def compare(
+    refs: list[str] = typer.Argument(..., help="Run ids, run names, result.json or models:/ URIs."),
+    tracking_uri: str | None = typer.Option(
+        None, help="MLflow store; default $MLFLOW_TRACKING_URI."
+    ),
+    out: Path = typer.Option(Path("compare.csv"), "--out", "-o", help="CSV to write."),
+    metric: list[str] | None = typer.Option(
+        None, help="Metric globs to show (!glob excludes); default all but per-class rates."
+    ),
+) -> None:
+    """Side-by-side table of the main metrics of MLflow runs or registered models."""
+    from pathloop.evaluate import MAIN_PATTERNS, compare_runs
+    from pathloop.report import print_tables, write_csv
+
+    try:
+        header, rows = compare_runs(refs, tracking_uri, tuple(metric or MAIN_PATTERNS))
+    except ValueError as err:
+        _fail(str(err))
+    print_tables([{"title": "compare", "columns": header, "rows": rows}])
+    console.print(f"wrote {write_csv(header, rows, out)}")
+
+
 @app.command("serve")
 def serve_cmd(
     config: Path = typer.Option(Path("serve/config.yaml"), "--config", "-c", help="Serve config."),
