@@ -1,12 +1,10 @@
-"""Ray job: `pretrain`, the same code path as `pathloop pretrain`.
+"""Ray job: `pathloop pretrain`, the same code path (see pathloop.jobs).
 
     ray job submit --working-dir . -- \
         python jobs/pretrain.py --config jobs/configs/pretrain.tiny.yaml [key=value ...]
 """
 
-import sys
-
-from pathloop.cli import app
+from pathloop.jobs import main
 
 if __name__ == "__main__":
-    app(["pretrain", *sys.argv[1:]])
+    main("pretrain")

@@ -1,12 +1,10 @@
-"""Ray job: `sample`, the same code path as `pathloop sample`.
+"""Ray job: `pathloop sample`, the same code path (see pathloop.jobs).
 
     ray job submit --working-dir . -- \
         python jobs/sample.py --config jobs/configs/sample.tiny.yaml [key=value ...]
 """
 
-import sys
-
-from pathloop.cli import app
+from pathloop.jobs import main
 
 if __name__ == "__main__":
-    app(["sample", *sys.argv[1:]])
+    main("sample")

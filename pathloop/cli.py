@@ -29,11 +29,26 @@ def _fail(msg: str, code: int = 2) -> None:
 
 def _load(model: type, config: Path | None, overrides: list[str] | None):
     from pathloop.config import ConfigError, load_config
+    from pathloop.jobs import check_outputs
 
     try:
-        return load_config(model, config, overrides or [])
+        cfg = load_config(model, config, overrides or [])
     except ConfigError as err:
         _fail(str(err))
+    for warning in check_outputs(cfg):  # only inside a Ray job
+        console.print(f"[bold yellow]warning:[/] {warning}")
+    return cfg
+
+
+def _run_step(run, cfg, resume: bool = False) -> None:
+    """Call a step's driver; print its result; a bad input exits 2 with the message."""
+    if resume:
+        cfg = cfg.model_copy(update={"resume": True})
+    try:
+        result = run(cfg)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+        _fail(str(err))
+    console.print_json(json.dumps(result, default=str))
 
 
 # ----------------------------------------------------------------------------- data
@@ -179,6 +194,31 @@ def concepts(
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
         _fail(str(err))
     console.print_json(json.dumps(result, default=str))
+
+
+@app.command()
+def reward(
+    config: Path | None = CONFIG,
+    resume: bool = typer.Option(
+        False, help="Continue the run in workdir from its last checkpoint."
+    ),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Train the reward model (Eq. 2) on a feedback export on Ray Train; register it."""
+    from pathloop.loops import RewardConfig, run_reward
+
+    _run_step(run_reward, _load(RewardConfig, config, overrides), resume)
+
+
+@app.command("guidance-classifier")
+def guidance_classifier(
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Train the noise-aware classifier of the classifier-guidance baseline; register it."""
+    from pathloop.loops import GuidanceJobConfig, run_guidance_classifier
+
+    _run_step(run_guidance_classifier, _load(GuidanceJobConfig, config, overrides))
 
 
 # ----------------------------------------------------------------------------- feedback

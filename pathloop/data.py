@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from pathloop import storage
 from pathloop.config import Frozen
 from pathloop.vocab import ClassInfo, Vocabulary
 
@@ -147,20 +148,6 @@ def image_id(image: np.ndarray) -> str:
     return h.hexdigest()[:ID_HEX_CHARS]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- writer
 
 
@@ -199,7 +186,8 @@ class ShardWriter:
     """Write images to ``part-NNNNN.parquet`` shards plus ``manifest.json``; use as a context.
 
     Shards go to hidden temporary files and are renamed on ``close``; the manifest is written
-    last, so a crash never leaves a folder that looks like a complete shard set.
+    last, so a crash never leaves a folder that looks like a complete shard set. ``out_dir`` is
+    a local path or a ``pyarrow.fs`` URI (``s3://bucket/set``; see ``pathloop.storage``).
     """
 
     def __init__(
@@ -211,7 +199,7 @@ class ShardWriter:
     ) -> None:
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-        self.out_dir = Path(out_dir)
+        self.out_dir = storage.absolute(out_dir)
         self.vocab = vocab
         self.rows_per_shard = rows_per_shard
         self.source_note = source_note
@@ -219,7 +207,7 @@ class ShardWriter:
         self.quarantined: list[tuple[str, str]] = []
         self.manifest: dict | None = None
         self._rows: list[dict] = []
-        self._tmp_shards: list[tuple[Path, int]] = []  # (temporary path, rows)
+        self._tmp_shards: list[tuple[str, int]] = []  # (temporary path, rows)
         self._ids: set[str] = set()
         self._counts: dict[str, Counter] = defaultdict(Counter)
         self._sources: Counter = Counter()
@@ -227,7 +215,7 @@ class ShardWriter:
         self._sizes: set[tuple[int, int]] = set()
 
     def __enter__(self) -> ShardWriter:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.out_dir)
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -282,27 +270,32 @@ class ShardWriter:
 
         if not self._rows:
             return
-        tmp = self.out_dir / f".tmp-{os.getpid()}-part-{len(self._tmp_shards):05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(self._rows, schema=shard_schema()), tmp)
+        name = f".tmp-{os.getpid()}-part-{len(self._tmp_shards):05d}.parquet"
+        tmp = storage.join(self.out_dir, name)
+        fs, inner = storage.resolve(tmp)
+        pq.write_table(
+            pa.Table.from_pylist(self._rows, schema=shard_schema()), inner, filesystem=fs
+        )
         self._tmp_shards.append((tmp, len(self._rows)))
         self._rows = []
 
     def _discard(self) -> None:
         for tmp, _ in self._tmp_shards:
-            tmp.unlink(missing_ok=True)
+            storage.delete_file(tmp)
         self._tmp_shards = []
 
     def _commit_shards(self) -> list[dict]:
         """Move temporary shards into place and drop stale shards of an earlier run."""
         shards = []
         for i, (tmp, n) in enumerate(self._tmp_shards):
-            final = self.out_dir / f"part-{i:05d}.parquet"
-            os.replace(tmp, final)
-            shards.append({"file": final.name, "num_rows": n, "sha256": _file_sha256(final)})
+            file = f"part-{i:05d}.parquet"
+            final = storage.join(self.out_dir, file)
+            storage.move(tmp, final)
+            shards.append({"file": file, "num_rows": n, "sha256": storage.sha256(final)})
         keep = {s["file"] for s in shards}
-        for old in self.out_dir.glob("part-*.parquet"):
-            if old.name not in keep:
-                old.unlink()
+        for old in storage.listdir(self.out_dir):
+            if old.startswith("part-") and old.endswith(".parquet") and old not in keep:
+                storage.delete_file(storage.join(self.out_dir, old))
         return shards
 
     def _write_quarantine(self) -> None:
@@ -310,20 +303,21 @@ class ShardWriter:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["path", "reason"])
         writer.writerows(self.quarantined)
-        _write_atomic(self.out_dir / QUARANTINE, buf.getvalue())
+        storage.write_text(storage.join(self.out_dir, QUARANTINE), buf.getvalue())
 
     def close(self) -> dict:
         """Write the remaining rows, the shards, ``quarantine.csv`` and ``manifest.json``."""
         if self.manifest is not None:
             return self.manifest
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.out_dir)
         self._flush()
         # Remove the old manifest first: between here and the new one the folder is not a set.
-        (self.out_dir / MANIFEST).unlink(missing_ok=True)
+        storage.delete_file(storage.join(self.out_dir, MANIFEST))
         shards = self._commit_shards()
         self._write_quarantine()
         self.manifest = self._manifest(shards)
-        _write_atomic(self.out_dir / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
+        manifest_text = json.dumps(self.manifest, indent=2) + "\n"
+        storage.write_text(storage.join(self.out_dir, MANIFEST), manifest_text)
         return self.manifest
 
     def _manifest(self, shards: list[dict]) -> dict:
@@ -352,16 +346,17 @@ class ShardWriter:
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
-    """Load ``manifest.json`` of a shard set; a folder without one raises NotAShardSetError."""
-    d = Path(shard_dir)
+    """Load ``manifest.json`` of a shard set (a path or URI); a folder without one raises
+    NotAShardSetError."""
+    d = str(shard_dir)
     hint = "create one with `pathloop ingest` or `pathloop phantoms`"
-    if not d.is_dir():
+    if not storage.is_dir(d):
         raise NotAShardSetError(f"{d} is not a shard set: no such folder; {hint}")
-    path = d / MANIFEST
-    if not path.is_file():
+    path = storage.join(d, MANIFEST)
+    if not storage.is_file(path):
         raise NotAShardSetError(f"{d} is not a shard set: it has no {MANIFEST}; {hint}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as err:
         raise NotAShardSetError(f"{path} is not valid JSON ({err}); {hint}") from None
     missing = [k for k in ("classes", "shards", "num_records") if k not in manifest]
@@ -375,12 +370,18 @@ def read_vocab(shard_dir: str | Path) -> Vocabulary:
     return Vocabulary.model_validate({"classes": read_manifest(shard_dir)["classes"]})
 
 
-def _shard_paths(shard_dir: Path, manifest: dict) -> list[str]:
-    paths = [shard_dir / s["file"] for s in manifest["shards"]]
-    missing = [p.name for p in paths if not p.is_file()]
+def _shard_paths(shard_dir: str | Path, manifest: dict) -> tuple[list[str], Any]:
+    """The shard files of a set as paths inside its filesystem, and that filesystem."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.resolve(shard_dir)
+    paths = [f"{root.rstrip('/')}/{s['file']}" for s in manifest["shards"]]
+    infos = fs.get_file_info(paths)
+    found = [i.type == pafs.FileType.File for i in infos]
+    missing = [s["file"] for s, ok in zip(manifest["shards"], found, strict=True) if not ok]
     if missing:
         raise NotAShardSetError(f"{shard_dir}: shards listed in {MANIFEST} are missing: {missing}")
-    return [str(p) for p in paths]
+    return paths, fs
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -775,11 +776,12 @@ def _class_ids(vocab: Vocabulary, classes: list[str | int] | None) -> list[int] 
 
 def _selection(
     shard_dir: str | Path, split: str | None, classes: list[str | int] | None
-) -> tuple[list[str], Any]:
-    """Shard paths and a pyarrow filter expression (or None) for a split/class selection."""
+) -> tuple[list[str], Any, Any]:
+    """Shard paths, their filesystem and a pyarrow filter expression (or None) for a
+    split/class selection."""
     import pyarrow.dataset as pads
 
-    d = Path(shard_dir)
+    d = str(shard_dir)
     manifest = read_manifest(d)
     vocab = Vocabulary.model_validate({"classes": manifest["classes"]})
     ids = _class_ids(vocab, classes)
@@ -790,13 +792,14 @@ def _selection(
     if ids is not None:
         cls_expr = pads.field("class_id").isin(ids)
         expr = cls_expr if expr is None else expr & cls_expr
-    return _shard_paths(d, manifest), expr
+    return (*_shard_paths(d, manifest), expr)
 
 
-def _scanner(files: list[str], expr: Any, columns: list[str] | None) -> Any:
+def _scanner(files: list[str], fs: Any, expr: Any, columns: list[str] | None) -> Any:
     import pyarrow.dataset as pads
 
-    return pads.dataset(files, format="parquet", schema=shard_schema()).scanner(
+    ds = pads.dataset(files, format="parquet", schema=shard_schema(), filesystem=fs)
+    return ds.scanner(
         columns=columns,
         filter=expr,
         use_threads=False,  # no threads: keep shard order
@@ -817,7 +820,7 @@ def iter_records(
     columns: list[str] | None = None,
 ) -> Iterator[dict]:
     """Rows of a shard set in order, ``image`` decoded to HxWx3 uint8; filters are pushed down."""
-    files, expr = _selection(shard_dir, split, classes)  # eager: bad arguments fail here
+    files, fs, expr = _selection(shard_dir, split, classes)  # eager: bad arguments fail here
     if columns is not None:
         unknown = sorted(set(columns) - set(shard_schema().names))
         if unknown:
@@ -826,7 +829,7 @@ def iter_records(
     def rows() -> Iterator[dict]:
         if not files:
             return
-        for batch in _scanner(files, expr, columns).to_batches():
+        for batch in _scanner(files, fs, expr, columns).to_batches():
             yield from _decode_rows(batch)
 
     return rows()
@@ -854,9 +857,10 @@ def load_image_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
     single Parquet file with ``image`` PNG bytes and ``class_id`` (e.g. a feedback export)."""
     import pyarrow.parquet as pq
 
-    p = Path(path)
-    if p.is_file():
-        table = pq.read_table(p)
+    p = str(path)
+    if storage.is_file(p):
+        fs, inner = storage.resolve(p)
+        table = pq.read_table(inner, filesystem=fs)
         missing = {"image", "class_id"} - set(table.column_names)
         if missing:
             raise ValueError(f"{p} lacks columns {sorted(missing)}; expected a feedback export")
@@ -889,14 +893,14 @@ def read_shards(
     import ray.data
     from ray.data.expressions import col, lit
 
-    d = Path(shard_dir)
+    d = str(shard_dir)
     manifest = read_manifest(d)
     vocab = Vocabulary.model_validate({"classes": manifest["classes"]})
     ids = _class_ids(vocab, classes)
-    files = _shard_paths(d, manifest)
+    files, fs = _shard_paths(d, manifest)
     if not files:
         raise ValueError(f"{d} holds no records; nothing to read")
-    ds = ray.data.read_parquet(files)
+    ds = ray.data.read_parquet(files, filesystem=fs)
     if split is not None:
         _check_choice("split", split, SPLITS)
         ds = ds.filter(expr=col("split") == lit(split))
@@ -926,14 +930,14 @@ def torch_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    files, expr = _selection(shard_dir, split, classes)
+    files, fs, expr = _selection(shard_dir, split, classes)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import torch
 
         if not files:
             return
-        table = _scanner(files, expr, ["id", "image", "class_id"]).to_table()
+        table = _scanner(files, fs, expr, ["id", "image", "class_id"]).to_table()
         cols = {
             name: np.asarray(table.column(name).to_pylist(), dtype=object)
             for name in ("id", "image")

@@ -49,6 +49,11 @@ class TrainConfig(Frozen):
     )
     checkpoint_every: int = Field(500, gt=0, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
+    storage: str | None = Field(
+        None,
+        description="Where Ray Train keeps checkpoints and run state: a path or pyarrow.fs URI "
+        "(s3://bucket/prefix, gs://..., file://...) every node reaches; None = <workdir>/ray.",
+    )
     preview_per_class: int = Field(4, ge=1, description="Images per class in preview grids.")
     bf16: bool = Field(True, description="bf16 autocast (CUDA only).")
     channels_last: bool = Field(True, description="channels_last memory format (CUDA only).")
@@ -427,13 +432,13 @@ def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, st
 
     Returns (cfg with absolute workdir, tracking URI, run id).
     """
-    from pathloop import tracking
+    from pathloop import storage, tracking
     from pathloop.config import dump_config
 
     workdir = Path(cfg.workdir).resolve()
     cfg = cfg.model_copy(update={"workdir": str(workdir)})
-    run_dir, state_file = workdir / "ray" / cfg.name, workdir / "run.json"
-    if run_dir.exists() and not cfg.resume:
+    run_dir, state_file = storage.join(ray_storage(cfg), cfg.name), workdir / "run.json"
+    if storage.is_dir(run_dir) and not cfg.resume:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume (resume=true) to continue it, "
             "or choose another workdir/name"
@@ -453,17 +458,37 @@ def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, st
     return cfg, uri, run_id
 
 
+def ray_storage(cfg: Any) -> str:
+    """Ray Train's storage for a job: ``train.storage`` (path or URI), else <workdir>/ray."""
+    from pathloop import storage
+
+    return storage.absolute(cfg.train.storage or Path(cfg.workdir) / "ray")
+
+
+def local_checkpoint(ckpt: Any, workdir: str | Path) -> Path:
+    """A Ray ``Checkpoint`` as a local directory: its own path on local disk, else a download
+    to <workdir>/final_checkpoint (logging and registering the model need local files)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(ckpt.filesystem, pafs.LocalFileSystem):
+        return Path(ckpt.path)
+    return Path(ckpt.to_directory(str(Path(workdir) / "final_checkpoint")))
+
+
 def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) -> Path:
     """Run ``loop`` on a TorchTrainer with the job's scaling, failure and checkpoint settings.
 
     Resume needs nothing here: Train V2 restores a run's checkpoint manager from its storage
     (same name and storage_path), so ``get_checkpoint()`` in the loop returns the newest one.
     ``prepare_run`` refuses to reuse a run dir unless ``resume`` is set. Returns the final
-    checkpoint."""
+    checkpoint as a local directory."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pathloop import storage
+
+    fs, path = storage.resolve(ray_storage(cfg))
     ray.init(ignore_reinit_error=True)
     trainer = TorchTrainer(
         loop,
@@ -476,12 +501,13 @@ def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) ->
         datasets=datasets,
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=str(Path(cfg.workdir) / "ray"),
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
-    return Path(trainer.fit().checkpoint.path)
+    return local_checkpoint(trainer.fit().checkpoint, cfg.workdir)
 
 
 def finish_run(cfg: Any, uri: str, run_id: str, ckpt_dir: Path, extra: dict) -> dict[str, Any]:
@@ -968,6 +994,9 @@ class RewardConfig(Frozen):
         description=("Steps between checkpoints; each one also measures the held-out metrics."),
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
+    storage: str | None = Field(
+        None, description="Ray Train storage (path or pyarrow.fs URI); None = <workdir>/ray."
+    )
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(
         default_factory=lambda: TrackingConfig(register_as="pathloop-reward")
@@ -983,6 +1012,7 @@ class RewardConfig(Frozen):
             log_every=self.log_every,
             checkpoint_every=self.checkpoint_every,
             keep_checkpoints=self.keep_checkpoints,
+            storage=self.storage,
             sample_every=0,
         )
 
@@ -1196,33 +1226,53 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
     )
 
 
-class BackboneJobConfig(Frozen):
-    """The reward model's backbone on its own: a cell-type classifier on real cells."""
+class ClassifierJobConfig(Frozen):
+    """What the jobs that train one timm classifier in the driver process share."""
 
-    workdir: str = Field("runs/backbone", description="The model dir, result.json, MLflow db.")
-    name: str = Field("backbone", description="MLflow run name.")
+    workdir: str = Field("runs/classifier", description="The model dir, result.json, MLflow db.")
+    name: str = Field("classifier", description="MLflow run name.")
     shards: str = Field("runs/demo/phantoms", description="Real (or phantom) shard set.")
-    split: str = Field("train", description="Split to train on; the test split is measured.")
     arch: str = Field("tiny", description="Preset (tiny, paper) or timm model name.")
     in_px: int | None = Field(None, gt=0, description="Side the network sees; None = data's.")
     steps: int = Field(300, gt=0, description="Optimizer steps.")
     batch_size: int = Field(32, gt=0, description="Images per step.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
     seed: int = Field(0, description="Seed of init, batches and augmentation.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def classifier(self) -> Any:
+        """The ``reward.BackboneConfig`` these settings describe."""
+        from pathloop.reward import BackboneConfig
+
+        return BackboneConfig(
+            name=self.arch,
+            in_px=self.in_px,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+        )
+
+
+class BackboneJobConfig(ClassifierJobConfig):
+    """The reward model's backbone on its own: a cell-type classifier on real cells."""
+
+    workdir: str = Field("runs/backbone", description="The model dir, result.json, MLflow db.")
+    name: str = Field("backbone", description="MLflow run name.")
+    split: str = Field("train", description="Split to train on; the test split is measured.")
     tracking: TrackingConfig = Field(
         default_factory=lambda: TrackingConfig(register_as="pathloop-backbone")
     )
 
 
-def run_backbone(cfg: BackboneJobConfig) -> dict[str, Any]:
-    """Driver without Ray (a small CNN trains in this process): MLflow run, train, log metrics,
-    register the model dir; writes result.json. The CLI can call this directly."""
-    from pathloop import tracking
+def run_classifier_job(cfg: ClassifierJobConfig, step: str, train: Any, tags: dict) -> dict:
+    """Driver of a job that trains in this process (no Ray): MLflow run, ``train(cfg, model_dir,
+    on_log) -> metrics``, the model dir logged and registered, result.json in the workdir."""
+    from pathloop import storage, tracking
     from pathloop.config import dump_config
-    from pathloop.reward import BackboneConfig, train_backbone
 
-    workdir, shards = Path(cfg.workdir).resolve(), str(Path(cfg.shards).resolve())
-    cfg = cfg.model_copy(update={"workdir": str(workdir), "shards": shards})
+    workdir = Path(cfg.workdir).resolve()
+    cfg = cfg.model_copy(update={"workdir": str(workdir), "shards": storage.absolute(cfg.shards)})
     workdir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir / "config.yaml")
     uri = tracking.resolve_uri(cfg.tracking, workdir)
@@ -1230,38 +1280,83 @@ def run_backbone(cfg: BackboneJobConfig) -> dict[str, Any]:
         cfg.tracking,
         workdir,
         params=cfg.model_dump(mode="json"),
-        tags={"pathloop.step": "backbone", "pathloop.shards": cfg.shards},
+        tags={"pathloop.step": step, "pathloop.shards": cfg.shards, **tags},
         run_name=cfg.tracking.run_name or cfg.name,
     )
-    bcfg = BackboneConfig(
-        name=cfg.arch,
-        in_px=cfg.in_px,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
-    )
+    model_dir = workdir / "model"
     try:
-        m = train_backbone(
-            cfg.shards,
-            workdir / "model",
-            bcfg,
-            split=cfg.split,
-            on_log=lambda s, loss: tracking.log_metrics(uri, run_id, {"loss": loss}, s),
+        metrics = train(
+            cfg,
+            model_dir,
+            lambda s, loss: tracking.log_metrics(uri, run_id, {"loss": loss}, s),
         )
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise
-    metrics = {k: v for k, v in m.items() if k != "path"}
     tracking.log_metrics(uri, run_id, metrics, cfg.steps)
-    model_uri = tracking.log_checkpoint_model(uri, run_id, m["path"], cfg.tracking.register_as)
+    model_uri = tracking.log_checkpoint_model(uri, run_id, model_dir, cfg.tracking.register_as)
     tracking.end_run(uri, run_id)
     out = {
         "run_id": run_id,
         "tracking_uri": uri,
         "model_uri": model_uri,
-        "checkpoint": m["path"],
+        "checkpoint": str(model_dir),
         **metrics,
     }
     (workdir / "result.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def run_backbone(cfg: BackboneJobConfig) -> dict[str, Any]:
+    """The backbone job without Ray (a small CNN trains in this process); writes result.json.
+    The CLI can call this directly."""
+    from pathloop.reward import train_backbone
+
+    def train(cfg: BackboneJobConfig, out: Path, on_log: Any) -> dict:
+        m = train_backbone(cfg.shards, out, cfg.classifier(), split=cfg.split, on_log=on_log)
+        return {k: v for k, v in m.items() if k != "path"}
+
+    return run_classifier_job(cfg, "backbone", train, {})
+
+
+class GuidanceJobConfig(ClassifierJobConfig):
+    """The classifier-guidance baseline (Dhariwal & Nichol 2021), the paper's "automatic
+    feedback" row: a noise-aware classifier p(c | x_t, t) on real cells (train split; test-split
+    accuracy at t = 0.05 T, 0.25 T, 0.5 T), for ``diffusion.sample(guidance_fn=...)``."""
+
+    workdir: str = Field("runs/guidance", description="The model dir, result.json, MLflow db.")
+    name: str = Field("guidance", description="MLflow run name.")
+    pretrained: str | None = Field(
+        None,
+        description="Diffusion model to guide (path, result.json or MLflow URI): the classifier "
+        "learns its noise schedule; None = use `noise`.",
+    )
+    noise: NoiseConfig = Field(
+        default_factory=NoiseConfig, description="Noise schedule; replaced by `pretrained`'s."
+    )
+    classes: list[str] | None = Field(
+        None, description="Train on these classes only (logits still cover every class)."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(register_as="pathloop-guidance")
+    )
+
+
+def run_guidance_classifier(cfg: GuidanceJobConfig) -> dict[str, Any]:
+    """Train and register the noise-aware guidance classifier in this process; result.json."""
+    from pathloop.reward import train_guidance_classifier
+    from pathloop.sampling import resolve_model_ref
+
+    tags = {}
+    if cfg.pretrained:
+        ckpt_dir, model_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
+        noise = json.loads((Path(ckpt_dir) / "config.json").read_text()).get("noise")
+        cfg = cfg.model_copy(update={"noise": NoiseConfig.model_validate(noise or {})})
+        tags["pathloop.pretrained"] = model_uri
+
+    def train(cfg: GuidanceJobConfig, out: Path, on_log: Any) -> dict:
+        return train_guidance_classifier(
+            cfg.shards, cfg.noise, out, cfg.classifier(), classes=cfg.classes
+        )[1]
+
+    return run_classifier_job(cfg, "guidance", train, tags)

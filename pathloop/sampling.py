@@ -3,11 +3,15 @@
 Work is a table of (class, seed) rows mapped over Ray Data actors, each holding the model once and
 calling the one ``diffusion.sample()`` loop, so it scales from 2 CPU cores to a GPU cluster.
 Image i of the job gets seed ``sampler.seed + i``: the set is the same however it is batched.
+The model, the output and the image-to-image source may live on any ``pyarrow.fs`` filesystem
+(``s3://...``); the checkpoint reaches the actors through Ray's object store, so they need not
+share a disk with the driver.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ class SampleConfig(Frozen):
             "Checkpoint dir, models:/name/version, runs:/id/model, or a training result.json."
         ),
     )
-    out: str = Field("runs/samples", description="Output shard-set directory.")
+    out: str = Field("runs/samples", description="Output shard set: a directory or a URI.")
     per_class: int = Field(16, gt=0, description="Images per class.")
     classes: list[str] | None = Field(None, description="Class names/codes; None = all.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -38,14 +42,23 @@ class SampleConfig(Frozen):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+# Schemes MLflow resolves itself; any other ``scheme://`` is a pyarrow.fs location.
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
 def resolve_model_ref(ref: str, tracking: TrackingConfig | None = None) -> tuple[Path, str]:
-    """(local checkpoint dir, URI recorded in provenance) for any model reference."""
+    """(local checkpoint dir, URI recorded in provenance) for any model reference: a directory,
+    a training result.json, an MLflow URI, or a directory/result.json at a pyarrow.fs URI."""
+    from pathloop import storage
     from pathloop import tracking as trk
 
-    p = Path(ref)
-    if p.suffix == ".json" and p.is_file():
-        info = json.loads(p.read_text())
+    if ref.endswith(".json") and storage.is_file(ref):
+        info = json.loads(storage.read_text(ref))
         return trk.resolve_model(info["model_uri"], info.get("tracking_uri")), info["model_uri"]
+    if storage.is_uri(ref) and not ref.startswith(MLFLOW_SCHEMES):
+        local = Path(tempfile.mkdtemp(prefix="pathloop-model-"))  # lives as long as the process
+        storage.copy_to_local(ref, local)
+        return trk.resolve_model(local), ref
     uri = None
     if tracking is not None and "://" not in ref and ":/" in ref:
         uri = trk.resolve_uri(tracking, ".")
@@ -55,12 +68,15 @@ def resolve_model_ref(ref: str, tracking: TrackingConfig | None = None) -> tuple
 class _Sampler:
     """Ray Data actor: loads the checkpoint once, samples each batch of (class, seed) rows."""
 
-    def __init__(self, ckpt_dir: str, sampler: dict, strength: float) -> None:
+    def __init__(self, ckpt_files: dict[str, bytes], sampler: dict, strength: float) -> None:
         import torch
 
+        from pathloop import storage
         from pathloop.diffusion import load_checkpoint
 
-        self.ck = load_checkpoint(ckpt_dir)
+        local = Path(tempfile.mkdtemp(prefix="pathloop-sampler-"))
+        storage.unpack_dir(ckpt_files, local)  # this node's copy, whichever node it is
+        self.ck = load_checkpoint(local)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.ck.unet.to(self.device)
         self.cfg = SamplerConfig.model_validate(sampler)
@@ -122,6 +138,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     import ray
     from rich.progress import Progress
 
+    from pathloop import storage
     from pathloop.data import ShardWriter
     from pathloop.diffusion import load_checkpoint
 
@@ -133,7 +150,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     ds = ray.data.from_items(rows).map_batches(
         _Sampler,
         fn_constructor_kwargs={
-            "ckpt_dir": str(ckpt_dir),
+            "ckpt_files": storage.pack_dir(ckpt_dir, skip=("optimizer.pt",)),
             "sampler": cfg.sampler.model_dump(),
             "strength": cfg.strength,
         },
@@ -162,9 +179,9 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
                 r["pixels"], int(r["class_id"]), split=cfg.split, source="synthetic", provenance=p
             )
             bar.advance(task)
-    manifest = json.loads((Path(cfg.out) / "manifest.json").read_text())
+    manifest = w.manifest
     return {
-        "out": str(Path(cfg.out).resolve()),
+        "out": storage.absolute(cfg.out),
         "num_records": manifest["num_records"],
         "model_uri": model_uri,
         "checkpoint_step": step,

@@ -69,3 +69,105 @@ def tiny_ckpt(tmp_path_factory) -> Path:
         },
     )
     return out
+
+
+class LocalRayCluster:
+    """A real one-node Ray cluster on 127.0.0.1 for job-submission tests, beside ``ray_session``.
+
+    ``ray start --head --block`` runs as the leader of its own process group, with free ports
+    (GCS, dashboard, client server, dashboard agent) and its own short temp dir, so it neither
+    collides with ``ray_session`` nor becomes the machine's "current cluster" that a bare
+    ``ray.init()`` would join. Stopping terminates that process (Ray's own shutdown), then kills
+    what is left of its group. Never ``ray stop``: it stops every Ray on the machine.
+    """
+
+    def __init__(self, num_cpus: int = 2) -> None:
+        import sys
+        import tempfile
+
+        self.num_cpus = num_cpus
+        self.root = Path(tempfile.mkdtemp(prefix="plray-", dir="/tmp"))  # sockets: short paths
+        bin_dir = str(Path(sys.executable).parent)
+        # The jobs' `python` is this venv's; no token auth on a loopback-only test cluster.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        self.env.update(PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="disabled")
+        self.ray = str(Path(bin_dir) / "ray")
+        self.proc = None
+        self.url = ""
+
+    @staticmethod
+    def _free_port() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def start(self, timeout: float = 240) -> LocalRayCluster:
+        import subprocess
+        import time
+        import urllib.request
+
+        gcs, dash, client, agent = (self._free_port() for _ in range(4))
+        cmd = [self.ray, "start", "--head", "--block", "--disable-usage-stats"]
+        cmd += ["--node-ip-address", "127.0.0.1", "--port", str(gcs)]
+        cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
+        cmd += ["--ray-client-server-port", str(client)]
+        cmd += ["--dashboard-agent-listen-port", str(agent)]
+        cmd += ["--num-cpus", str(self.num_cpus), "--temp-dir", str(self.root / "ray")]
+        self._log = (self.root / "ray-start.log").open("w")
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.url = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(self.root / 'ray-start.log').read_text()}")
+            try:  # the Jobs API answers once the dashboard's job module is up
+                urllib.request.urlopen(f"{self.url}/api/jobs/", timeout=5)
+                return self
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"local Ray cluster not up after {timeout}s")
+
+    def submit(self, working_dir: Path, *entrypoint: str, timeout: float = 600):
+        """``ray job submit --working-dir`` and wait; returns the CompletedProcess."""
+        import subprocess
+
+        cmd = [self.ray, "job", "submit", "--address", self.url, "--working-dir", str(working_dir)]
+        return subprocess.run(
+            [*cmd, "--", *entrypoint],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def stop(self, grace: float = 60) -> None:
+        import shutil
+        import signal
+        import subprocess
+
+        if self.proc is not None:
+            self.proc.terminate()  # `ray start --block` shuts its processes down on SIGTERM
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # whatever outlived the graceful stop, in this cluster's group only
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+            self._log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    """A local Ray cluster (2 CPUs) to submit jobs to with the Ray Jobs CLI; see LocalRayCluster."""
+    cluster = LocalRayCluster(num_cpus=2).start()
+    yield cluster
+    cluster.stop()
