@@ -379,6 +379,34 @@ def compare(
     console.print(f"wrote {write_csv(header, rows, out)}")
 
 
+@app.command()
+def sweep(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
+    """Ray Tune sweep over dotted job-config keys (ASHA between Train segments); best.yaml."""
+    from pathloop.config import ConfigError
+    from pathloop.sweep import SweepConfig, run_sweep
+
+    cfg = _load(SweepConfig, config, overrides)
+    try:
+        result = run_sweep(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(str(err))
+    console.print(f"best config: {result['best_config']}  (sweep run {result['sweep_id']})")
+
+
+@app.command()
+def ablation(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
+    """Feedback-amount ablation (paper Fig. 4a): reward model + finetuning per fraction."""
+    from pathloop.config import ConfigError
+    from pathloop.sweep import AblationConfig, run_ablation
+
+    cfg = _load(AblationConfig, config, overrides)
+    try:
+        result = run_ablation(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(str(err))
+    console.print(f"rows and plots: {', '.join(result['plots'])}  (run {result['sweep_id']})")
+
+
 @app.command("serve")
 def serve_cmd(
     config: Path = typer.Option(Path("serve/config.yaml"), "--config", "-c", help="Serve config."),
@@ -394,6 +422,23 @@ def serve_cmd(
         from serve.app import run
 
         run(config, blocking=True, overrides=overrides or [])
+
+
+@app.command()
+def loop(
+    config: Path | None = CONFIG,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """The whole loop: data → pretrain → [review round → feedback → reward → finetune →
+    evaluate] × rounds; rerun to resume (finished steps are skipped)."""
+    from pathloop.loop import LoopConfig, print_summary, run_loop
+
+    cfg = _load(LoopConfig, config, overrides)
+    try:
+        summary = run_loop(cfg)
+    except (ValueError, KeyError, FileNotFoundError, TimeoutError) as err:
+        _fail(str(err))
+    print_summary(summary)
 
 
 @app.command()

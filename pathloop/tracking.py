@@ -79,6 +79,7 @@ def start_run(
     exp_id = use(uri, cfg.experiment)
     client = mlflow.MlflowClient(uri)
     all_tags = dict(tags or {})
+    parent_run_id = parent_run_id or cfg.parent_run_id
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name or cfg.run_name, tags=all_tags)
@@ -112,6 +113,13 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
         run_id,
         metrics=[mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()],
     )
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The latest value of every metric of a run."""
+    import mlflow
+
+    return dict(mlflow.MlflowClient(uri).get_run(run_id).data.metrics)
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

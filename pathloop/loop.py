@@ -1,0 +1,410 @@
+"""``pathloop loop``: the whole method in one command, for R feedback rounds.
+
+data → pretrain → [sample a review round → feedback (judge | MLLM | human) → reward model →
+reward-weighted finetuning (Eq. 3) → evaluate against the previous model] × R → report.
+
+Every step is one library call whose stored output (a manifest, a ``result.json``, an export)
+marks it done, so a killed loop resumes where it stopped: finished steps are skipped and a
+training step that left checkpoints continues from its newest one (``resume``). All step runs
+are MLflow children of one parent ``loop`` run in one tracking store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from rich.console import Console
+
+from pathloop.config import Frozen, SamplerConfig, TrackingConfig
+from pathloop.evaluate import EvaluateConfig
+from pathloop.loops import FinetuneConfig, PretrainConfig, RewardConfig
+
+console = Console()
+
+
+class LoopDataConfig(Frozen):
+    """Where the "real" training images come from."""
+
+    source: Literal["phantoms", "folder", "shards"] = Field(
+        "phantoms", description="phantoms (generated), folder (ingest images), shards (ready)."
+    )
+    path: str | None = Field(None, description="Image folder (folder) or shard set (shards).")
+    labels: str | None = Field(None, description="folder: labels CSV (default <path>/LABELS.csv).")
+    per_class: int = Field(96, gt=0, description="phantoms: training images per class.")
+    test_per_class: int = Field(24, ge=0, description="phantoms: test images per class.")
+    size: int = Field(32, gt=0, description="Image side in px (phantoms and folder ingest).")
+    seed: int = Field(0, description="phantoms: generator seed.")
+
+
+class RoundConfig(Frozen):
+    """What each feedback round samples."""
+
+    review_per_class: int = Field(16, gt=0, description="Images per class sent for feedback.")
+    pool_per_class: int = Field(
+        0,
+        ge=0,
+        description="Extra images per class that the reward model scores for finetuning "
+        "(the paper's reward model generalises the feedback); 0 = finetune on the reviewed set.",
+    )
+    sampler: SamplerConfig = Field(
+        default_factory=lambda: SamplerConfig(steps=25), description="Sampling of every round."
+    )
+
+
+class FeedbackSourceConfig(Frozen):
+    """Who labels the review rounds."""
+
+    source: Literal["judge", "mllm", "human"] = Field(
+        "judge", description="judge (phantoms), mllm (OpenAI-compatible checklist), human (UI)."
+    )
+    store: str | None = Field(None, description="Feedback store URL; None = <workdir>/feedback.db.")
+    mllm_model: str | None = Field(None, description="mllm: model name at the endpoint.")
+    mllm_base_url: str | None = Field(
+        None, description="mllm: endpoint; None = $PATHLOOP_MLLM_BASE_URL."
+    )
+    min_raters: int = Field(1, ge=1, description="Labels an image needs before it is exported.")
+    poll_s: float = Field(15.0, gt=0, description="human: seconds between checks of the round.")
+    timeout_s: float | None = Field(
+        None, description="human: give up after this long; None = wait."
+    )
+
+
+class LoopConfig(Frozen):
+    """One command from data to an aligned, evaluated model. Step sections are the step jobs'
+    own configs; the loop sets their paths, inputs and MLflow parent."""
+
+    workdir: str = Field("runs/loop", description="Every step's outputs live under here.")
+    name: str = Field("loop", description="Parent MLflow run name.")
+    rounds: int = Field(1, ge=1, le=20, description="Feedback rounds R.")
+    data: LoopDataConfig = Field(default_factory=LoopDataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    round: RoundConfig = Field(default_factory=RoundConfig)
+    feedback: FeedbackSourceConfig = Field(default_factory=FeedbackSourceConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(experiment="loop"))
+
+
+# ----------------------------------------------------------------------------- step plumbing
+
+
+class _Steps:
+    """Runs a step unless its output exists; every step a child of the parent MLflow run."""
+
+    def __init__(self, cfg: LoopConfig, uri: str, parent: str) -> None:
+        self.cfg, self.uri, self.parent = cfg, uri, parent
+        self.timings: dict[str, float] = {}
+
+    def tracking(self, sub: TrackingConfig, run_name: str) -> TrackingConfig:
+        """A step's tracking settings: the loop's store, experiment and parent run."""
+        return sub.model_copy(
+            update={
+                "tracking_uri": self.uri,
+                "experiment": self.cfg.tracking.experiment,
+                "parent_run_id": self.parent,
+                "run_name": run_name,
+            }
+        )
+
+    def run(self, title: str, done: Path, fn: Callable[[], Any]) -> bool:
+        """Run ``fn`` unless ``done`` exists; True when it ran."""
+        if done.exists():
+            console.rule(f"[dim]{title}: done ({done})")
+            return False
+        console.rule(f"[bold]{title}")
+        t0 = time.perf_counter()
+        fn()
+        self.timings[title] = round(time.perf_counter() - t0, 1)
+        return True
+
+
+def _training(sub: Any, workdir: Path, **update: Any) -> Any:
+    """A training step's config at ``workdir``, resuming when a killed run left checkpoints."""
+    return sub.model_copy(
+        update={"workdir": str(workdir), "resume": (workdir / "ray").exists(), **update}
+    )
+
+
+def _result(workdir: Path) -> dict:
+    return json.loads((workdir / "result.json").read_text())
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_data(cfg: LoopConfig, wd: Path) -> Path:
+    """Phantoms, an ingested image folder, or a ready shard set; returns the shard directory."""
+    d = cfg.data
+    if d.source == "shards":
+        if not d.path:
+            raise ValueError("data.source=shards needs data.path=<shard set>")
+        return Path(d.path)
+    out = wd / "data"
+    if (out / "manifest.json").exists():
+        return out
+    if d.source == "phantoms":
+        from pathloop.phantoms import write_phantoms
+
+        write_phantoms(
+            out, per_class=d.per_class, test_per_class=d.test_per_class, size=d.size, seed=d.seed
+        )
+        return out
+    if not d.path:
+        raise ValueError("data.source=folder needs data.path=<image folder>")
+    from pathloop.data import ingest
+
+    labels = Path(d.labels) if d.labels else Path(d.path) / "LABELS.csv"
+    rep = ingest(d.path, out, labels=labels, size=d.size)
+    console.print(f"ingested {rep.num_ingested} images, quarantined {rep.num_quarantined}")
+    return out
+
+
+def collect_feedback(cfg: LoopConfig, samples: Path, export_dir: Path, round_name: str) -> Path:
+    """Create (or reopen) the round in the store, label it with the chosen source, export it."""
+    from pathloop.evaluators import evaluate_round
+    from pathloop.feedback import FeedbackStore
+
+    fb = cfg.feedback
+    store = FeedbackStore(fb.store or Path(cfg.workdir).resolve() / "feedback.db")
+    with store:
+        existing = [r.id for r in store.rounds() if r.name == round_name]
+        rid = existing[0] if existing else store.create_round(samples, name=round_name)
+        if fb.source == "judge":
+            evaluate_round(store, rid, "judge")
+        elif fb.source == "mllm":
+            if not fb.mllm_model:
+                raise ValueError("feedback.source=mllm needs feedback.mllm_model=<model name>")
+            opts = {"model": fb.mllm_model}
+            if fb.mllm_base_url:
+                opts["base_url"] = fb.mllm_base_url
+            evaluate_round(store, rid, "mllm", **opts)
+        else:
+            wait_for_labels(store, rid, fb)
+        return store.export_round(rid, export_dir, min_raters=fb.min_raters)
+
+
+def wait_for_labels(store: Any, rid: int, fb: FeedbackSourceConfig) -> None:
+    """Block until every image of round ``rid`` has ``min_raters`` labels (the review UI)."""
+    t0 = time.monotonic()
+    n = len(store.images(rid))
+    console.print(
+        f"waiting for {n} images of round {rid} to be labelled in the review UI "
+        "(`pathloop serve`, then open /review); the loop continues when they are"
+    )
+    while True:
+        classes = store.round_stats(rid)["classes"].values()
+        done = sum(c["n_labelled"] for c in classes)
+        if done >= n:
+            return
+        if fb.timeout_s is not None and time.monotonic() - t0 > fb.timeout_s:
+            raise TimeoutError(
+                f"round {rid}: {done}/{n} images labelled after {fb.timeout_s:.0f} s; "
+                "rerun the loop to keep waiting (finished steps are skipped)"
+            )
+        time.sleep(fb.poll_s)
+
+
+def sample_set(steps: _Steps, title: str, model: str, out: Path, per_class: int, seed: int) -> None:
+    """``run_sample`` of ``per_class`` images per class from ``model`` into ``out``."""
+    from pathloop.sampling import SampleConfig, run_sample
+
+    sampler = steps.cfg.round.sampler.model_copy(update={"seed": seed})
+    steps.run(
+        title,
+        out / "manifest.json",
+        lambda: run_sample(
+            SampleConfig(model=model, out=str(out), per_class=per_class, sampler=sampler)
+        ),
+    )
+
+
+def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
+    """One feedback round from ``model``; returns the finetuned model's result and evaluation."""
+    from pathloop.evaluate import evaluate_models
+    from pathloop.loops import run_finetune, run_reward
+
+    cfg, wd = steps.cfg, Path(steps.cfg.workdir) / f"round{r}"
+    seed = 10_000 * r  # each round reviews new images
+    review = wd / "review"
+    sample_set(
+        steps, f"round {r}: sample the review set", model, review, cfg.round.review_per_class, seed
+    )
+    export = wd / "feedback"
+    steps.run(
+        f"round {r}: feedback ({cfg.feedback.source})",
+        export / "feedback.parquet",
+        lambda: collect_feedback(cfg, review, export, f"loop-round{r}"),
+    )
+    reward_wd = wd / "reward"
+    steps.run(
+        f"round {r}: reward model (Eq. 2)",
+        reward_wd / "result.json",
+        lambda: run_reward(
+            _training(
+                cfg.reward,
+                reward_wd,
+                feedback=str(export / "feedback.parquet"),
+                real_shards=str(shards),
+                tracking=steps.tracking(cfg.reward.tracking, f"round{r}-reward"),
+            )
+        ),
+    )
+    reward = _result(reward_wd)
+    synthetic = export / "feedback.parquet"
+    if cfg.round.pool_per_class:
+        pool = wd / "pool"
+        sample_set(
+            steps,
+            f"round {r}: sample the finetuning pool",
+            model,
+            pool,
+            cfg.round.pool_per_class,
+            seed + 5000,
+        )
+        synthetic = pool
+    ft_wd = wd / "finetune"
+    steps.run(
+        f"round {r}: finetune (Eq. 3)",
+        ft_wd / "result.json",
+        lambda: run_finetune(
+            _training(
+                cfg.finetune,
+                ft_wd,
+                method="reward",
+                pretrained=model,
+                synthetic=str(synthetic),
+                reward_model=reward["checkpoint"],
+                real=str(shards),
+                feedback_round=f"loop-round{r}",
+                tracking=steps.tracking(cfg.finetune.tracking, f"round{r}-finetune"),
+            )
+        ),
+    )
+    finetuned = _result(ft_wd)
+    ev_wd = wd / "evaluate"
+    # One evaluation classifier for all rounds (trained in round 1), so rounds are comparable.
+    features = cfg.evaluate.features
+    if r > 1 and not features.path:
+        features = features.model_copy(update={"path": str(wd.parent / "round1/evaluate/features")})
+    steps.run(
+        f"round {r}: evaluate (before vs after)",
+        ev_wd / "result.json",
+        lambda: evaluate_models(
+            cfg.evaluate.model_copy(
+                update={
+                    "workdir": str(ev_wd),
+                    "real": str(shards),
+                    "model": finetuned["checkpoint"],
+                    "baselines": (model,),
+                    "features": features,
+                    "tracking": steps.tracking(cfg.evaluate.tracking, f"round{r}-evaluate"),
+                }
+            )
+        ),
+    )
+    return {"reward": reward, "finetune": finetuned, "evaluate": _result(ev_wd)}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _parent_run(cfg: LoopConfig, wd: Path) -> tuple[str, str]:
+    """(tracking URI, parent run id): reopened from ``loop.json`` when resuming."""
+    from pathloop import tracking
+
+    state = wd / "loop.json"
+    uri = tracking.resolve_uri(cfg.tracking, wd)
+    if state.exists():
+        return uri, json.loads(state.read_text())["run_id"]
+    run_id = tracking.start_run(
+        cfg.tracking,
+        wd,
+        params=cfg.model_dump(mode="json"),
+        tags={"pathloop.step": "loop"},
+        run_name=cfg.name,
+    )
+    _write_json(state, {"run_id": run_id, "tracking_uri": uri})
+    return uri, run_id
+
+
+def run_loop(cfg: LoopConfig) -> dict[str, Any]:
+    """Data → pretrain → R rounds of feedback, reward, finetuning and evaluation."""
+    from pathloop import tracking
+    from pathloop.config import dump_config
+    from pathloop.loops import run_pretrain
+
+    wd = Path(cfg.workdir).resolve()
+    cfg = cfg.model_copy(update={"workdir": str(wd)})
+    wd.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, wd / "config.yaml")
+    uri, parent = _parent_run(cfg, wd)
+    steps = _Steps(cfg, uri, parent)
+    shards = make_data(cfg, wd).resolve()
+
+    pre_wd = wd / "pretrain"
+    steps.run(
+        "pretrain the diffusion model",
+        pre_wd / "result.json",
+        lambda: run_pretrain(
+            _training(
+                cfg.pretrain,
+                pre_wd,
+                data=cfg.pretrain.data.model_copy(update={"shards": str(shards)}),
+                tracking=steps.tracking(cfg.pretrain.tracking, "pretrain"),
+            )
+        ),
+    )
+    model = _result(pre_wd)["checkpoint"]
+    rounds = []
+    for r in range(1, cfg.rounds + 1):
+        rounds.append(run_round(steps, r, shards, model))
+        model = rounds[-1]["finetune"]["checkpoint"]
+    summary = {
+        "workdir": str(wd),
+        "tracking_uri": uri,
+        "parent_run_id": parent,
+        "pretrained": _result(pre_wd),
+        "rounds": rounds,
+        "step_seconds": steps.timings,
+    }
+    _write_json(wd / "summary.json", summary)
+    tracking.end_run(uri, parent)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Before/after tables of every round, where the report and MLflow store are, what next."""
+    from pathloop import report
+
+    for r, rnd in enumerate(summary["rounds"], start=1):
+        ev = rnd["evaluate"]
+        console.rule(f"[bold]round {r}: baseline (before) vs model (after)")
+        report.print_tables(report.metric_tables(ev))
+        console.print(f"report: [bold]{ev['report']}[/]")
+    last = summary["rounds"][-1]["finetune"] if summary["rounds"] else summary["pretrained"]
+    uri = summary["tracking_uri"]
+    console.print(
+        f"\nMLflow store: {uri} (parent run {summary['parent_run_id']})\n"
+        f"  open it:   mlflow ui --backend-store-uri {uri}\n"
+        f"final model: {last['checkpoint']}"
+        + (f"  ({last['model_uri']})" if last.get("model_uri") else "")
+        + f"\n  serve it:  pathloop serve --config serve/config.yaml model={last['checkpoint']}"
+        + (f" reward_model={reward}" if (reward := _last_reward(summary)) else "")
+        + "\n"
+        f"step times (s): {summary['step_seconds']}"
+    )
+
+
+def _last_reward(summary: dict[str, Any]) -> str | None:
+    return summary["rounds"][-1]["reward"]["checkpoint"] if summary["rounds"] else None

@@ -1,0 +1,105 @@
+"""`pathloop loop` end to end with minimal settings: killed during finetuning, it resumes,
+skips the finished steps and ends with the same model as an uninterrupted finetune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pathloop.config import load_config
+from pathloop.diffusion import load_checkpoint
+from pathloop.loop import LoopConfig, run_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINIMAL = [
+    "data.per_class=6",
+    "data.test_per_class=3",
+    "pretrain.model.block_out_channels=[16,32]",
+    "pretrain.train.steps=4",
+    "pretrain.train.batch_size=16",
+    "pretrain.train.sample_every=0",
+    "pretrain.train.checkpoint_every=4",
+    "pretrain.tracking.register_as=null",
+    "round.review_per_class=3",
+    "round.pool_per_class=0",
+    "round.sampler.steps=2",
+    "reward.backbone_steps=5",
+    "reward.steps=6",
+    "reward.checkpoint_every=6",
+    "reward.tracking.register_as=null",
+    "finetune.train.steps=6",
+    "finetune.train.batch_size=8",
+    "finetune.train.checkpoint_every=2",
+    "finetune.tracking.register_as=null",
+    "evaluate.per_class=3",
+    "evaluate.sampler.steps=2",
+    "evaluate.features.steps=5",
+    "evaluate.tstr.steps=5",
+    "evaluate.tstr.settings=[real,synthetic]",
+    "evaluate.grid_per_class=2",
+]
+
+
+def _params(ckpt: str) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in load_checkpoint(ckpt, ema=False).unet.parameters()]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_loop_resumes_after_a_kill_in_finetuning(tmp_path):
+    import ray.train
+
+    def cfg(*extra: str) -> LoopConfig:
+        over = [f"workdir={tmp_path / 'loop'}", *MINIMAL, *extra]
+        return load_config(LoopConfig, ROOT / "jobs/configs/loop.tiny.yaml", over)
+
+    # 1. killed at finetuning step 3 (after its step-2 checkpoint), no automatic recovery
+    killed = cfg("finetune.train.fail_at_step=3", "finetune.max_failures=0")
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_loop(killed)
+    wd = tmp_path / "loop"
+    assert (wd / "pretrain/result.json").exists()
+    assert (wd / "round1/reward/result.json").exists()
+    assert not (wd / "round1/finetune/result.json").exists()
+    done_before = {p: p.stat().st_mtime_ns for p in wd.glob("**/result.json")}
+
+    # 2. the same command again: finished steps are skipped, finetuning resumes to its end
+    summary = run_loop(killed)
+    for p, mtime in done_before.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p} was redone"
+    ft = summary["rounds"][0]["finetune"]
+    assert ft["step"] == 6
+    ev = summary["rounds"][0]["evaluate"]
+    assert Path(ev["report"]).is_file()
+    assert set(ev["labels"]) == {"baseline", "model"}
+    assert "judge" in ev["plausibility"]
+
+    # 3. the same finetune uninterrupted gives the same weights
+    from pathloop.loops import run_finetune
+
+    saved = load_config(type(killed.finetune), wd / "round1/finetune/config.yaml", [])
+    straight = saved.model_copy(
+        update={
+            "workdir": str(tmp_path / "straight"),
+            "resume": False,
+            "train": saved.train.model_copy(update={"fail_at_step": None}),
+            "tracking": saved.tracking.model_copy(update={"parent_run_id": None}),
+        }
+    )
+    ref = run_finetune(straight)
+    for a, b in zip(_params(ft["checkpoint"]), _params(ref["checkpoint"]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    # 4. one parent MLflow run with every step as its child
+    import mlflow
+
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    names = {r.info.run_name for r in children}
+    assert {"pretrain", "round1-reward", "round1-finetune", "round1-evaluate"} <= names
