@@ -25,12 +25,12 @@ import numpy as np
 from pydantic import Field
 
 from pathloop.config import Frozen, SamplerConfig, TrackingConfig
-from pathloop.metrics import ClassifierConfig, TSTRConfig
+from pathloop.metrics import FeatureConfig, TSTRConfig
 
 REAL = "real"
 
 
-class FeatureModelConfig(ClassifierConfig):
+class FeatureModelConfig(FeatureConfig):
     """The evaluation classifier whose features FID and PRDC use (not the reward backbone)."""
 
     path: str | None = Field(
@@ -167,7 +167,7 @@ def feature_model(cfg: EvaluateConfig) -> tuple[Any, dict]:
         meta = json.loads(meta_file.read_text())
         if meta.get("train") == settings and meta.get("shards") == cfg.real:
             return load_feature_model(path), meta["metrics"]
-    fm_cfg = ClassifierConfig.model_validate(settings)
+    fm_cfg = FeatureConfig.model_validate(settings)
     metrics = train_feature_model(cfg.real, path, fm_cfg)
     return load_feature_model(path), {k: v for k, v in metrics.items() if k != "path"}
 
@@ -338,8 +338,8 @@ def _measure(cfg: EvaluateConfig, labels: dict[str, str], uri: str, advance: Any
         "tstr": tstr,
         "plausibility": plaus,
         "grids": _grids(cfg, vocab, {REAL: real["train"], **samples}),
-        "notes": f"{cfg.per_class} samples per class; features: {cfg.features.arch}; "
-        f"reference: real {cfg.fidelity.reference_split} split; TSTR: {cfg.tstr.arch}.",
+        "notes": f"{cfg.per_class} samples per class; features: {cfg.features.name}; "
+        f"reference: real {cfg.fidelity.reference_split} split; TSTR: {cfg.tstr.name}.",
     }
 
 

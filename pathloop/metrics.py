@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pathloop.config import Frozen
+from pathloop.reward import BackboneConfig
 from pathloop.vocab import Vocabulary
 
 # Evaluation presets; any other timm name is accepted (never with hub weights). The feature
@@ -60,28 +60,23 @@ def _device(device: str | None) -> torch.device:
 # ----------------------------------------------------------------------------- classifiers
 
 
-class ClassifierConfig(Frozen):
-    """A timm classifier trained from scratch (feature model or TSTR classifier)."""
+class FeatureConfig(BackboneConfig):
+    """The evaluation classifier: another architecture and seed than the reward backbone."""
 
-    arch: str = Field("tiny", description="Preset (tiny, paper) or any timm model name.")
-    in_px: int | None = Field(None, gt=0, description="Side the network sees; None = real data's.")
-    steps: int = Field(300, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(32, gt=0, description="Images per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
-    seed: int = Field(1, description="Seed of init, batches and augmentation.")
-
-
-def _backbone_cfg(cfg: ClassifierConfig, presets: dict[str, str]) -> Any:
-    from pathloop.reward import BackboneConfig, timm_name
-
-    return BackboneConfig(
-        name=timm_name(presets.get(cfg.arch, cfg.arch)),
-        in_px=cfg.in_px,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
+    name: str = Field(
+        "tiny", description="Preset (tiny: test_efficientnet, paper: resnet50) or a timm name."
     )
+    seed: int = Field(1, description="Seed of init, batches and augmentation (reward: 0).")
+
+
+ClassifierConfig = FeatureConfig  # the earlier name, still imported by sweep.py
+
+
+def _resolved(cfg: BackboneConfig, presets: dict[str, str]) -> BackboneConfig:
+    """``cfg`` with its preset replaced by the timm model name (checked to exist)."""
+    from pathloop.reward import timm_name
+
+    return cfg.model_copy(update={"name": timm_name(presets.get(cfg.name, cfg.name))})
 
 
 def as_input(images: Any, px: int) -> torch.Tensor:
@@ -98,12 +93,13 @@ def as_input(images: Any, px: int) -> torch.Tensor:
 
 
 def train_classifier(
-    x: torch.Tensor, y: np.ndarray, num_classes: int, cfg: ClassifierConfig, presets: dict
+    x: torch.Tensor, y: np.ndarray, num_classes: int, cfg: BackboneConfig, presets: dict
 ) -> Any:
-    """A fresh timm ``Backbone`` fitted with cross-entropy on x (N, 3, H, W), y (N,)."""
+    """A fresh timm ``Backbone`` (preset names looked up in ``presets``) fitted with
+    cross-entropy on x (N, 3, H, W), y (N,)."""
     from pathloop.reward import build_backbone, fit_classifier
 
-    bcfg = _backbone_cfg(cfg, presets)
+    bcfg = _resolved(cfg, presets)
     torch.manual_seed(bcfg.seed)
     bb = build_backbone(bcfg.name, num_classes, bcfg.in_px or x.shape[-1])
     fit_classifier(bb, x, torch.as_tensor(y, dtype=torch.long), bcfg)
@@ -123,7 +119,7 @@ def predict_proba(model: Any, x: torch.Tensor, device: str | None = None) -> np.
 # ----------------------------------------------------------------------------- feature space
 
 
-def train_feature_model(real_shards: str | Path, out: str | Path, cfg: ClassifierConfig) -> dict:
+def train_feature_model(real_shards: str | Path, out: str | Path, cfg: FeatureConfig) -> dict:
     """Train the evaluation classifier on the train split of ``real_shards``; save it to ``out``
     (``kind: eval_features``). Returns its metrics (test-split accuracy when there is one)."""
     from pathloop.data import load_arrays, read_vocab
@@ -279,10 +275,10 @@ def take_per_class(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
-class TSTRConfig(ClassifierConfig):
+class TSTRConfig(BackboneConfig):
     """Train on synthetic (and/or real), test on the real test split."""
 
-    arch: str = Field("tiny", description="Preset (tiny: test_resnet, paper: ResNeXt-50) or timm.")
+    name: str = Field("tiny", description="Preset (tiny: test_resnet, paper: ResNeXt-50) or timm.")
     seed: int = Field(2, description="Seed of init, batches, augmentation and subsets.")
     synthetic_per_class: int = Field(
         128, gt=0, description="Synthetic training images per class (paper: 128)."
@@ -341,7 +337,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p))  # p inside, exactly
 
 
 def _rate_row(votes: np.ndarray, z: float) -> dict[str, float]:

@@ -182,7 +182,8 @@ def plot_plausibility(by_label: dict[str, dict], title: str = "plausibility per 
         rate = np.array([r["rate"] if r and r["n"] else np.nan for r in rows])
         lo = np.array([r["lo"] if r and r["n"] else np.nan for r in rows])
         hi = np.array([r["hi"] if r and r["n"] else np.nan for r in rows])
-        err = np.nan_to_num(np.vstack([rate - lo, hi - rate]))
+        # clip: at k = 0 or k = n the Wilson bound can sit 1e-17 past the rate
+        err = np.clip(np.nan_to_num(np.vstack([rate - lo, hi - rate])), 0, None)
         ax.bar(
             x + (i - (len(labels) - 1) / 2) * width,
             np.nan_to_num(rate),

@@ -132,18 +132,29 @@ class LocalRayCluster:
         self.stop()
         raise TimeoutError(f"local Ray cluster not up after {timeout}s")
 
-    def submit(self, working_dir: Path, *entrypoint: str, timeout: float = 600):
-        """``ray job submit --working-dir`` and wait; returns the CompletedProcess."""
+    def submit(self, working_dir: Path, *entrypoint: str, timeout: float = 900):
+        """``ray job submit --working-dir`` and wait; returns the CompletedProcess. A job still
+        running after ``timeout`` s is stopped and fails the test with its log's tail."""
         import subprocess
+        import uuid
 
-        cmd = [self.ray, "job", "submit", "--address", self.url, "--working-dir", str(working_dir)]
-        return subprocess.run(
-            [*cmd, "--", *entrypoint],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        job_id = f"pathloop-test-{uuid.uuid4().hex[:8]}"
+        ray_job = [self.ray, "job"]
+        cmd = [*ray_job, "submit", "--address", self.url, "--submission-id", job_id]
+        cmd += ["--working-dir", str(working_dir), "--", *entrypoint]
+        try:
+            return subprocess.run(
+                cmd, env=self.env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            logs = subprocess.run(
+                [*ray_job, "logs", "--address", self.url, job_id],
+                env=self.env,
+                capture_output=True,
+                text=True,
+            ).stdout
+            subprocess.run([*ray_job, "stop", "--address", self.url, job_id], env=self.env)
+            pytest.fail(f"job {job_id} still running after {timeout}s; log tail:\n{logs[-3000:]}")
 
     def stop(self, grace: float = 60) -> None:
         import shutil
@@ -171,3 +182,15 @@ def ray_cluster() -> Iterator[LocalRayCluster]:
     cluster = LocalRayCluster(num_cpus=2).start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny CNNs: they gain little from a second thread, and on
+    a shared 2-core box two spinning threads can cost 10x. Restored for the other modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

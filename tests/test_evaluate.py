@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -15,12 +14,7 @@ from pathloop.cli import app
 TINY = Path(__file__).resolve().parents[1] / "jobs/configs/evaluate.tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny CNNs on 1 thread
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +137,14 @@ def test_evaluate_without_model_or_with_bad_split_fails_clearly(
         evaluate_models(cfg)
 
 
-def test_tiny_config_loads():
+def test_presets_load_and_resolve():
     from pathloop.config import load_config
     from pathloop.evaluate import EvaluateConfig
+    from pathloop.metrics import CLASSIFIER_PRESETS, FEATURE_PRESETS, _resolved
 
     cfg = load_config(EvaluateConfig, TINY)
     assert cfg.tstr.synthetic_per_class == 128 and cfg.features.seed != 0
     assert yaml.safe_load(TINY.read_text())["per_class"] == 16
+    paper = load_config(EvaluateConfig, TINY.with_name("evaluate.paper.yaml"))
+    assert _resolved(paper.tstr, CLASSIFIER_PRESETS).name == "resnext50_32x4d"
+    assert _resolved(paper.features, FEATURE_PRESETS).name == "resnet50"

@@ -9,14 +9,7 @@ import torch
 from pathloop import metrics as M
 from pathloop.vocab import BONE_MARROW_16
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny CNNs gain little from a second thread on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny CNNs on 1 thread
 
 
 # ----------------------------------------------------------------------------- PRDC
@@ -190,13 +183,13 @@ def test_remap_ids_by_name_and_missing_class():
 
 
 def test_feature_model_embeds_and_refuses_reward_backbone(phantom_shards, tmp_path):
-    from pathloop.reward import BackboneConfig, build_backbone, save_backbone
+    from pathloop.reward import BACKBONE_PRESETS, build_backbone, save_backbone
 
-    cfg = M.ClassifierConfig(steps=60)
+    cfg = M.FeatureConfig(steps=60)
     res = M.train_feature_model(phantom_shards, tmp_path / "fm", cfg)
     assert res["test_accuracy"] > 3 / 16  # chance is 1/16
     fm = M.load_feature_model(tmp_path / "fm")
-    assert fm.name == M.FEATURE_PRESETS["tiny"] != BackboneConfig().name
+    assert fm.name == M.FEATURE_PRESETS["tiny"] != BACKBONE_PRESETS["tiny"]  # not the teacher
     x = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)  # resized
     f = M.embed(fm, x, device="cpu")
     assert f.shape == (5, fm.embed_dim) and np.isfinite(f).all()
