@@ -7,6 +7,7 @@ Each loop's first line re-validates its config from the dict Ray hands it. Rando
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -35,6 +36,13 @@ class DataConfig(Frozen):
     split: str | None = Field("train", description="Split to train on; None = all rows.")
     classes: list[str] | None = Field(None, description="Subset of classes (names or codes).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations.")
+    shuffle_buffer: int = Field(
+        4096,
+        ge=0,
+        description="Images in each worker's Ray Data shuffle buffer, reshuffled every epoch "
+        "(shards are stored class by class, so 0 = file order gives one-class batches; a buffer "
+        "at least the dataset's size is a full shuffle).",
+    )
 
 
 class TrainConfig(Frozen):
@@ -203,13 +211,7 @@ def pretrain_loop(config: dict) -> None:
     # ---- one endless stream of batches (epochs chained in the background) until the step count
     t_wait = t_total = 0.0
     losses: list[float] = []
-    batches = epochs_in_background(
-        lambda: shard.iter_torch_batches(
-            batch_size=per_worker,
-            drop_last=True,
-            dtypes={"image": torch.float32, "class_id": torch.int64},
-        )
-    )
+    batches = shuffled_batches(shard, cfg, per_worker, rank)
     t0 = time.perf_counter()
     while step < cfg.train.steps:
         batch = next(batches)
@@ -239,6 +241,26 @@ def pretrain_loop(config: dict) -> None:
         t0 = time.perf_counter()
     batches.close()
     log.close()
+
+
+def shuffled_batches(source: Any, cfg: PretrainConfig, per_worker: int, rank: int) -> Any:
+    """Endless training batches {"image": (b, C, H, W), "class_id": (b,)} from a Ray Data
+    dataset or shard iterator, reshuffled every epoch through a seeded local buffer."""
+    import torch
+
+    epoch = itertools.count()
+    buffer = cfg.data.shuffle_buffer or None
+    return epochs_in_background(
+        lambda: source.iter_torch_batches(
+            batch_size=per_worker,
+            drop_last=True,
+            dtypes={"image": torch.float32, "class_id": torch.int64},
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=(cfg.train.seed * 1009 + next(epoch)) * 1013 + rank
+            if buffer
+            else None,
+        )
+    )
 
 
 def epochs_in_background(make_epoch: Any, depth: int = 8) -> Any:
@@ -432,8 +454,7 @@ def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, st
 
     Returns (cfg with absolute workdir, tracking URI, run id).
     """
-    from pathloop import storage, tracking
-    from pathloop.config import dump_config
+    from pathloop import storage
 
     workdir = Path(cfg.workdir).resolve()
     cfg = cfg.model_copy(update={"workdir": str(workdir)})
@@ -443,18 +464,32 @@ def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, st
             f"{run_dir} already holds a run; pass --resume (resume=true) to continue it, "
             "or choose another workdir/name"
         )
+    prev = json.loads(state_file.read_text()) if (cfg.resume and state_file.exists()) else {}
+    cfg, uri, run_id = start_tracked_run(cfg, step, tags, prev.get("run_id"))
+    state_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return cfg, uri, run_id
+
+
+def start_tracked_run(
+    cfg: Any, step: str, tags: dict[str, str], run_id: str | None = None
+) -> tuple[Any, str, str]:
+    """The workdir made absolute and created, the resolved config saved there as config.yaml,
+    and an MLflow run (a new one, or ``run_id`` reopened). Returns (cfg, tracking URI, run id)."""
+    from pathloop import tracking
+    from pathloop.config import dump_config
+
+    workdir = Path(cfg.workdir).resolve()
+    cfg = cfg.model_copy(update={"workdir": str(workdir)})
     workdir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir / "config.yaml")
     uri = tracking.resolve_uri(cfg.tracking, workdir)
-    prev = json.loads(state_file.read_text()) if (cfg.resume and state_file.exists()) else {}
-    run_id = prev.get("run_id") or tracking.start_run(
+    run_id = run_id or tracking.start_run(
         cfg.tracking,
         workdir,
         params=cfg.model_dump(mode="json"),
         tags={"pathloop.step": step, **tags},
         run_name=cfg.tracking.run_name or cfg.name,
     )
-    state_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return cfg, uri, run_id
 
 
@@ -685,13 +720,13 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     pick, pick_real, noise, noise_real, t, drop = _finetune_batch(
         cfg, step, n_syn, len(data["real_images"]), shape, rank, world
     )
-    null = null_class(st.raw)
+    null, dev = null_class(st.raw), st.device
+    noise, noise_real = noise.to(dev), noise_real.to(dev)  # drawn on the CPU for every rank alike
 
     def err(model, idx, k):  # per-sample denoising error of image set idx with noise k: (b,)
         y = torch.where(drop, null, torch.from_numpy(cls[idx.numpy()]))
-        return diffusion_loss(
-            model, st.scheduler, _to_x(syn, idx), y, noise=noise[:, k], timesteps=t[:, k]
-        )
+        x0 = _to_x(syn, idx).to(dev)
+        return diffusion_loss(model, st.scheduler, x0, y, noise=noise[:, k], timesteps=t[:, k])
 
     if cfg.method == "reward":
         l_syn = err(st.model, pick, 0)  # (b,)
@@ -708,7 +743,7 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
         l_real = diffusion_loss(
             st.model,
             st.scheduler,
-            _to_x(data["real_images"], pick_real),
+            _to_x(data["real_images"], pick_real).to(dev),
             y,
             noise=noise_real,
             timesteps=t[:, 0],
@@ -727,6 +762,7 @@ def finetune_loop(config: dict) -> None:
     import numpy as np
     import ray.train
     import ray.train.torch
+    import torch
 
     cfg = FinetuneConfig.model_validate(config["cfg"])
     from pathloop.diffusion import load_checkpoint
@@ -734,19 +770,19 @@ def finetune_loop(config: dict) -> None:
     vocab, rank, world, device = worker_context(cfg, config)
     start = load_checkpoint(config["pretrained_dir"])  # EMA weights of the pretrained model
     ref = copy.deepcopy(start.unet).eval().requires_grad_(False) if cfg.method == "dpo" else None
+    ref = ref.to(device) if ref is not None else None  # the frozen reference beside the model
     st = build_state(
         cfg, len(vocab), device, wrap=ray.train.torch.prepare_model, init_unet=start.unet
     )
     step = _maybe_restore(st, ray.train.get_checkpoint())
     data = dict(np.load(config["data_file"], allow_pickle=False))
     log = _RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
-    step_until_done(
-        cfg,
-        st,
-        step,
-        lambda s: (finetune_loss(cfg, st, ref, data, s, rank, world), {}),
-        (rank, vocab, log),
-    )
+
+    def loss_fn(s: int) -> tuple[Any, dict]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=st.autocast):
+            return finetune_loss(cfg, st, ref, data, s, rank, world), {}
+
+    step_until_done(cfg, st, step, loss_fn, (rank, vocab, log))
 
 
 def worker_context(cfg: Any, config: dict) -> tuple[Any, int, int, Any]:
@@ -1269,20 +1305,10 @@ def run_classifier_job(cfg: ClassifierJobConfig, step: str, train: Any, tags: di
     """Driver of a job that trains in this process (no Ray): MLflow run, ``train(cfg, model_dir,
     on_log) -> metrics``, the model dir logged and registered, result.json in the workdir."""
     from pathloop import storage, tracking
-    from pathloop.config import dump_config
 
-    workdir = Path(cfg.workdir).resolve()
-    cfg = cfg.model_copy(update={"workdir": str(workdir), "shards": storage.absolute(cfg.shards)})
-    workdir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, workdir / "config.yaml")
-    uri = tracking.resolve_uri(cfg.tracking, workdir)
-    run_id = tracking.start_run(
-        cfg.tracking,
-        workdir,
-        params=cfg.model_dump(mode="json"),
-        tags={"pathloop.step": step, "pathloop.shards": cfg.shards, **tags},
-        run_name=cfg.tracking.run_name or cfg.name,
-    )
+    cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards)})
+    cfg, uri, run_id = start_tracked_run(cfg, step, {"pathloop.shards": cfg.shards, **tags})
+    workdir = Path(cfg.workdir)
     model_dir = workdir / "model"
     try:
         metrics = train(

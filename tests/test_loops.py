@@ -156,3 +156,20 @@ def near_identical_shards(tmp_path_factory):
             img[0, i] = np.uint8((int(img[0, i, 0]) + 1) % 256)  # keep ids distinct
             w.add(img, 0, split="train", source="phantom")
     return out
+
+
+@pytest.mark.parametrize("buffer", [0, 4096])
+def test_training_batches_mix_classes_only_when_shuffled(ray_session, phantom_shards, buffer):
+    """Shards are stored class by class: without the shuffle buffer a batch holds one or two
+    classes (what made the Ray-trained model far worse than a shuffled bare loop)."""
+    from pathloop.data import read_shards
+    from pathloop.loops import shuffled_batches
+
+    cfg = PretrainConfig.model_validate({"data": {"shuffle_buffer": buffer}})
+    batches = shuffled_batches(read_shards(phantom_shards, split="train"), cfg, 16, 0)
+    seen = [len(set(next(batches)["class_id"].tolist())) for _ in range(4)]
+    batches.close()
+    if buffer:
+        assert min(seen) >= 5, seen  # 16 draws from 16 classes
+    else:
+        assert max(seen) <= 2, seen
