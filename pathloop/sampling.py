@@ -39,6 +39,7 @@ class SampleConfig(Frozen):
     split: str = Field("none", description="Split recorded on the synthetic rows.")
     num_actors: int = Field(1, ge=1, description="Ray Data actors holding a model each.")
     use_gpu: bool = Field(False, description="One GPU per actor.")
+    bf16: bool = Field(True, description="bf16 autocast in the UNet on CUDA (ignored on CPU).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
@@ -68,7 +69,9 @@ def resolve_model_ref(ref: str, tracking: TrackingConfig | None = None) -> tuple
 class _Sampler:
     """Ray Data actor: loads the checkpoint once, samples each batch of (class, seed) rows."""
 
-    def __init__(self, ckpt_files: dict[str, bytes], sampler: dict, strength: float) -> None:
+    def __init__(
+        self, ckpt_files: dict[str, bytes], sampler: dict, strength: float, bf16: bool
+    ) -> None:
         import torch
 
         from pathloop import storage
@@ -81,6 +84,7 @@ class _Sampler:
         self.ck.unet.to(self.device)
         self.cfg = SamplerConfig.model_validate(sampler)
         self.strength = strength
+        self.dtype = torch.bfloat16 if bf16 else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -104,6 +108,7 @@ class _Sampler:
             init_images=init,
             strength=self.strength if init is not None else 1.0,
             device=self.device,
+            dtype=self.dtype,
         )
         out = {k: v for k, v in batch.items() if k != "init_png"}
         out["pixels"] = to_uint8(x)  # (B, H, W, 3)
@@ -153,6 +158,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
             "ckpt_files": storage.pack_dir(ckpt_dir, skip=("optimizer.pt",)),
             "sampler": cfg.sampler.model_dump(),
             "strength": cfg.strength,
+            "bf16": cfg.bf16,
         },
         batch_size=cfg.sampler.batch_size,
         concurrency=cfg.num_actors,
