@@ -567,10 +567,11 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Driver: arithmetic, MLflow run, TorchTrainer.fit(), model logging and registration."""
     from rich import print as rprint
 
+    from pathloop import storage
     from pathloop.data import read_manifest, read_shards, read_vocab
 
-    # Workers do not share the driver's cwd: every path crosses as an absolute one.
-    shards = str(Path(cfg.data.shards).resolve())
+    # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
+    shards = storage.absolute(cfg.data.shards)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": shards})})
     vocab, manifest = read_vocab(shards), read_manifest(shards)
     arith = check_arithmetic(cfg, _count(manifest, cfg.data.split, cfg.data.classes, vocab))
@@ -883,7 +884,9 @@ def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path):
     """Reward of every synthetic image, computed once per (reward model, synthetic set)."""
     import numpy as np
 
-    key = f"{cfg.reward_model}|{Path(cfg.synthetic).resolve()}|{len(images)}"
+    from pathloop import storage
+
+    key = f"{cfg.reward_model}|{storage.absolute(cfg.synthetic)}|{len(images)}"
     if cache.exists():
         z = np.load(cache)
         if str(z["key"]) == key:

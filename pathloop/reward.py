@@ -430,19 +430,21 @@ def load_feedback(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     Rows nobody judged for plausibility (null) are dropped."""
     import pyarrow.parquet as pq
 
+    from pathloop import storage
     from pathloop.data import load_image_table
     from pathloop.feedback import FEEDBACK_FILE
 
-    p = Path(path)
-    p = p / FEEDBACK_FILE if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"no feedback export at {str(p)!r}; run export_round first")
+    p = str(path)  # a local path or a pyarrow.fs URI
+    p = storage.join(p, FEEDBACK_FILE) if storage.is_dir(p) else p
+    if not storage.is_file(p):
+        raise FileNotFoundError(f"no feedback export at {p!r}; run export_round first")
     images, class_ids, cols = load_image_table(p)
     if "plausible" not in cols:
         raise ValueError(f"{p} has no 'plausible' column; expected an export_round file")
     y = np.array([np.nan if v is None else float(v) for v in cols["plausible"]])  # (N,)
     keep = ~np.isnan(y)
-    meta = pq.read_schema(p).metadata or {}
+    fs, inner = storage.resolve(p)
+    meta = pq.read_schema(inner, filesystem=fs).metadata or {}
     raw = meta.get(b"pathloop.vocabulary")
     vocab = Vocabulary.model_validate_json(raw) if raw else None
     return images[keep], class_ids[keep], y[keep].astype(np.float32), vocab

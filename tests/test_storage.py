@@ -166,3 +166,27 @@ def test_sample_job_reads_and_writes_uris(ray_session, tiny_ckpt, mem_uri):
     assert res["out"] == mem_uri and res["num_records"] == 2
     rows = list(iter_records(mem_uri))
     assert {r["provenance"]["model_uri"] for r in rows} == {Path(tiny_ckpt).as_uri()}
+
+
+def test_feedback_export_at_a_uri(mem_uri):
+    """The reward model's input, a feedback export, read from a folder URI."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pathloop.data import encode_png
+    from pathloop.feedback import FEEDBACK_FILE
+    from pathloop.reward import load_feedback
+
+    table = pa.table(
+        {
+            "image": [encode_png(im) for im in _images(3)],
+            "class_id": [0, 1, 2],
+            "plausible": [1.0, None, 0.25],  # the unjudged row is dropped
+        }
+    )
+    storage.makedirs(mem_uri)
+    fs, inner = storage.resolve(storage.join(mem_uri, FEEDBACK_FILE))
+    pq.write_table(table, inner, filesystem=fs)
+    images, class_ids, targets, vocab = load_feedback(mem_uri)
+    assert images.shape == (2, 8, 8, 3) and list(class_ids) == [0, 2]
+    assert list(targets) == [1.0, 0.25] and vocab is None
