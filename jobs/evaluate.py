@@ -1,13 +1,12 @@
-"""Ray job: `evaluate`, the same code path as `pathloop evaluate`.
+"""Ray job: `pathloop evaluate`, the same code path (see pathloop.jobs).
 
     ray job submit --working-dir . -- \
         python jobs/evaluate.py --config jobs/configs/evaluate.tiny.yaml \
-        --model runs/finetune-tiny/result.json --baseline runs/pretrain-tiny/result.json
+        --model /shared/runs/finetune-tiny/result.json \
+        --baseline /shared/runs/pretrain-tiny/result.json workdir=/shared/runs/evaluate-tiny
 """
 
-import sys
-
-from pathloop.cli import app
+from pathloop.jobs import main
 
 if __name__ == "__main__":
-    app(["evaluate", *sys.argv[1:]])
+    main("evaluate")
