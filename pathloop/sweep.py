@@ -84,6 +84,23 @@ class SchedulerConfig(Frozen):
     )
 
 
+class FidelityMeasure(Frozen):
+    """The fidelity measure: FID and PRDC of the measured samples against real images, on the
+    features of an evaluation classifier (``pathloop.metrics``; never the reward backbone)."""
+
+    real: str | None = Field(
+        None, description="Real shard set; None = the swept job's (real, or data.shards)."
+    )
+    split: str = Field("train", description="Real split the samples are compared to.")
+    features: str | None = Field(
+        None,
+        description="Evaluation feature-model dir; None = train one into <workdir>/features, "
+        "once per sweep.",
+    )
+    feature_steps: int = Field(300, gt=0, description="When features is None: training steps.")
+    k: int = Field(5, gt=0, description="PRDC nearest neighbours (Naeem et al.: 5).")
+
+
 class SweepConfig(Frozen):
     """A Ray Tune search over dotted keys of one job config (or of reward model + finetuning)."""
 
@@ -115,7 +132,7 @@ class SweepConfig(Frozen):
     measures: list[str] | None = Field(
         None,
         description="Metric hooks run after each segment (see MEASURES); None = train for "
-        "step reward, judge + train otherwise.",
+        "step reward, judge + train otherwise. judge and fidelity share one sample set.",
     )
     num_samples: int = Field(
         1, ge=1, description="Random draws; with grid keys, repeats of the whole grid."
@@ -128,10 +145,11 @@ class SweepConfig(Frozen):
     )
     segments: int = Field(2, ge=1, description="Train runs per trial; metrics after each.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    judge_per_class: int = Field(4, ge=1, description="Judge measure: samples per class.")
-    judge_sampler: SamplerConfig = Field(
-        default_factory=lambda: SamplerConfig(steps=25), description="Judge measure: sampler."
+    per_class: int = Field(4, ge=1, description="judge/fidelity: samples per class measured.")
+    sampler: SamplerConfig = Field(
+        default_factory=lambda: SamplerConfig(steps=25), description="judge/fidelity: sampler."
     )
+    fidelity: FidelityMeasure = Field(default_factory=FidelityMeasure)
     seed: int = Field(0, description="Seed of the random search.")
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig,
@@ -225,18 +243,18 @@ def segment_plan(total: int, segments: int) -> list[int]:
     return sorted({min(i * size, total) for i in range(1, segments + 1)})
 
 
-def check_space(cfg: SweepConfig) -> None:
+def check_space(cfg: SweepConfig) -> Any:
     """Build every job config once with each key's first value: an unknown key or a bad value
-    fails here, naming the key, before any trial starts."""
+    fails here, naming the key, before any trial starts. Returns the swept job's config."""
     from pathloop.config import load_config
 
     first = {k: p.first() for k, p in cfg.space.items()}
     reward, job = split_params(first)
-    load_config(_job(cfg).config_cls, cfg.config, [*cfg.overrides, *job])
     if cfg.step == "reward_finetune":
         load_config(
             jobs()["reward"].config_cls, cfg.reward_config, [*cfg.reward_overrides, *reward]
         )
+    return load_config(_job(cfg).config_cls, cfg.config, [*cfg.overrides, *job])
 
 
 # ----------------------------------------------------------------------------- measures
@@ -244,36 +262,63 @@ def check_space(cfg: SweepConfig) -> None:
 
 @dataclass
 class Segment:
-    """What a measure sees after a segment."""
+    """What a measure sees after a segment; the samples are drawn once, on first use."""
 
     sweep: SweepConfig
     job: Any  # the job config of this segment
     result: dict  # the job driver's result (result.json)
     reward: dict | None  # reward_finetune: the reward job's result
+    shared: dict  # the sweep's: store URI, feature model, ...
+    _samples: tuple | None = None
+
+    def samples(self) -> tuple[Any, Any, Any]:
+        """(uint8 images (N, H, W, 3), class ids (N,), vocabulary): ``per_class`` per class from
+        the run's checkpoint (EMA weights) through the one ``sample()`` loop."""
+        if self._samples is None:
+            import numpy as np
+            import torch
+
+            from pathloop.diffusion import load_checkpoint, sample, to_uint8
+            from pathloop.viz import image_grid
+
+            torch.set_num_threads(self.job.scaling.torch_threads or 1)
+            ck = load_checkpoint(self.result["checkpoint"])
+            n, codes = self.sweep.per_class, [c.code for c in ck.vocab.classes]
+            ids = np.repeat(np.arange(len(ck.vocab)), n)  # (K * n,)
+            x = sample(ck.unet, ck.noise, ids.tolist(), **self.sweep.sampler.model_dump())
+            images = to_uint8(x)  # (K * n, H, W, 3)
+            grid = image_grid(list(images), len(ck.vocab), n, 2, codes)
+            grid.save(Path(self.job.workdir) / f"samples_step{self.result['step']}.png")
+            self._samples = images, ids, ck.vocab
+        return self._samples
 
 
 def measure_judge(seg: Segment) -> dict[str, float]:
-    """Sample ``judge_per_class`` images per class from the run's checkpoint (EMA weights, the one
-    ``sample()`` loop) and let the phantom judge call them: overall and per-class rates."""
-    import numpy as np
-    import torch
+    """The phantom judge on the samples: plausible rate with its Wilson interval, per class."""
+    from pathloop.metrics import plausibility_table, plausible_by_evaluator
 
-    from pathloop.diffusion import load_checkpoint, sample, to_uint8
-    from pathloop.phantoms import _judge_ids, judge_batch
-    from pathloop.viz import image_grid
+    images, ids, vocab = seg.samples()
+    table = plausibility_table(plausible_by_evaluator("judge", images, ids, vocab), ids, vocab)
+    o = table["overall"]
+    per_class = {f"plausibility_{code}": r["rate"] for code, r in table["per_class"].items()}
+    return {
+        "plausibility": o["rate"],
+        "plausibility_lo": o["lo"],
+        "plausibility_hi": o["hi"],
+        **per_class,
+    }
 
-    torch.set_num_threads(seg.job.scaling.torch_threads or seg.job.scaling.cpus_per_worker)
-    ck = load_checkpoint(seg.result["checkpoint"])
-    n = seg.sweep.judge_per_class
-    ids = np.repeat(np.arange(len(ck.vocab)), n)  # (K * n,)
-    images = to_uint8(
-        sample(ck.unet, ck.noise, ids.tolist(), **seg.sweep.judge_sampler.model_dump())
-    )
-    ok = np.array([v.plausible for v in judge_batch(images, _judge_ids(ck.vocab, ids))])
-    grid = image_grid(list(images), len(ck.vocab), n, 2, [c.code for c in ck.vocab.classes])
-    grid.save(Path(seg.job.workdir) / f"judged_step{seg.result['step']}.png")
-    per_class = {f"plausibility_{c.code}": float(ok[ids == c.id].mean()) for c in ck.vocab.classes}
-    return {"plausibility": float(ok.mean()), **per_class}
+
+def measure_fidelity(seg: Segment) -> dict[str, float]:
+    """FID and PRDC of the samples against the real reference split (evaluation features)."""
+    from pathloop.data import load_arrays
+    from pathloop.metrics import embed, fid, load_feature_model, prdc
+
+    images, _, _ = seg.samples()
+    fm = load_feature_model(seg.shared["features"])
+    real, _ = load_arrays(seg.shared["real"], split=seg.sweep.fidelity.split)
+    ref, fake = embed(fm, real, device="cpu"), embed(fm, images, device="cpu")
+    return {"fid": fid(ref, fake), **prdc(ref, fake, seg.sweep.fidelity.k, device="cpu")}
 
 
 def measure_train(seg: Segment) -> dict[str, float]:
@@ -293,10 +338,31 @@ def measure_train(seg: Segment) -> dict[str, float]:
     return out
 
 
+# Metric hooks: (segment) -> {name: value}. Add one here to make it a sweep metric.
 MEASURES: dict[str, Callable[[Segment], dict[str, float]]] = {
     "judge": measure_judge,
+    "fidelity": measure_fidelity,
     "train": measure_train,
 }
+
+
+def prepare_fidelity(cfg: SweepConfig, job_cfg: Any, workdir: Path) -> dict[str, str]:
+    """Driver side of the fidelity measure: the real shards and the feature model (trained once
+    here, not in every trial)."""
+    if "fidelity" not in cfg.measure_names:
+        return {}
+    from pathloop.metrics import ClassifierConfig, train_feature_model
+
+    real = cfg.fidelity.real or getattr(job_cfg, "real", None) or job_cfg.data.shards
+    real = str(Path(real).resolve())
+    features = cfg.fidelity.features
+    if features is None:  # trained here once; reused while its data and settings are the same
+        features, fm_cfg = workdir / "features", ClassifierConfig(steps=cfg.fidelity.feature_steps)
+        meta = features / "config.json"
+        same = meta.is_file() and json.loads(meta.read_text()).get("shards") == real
+        if not same or json.loads(meta.read_text()).get("train") != fm_cfg.model_dump():
+            train_feature_model(real, features, fm_cfg)
+    return {"real": real, "features": str(Path(features).resolve())}
 
 
 def measure(seg: Segment) -> dict[str, float]:
@@ -362,7 +428,10 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
     from pathloop.config import load_config
 
     cfg = SweepConfig.model_validate(sweep)
-    os.chdir(shared["cwd"])  # relative paths in job YAMLs mean what they mean on the CLI
+    # Tune runs a trial in its own dir; relative paths in job YAMLs mean what they mean on the CLI:
+    # the driver's cwd, or (another node) the actor's original dir, e.g. a Ray job's working_dir.
+    here = os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd())
+    os.chdir(shared["cwd"] if Path(shared["cwd"]).is_dir() else here)
     shared = {**shared, "trial_id": tune.get_context().get_trial_id()}
     trial_dir, uri = Path(shared["workdir"]) / "trials" / shared["trial_id"], shared["uri"]
     reward_params, job_params = split_params(params)
@@ -389,7 +458,7 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
         result = job.run(jcfg)
         if k == 1:
             _tag(uri, result["run_id"], shared, params)
-        metrics = measure(Segment(cfg, jcfg, result, reward_result))
+        metrics = measure(Segment(cfg, jcfg, result, reward_result, shared))
         tracking.log_metrics(uri, result["run_id"], metrics, n)
         tune.report({**metrics, "step": n, "segment": k, "mlflow_run_id": result["run_id"]})
 
@@ -429,9 +498,11 @@ def _tuner(cfg: SweepConfig, shared: dict) -> Any:
             metric=cfg.metric,
             mode=cfg.mode,
             num_samples=cfg.num_samples,
-            max_concurrent_trials=cfg.max_concurrent,
             scheduler=_scheduler(cfg),
-            search_alg=BasicVariantGenerator(random_state=cfg.seed),
+            # Tune ignores max_concurrent_trials when given a generator: the limit goes here.
+            search_alg=BasicVariantGenerator(
+                max_concurrent=cfg.max_concurrent, random_state=cfg.seed
+            ),
         ),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=str(Path(cfg.workdir) / "tune"), verbose=1
@@ -503,7 +574,7 @@ def trial_row(result: Any) -> dict[str, Any]:
     """A trial's searched values and last measured metrics, without Tune's bookkeeping."""
     from ray.tune.result import AUTO_RESULT_KEYS
 
-    skip = {*AUTO_RESULT_KEYS, "done", "experiment_tag", "trial_id", "mlflow_run_id", "segment"}
+    skip = {*AUTO_RESULT_KEYS, "done", "experiment_tag", "trial_id", "mlflow_run_id"}
     m = result.metrics
     measured = {k: v for k, v in m.items() if k not in skip and isinstance(v, int | float)}
     return {
@@ -526,7 +597,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     cfg = cfg.model_copy(update={"workdir": str(workdir)})
     if not cfg.space:
         raise ValueError("space is empty: give at least one key, e.g. beta_r: {grid: [0, 1]}")
-    check_space(cfg)
+    job_cfg = check_space(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir / "sweep.yaml")
     uri = tracking.resolve_uri(cfg.tracking, workdir)
@@ -541,6 +612,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     ray.init(ignore_reinit_error=True)
     shared = {"cwd": os.getcwd(), "workdir": str(workdir), "uri": uri, "sweep_id": sweep_id}
     try:
+        shared.update(prepare_fidelity(cfg, job_cfg, workdir))
         out = _summarise(cfg, _tuner(cfg, shared).fit(), workdir)
     except Exception:
         tracking.end_run(uri, sweep_id, "FAILED")
@@ -552,7 +624,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     tracking.end_run(uri, sweep_id)
     out = {"sweep_id": sweep_id, "tracking_uri": uri, **out}
     (workdir / "result.json").write_text(json.dumps(out, indent=2, default=str))
-    rprint({"best": out, "best.yaml": (workdir / "best.yaml").read_text()})
+    shown = {k: v for k, v in out.items() if k != "rows"}
+    rprint({"sweep": shown, "best.yaml": (workdir / "best.yaml").read_text()})
     return out
 
 
@@ -575,12 +648,14 @@ class AblationConfig(Frozen):
     reward_config: str | None = Field(None, description="YAML of the reward job.")
     reward_overrides: list[str] = Field(default_factory=list, description="Reward overrides.")
     measures: list[str] = Field(
-        default_factory=lambda: ["judge", "train"], description="Metric hooks (see MEASURES)."
+        default_factory=lambda: ["judge", "fidelity", "train"],
+        description="Metric hooks (see MEASURES).",
     )
-    judge_per_class: int = Field(8, ge=1, description="Judge measure: samples per class.")
-    judge_sampler: SamplerConfig = Field(
-        default_factory=lambda: SamplerConfig(steps=25), description="Judge measure: sampler."
+    per_class: int = Field(8, ge=1, description="judge/fidelity: samples per class measured.")
+    sampler: SamplerConfig = Field(
+        default_factory=lambda: SamplerConfig(steps=25), description="judge/fidelity: sampler."
     )
+    fidelity: FidelityMeasure = Field(default_factory=FidelityMeasure)
     max_concurrent: int = Field(1, ge=1, description="Fractions running at once.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -603,27 +678,14 @@ class AblationConfig(Frozen):
         )
 
 
-def plot_against(rows: list[dict], x: str, keys: list[str], out: Path, title: str) -> Path:
-    """One panel per metric: value against ``x`` (a PNG, for people and for MLflow)."""
-    import matplotlib
+CI_KEYS = ("plausibility_lo", "plausibility_hi")  # Wilson bounds: in the rows, not plotted
 
-    matplotlib.use("Agg")  # no display on workers and CI
-    import matplotlib.pyplot as plt
 
-    cols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    xs = [r[x] for r in rows]
-    for ax, key in zip(axes.flat, keys, strict=False):
-        ax.plot(xs, [r.get(key, float("nan")) for r in rows], "o-")
-        ax.set(xlabel=x, title=key)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+def _save_curve(rows: list[dict], metrics: list[str], out: Path, title: str) -> Path:
+    """``report.plot_metric_curve`` (each metric against the fraction) as a PNG file."""
+    from pathloop.report import figure_png, plot_metric_curve
+
+    out.write_bytes(figure_png(plot_metric_curve(rows, "fraction", metrics, title)))
     return out
 
 
@@ -633,6 +695,7 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     import csv
 
     from pathloop import tracking
+    from pathloop.report import BOOKKEEPING
 
     res = run_sweep(cfg.as_sweep())
     workdir, uri, run_id = Path(cfg.workdir).resolve(), res["tracking_uri"], res["sweep_id"]
@@ -640,25 +703,18 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
         ({"fraction": r.pop("reward.fraction"), **r} for r in res["rows"]),
         key=lambda r: r["fraction"],
     )
-    metrics = [k for k in rows[0] if k not in ("fraction", "trial_id", "mlflow_run_id", "step")]
+    metrics = [k for k in rows[0] if k != "fraction" and k not in BOOKKEEPING]
     (workdir / "ablation.json").write_text(json.dumps(rows, indent=2))
     with (workdir / "ablation.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    main = [k for k in metrics if not k.startswith("plausibility_")]
-    per_class = [k for k in metrics if k.startswith("plausibility_")]
-    plots = [plot_against(rows, "fraction", main, workdir / "ablation.png", cfg.name)]
+    per_class = [k for k in metrics if k.startswith("plausibility_") and k not in CI_KEYS]
+    main = [k for k in metrics if k not in per_class and k not in CI_KEYS]
+    plots = [_save_curve(rows, main, workdir / "ablation.png", cfg.name)]
     if per_class:
-        plots.append(
-            plot_against(
-                rows,
-                "fraction",
-                per_class,
-                workdir / "ablation_per_class.png",
-                f"{cfg.name}: judge plausibility per class",
-            )
-        )
+        title = f"{cfg.name}: judge plausibility per class"
+        plots.append(_save_curve(rows, per_class, workdir / "ablation_per_class.png", title))
     tracking.set_tags(uri, run_id, {"pathloop.step": "ablation"})
     for r in rows:  # MLflow step = percent of the feedback: the UI draws the curve
         tracking.log_metrics(uri, run_id, {k: r[k] for k in metrics}, round(100 * r["fraction"]))

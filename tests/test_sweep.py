@@ -70,7 +70,7 @@ def test_bad_keys_fail_before_any_trial():
         check_space(cfg)
     with pytest.raises(ValueError, match="step=reward_finetune"):
         SweepConfig(step="finetune", space={"reward.lambda_r": Param(grid=[0, 1])})
-    with pytest.raises(ValueError, match="valid measures: judge, train"):
+    with pytest.raises(ValueError, match="valid measures: judge, fidelity, train"):
         SweepConfig(measures=["fid?"])
     with pytest.raises(ValueError, match="measures: \\[train\\]"):
         SweepConfig(step="reward", measures=["judge", "train"])
@@ -112,6 +112,12 @@ def judged_round(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> str:
+    """One SQLite store for the module's sweeps: creating its tables takes seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
 def backbone(phantom_shards, tmp_path_factory) -> Path:
     from pathloop.reward import BackboneConfig, train_backbone
 
@@ -121,15 +127,16 @@ def backbone(phantom_shards, tmp_path_factory) -> Path:
 
 
 def _stage_overrides(tiny_ckpt, judged_round, phantom_shards, backbone) -> dict:
-    """The tiny settings of both jobs: a few steps, batch 8, one thread."""
+    """The tiny settings of both jobs: 2 steps, batch 8, one thread (a trial's cost is Ray Train
+    and MLflow start-up, not the steps)."""
     return {
         "reward_overrides": [
             f"feedback={judged_round}",
             f"real_shards={phantom_shards}",
             f"backbone={backbone}",
-            "steps=4",
-            "log_every=2",
-            "checkpoint_every=4",
+            "steps=2",
+            "log_every=1",
+            "checkpoint_every=2",
             "batch_size=8",
             "scaling.torch_threads=1",
         ],
@@ -138,10 +145,10 @@ def _stage_overrides(tiny_ckpt, judged_round, phantom_shards, backbone) -> dict:
             f"pretrained={tiny_ckpt}",
             f"synthetic={judged_round}",
             f"real={phantom_shards}",
-            "train.steps=4",
+            "train.steps=2",
             "train.batch_size=8",
             "train.log_every=1",
-            "train.checkpoint_every=2",
+            "train.checkpoint_every=1",
             "train.preview_per_class=1",
             "preview.steps=2",
             "scaling.torch_threads=1",
@@ -149,24 +156,24 @@ def _stage_overrides(tiny_ckpt, judged_round, phantom_shards, backbone) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_sweep_lambda_r_by_beta_r(
-    ray_session, tiny_ckpt, judged_round, phantom_shards, backbone, tmp_path
+    ray_session, tiny_ckpt, judged_round, phantom_shards, backbone, mlflow_db, tmp_path
 ):
     import mlflow
 
     from pathloop.loops import FinetuneConfig, RewardConfig
     from pathloop.sweep import run_sweep
 
-    db = tmp_path / "mlflow.db"
     cfg = load_config(
         SweepConfig,
         ROOT / "jobs/configs/sweep.tiny.yaml",  # the shipped space: λr × βr, ASHA, 2 segments
         [
             f"workdir={tmp_path / 'sweep'}",
-            f"tracking.tracking_uri=sqlite:///{db}",
+            f"tracking.tracking_uri={mlflow_db}",
             "max_concurrent=2",
-            "judge_per_class=1",
-            "judge_sampler.steps=2",
+            "per_class=1",
+            "sampler.steps=2",
             # the trial's training loss: differs between trials, so ASHA has something to rank
             "metric=loss",
             "mode=min",
@@ -179,8 +186,14 @@ def test_sweep_lambda_r_by_beta_r(
     searched = {(r["reward.lambda_r"], r["beta_r"]) for r in rows}
     assert searched == {(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)}
     assert all(0 <= r["plausibility"] <= 1 and np.isfinite(r["loss"]) for r in rows)
-    assert all(r["step"] in (2, 4) for r in rows)  # segment ends; ASHA may stop at step 2
+    assert all(r["step"] in (1, 2) for r in rows)  # segment ends; ASHA may stop at step 1
     assert res["best_metric"] == min(r["loss"] for r in rows)
+    # max_concurrent: never more than 2 trials running at once (from Tune's own timings)
+    import pandas as pd
+
+    t = pd.read_csv(tmp_path / "sweep" / "trials.csv")
+    spans = list(zip(t["timestamp"] - t["time_total_s"], t["timestamp"], strict=True))
+    assert max(sum(a <= s < b for a, b in spans) for s, _ in spans) <= 2
 
     # every trial: a reward run and a finetune run in the one store, tagged and nested
     client = mlflow.MlflowClient(res["tracking_uri"])
@@ -204,15 +217,16 @@ def test_sweep_lambda_r_by_beta_r(
 
     # best.yaml is a full finetune config the CLI accepts, with the winner's values
     best = load_config(FinetuneConfig, res["best_config"])
-    assert best.beta_r == res["best_params"]["beta_r"] and best.train.steps == 4
+    assert best.beta_r == res["best_params"]["beta_r"] and best.train.steps == 2
     assert Path(best.reward_model).is_file()  # the winning trial's reward model
     best_reward = load_config(RewardConfig, Path(res["best_config"]).with_name("best-reward.yaml"))
     assert best_reward.lambda_r == res["best_params"]["reward.lambda_r"]
     assert best_reward.fraction == best.feedback_fraction == 1.0
 
 
+@pytest.mark.slow
 def test_ablation_four_fractions(
-    ray_session, tiny_ckpt, judged_round, phantom_shards, backbone, tmp_path
+    ray_session, tiny_ckpt, judged_round, phantom_shards, backbone, mlflow_db, tmp_path
 ):
     import csv
 
@@ -223,10 +237,11 @@ def test_ablation_four_fractions(
 
     cfg = AblationConfig(
         workdir=str(tmp_path / "abl"),
-        judge_per_class=1,
-        judge_sampler={"steps": 2},
+        per_class=1,
+        sampler={"steps": 2},
+        fidelity={"feature_steps": 10},
         max_concurrent=2,
-        tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "abl"},
+        tracking={"tracking_uri": mlflow_db, "experiment": "abl"},
         **_stage_overrides(tiny_ckpt, judged_round, phantom_shards, backbone),
     )
     res = run_ablation(cfg)
@@ -235,7 +250,9 @@ def test_ablation_four_fractions(
     for r in rows:
         assert 0 <= r["plausibility"] <= 1 and np.isfinite(r["loss"])
         assert 0 <= r["reward_accuracy"] <= 1  # same held-out feedback at every fraction
-        assert len([k for k in r if k.startswith("plausibility_")]) == 16
+        assert r["plausibility_lo"] <= r["plausibility"] <= r["plausibility_hi"]  # Wilson
+        assert len([k for k in r if k.startswith("plausibility_")]) == 16 + 2
+        assert r["fid"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1
     with (tmp_path / "abl" / "ablation.csv").open() as f:
         assert [float(r["fraction"]) for r in csv.DictReader(f)] == [0.0, 0.1, 0.5, 1.0]
     for p in res["plots"]:
