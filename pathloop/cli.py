@@ -444,11 +444,12 @@ def loop(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything."),
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """The main job on embedded defaults: phantoms, real-cell ingest, judge, tiny pretrain."""
+    """The whole loop on embedded defaults (phantoms, local Ray, SQLite MLflow), 2-CPU sized."""
     from pathloop.demo import run_demo
 
-    run_demo(workdir)
+    run_demo(workdir, overrides)
 
 
 def main() -> None:  # pragma: no cover - console entry
