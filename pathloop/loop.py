@@ -54,6 +54,8 @@ class RoundConfig(Frozen):
     sampler: SamplerConfig = Field(
         default_factory=lambda: SamplerConfig(steps=25), description="Sampling of every round."
     )
+    num_actors: int = Field(1, ge=1, description="Ray Data sampling actors (one model each).")
+    use_gpu: bool = Field(False, description="One GPU per sampling actor.")
 
 
 class FeedbackSourceConfig(Frozen):
@@ -219,7 +221,14 @@ def sample_set(steps: _Steps, title: str, model: str, out: Path, per_class: int,
         title,
         out / "manifest.json",
         lambda: run_sample(
-            SampleConfig(model=model, out=str(out), per_class=per_class, sampler=sampler)
+            SampleConfig(
+                model=model,
+                out=str(out),
+                per_class=per_class,
+                sampler=sampler,
+                num_actors=steps.cfg.round.num_actors,
+                use_gpu=steps.cfg.round.use_gpu,
+            )
         ),
     )
 

@@ -103,3 +103,12 @@ def test_loop_resumes_after_a_kill_in_finetuning(tmp_path):
     )
     names = {r.info.run_name for r in children}
     assert {"pretrain", "round1-reward", "round1-finetune", "round1-evaluate"} <= names
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper", "real"])
+def test_loop_presets_load(preset):
+    cfg = load_config(LoopConfig, ROOT / f"jobs/configs/loop.{preset}.yaml", [])
+    assert cfg.pretrain.noise.prediction_type == "v_prediction"
+    if preset == "paper":
+        assert cfg.pretrain.model.preset == "paper" and cfg.reward.backbone_arch == "paper"
+        assert cfg.pretrain.scaling.use_gpu and cfg.round.use_gpu
