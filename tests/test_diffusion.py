@@ -159,7 +159,8 @@ def test_classifier_guidance_moves_toward_class(trained):
         _colour_log_prob(D.sample(unet, NOISE, ids, guidance_scale=s, **kw), ids).mean().item()
         for s in (0.0, 1.0, 3.0)
     ]
-    assert scores[0] < scores[1] < scores[2] and scores[2] > scores[0] + 0.1, scores
+    # log p(c|x) <= 0: with v-prediction scale 1 already saturates it (~ -3e-8) on this toy task
+    assert scores[0] < scores[1] <= scores[2] + 1e-6 and scores[2] > scores[0] + 0.1, scores
 
 
 def test_guidance_shift_is_the_same_for_v_prediction():
