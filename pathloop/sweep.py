@@ -225,14 +225,16 @@ def split_params(params: dict[str, Any]) -> tuple[list[str], list[str]]:
     return reward, job
 
 
-def _imposed(workdir: Path, name: str, uri: str, experiment: str) -> list[str]:
-    """What the sweep decides for every job run: its own dir, the sweep's store, no registry."""
+def _imposed(cfg: SweepConfig, shared: dict, workdir: Path, name: str) -> list[str]:
+    """What the sweep decides for every job run: its own dir, the sweep's store and experiment,
+    a child run of the sweep's run, no registry."""
     return [
         f"workdir={workdir}",
         f"name={name}",
-        f"tracking.tracking_uri={uri}",
-        f"tracking.experiment={experiment}",
+        f"tracking.tracking_uri={shared['uri']}",
+        f"tracking.experiment={cfg.tracking.experiment}",
         f"tracking.run_name={name}",
+        f"tracking.parent_run_id={shared['sweep_id']}",
         "tracking.register_as=null",
     ]
 
@@ -380,12 +382,7 @@ def _run_reward_stage(cfg: SweepConfig, reward_params: list[str], trial_dir: Pat
     """reward_finetune: train this trial's reward model once, before the finetuning segments."""
     from pathloop.config import load_config
 
-    over = _imposed(
-        trial_dir / "reward",
-        f"{cfg.name}-{shared['trial_id']}-reward",
-        shared["uri"],
-        cfg.tracking.experiment,
-    )
+    over = _imposed(cfg, shared, trial_dir / "reward", f"{cfg.name}-{shared['trial_id']}-reward")
     rcfg = load_config(
         jobs()["reward"].config_cls,
         cfg.reward_config,
@@ -411,7 +408,6 @@ def _tag(uri: str, run_id: str, shared: dict, params: dict) -> None:
         uri,
         run_id,
         {
-            "mlflow.parentRunId": shared["sweep_id"],
             "pathloop.sweep_id": shared["sweep_id"],
             "pathloop.trial_id": shared["trial_id"],
             "pathloop.sweep_params": json.dumps(params, sort_keys=True),
@@ -445,10 +441,7 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
         *job_params,
         *_lineage(cfg, params, reward_result, rcfg),
         *_imposed(
-            trial_dir / cfg.step.split("_")[-1],
-            f"{cfg.name}-{shared['trial_id']}",
-            uri,
-            cfg.tracking.experiment,
+            cfg, shared, trial_dir / cfg.step.split("_")[-1], f"{cfg.name}-{shared['trial_id']}"
         ),
     ]
     total = _steps_of(load_config(job.config_cls, cfg.config, over), job)

@@ -61,6 +61,21 @@ def test_segment_plan_ends_at_total():
     assert segment_plan(7, 1) == [7]
 
 
+def test_every_step_builds_its_own_job_config():
+    from pathloop.loops import FinetuneConfig, PretrainConfig, RewardConfig
+
+    for step, key, cls in [
+        ("pretrain", "optim.lr", PretrainConfig),
+        ("reward", "lambda_r", RewardConfig),
+        ("finetune", "reward_mode", FinetuneConfig),
+        ("reward_finetune", "reward.fraction", FinetuneConfig),
+    ]:
+        value = "class_norm" if key == "reward_mode" else 0.5
+        measures = ["train"] if step == "reward" else None
+        cfg = SweepConfig(step=step, space={key: Param(choice=[value])}, measures=measures)
+        assert isinstance(check_space(cfg), cls)
+
+
 def test_bad_keys_fail_before_any_trial():
     cfg = SweepConfig(step="finetune", space={"beta_rr": Param(grid=[0, 1])})
     with pytest.raises(ConfigError, match="'beta_rr' is not a field.*beta_r"):
@@ -275,3 +290,25 @@ def test_ablation_four_fractions(
         "0.5",
         "1.0",
     ]
+
+
+def test_cli_sweep_names_a_bad_key_before_starting_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from pathloop.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "--config",
+            str(ROOT / "jobs/configs/sweep.tiny.yaml"),
+            f"workdir={tmp_path / 'sw'}",
+            "space={beta_rr: {grid: [0, 1]}}",
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "'beta_rr' is not a field" in res.output and "beta_r" in res.output
+    assert not (tmp_path / "sw").exists()  # nothing written, no MLflow run, no Ray
+    res = CliRunner().invoke(app, ["ablation", "fractions=[0, 2]"])
+    assert res.exit_code == 2 and "fractions must be" in res.output
