@@ -244,13 +244,14 @@ def concepts_loss(cfg: ConceptsConfig, st: Any, clf: Any, data: dict, step: int,
     dev = st.device
     labels = torch.where(drop, null_class(st.raw), y).to(dev)
     cap = _Capture(st.model)
-    l_diff = diffusion_loss(
-        cap, st.scheduler, x0.to(dev), labels, noise=noise.to(dev), timesteps=t.to(dev)
-    )  # (b,)
     n = len(pick_new)  # this rank's new-class rows come first
     t_new = t[:n].to(dev)
-    x0_hat = predicted_x0(st.scheduler, cap.x_t[:n], t_new, cap.out[:n].float())  # (n, C, H, W)
-    logp = clf.subtype_log_prob(x0_hat.clamp(-1, 1))  # (n, S)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=st.autocast):
+        l_diff = diffusion_loss(
+            cap, st.scheduler, x0.to(dev), labels, noise=noise.to(dev), timesteps=t.to(dev)
+        )  # (b,)
+        x0_hat = predicted_x0(st.scheduler, cap.x_t[:n], t_new, cap.out[:n].float())  # (n,C,H,W)
+        logp = clf.subtype_log_prob(x0_hat.clamp(-1, 1)).float()  # (n, S)
     target = torch.from_numpy(data["new_subtype"][pick_new.numpy()]).to(dev)  # (n,)
     keep = (t_new < cfg.subtype_t_max * cfg.noise.num_train_timesteps) & ~drop[:n].to(dev)
     ce = subtype_ce(logp, target, keep)  # (n,)
@@ -259,8 +260,8 @@ def concepts_loss(cfg: ConceptsConfig, st: Any, clf: Any, data: dict, step: int,
     loss = l_diff.mean() + cfg.subtype_weight * l_rho  # Sun et al. 2023: L(θ, φ) + L(θ, ρ)
     hit = ((logp.argmax(1) == target) & keep).sum() / n_keep
     logged = {
-        "loss_diffusion": float(l_diff.mean()),
-        "loss_subtype": float(l_rho),
+        "loss_diffusion": float(l_diff.detach().mean()),
+        "loss_subtype": float(l_rho.detach()),
         "x0_subtype_acc": float(hit),  # Γρ on the predicted x0 of kept new-class rows
     }
     return loss, logged
@@ -504,20 +505,17 @@ def evaluate_concepts(
 
 
 def print_readings(metrics: dict, subtypes: tuple, readers: list[str]) -> None:
-    """A table: per new class, each reader's accuracy and its baseline on the parent."""
+    """A table: per reader and new class, the accuracy on its samples and the baseline (how
+    often the reader sees that subtype in the parent's samples from the old model)."""
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="subtype read on samples of each new class (baseline: parent, old model)")
-    t.add_column("new class")
+    t = Table(title="subtype read on the samples of each new class")
+    for col in ("reader", "new class", "accuracy", "baseline (parent, old model)"):
+        t.add_column(col, justify="left" if col in ("reader", "new class") else "right")
     for r in readers:
-        t.add_column(f"{r} acc", justify="right")
-        t.add_column(f"{r} baseline", justify="right")
-    for s in subtypes:
-        row = [s]
-        for r in readers:
-            row += [f"{metrics[f'{r}_acc_{s}']:.2f}", f"{metrics[f'{r}_baseline_{s}']:.2f}"]
-        t.add_row(*row)
+        for s in subtypes:
+            t.add_row(r, s, f"{metrics[f'{r}_acc_{s}']:.2f}", f"{metrics[f'{r}_baseline_{s}']:.2f}")
     Console().print(t)
     if "old_class_drift" in metrics:
         Console().print(f"old-class drift (mean |Δpixel|, 0..1): {metrics['old_class_drift']:.4f}")
