@@ -1,12 +1,10 @@
-"""Ray job: `concepts`, the same code path as `pathloop concepts`.
+"""Ray job: `pathloop concepts`, the same code path (see pathloop.jobs).
 
     ray job submit --working-dir . -- \
         python jobs/concepts.py --config jobs/configs/concepts.tiny.yaml [key=value ...]
 """
 
-import sys
-
-from pathloop.cli import app
+from pathloop.jobs import main
 
 if __name__ == "__main__":
-    app(["concepts", *sys.argv[1:]])
+    main("concepts")

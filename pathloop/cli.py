@@ -186,14 +186,7 @@ def concepts(
     """New concepts: split a class into subtype classes (e.g. neutrophil → band / segmented)."""
     from pathloop.concepts import ConceptsConfig, run_concepts
 
-    cfg = _load(ConceptsConfig, config, overrides)
-    if resume:
-        cfg = cfg.model_copy(update={"resume": True})
-    try:
-        result = run_concepts(cfg)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
-        _fail(str(err))
-    console.print_json(json.dumps(result, default=str))
+    _run_step(run_concepts, _load(ConceptsConfig, config, overrides), resume)
 
 
 @app.command()

@@ -160,3 +160,22 @@ def test_concepts_end_to_end_on_phantoms(ray_session, tiny_ckpt, phantom_shards,
     manifest = json.loads((tmp_path / "c/samples/manifest.json").read_text())
     assert manifest["counts"]["neutrophil band"] == {"none": 2}
     assert (tmp_path / "c/concepts_grid.png").is_file()
+
+
+def test_cli_names_the_problem_and_exits_2(tiny_ckpt, phantom_shards, tmp_path):
+    from typer.testing import CliRunner
+
+    from pathloop.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "concepts",
+            f"workdir={tmp_path / 'c'}",
+            f"pretrained={tiny_ckpt}",
+            f"shards={phantom_shards}",
+            "parent=ER6",
+        ],
+    )
+    assert res.exit_code == 2 and "no subtype labels" in res.output
+    assert not (tmp_path / "c").exists()  # refused before any run was created
