@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -67,9 +67,12 @@ class Param(Frozen):
             return tune.uniform(*self.uniform)
         return tune.loguniform(*self.loguniform)
 
+    def values(self) -> list[Any]:
+        """The listed values, or the bounds: what is checked against the job config up front."""
+        return list(self.grid or self.choice or self.uniform or self.loguniform)
+
     def first(self) -> Any:
-        """A representative value: used to check the key against the job config up front."""
-        return (self.grid or self.choice or self.uniform or self.loguniform)[0]
+        return self.values()[0]
 
 
 class SchedulerConfig(Frozen):
@@ -245,18 +248,40 @@ def segment_plan(total: int, segments: int) -> list[int]:
     return sorted({min(i * size, total) for i in range(1, segments + 1)})
 
 
-def check_space(cfg: SweepConfig) -> Any:
-    """Build every job config once with each key's first value: an unknown key or a bad value
-    fails here, naming the key, before any trial starts. Returns the swept job's config."""
+def build_configs(
+    cfg: SweepConfig,
+    params: dict[str, Any],
+    reward_extra: Sequence[str] = (),
+    job_extra: Sequence[str] = (),
+) -> tuple[Any, Any]:
+    """(reward job config or None, swept job config) for searched ``params``, through
+    ``load_config``: base YAML < base overrides < searched values < ``*_extra``. In
+    reward_finetune the finetune job uses that reward model and records its fraction."""
     from pathloop.config import load_config
 
-    first = {k: p.first() for k, p in cfg.space.items()}
-    reward, job = split_params(first)
+    reward, job = split_params(params)
+    rcfg = None
     if cfg.step == "reward_finetune":
-        load_config(
-            jobs()["reward"].config_cls, cfg.reward_config, [*cfg.reward_overrides, *reward]
+        rcfg = load_config(
+            jobs()["reward"].config_cls,
+            cfg.reward_config,
+            [*cfg.reward_overrides, *reward, *reward_extra],
         )
-    return load_config(_job(cfg).config_cls, cfg.config, [*cfg.overrides, *job])
+        job.append(f"reward_model={Path(rcfg.workdir) / 'result.json'}")
+        if "feedback_fraction" not in params:
+            job.append(as_override("feedback_fraction", rcfg.fraction))
+    return rcfg, load_config(_job(cfg).config_cls, cfg.config, [*cfg.overrides, *job, *job_extra])
+
+
+def check_space(cfg: SweepConfig) -> Any:
+    """Build the job configs with every listed value of every key (bounds for uniform ones),
+    the other keys at their first value: an unknown key or a bad value fails here, naming the
+    key, before any trial starts. Returns the swept job's config at the first values."""
+    first = {k: p.first() for k, p in cfg.space.items()}
+    for key, p in cfg.space.items():
+        for v in p.values()[1:]:
+            build_configs(cfg, {**first, key: v})
+    return build_configs(cfg, first)[1]
 
 
 # ----------------------------------------------------------------------------- measures
@@ -378,29 +403,6 @@ def measure(seg: Segment) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the trial
 
 
-def _run_reward_stage(cfg: SweepConfig, reward_params: list[str], trial_dir: Path, shared: dict):
-    """reward_finetune: train this trial's reward model once, before the finetuning segments."""
-    from pathloop.config import load_config
-
-    over = _imposed(cfg, shared, trial_dir / "reward", f"{cfg.name}-{shared['trial_id']}-reward")
-    rcfg = load_config(
-        jobs()["reward"].config_cls,
-        cfg.reward_config,
-        [*cfg.reward_overrides, *reward_params, *over],
-    )
-    return jobs()["reward"].run(rcfg), rcfg
-
-
-def _lineage(cfg: SweepConfig, params: dict, reward_result: dict | None, rcfg: Any) -> list[str]:
-    """reward_finetune: finetuning uses this trial's reward model and records its fraction."""
-    if reward_result is None:
-        return []
-    out = [f"reward_model={Path(rcfg.workdir) / 'result.json'}"]
-    if "feedback_fraction" not in params:
-        out.append(as_override("feedback_fraction", rcfg.fraction))
-    return out
-
-
 def _tag(uri: str, run_id: str, shared: dict, params: dict) -> None:
     from pathloop import tracking
 
@@ -421,7 +423,6 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
     from ray import tune
 
     from pathloop import tracking
-    from pathloop.config import load_config
 
     cfg = SweepConfig.model_validate(sweep)
     # Tune runs a trial in its own dir; relative paths in job YAMLs mean what they mean on the CLI:
@@ -429,25 +430,22 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
     here = os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd())
     os.chdir(shared["cwd"] if Path(shared["cwd"]).is_dir() else here)
     shared = {**shared, "trial_id": tune.get_context().get_trial_id()}
-    trial_dir, uri = Path(shared["workdir"]) / "trials" / shared["trial_id"], shared["uri"]
-    reward_params, job_params = split_params(params)
-    reward_result, rcfg = None, None
-    if cfg.step == "reward_finetune":
-        reward_result, rcfg = _run_reward_stage(cfg, reward_params, trial_dir, shared)
+    trial_dir, uri, name = (
+        Path(shared["workdir"]) / "trials" / shared["trial_id"],
+        shared["uri"],
+        f"{cfg.name}-{shared['trial_id']}",
+    )
+    reward_extra = _imposed(cfg, shared, trial_dir / "reward", f"{name}-reward")
+    job_extra = _imposed(cfg, shared, trial_dir / cfg.step.split("_")[-1], name)
+    rcfg, job_cfg = build_configs(cfg, params, reward_extra, job_extra)
+    reward_result = None
+    if rcfg is not None:  # reward_finetune: the trial's reward model, once, before finetuning
+        reward_result = jobs()["reward"].run(rcfg)
         _tag(uri, reward_result["run_id"], shared, params)
     job = _job(cfg)
-    over = [
-        *cfg.overrides,
-        *job_params,
-        *_lineage(cfg, params, reward_result, rcfg),
-        *_imposed(
-            cfg, shared, trial_dir / cfg.step.split("_")[-1], f"{cfg.name}-{shared['trial_id']}"
-        ),
-    ]
-    total = _steps_of(load_config(job.config_cls, cfg.config, over), job)
-    for k, n in enumerate(segment_plan(total, cfg.segments), 1):
-        seg_over = [*over, f"{job.steps_key}={n}", f"resume={str(k > 1).lower()}"]
-        jcfg = load_config(job.config_cls, cfg.config, seg_over)
+    for k, n in enumerate(segment_plan(_steps_of(job_cfg, job), cfg.segments), 1):
+        resume = [f"{job.steps_key}={n}", f"resume={str(k > 1).lower()}"]
+        _, jcfg = build_configs(cfg, params, reward_extra, [*job_extra, *resume])
         result = job.run(jcfg)
         if k == 1:
             _tag(uri, result["run_id"], shared, params)
@@ -504,28 +502,13 @@ def _tuner(cfg: SweepConfig, shared: dict) -> Any:
 
 
 def best_job_config(cfg: SweepConfig, params: dict, trial_dir: Path) -> tuple[Any, Any]:
-    """The winning job config (and reward job config), built through the same override path:
-    base < searched values; its own work dir; a reward_finetune winner reuses its trial's reward
-    model."""
-    from pathloop.config import load_config
-
-    reward_params, job_params = split_params(params)
+    """The winning (job config, reward job config), through the same override path, with work
+    dirs under <workdir>/best; a reward_finetune winner reuses its trial's reward model."""
     out = Path(cfg.workdir) / "best"
-    rcfg = None
+    job_extra = [f"workdir={out / cfg.step.split('_')[-1]}"]
     if cfg.step == "reward_finetune":
-        rcfg = load_config(
-            jobs()["reward"].config_cls,
-            cfg.reward_config,
-            [*cfg.reward_overrides, *reward_params, f"workdir={out / 'reward'}"],
-        )
-        job_params += [f"reward_model={trial_dir / 'reward' / 'result.json'}"]
-        if "feedback_fraction" not in params:
-            job_params.append(as_override("feedback_fraction", rcfg.fraction))
-    job = load_config(
-        _job(cfg).config_cls,
-        cfg.config,
-        [*cfg.overrides, *job_params, f"workdir={out / cfg.step.split('_')[-1]}"],
-    )
+        job_extra.append(f"reward_model={trial_dir / 'reward' / 'result.json'}")
+    rcfg, job = build_configs(cfg, params, [f"workdir={out / 'reward'}"], job_extra)
     return job, rcfg
 
 
