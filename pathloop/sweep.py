@@ -657,12 +657,42 @@ class AblationConfig(Frozen):
 CI_KEYS = ("plausibility_lo", "plausibility_hi")  # Wilson bounds: in the rows, not plotted
 
 
-def _save_curve(rows: list[dict], metrics: list[str], out: Path, title: str) -> Path:
-    """``report.plot_metric_curve`` (each metric against the fraction) as a PNG file."""
+def _save_curve(
+    rows: list[dict], metrics: list[str], out: Path, title: str, reference: dict
+) -> Path:
+    """``report.plot_metric_curve`` (each metric against the fraction) as a PNG file, with the
+    pretrained model's value as a dashed line where it has one."""
     from pathloop.report import figure_png, plot_metric_curve
 
-    out.write_bytes(figure_png(plot_metric_curve(rows, "fraction", metrics, title)))
+    fig = plot_metric_curve(rows, "fraction", metrics, f"{title} (dashed: pretrained)")
+    for ax, name in zip(fig.axes, metrics, strict=False):
+        if name in reference:
+            ax.axhline(reference[name], linestyle="--", color="grey")
+    out.write_bytes(figure_png(fig))
     return out
+
+
+def measure_pretrained(sweep: SweepConfig) -> dict[str, float]:
+    """The starting point of every fraction: the pretrained model under the same sample-based
+    measures (judge, fidelity; ``train`` has no run to read)."""
+    from pathloop.sampling import resolve_model_ref
+
+    names = [m for m in sweep.measure_names if m != "train"]
+    if not names:
+        return {}
+    job = check_space(sweep)
+    ckpt, _ = resolve_model_ref(job.pretrained, job.tracking)
+    out = Path(sweep.workdir) / "pretrained"
+    out.mkdir(parents=True, exist_ok=True)
+    shared = prepare_fidelity(sweep, job, Path(sweep.workdir))
+    seg = Segment(
+        sweep,
+        job.model_copy(update={"workdir": str(out)}),
+        {"checkpoint": str(ckpt), "step": 0},
+        None,
+        shared,
+    )
+    return {k: v for name in names for k, v in MEASURES[name](seg).items()}
 
 
 def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
@@ -673,27 +703,34 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     from pathloop import tracking
     from pathloop.report import BOOKKEEPING
 
-    res = run_sweep(cfg.as_sweep())
-    workdir, uri, run_id = Path(cfg.workdir).resolve(), res["tracking_uri"], res["sweep_id"]
+    workdir = Path(cfg.workdir).resolve()
+    sweep = cfg.model_copy(update={"workdir": str(workdir)}).as_sweep()
+    res = run_sweep(sweep)
+    uri, run_id = res["tracking_uri"], res["sweep_id"]
+    reference = measure_pretrained(sweep)
     rows = sorted(
         ({"fraction": r.pop("reward.fraction"), **r} for r in res["rows"]),
         key=lambda r: r["fraction"],
     )
     metrics = [k for k in rows[0] if k != "fraction" and k not in BOOKKEEPING]
-    (workdir / "ablation.json").write_text(json.dumps(rows, indent=2))
+    saved = {"rows": rows, "pretrained": reference}  # report.load_curve_rows reads "rows"
+    (workdir / "ablation.json").write_text(json.dumps(saved, indent=2))
     with (workdir / "ablation.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     per_class = [k for k in metrics if k.startswith("plausibility_") and k not in CI_KEYS]
     main = [k for k in metrics if k not in per_class and k not in CI_KEYS]
-    plots = [_save_curve(rows, main, workdir / "ablation.png", cfg.name)]
+    plots = [_save_curve(rows, main, workdir / "ablation.png", cfg.name, reference)]
     if per_class:
         title = f"{cfg.name}: judge plausibility per class"
-        plots.append(_save_curve(rows, per_class, workdir / "ablation_per_class.png", title))
+        out = workdir / "ablation_per_class.png"
+        plots.append(_save_curve(rows, per_class, out, title, reference))
     tracking.set_tags(uri, run_id, {"pathloop.step": "ablation"})
+    tracking.log_metrics(uri, run_id, {f"pretrained_{k}": v for k, v in reference.items()}, 0)
     for r in rows:  # MLflow step = percent of the feedback: the UI draws the curve
         tracking.log_metrics(uri, run_id, {k: r[k] for k in metrics}, round(100 * r["fraction"]))
     for f in ("ablation.json", "ablation.csv", *[p.name for p in plots]):
         tracking.log_artifact(uri, run_id, workdir / f, "ablation")
-    return {**res, "rows": rows, "plots": [str(p) for p in plots], "metrics": metrics}
+    out = {"rows": rows, "pretrained": reference, "plots": [str(p) for p in plots]}
+    return {**res, **out, "metrics": metrics}

@@ -1,5 +1,6 @@
 """Ray Tune sweeps (λr × βr on phantoms) and the feedback-amount ablation, on local Ray."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -199,7 +200,8 @@ def test_sweep_lambda_r_by_beta_r(
     assert res["trials"] == 4 and res["failed"] == 0
     rows = res["rows"]
     searched = {(r["reward.lambda_r"], r["beta_r"]) for r in rows}
-    assert searched == {(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)}
+    grid = [cfg.space[k].grid for k in ("reward.lambda_r", "beta_r")]  # the shipped values
+    assert searched == set(itertools.product(*grid)) and len(searched) == 4
     assert all(0 <= r["plausibility"] <= 1 and np.isfinite(r["loss"]) for r in rows)
     assert all(r["step"] in (1, 2) for r in rows)  # segment ends; ASHA may stop at step 1
     assert res["best_metric"] == min(r["loss"] for r in rows)
@@ -268,6 +270,12 @@ def test_ablation_four_fractions(
         assert r["plausibility_lo"] <= r["plausibility"] <= r["plausibility_hi"]  # Wilson
         assert len([k for k in r if k.startswith("plausibility_")]) == 16 + 2
         assert r["fid"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1
+    ref = res["pretrained"]  # the starting point, measured the same way
+    assert 0 <= ref["plausibility"] <= 1 and ref["fid"] >= 0 and "loss" not in ref
+    from pathloop.report import load_curve_rows
+
+    saved = load_curve_rows(tmp_path / "abl" / "ablation.json")
+    assert [r["fraction"] for r in saved] == [0.0, 0.1, 0.5, 1.0]
     with (tmp_path / "abl" / "ablation.csv").open() as f:
         assert [float(r["fraction"]) for r in csv.DictReader(f)] == [0.0, 0.1, 0.5, 1.0]
     for p in res["plots"]:
