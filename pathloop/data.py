@@ -731,23 +731,30 @@ def _image_rng(seed: int, rid: str) -> np.random.Generator:
     return np.random.default_rng([seed, int(rid[:15], 16)])
 
 
-def transform_batch(
+def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PNG bytes -> uint8 (B, H, W, 3); ``id`` and ``class_id`` kept. The costly half of
+    ``transform_batch``, which ``read_shards(cache=True)`` runs once and keeps."""
+    images = [decode_png(bytes(png)) for png in batch["image"]]  # (H, W, 3) each
+    return {
+        "id": np.asarray([str(i) for i in batch["id"]], dtype=object),
+        "image": np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
+        "class_id": np.asarray(batch["class_id"], dtype=np.int64),
+    }
+
+
+def augment_batch(
     batch: dict[str, np.ndarray],
     augment: AugmentConfig | dict | None = None,
     rng: np.random.Generator | None = None,
     keep_id: bool = True,
 ) -> dict[str, np.ndarray]:
-    """PNG bytes -> float32 (B, 3, H, W) in [-1, 1], augmented; ``class_id`` -> int64.
-
-    The one transform behind both ``read_shards`` (Ray ``map_batches``) and ``torch_batches``.
-    ``augment`` may be a dict because it crosses process boundaries; it is re-validated here.
-    """
+    """Decoded uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], augmented per image."""
     cfg = AugmentConfig.model_validate(augment) if isinstance(augment, dict) else augment
     rng = rng if rng is not None else np.random.default_rng()
     ids = [str(i) for i in batch["id"]]
     images = []
-    for rid, png in zip(ids, batch["image"], strict=True):
-        img = decode_png(bytes(png)).astype(np.float32) / 255.0  # (H, W, 3) in [0, 1]
+    for rid, img in zip(ids, batch["image"], strict=True):
+        img = img.astype(np.float32) / 255.0  # (H, W, 3) in [0, 1]
         if cfg is not None:
             img_rng = _image_rng(cfg.seed, rid) if cfg.seed is not None else rng
             img = _augment_one(img, cfg, img_rng)
@@ -760,6 +767,21 @@ def transform_batch(
     if keep_id:
         result["id"] = np.asarray(ids, dtype=object)
     return result
+
+
+def transform_batch(
+    batch: dict[str, np.ndarray],
+    augment: AugmentConfig | dict | None = None,
+    rng: np.random.Generator | None = None,
+    keep_id: bool = True,
+) -> dict[str, np.ndarray]:
+    """PNG bytes -> float32 (B, 3, H, W) in [-1, 1], augmented; ``class_id`` -> int64.
+
+    The one transform behind both ``read_shards`` (Ray ``map_batches``) and ``torch_batches``:
+    ``decode_batch`` then ``augment_batch``. ``augment`` may be a dict because it crosses process
+    boundaries; it is re-validated here.
+    """
+    return augment_batch(decode_batch(batch), augment, rng, keep_id)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -883,12 +905,15 @@ def read_shards(
     classes: list[str | int] | None = None,
     augment: AugmentConfig | None = None,
     with_ids: bool = False,
+    cache: bool = False,
 ) -> ray.data.Dataset:
     """A Ray Dataset of ``image`` float32 (3, H, W) in [-1, 1] and ``class_id`` int64.
 
     The split/class filter and the column projection are pushed down to the Parquet scan;
     decoding and augmentation run in ``map_batches``. ``with_ids`` adds the string ``id``
     column; leave it off for ``iter_torch_batches``, which cannot turn strings into tensors.
+    ``cache`` reads and decodes once, keeps the uint8 images in Ray's object store
+    (``materialize``) and leaves only augmentation to every epoch: for sets that fit in it.
     """
     import ray.data
     from ray.data.expressions import col, lit
@@ -908,9 +933,11 @@ def read_shards(
         ds = ds.filter(expr=col("class_id").is_in(ids))
     ds = ds.select_columns(["id", "image", "class_id"])
     aug = augment.model_dump() if augment is not None else None
-    return ds.map_batches(
-        transform_batch, batch_format="numpy", fn_kwargs={"augment": aug, "keep_id": with_ids}
-    )
+    kw = {"augment": aug, "keep_id": with_ids}
+    if not cache:
+        return ds.map_batches(transform_batch, batch_format="numpy", fn_kwargs=kw)
+    decoded = ds.map_batches(decode_batch, batch_format="numpy").materialize()
+    return decoded.map_batches(augment_batch, batch_format="numpy", fn_kwargs=kw)
 
 
 def torch_batches(

@@ -355,6 +355,16 @@ def test_ray_reader_matches_plain_reader(ray_session: object, tiny_shards: Path)
     local = transform_batch(batch, aug)
     for rid, img in zip(local["id"], local["image"], strict=True):
         np.testing.assert_allclose(ray_aug[rid], img, atol=1e-6)
+    # Decoded once and cached in the object store: the same images, augmentations re-drawn.
+    cached = read_shards(tiny_shards, augment=aug, with_ids=True, cache=True)
+    for _ in range(2):  # every pass over the cache augments again from the kept uint8 images
+        rows = cached.take_all()
+        assert len(rows) == 30
+        for r in rows:
+            np.testing.assert_allclose(r["image"], ray_aug[r["id"]], atol=1e-6)
+    unseeded = read_shards(tiny_shards, augment=AugmentConfig(), with_ids=True, cache=True)
+    a, b = ({r["id"]: r["image"] for r in unseeded.take_all()} for _ in range(2))
+    assert any(not np.array_equal(a[k], b[k]) for k in a)  # fresh flips on every epoch
 
     # What the trainers call inside Ray Train workers.
     ds = read_shards(tiny_shards, split="train", augment=AugmentConfig())
