@@ -379,6 +379,26 @@ def report_step(metrics: dict, want_ckpt: bool, rank: int, save: Any) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
+def judge_rates(images: list[Any], ids: list[int], vocab: Any) -> dict[str, float]:
+    """The phantom judge's plausible rate overall and per class code (``judge_plausible`` and
+    ``judge_plausible_<code>``), when it knows every class of ``vocab`` (phantom data); else {}."""
+    import numpy as np
+
+    from pathloop.evaluators import JudgeEvaluator
+    from pathloop.vocab import BONE_MARROW_16
+
+    known = {c.code for c in BONE_MARROW_16.classes}
+    if not images or any(c.code not in known for c in vocab.classes):
+        return {}
+    ok = np.array([bool(v.plausible) for v in JudgeEvaluator()(images, ids, vocab)])
+    ids_a = np.asarray(ids)
+    out = {"judge_plausible": float(ok.mean())}
+    for c in vocab.classes:
+        if (ids_a == c.id).any():
+            out[f"judge_plausible_{c.code}"] = float(ok[ids_a == c.id].mean())
+    return out
+
+
 class _RankZeroLog:
     """Metrics and preview grids to MLflow and stdout, from rank 0 only."""
 
@@ -404,20 +424,26 @@ class _RankZeroLog:
     def preview(self, st: StepState, step: int) -> None:
         from pathloop import tracking
         from pathloop.diffusion import ema_copy
-        from pathloop.viz import class_grid
+        from pathloop.viz import class_samples, samples_grid
 
-        grid = class_grid(
-            ema_copy(st.raw, st.ema),
-            self.cfg.noise,
-            self.vocab,
-            self.cfg.preview,
-            per_class=self.cfg.train.preview_per_class,
+        per_class = self.cfg.train.preview_per_class
+        images, ids = class_samples(
+            ema_copy(st.raw, st.ema), self.cfg.noise, self.vocab, self.cfg.preview, per_class
         )
         out = Path(self.cfg.workdir) / "previews" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(out)
+        samples_grid(images, self.vocab, per_class).save(out)
+        rates = judge_rates(images, ids, self.vocab)
+        if rates:
+            print(
+                f"[{self.cfg.name}] step {step}: the phantom judge passes "
+                f"{rates['judge_plausible']:.2f} of {len(images)} preview samples",
+                flush=True,
+            )
         if self.info:
             tracking.log_artifact(self.info["uri"], self.info["run_id"], out, "samples")
+            if rates:
+                tracking.log_metrics(self.info["uri"], self.info["run_id"], rates, step)
 
     def close(self) -> None:
         pass

@@ -39,10 +39,11 @@ def image_grid(
     return grid
 
 
-def class_grid(
-    unet: Any, noise: Any, vocab: Any, sampler: Any, per_class: int = 4, scale: int = 2
-) -> Any:
-    """One row per class of ``per_class`` samples from ``unet`` (the one ``sample()`` loop)."""
+def class_samples(
+    unet: Any, noise: Any, vocab: Any, sampler: Any, per_class: int = 4
+) -> tuple[list[np.ndarray], list[int]]:
+    """``per_class`` samples of every class (the one ``sample()`` loop): uint8 (H, W, 3) images
+    in class order, and their class ids."""
     from pathloop.diffusion import sample, to_uint8
 
     ids = [c.id for c in vocab.classes for _ in range(per_class)]
@@ -56,13 +57,26 @@ def class_grid(
         seed=sampler.seed,
         batch_size=sampler.batch_size,
     )
+    return list(to_uint8(x)), ids
+
+
+def samples_grid(images: list[np.ndarray], vocab: Any, per_class: int, scale: int = 2) -> Any:
+    """``class_samples`` output as a grid: one row per class."""
     return image_grid(
-        list(to_uint8(x)),
+        images,
         len(vocab),
         per_class,
         scale,
         labels=[f"{c.code} {c.name}"[:22] for c in vocab.classes],
     )
+
+
+def class_grid(
+    unet: Any, noise: Any, vocab: Any, sampler: Any, per_class: int = 4, scale: int = 2
+) -> Any:
+    """One row per class of ``per_class`` samples from ``unet``."""
+    images, _ = class_samples(unet, noise, vocab, sampler, per_class)
+    return samples_grid(images, vocab, per_class, scale)
 
 
 def shard_grid(shard_dir: Any, per_class: int = 8, scale: int = 2, split: str | None = None) -> Any:

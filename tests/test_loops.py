@@ -72,6 +72,24 @@ def test_pretrain_registers_loadable_model(ray_session, phantom_shards, tmp_path
     arts = [a.path for a in client.list_artifacts(res["run_id"], "samples")]
     assert "samples/step_000004.png" in arts
     assert (Path(cfg.workdir) / "config.yaml").exists()
+    # phantom data: the judge scored the preview, overall and per class
+    judged = {k: v for k, v in run.data.metrics.items() if k.startswith("judge_plausible")}
+    assert len(judged) == 1 + 16 and all(0 <= v <= 1 for v in judged.values())
+
+
+def test_judge_rates_of_phantoms_and_of_other_vocabularies():
+    from pathloop.loops import judge_rates
+    from pathloop.phantoms import generate
+    from pathloop.vocab import BONE_MARROW_16, Vocabulary
+
+    rows = list(generate(per_class=2, size=32, seed=5))  # (image, class id, subtype)
+    images, ids = [r[0] for r in rows], [r[1] for r in rows]
+    rates = judge_rates(images, ids, BONE_MARROW_16)
+    assert rates["judge_plausible"] >= 0.9  # rendered phantoms of their own class
+    noise = [np.random.default_rng(k).integers(0, 256, (32, 32, 3), np.uint8) for k in ids]
+    assert judge_rates(noise, ids, BONE_MARROW_16)["judge_plausible"] == 0.0
+    other = Vocabulary.model_validate({"classes": [{"id": 0, "code": "X", "name": "x"}]})
+    assert judge_rates(images[:1], [0], other) == {}  # the judge knows no class X
 
 
 def test_worker_failure_recovers_automatically(ray_session, phantom_shards, tmp_path):
