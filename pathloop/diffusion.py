@@ -485,11 +485,17 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "unet").is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a pathloop checkpoint (no unet/ inside)")
-    raw = UNet2DModel.from_pretrained(path / "unet").to(map_location).eval()
+    raw = (
+        UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False).to(map_location).eval()
+    )
     state = json.loads((path / "state.json").read_text())
     ema_model, unet = None, raw
     if (path / "ema").is_dir():
-        ema_unet = UNet2DModel.from_pretrained(path / "ema").to(map_location).eval()
+        ema_unet = (
+            UNet2DModel.from_pretrained(path / "ema", low_cpu_mem_usage=False)
+            .to(map_location)
+            .eval()
+        )
         ema_model = EMAModel(
             ema_unet.parameters(), model_cls=UNet2DModel, model_config=ema_unet.config
         )  # shadow params = the saved EMA weights

@@ -87,6 +87,9 @@ class EvaluateConfig(Frozen):
     classes: list[str] | None = Field(None, description="Classes to sample; None = all.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     num_actors: int = Field(1, ge=1, description="Ray Data sampling actors.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per sampling actor; None = its reserved CPU (1)."
+    )
     use_gpu: bool = Field(False, description="Sample with one GPU per actor.")
     device: str = Field("auto", description="Classifiers and distances: auto, cpu, cuda.")
     features: FeatureModelConfig = Field(default_factory=FeatureModelConfig)
@@ -131,10 +134,13 @@ def sample_dir(cfg: EvaluateConfig, ref: str, uri: str) -> Path:
         classes=cfg.classes,
         sampler=cfg.sampler,
         num_actors=cfg.num_actors,
+        torch_threads=cfg.torch_threads,
         use_gpu=cfg.use_gpu,
         tracking=cfg.tracking.model_copy(update={"tracking_uri": uri}),
     )
-    key = hashlib.sha256(sc.model_dump_json(exclude={"out", "tracking"}).encode()).hexdigest()[:10]
+    key = hashlib.sha256(
+        sc.model_dump_json(exclude={"out", "tracking", "torch_threads"}).encode()
+    ).hexdigest()[:10]
     out = Path(cfg.workdir) / "samples" / key
     if not (out / "manifest.json").is_file():
         run_sample(sc.model_copy(update={"out": str(out)}))

@@ -54,7 +54,18 @@ class RoundConfig(Frozen):
     sampler: SamplerConfig = Field(
         default_factory=lambda: SamplerConfig(steps=25), description="Sampling of every round."
     )
+    pool_guidance: float | None = Field(
+        None,
+        ge=0,
+        description="CFG scale of the finetuning pool; None = the sampler's. 1.0 draws the "
+        "model's own class-conditional distribution, which Eq. 3 reweights; a pool drawn with "
+        "guidance and sampled with guidance again after finetuning compounds it (saturated, "
+        "less varied images).",
+    )
     num_actors: int = Field(1, ge=1, description="Ray Data sampling actors (one model each).")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per sampling actor; None = its reserved CPU (1)."
+    )
     use_gpu: bool = Field(False, description="One GPU per sampling actor.")
 
 
@@ -212,11 +223,21 @@ def wait_for_labels(store: Any, rid: int, fb: FeedbackSourceConfig) -> None:
         time.sleep(fb.poll_s)
 
 
-def sample_set(steps: _Steps, title: str, model: str, out: Path, per_class: int, seed: int) -> None:
-    """``run_sample`` of ``per_class`` images per class from ``model`` into ``out``."""
+def sample_set(
+    steps: _Steps,
+    title: str,
+    model: str,
+    out: Path,
+    per_class: int,
+    seed: int,
+    guidance: float | None = None,
+) -> None:
+    """``run_sample`` of ``per_class`` images per class from ``model`` into ``out`` (with the
+    round's sampler, at ``guidance`` when given)."""
     from pathloop.sampling import SampleConfig, run_sample
 
-    sampler = steps.cfg.round.sampler.model_copy(update={"seed": seed})
+    update = {"seed": seed} | ({"guidance": guidance} if guidance is not None else {})
+    sampler = steps.cfg.round.sampler.model_copy(update=update)
     steps.run(
         title,
         out / "manifest.json",
@@ -227,6 +248,7 @@ def sample_set(steps: _Steps, title: str, model: str, out: Path, per_class: int,
                 per_class=per_class,
                 sampler=sampler,
                 num_actors=steps.cfg.round.num_actors,
+                torch_threads=steps.cfg.round.torch_threads,
                 use_gpu=steps.cfg.round.use_gpu,
             )
         ),
@@ -275,6 +297,7 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
             pool,
             cfg.round.pool_per_class,
             seed + 5000,
+            cfg.round.pool_guidance,
         )
         synthetic = pool
     ft_wd = wd / "finetune"

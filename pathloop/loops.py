@@ -612,8 +612,11 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
     import ray.data
 
-    # One bar per epoch from Ray Data drowns the step log; the loop prints its own progress.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # One bar and one plan per epoch from Ray Data drown the step log; the loop prints its own
+    # progress (Ray Data still writes its logs under the Ray session's logs/ray-data).
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     ds = read_shards(
         shards,
         split=cfg.data.split,

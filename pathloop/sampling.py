@@ -38,6 +38,12 @@ class SampleConfig(Frozen):
     strength: float = Field(0.3, gt=0, le=1, description="Noise level of image-to-image starts.")
     split: str = Field("none", description="Split recorded on the synthetic rows.")
     num_actors: int = Field(1, ge=1, description="Ray Data actors holding a model each.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per actor; None = its reserved CPU (1). On a 2-core box "
+        "with one actor, 2 samples about twice as fast.",
+    )
     use_gpu: bool = Field(False, description="One GPU per actor.")
     bf16: bool = Field(True, description="bf16 autocast in the UNet on CUDA (ignored on CPU).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -70,10 +76,17 @@ class _Sampler:
     """Ray Data actor: loads the checkpoint once, samples each batch of (class, seed) rows."""
 
     def __init__(
-        self, ckpt_files: dict[str, bytes], sampler: dict, strength: float, bf16: bool
+        self,
+        ckpt_files: dict[str, bytes],
+        sampler: dict,
+        strength: float,
+        bf16: bool,
+        torch_threads: int | None = None,
     ) -> None:
         import torch
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         from pathloop import storage
         from pathloop.diffusion import load_checkpoint
 
@@ -159,9 +172,10 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
             "sampler": cfg.sampler.model_dump(),
             "strength": cfg.strength,
             "bf16": cfg.bf16,
+            "torch_threads": cfg.torch_threads,
         },
         batch_size=cfg.sampler.batch_size,
-        concurrency=cfg.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=1 if cfg.use_gpu else 0,
         batch_format="numpy",
     )

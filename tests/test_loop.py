@@ -24,7 +24,7 @@ MINIMAL = [
     "pretrain.train.checkpoint_every=4",
     "pretrain.tracking.register_as=null",
     "round.review_per_class=3",
-    "round.pool_per_class=0",
+    "round.pool_per_class=2",
     "round.sampler.steps=2",
     "reward.backbone_steps=5",
     "reward.steps=6",
@@ -75,6 +75,14 @@ def test_loop_resumes_after_a_kill_in_finetuning(tmp_path):
     assert Path(ev["report"]).is_file()
     assert set(ev["labels"]) == {"baseline", "model"}
     assert "judge" in ev["plausibility"]
+    # the review set at the sampler's guidance, the finetuning pool at round.pool_guidance
+    from pathloop.data import iter_records
+
+    def guidance(shards: Path) -> set[float]:
+        return {r["provenance"]["guidance"] for r in iter_records(shards, columns=["provenance"])}
+
+    assert guidance(wd / "round1/review") == {killed.round.sampler.guidance} == {2.0}
+    assert guidance(wd / "round1/pool") == {killed.round.pool_guidance} == {1.0}
 
     # 3. the same finetune uninterrupted gives the same weights
     from pathloop.loops import run_finetune
