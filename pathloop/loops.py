@@ -736,8 +736,9 @@ def _finetune_batch(cfg: FinetuneConfig, step: int, n_syn: int, n_real: int, sha
     noise_real = torch.randn((b, *shape), generator=g)  # (B, C, H, W)
     t = torch.randint(0, cfg.noise.num_train_timesteps, (b, 2), generator=g)  # (B, 2)
     drop = torch.rand(b, generator=g) < cfg.p_uncond
+    drop_real = torch.rand(b, generator=g) < cfg.p_uncond
     sl = slice(rank * (b // world), (rank + 1) * (b // world))
-    return pick[sl], pick_real[sl], noise[sl], noise_real[sl], t[sl], drop[sl]
+    return pick[sl], pick_real[sl], noise[sl], noise_real[sl], t[sl], drop[sl], drop_real[sl]
 
 
 def _to_x(images: Any, idx: Any) -> Any:
@@ -757,7 +758,7 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     syn, cls, w = data["images"], data["class_ids"], data["weights"]
     n_syn = len(data["pairs"]) if cfg.method == "dpo" else len(syn)
     shape = (3, syn.shape[1], syn.shape[2])
-    pick, pick_real, noise, noise_real, t, drop = _finetune_batch(
+    pick, pick_real, noise, noise_real, t, drop, drop_real = _finetune_batch(
         cfg, step, n_syn, len(data["real_images"]), shape, rank, world
     )
     null, dev = null_class(st.raw), st.device
@@ -779,7 +780,12 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
         l_pref = preference_loss(ea, eb, ra, rb, p[:, 2], p[:, 3], cfg.dpo_beta).mean()
     l_real = None
     if cfg.beta_r > 0 and len(data["real_images"]):
-        y = torch.from_numpy(data["real_class_ids"][pick_real.numpy()])
+        # Class dropout on the real term too: without it the null class (CFG's unconditional
+        # branch) learns only from reward-weighted synthetic rows and goes stale while the
+        # conditional branch moves, and guidance then extrapolates the mismatch.
+        y = torch.where(
+            drop_real, null, torch.from_numpy(data["real_class_ids"][pick_real.numpy()])
+        )
         l_real = diffusion_loss(
             st.model,
             st.scheduler,
