@@ -83,3 +83,43 @@ def test_reward_method_needs_a_reward_model(tiny_ckpt, checklist_feedback, tmp_p
     )
     with pytest.raises(ValueError, match="reward_model"):
         run_finetune(cfg)
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 1.0])
+def test_real_term_trains_the_null_class_when_labels_drop(p_uncond):
+    """Eq. 3's beta_r term is the plain CFG training loss: its labels drop to the null class at
+    p_uncond, as the synthetic term's do; otherwise CFG's unconditional branch goes stale."""
+    import torch
+
+    from pathloop.diffusion import null_class
+    from pathloop.loops import build_state, finetune_loss
+
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        [
+            "model.block_out_channels=[16, 32]",
+            "model.layers_per_block=1",
+            "train.batch_size=8",
+            "real=unused",
+            f"p_uncond={p_uncond}",
+        ],
+    )
+    st = build_state(cfg, 16, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    data = {
+        "images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        "class_ids": np.array([0, 1, 2, 3]),
+        "weights": np.zeros(4, dtype=np.float32),  # the synthetic term contributes nothing
+        "pairs": np.zeros((0, 4), dtype=np.int64),
+        "real_images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        "real_class_ids": np.array([0, 1, 2, 3]),
+    }
+    finetune_loss(cfg, st, None, data, 0, 0, 1).backward()
+    emb = st.raw.class_embedding.weight.grad  # (classes + 1, dim); the last row is the null class
+    null_grad = emb[null_class(st.raw)].abs().sum().item()
+    real_grad = emb[:4].abs().sum().item()
+    if p_uncond == 1.0:
+        assert null_grad > 0 and real_grad == 0  # every real label dropped to the null class
+    else:
+        assert null_grad == 0 and real_grad > 0
