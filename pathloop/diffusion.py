@@ -485,17 +485,15 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "unet").is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a pathloop checkpoint (no unet/ inside)")
-    raw = (
-        UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False).to(map_location).eval()
-    )
+
+    def unet_from(d: Path) -> UNet2DModel:  # low_cpu_mem_usage: no `accelerate` warning
+        return UNet2DModel.from_pretrained(d, low_cpu_mem_usage=False).to(map_location).eval()
+
+    raw = unet_from(path / "unet")
     state = json.loads((path / "state.json").read_text())
     ema_model, unet = None, raw
     if (path / "ema").is_dir():
-        ema_unet = (
-            UNet2DModel.from_pretrained(path / "ema", low_cpu_mem_usage=False)
-            .to(map_location)
-            .eval()
-        )
+        ema_unet = unet_from(path / "ema")
         ema_model = EMAModel(
             ema_unet.parameters(), model_cls=UNet2DModel, model_config=ema_unet.config
         )  # shadow params = the saved EMA weights

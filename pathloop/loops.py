@@ -380,23 +380,22 @@ def report_step(metrics: dict, want_ckpt: bool, rank: int, save: Any) -> None:
 
 
 def judge_rates(images: list[Any], ids: list[int], vocab: Any) -> dict[str, float]:
-    """The phantom judge's plausible rate overall and per class code (``judge_plausible`` and
-    ``judge_plausible_<code>``), when it knows every class of ``vocab`` (phantom data); else {}."""
+    """The phantom judge's plausible rate (``metrics.plausibility_table``) overall and per class
+    code, as ``judge_plausible`` and ``judge_plausible_<code>``, over the classes the judge
+    knows (phantom data); {} when it knows none of them."""
     import numpy as np
 
-    from pathloop.evaluators import JudgeEvaluator
-    from pathloop.vocab import BONE_MARROW_16
+    from pathloop.metrics import plausibility_table, plausible_by_evaluator
 
-    known = {c.code for c in BONE_MARROW_16.classes}
-    if not images or any(c.code not in known for c in vocab.classes):
+    p = plausible_by_evaluator("judge", images, ids, vocab) if images else np.zeros(0)
+    if np.isnan(p).all():
         return {}
-    ok = np.array([bool(v.plausible) for v in JudgeEvaluator()(images, ids, vocab)])
-    ids_a = np.asarray(ids)
-    out = {"judge_plausible": float(ok.mean())}
-    for c in vocab.classes:
-        if (ids_a == c.id).any():
-            out[f"judge_plausible_{c.code}"] = float(ok[ids_a == c.id].mean())
-    return out
+    table = plausibility_table(p, ids, vocab)
+    per_class = {c: row["rate"] for c, row in table["per_class"].items() if row["n"]}
+    return {
+        "judge_plausible": table["overall"]["rate"],
+        **{f"judge_plausible_{c}": rate for c, rate in per_class.items()},
+    }
 
 
 class _RankZeroLog:

@@ -15,7 +15,9 @@ import torch
 from pathloop.config import load_config
 from pathloop.loops import FinetuneConfig, PretrainConfig, build_state, global_draw, train_step
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU; runs on a GPU machine (pytest -m gpu)"
+)
 TINY = ["model.block_out_channels=[16, 32]", "model.layers_per_block=1", "train.batch_size=8"]
 
 
