@@ -81,6 +81,11 @@ class OptimConfig(Frozen):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(100, ge=0, description="Linear LR warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="LR after warm-up (diffusers get_scheduler): constant, or cosine/linear "
+        "decay to 0 at train.steps (short runs end sharper).",
+    )
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay (paper: 0.9999).")
     ema_warmup: bool = Field(True, description="EMA decay ramps up so short runs are usable.")

@@ -392,6 +392,17 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- EMA
 
 
+def build_lr_schedule(opt: torch.optim.Optimizer, optim: OptimConfig, steps: int) -> Any:
+    """diffusers' LR schedule for ``optim.schedule``: linear warm-up over ``optim.warmup_steps``,
+    then constant, or cosine/linear decay to 0 at ``steps``."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if optim.schedule == "constant" else optim.schedule
+    return get_scheduler(
+        name, opt, num_warmup_steps=optim.warmup_steps, num_training_steps=max(steps, 1)
+    )
+
+
 def build_ema(unet: torch.nn.Module, optim: OptimConfig) -> EMAModel:
     """A diffusers ``EMAModel`` of ``unet``'s weights (kept on the unet's device).
 

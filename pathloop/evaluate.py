@@ -83,6 +83,9 @@ class EvaluateConfig(Frozen):
         None, description="Model to evaluate: dir, result.json, models:/ URI, or a shard set."
     )
     baselines: tuple[str, ...] = Field((), description="Baselines, as model (e.g. pretrained).")
+    baseline_labels: tuple[str, ...] = Field(
+        (), description="Names of the baselines in tables; () = baseline, or baseline1, 2, ..."
+    )
     per_class: int = Field(16, gt=0, description="Images sampled per class and model.")
     classes: list[str] | None = Field(None, description="Classes to sample; None = all.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -110,9 +113,18 @@ def model_labels(cfg: EvaluateConfig) -> dict[str, str]:
     """label → reference: ``baseline`` (or ``baseline1``, ``baseline2``, …), then ``model``."""
     if not cfg.model:
         raise ValueError("no model to evaluate: pass --model URI (or model=... in the config)")
-    one = len(cfg.baselines) == 1
-    labels = {("baseline" if one else f"baseline{i + 1}"): b for i, b in enumerate(cfg.baselines)}
-    return {**labels, "model": cfg.model}
+    names = list(cfg.baseline_labels)
+    if names and len(names) != len(cfg.baselines):
+        raise ValueError(
+            f"baseline_labels has {len(names)} names for {len(cfg.baselines)} baselines; "
+            "give one name per baseline or none"
+        )
+    if len(set(names)) != len(names) or "model" in names or "real" in names:
+        raise ValueError(f"baseline_labels {names} must be distinct and not 'model' or 'real'")
+    if not names:
+        one = len(cfg.baselines) == 1
+        names = ["baseline" if one else f"baseline{i + 1}" for i in range(len(cfg.baselines))]
+    return {**dict(zip(names, cfg.baselines, strict=True)), "model": cfg.model}
 
 
 def _is_shard_set(ref: str) -> bool:

@@ -95,6 +95,11 @@ class LoopConfig(Frozen):
     name: str = Field("loop", description="Parent MLflow run name.")
     rounds: int = Field(1, ge=1, le=20, description="Feedback rounds R.")
     data: LoopDataConfig = Field(default_factory=LoopDataConfig)
+    pretrained: str | None = Field(
+        None,
+        description="Start from this model instead of pretraining: a checkpoint dir, a training "
+        "job's result.json, or a models:/ URI in the loop's MLflow store.",
+    )
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     round: RoundConfig = Field(default_factory=RoundConfig)
     feedback: FeedbackSourceConfig = Field(default_factory=FeedbackSourceConfig)
@@ -320,10 +325,17 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
     )
     finetuned = _result(ft_wd)
     ev_wd = wd / "evaluate"
-    # One evaluation classifier for all rounds (trained in round 1), so rounds are comparable.
+    # One evaluation classifier for all rounds (trained in round 1), so rounds are comparable;
+    # later rounds also show the pretrained model, through round 1's samples of it.
     features = cfg.evaluate.features
-    if r > 1 and not features.path:
-        features = features.model_copy(update={"path": str(wd.parent / "round1/evaluate/features")})
+    baselines, names = (model,), ()
+    if r > 1:
+        first = _result(wd.parent / "round1/evaluate")
+        if not features.path:
+            features = features.model_copy(
+                update={"path": str(wd.parent / "round1/evaluate/features")}
+            )
+        baselines, names = (first["samples"]["baseline"], model), ("pretrained", f"round{r - 1}")
     steps.run(
         f"round {r}: evaluate (before vs after)",
         ev_wd / "result.json",
@@ -333,7 +345,8 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
                     "workdir": str(ev_wd),
                     "real": str(shards),
                     "model": finetuned["checkpoint"],
-                    "baselines": (model,),
+                    "baselines": baselines,
+                    "baseline_labels": names,
                     "features": features,
                     "tracking": steps.tracking(cfg.evaluate.tracking, f"round{r}-evaluate"),
                 }
@@ -341,6 +354,19 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
         ),
     )
     return {"reward": reward, "finetune": finetuned, "evaluate": _result(ev_wd)}
+
+
+def given_model(ref: str, uri: str) -> dict[str, str]:
+    """``pretrained=`` of the loop as a local checkpoint: {checkpoint, model_uri}."""
+    from pathloop import tracking
+    from pathloop.sampling import resolve_model_ref
+
+    if ref.startswith(("models:/", "runs:/")):
+        local, shown = tracking.resolve_model(ref, uri), ref
+    else:
+        local, shown = resolve_model_ref(ref)
+    console.print(f"pretraining skipped: starting from {shown}")
+    return {"checkpoint": str(Path(local).resolve()), "model_uri": shown}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -385,19 +411,23 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     shards = make_data(cfg, wd).resolve()
 
     pre_wd = wd / "pretrain"
-    steps.run(
-        "pretrain the diffusion model",
-        pre_wd / "result.json",
-        lambda: run_pretrain(
-            _training(
-                cfg.pretrain,
-                pre_wd,
-                data=cfg.pretrain.data.model_copy(update={"shards": str(shards)}),
-                tracking=steps.tracking(cfg.pretrain.tracking, "pretrain"),
-            )
-        ),
-    )
-    model = _result(pre_wd)["checkpoint"]
+    if cfg.pretrained:
+        pretrained = given_model(cfg.pretrained, uri)
+    else:
+        steps.run(
+            "pretrain the diffusion model",
+            pre_wd / "result.json",
+            lambda: run_pretrain(
+                _training(
+                    cfg.pretrain,
+                    pre_wd,
+                    data=cfg.pretrain.data.model_copy(update={"shards": str(shards)}),
+                    tracking=steps.tracking(cfg.pretrain.tracking, "pretrain"),
+                )
+            ),
+        )
+        pretrained = _result(pre_wd)
+    model = pretrained["checkpoint"]
     rounds = []
     for r in range(1, cfg.rounds + 1):
         rounds.append(run_round(steps, r, shards, model))
@@ -406,7 +436,7 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
         "workdir": str(wd),
         "tracking_uri": uri,
         "parent_run_id": parent,
-        "pretrained": _result(pre_wd),
+        "pretrained": pretrained,
         "rounds": rounds,
         "step_seconds": steps.timings,
     }

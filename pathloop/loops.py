@@ -133,7 +133,7 @@ def build_state(
     ``wrap`` applies DDP (Ray)."""
     import torch
 
-    from pathloop.diffusion import build_ema, build_scheduler, build_unet
+    from pathloop.diffusion import build_ema, build_lr_schedule, build_scheduler, build_unet
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank and in the bare loop
     raw = (init_unet if init_unet is not None else build_unet(cfg.model, num_classes)).to(device)
@@ -145,8 +145,7 @@ def build_state(
     opt = torch.optim.AdamW(
         raw.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=cuda
     )
-    warm = max(cfg.optim.warmup_steps, 1)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    lr_sched = build_lr_schedule(opt, cfg.optim, cfg.train.steps)
     model = wrap(raw) if wrap else raw
     if cfg.train.compile:
         model = torch.compile(model)

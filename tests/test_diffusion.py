@@ -222,3 +222,22 @@ def test_checkpoint_round_trip(tmp_path: Path):
     )
     assert torch.equal(loaded, original)
     assert _state_equal(D.load_checkpoint(tmp_path / "ck", ema=False).unet, unet)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_lr_schedule_warms_up_then_holds_or_decays(schedule):
+    from pathloop.config import OptimConfig
+    from pathloop.diffusion import build_lr_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_lr_schedule(opt, OptimConfig(lr=1.0, warmup_steps=10, schedule=schedule), 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1.0)  # linear warm-up
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(1.0)
+    else:
+        assert lrs[50] < 0.95 and lrs[-1] < 0.05  # decays to 0 at train.steps

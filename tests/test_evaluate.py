@@ -148,3 +148,15 @@ def test_presets_load_and_resolve():
     paper = load_config(EvaluateConfig, TINY.with_name("evaluate.paper.yaml"))
     assert _resolved(paper.tstr, CLASSIFIER_PRESETS).name == "resnext50_32x4d"
     assert _resolved(paper.features, FEATURE_PRESETS).name == "resnet50"
+
+
+def test_baseline_labels_name_the_columns():
+    from pathloop.evaluate import EvaluateConfig, model_labels
+
+    cfg = EvaluateConfig(model="m", baselines=("a", "b"))
+    assert model_labels(cfg) == {"baseline1": "a", "baseline2": "b", "model": "m"}
+    named = cfg.model_copy(update={"baseline_labels": ("pretrained", "round1")})
+    assert model_labels(named) == {"pretrained": "a", "round1": "b", "model": "m"}
+    for bad in (("pretrained",), ("x", "x"), ("real", "y"), ("model", "y")):
+        with pytest.raises(ValueError, match="baseline_labels"):
+            model_labels(cfg.model_copy(update={"baseline_labels": bad}))

@@ -120,3 +120,17 @@ def test_loop_presets_load(preset):
     if preset == "paper":
         assert cfg.pretrain.model.preset == "paper" and cfg.reward.backbone_arch == "paper"
         assert cfg.pretrain.scaling.use_gpu and cfg.round.use_gpu
+
+
+def test_a_given_pretrained_model_replaces_pretraining(tiny_ckpt, tmp_path):
+    import json
+
+    from pathloop.loop import given_model
+
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"model_uri": str(tiny_ckpt), "tracking_uri": None}))
+    for ref in (str(tiny_ckpt), str(result)):
+        got = given_model(ref, f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert Path(got["checkpoint"]) == Path(tiny_ckpt).resolve()
+    with pytest.raises(FileNotFoundError, match="neither an existing checkpoint"):
+        given_model(str(tmp_path / "missing"), f"sqlite:///{tmp_path / 'mlflow.db'}")
