@@ -22,7 +22,7 @@ ever downloaded: timm models are built with ``pretrained=False``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -749,6 +749,14 @@ def _subtype_rows(
     )
 
 
+def subtype_recall(pred: np.ndarray, truth: np.ndarray, subtypes: Sequence[str]) -> dict:
+    """{recall_<subtype>: share of ``truth == i`` rows predicted i} (NaN for an absent one)."""
+    return {
+        f"recall_{s}": float((pred[truth == i] == i).mean()) if (truth == i).any() else float("nan")
+        for i, s in enumerate(subtypes)
+    }
+
+
 def train_subtype_classifier(
     shards: str | Path,
     parent_class: str | int,
@@ -778,13 +786,16 @@ def train_subtype_classifier(
         parent.subtypes,
     )
     loss = fit_classifier(clf, to_float_images(x), torch.from_numpy(y), cfg)
-    acc = _accuracy(_batched(clf, to_float_images(tx), "cpu"), torch.from_numpy(ty))
+    logits = _batched(clf, to_float_images(tx), "cpu")  # (N_test, S)
     metrics = {
         "loss": loss,
-        "accuracy": acc,
+        "accuracy": _accuracy(logits, torch.from_numpy(ty)),
         "n_train": len(x),
         "n_test": len(tx),
         "chance": float(np.bincount(ty).max() / len(ty)) if len(ty) else float("nan"),
+        # per subtype: how often a real test image of it is called it (the ceiling for
+        # judging generated images of that subtype with this classifier)
+        **subtype_recall(logits.argmax(1).numpy(), ty, parent.subtypes),
     }
     if out is not None:
         save_backbone(

@@ -197,6 +197,12 @@ def test_subtype_classifier_beats_chance_on_m5(extra_shards, tmp_path):
     )
     assert clf.subtypes == ("band", "segmented") and m["n_test"] == 16
     assert m["accuracy"] >= max(0.75, m["chance"] + 0.1), m
+    # per-subtype recall: the share of real test images of each subtype called it
+    assert set(m) >= {"recall_band", "recall_segmented"}
+    assert R.subtype_recall(np.array([0, 1, 1]), np.array([0, 0, 1]), ("a", "b")) == {
+        "recall_a": 0.5,
+        "recall_b": 1.0,
+    }
     loaded = R.load_subtype_classifier(tmp_path / "sub")
     x = R.to_float_images(np.stack([np.zeros((32, 32, 3), np.uint8)] * 2)).requires_grad_(True)
     logp = loaded.subtype_log_prob(x)  # (2, 2)
