@@ -326,16 +326,18 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
     finetuned = _result(ft_wd)
     ev_wd = wd / "evaluate"
     # One evaluation classifier for all rounds (trained in round 1), so rounds are comparable;
-    # later rounds also show the pretrained model, through round 1's samples of it.
+    # later rounds also show the pretrained model. Earlier models enter through the samples
+    # their evaluations drew (same seeds and sampler), so nothing is sampled twice.
     features = cfg.evaluate.features
     baselines, names = (model,), ()
     if r > 1:
-        first = _result(wd.parent / "round1/evaluate")
+        first, last = (_result(wd.parent / f"round{k}/evaluate") for k in (1, r - 1))
         if not features.path:
             features = features.model_copy(
                 update={"path": str(wd.parent / "round1/evaluate/features")}
             )
-        baselines, names = (first["samples"]["baseline"], model), ("pretrained", f"round{r - 1}")
+        baselines = (first["samples"]["baseline"], last["samples"]["model"])
+        names = ("pretrained", f"round{r - 1}")
     steps.run(
         f"round {r}: evaluate (before vs after)",
         ev_wd / "result.json",
