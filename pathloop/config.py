@@ -72,7 +72,12 @@ class SamplerConfig(Frozen):
         2.0, ge=0, le=20, description="CFG scale; 1 = conditional only, 0 = null class."
     )
     seed: int = Field(0, description="Base seed; image i of a request uses seed + i.")
-    batch_size: int = Field(64, gt=0, description="Images per UNet call.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Images per UNet call (CFG doubles the rows). On 2 CPU cores 16-32 sample "
+        "about 1.5x faster per image than 128; GPUs want hundreds.",
+    )
 
 
 class OptimConfig(Frozen):
