@@ -389,7 +389,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
 
 
-# ----------------------------------------------------------------------------- EMA
+# ----------------------------------------------------------------------------- LR schedule
 
 
 def build_lr_schedule(opt: torch.optim.Optimizer, optim: OptimConfig, steps: int) -> Any:
@@ -401,6 +401,9 @@ def build_lr_schedule(opt: torch.optim.Optimizer, optim: OptimConfig, steps: int
     return get_scheduler(
         name, opt, num_warmup_steps=optim.warmup_steps, num_training_steps=max(steps, 1)
     )
+
+
+# ----------------------------------------------------------------------------- EMA
 
 
 def build_ema(unet: torch.nn.Module, optim: OptimConfig) -> EMAModel:

@@ -359,14 +359,11 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
 
 
 def given_model(ref: str, uri: str) -> dict[str, str]:
-    """``pretrained=`` of the loop as a local checkpoint: {checkpoint, model_uri}."""
-    from pathloop import tracking
+    """``pretrained=`` of the loop as a local checkpoint: {checkpoint, model_uri}; an MLflow URI
+    resolves in the loop's store ``uri``."""
     from pathloop.sampling import resolve_model_ref
 
-    if ref.startswith(("models:/", "runs:/")):
-        local, shown = tracking.resolve_model(ref, uri), ref
-    else:
-        local, shown = resolve_model_ref(ref)
+    local, shown = resolve_model_ref(ref, tracking_uri=uri)
     console.print(f"pretraining skipped: starting from {shown}")
     return {"checkpoint": str(Path(local).resolve()), "model_uri": shown}
 

@@ -53,9 +53,12 @@ class SampleConfig(Frozen):
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
-def resolve_model_ref(ref: str, tracking: TrackingConfig | None = None) -> tuple[Path, str]:
+def resolve_model_ref(
+    ref: str, tracking: TrackingConfig | None = None, tracking_uri: str | None = None
+) -> tuple[Path, str]:
     """(local checkpoint dir, URI recorded in provenance) for any model reference: a directory,
-    a training result.json, an MLflow URI, or a directory/result.json at a pyarrow.fs URI."""
+    a training result.json, an MLflow URI, or a directory/result.json at a pyarrow.fs URI.
+    MLflow URIs resolve in ``tracking_uri`` when given, else in ``tracking``'s store."""
     from pathloop import storage
     from pathloop import tracking as trk
 
@@ -66,8 +69,8 @@ def resolve_model_ref(ref: str, tracking: TrackingConfig | None = None) -> tuple
         local = Path(tempfile.mkdtemp(prefix="pathloop-model-"))  # lives as long as the process
         storage.copy_to_local(ref, local)
         return trk.resolve_model(local), ref
-    uri = None
-    if tracking is not None and "://" not in ref and ":/" in ref:
+    uri = tracking_uri
+    if uri is None and tracking is not None and "://" not in ref and ":/" in ref:
         uri = trk.resolve_uri(tracking, ".")
     return trk.resolve_model(ref, uri), ref
 

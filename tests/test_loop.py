@@ -125,12 +125,23 @@ def test_loop_presets_load(preset):
 def test_a_given_pretrained_model_replaces_pretraining(tiny_ckpt, tmp_path):
     import json
 
+    from pathloop import tracking
+    from pathloop.config import TrackingConfig
+    from pathloop.diffusion import load_checkpoint
     from pathloop.loop import given_model
 
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = tmp_path / "result.json"
     result.write_text(json.dumps({"model_uri": str(tiny_ckpt), "tracking_uri": None}))
     for ref in (str(tiny_ckpt), str(result)):
-        got = given_model(ref, f"sqlite:///{tmp_path / 'mlflow.db'}")
+        got = given_model(ref, uri)
         assert Path(got["checkpoint"]) == Path(tiny_ckpt).resolve()
+    # a models:/ URI resolves in the loop's own MLflow store
+    run_id = tracking.start_run(TrackingConfig(tracking_uri=uri), tmp_path, {}, run_name="pre")
+    registered = tracking.log_checkpoint_model(uri, run_id, tiny_ckpt, "loop-given")
+    tracking.end_run(uri, run_id)
+    got = given_model(registered, uri)
+    assert got["model_uri"] == registered
+    assert load_checkpoint(got["checkpoint"]).step == load_checkpoint(tiny_ckpt).step
     with pytest.raises(FileNotFoundError, match="neither an existing checkpoint"):
-        given_model(str(tmp_path / "missing"), f"sqlite:///{tmp_path / 'mlflow.db'}")
+        given_model(str(tmp_path / "missing"), uri)
