@@ -135,8 +135,8 @@ def bench_serve(
 ) -> list[dict]:
     """Throughput and p50/p95 latency of /v1/generate and /v1/score images/s, with peers.
 
-    Each of ``rounds`` rounds samples ``requests`` batches of ``clients`` images directly, then
-    ``2 * clients`` HTTP clients draw the same number of images through Serve."""
+    Each of ``rounds`` rounds samples ``2 * requests`` batches of ``clients`` images directly,
+    then ``2 * clients`` HTTP clients draw as many images through Serve, ``requests`` each."""
     import ray
     from ray import serve
 
@@ -145,7 +145,7 @@ def bench_serve(
 
     work = Path(work)
     ckpt = Path(checkpoint) if checkpoint else tiny_checkpoint(work / "bench_ckpt")
-    per_client = max(requests // 2, 1)  # 2 * clients clients, the same images as the peer
+    per_client = requests  # 2 * clients clients, as many images as the peer's 2 * requests batches
     no_ray = [_direct_sample(ckpt, clients, requests, steps, torch_threads)]
     started = not ray.is_initialized()
     if started:
