@@ -452,6 +452,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         ev = rnd["evaluate"]
         console.rule(f"[bold]round {r}: baseline (before) vs model (after)")
         report.print_tables(report.metric_tables(ev))
+        console.print(reward_line(rnd["reward"]))
         console.print(f"report: [bold]{ev['report']}[/]")
     last = summary["rounds"][-1]["finetune"] if summary["rounds"] else summary["pretrained"]
     uri = summary["tracking_uri"]
@@ -464,6 +465,18 @@ def print_summary(summary: dict[str, Any]) -> None:
         + (f" reward_model={reward}" if (reward := _last_reward(summary)) else "")
         + "\n"
         f"step times (s): {summary['step_seconds']}"
+    )
+
+
+def reward_line(reward: dict[str, Any]) -> str:
+    """One line on the round's reward model against the held-out feedback."""
+    held = reward.get("arithmetic", {}).get("held_out")
+    if held is None or "auc" not in reward:
+        return "reward model: no held-out feedback"
+    ci = f" [{reward['auc_lo']:.2f}, {reward['auc_hi']:.2f}]" if "auc_lo" in reward else ""
+    return (
+        f"reward model: held-out AUC {reward['auc']:.3f}{ci} on {held} judged images, "
+        f"accuracy {reward['accuracy']:.3f}, calibration error {reward['ece']:.3f}"
     )
 
 

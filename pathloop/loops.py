@@ -1302,7 +1302,8 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
         },
     )
     metrics = json.loads((ckpt / "config.json").read_text())["metrics"]
-    held_out = {k: metrics[k] for k in ("auc", "accuracy", "ece")}
+    keys = ("auc", "auc_lo", "auc_hi", "accuracy", "ece")
+    held_out = {k: metrics[k] for k in keys if k in metrics}
     return finish_run(
         cfg, uri, run_id, ckpt, {**held_out, "backbone": backbone_dir, "arithmetic": arith}
     )

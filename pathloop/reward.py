@@ -404,16 +404,37 @@ def calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
     return float(ece)
 
 
+def auc_interval(
+    p: np.ndarray, yb: np.ndarray, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Bootstrap interval of the AUC: plausible and implausible rows resampled separately (so
+    every resample has both), the AUC of each resample as P(p_pos > p_neg) + P(tie) / 2."""
+    p, yb = np.asarray(p, dtype=np.float64), np.asarray(yb, dtype=bool)
+    pos, neg = p[yb], p[~yb]
+    if not len(pos) or not len(neg):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    a = pos[rng.integers(0, len(pos), (n_boot, len(pos)))][:, :, None]  # (B, P, 1)
+    b = neg[rng.integers(0, len(neg), (n_boot, len(neg)))][:, None, :]  # (B, 1, N)
+    aucs = (a > b).mean(axis=(1, 2)) + 0.5 * (a == b).mean(axis=(1, 2))  # (B,)
+    lo, hi = np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def reward_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """AUC, accuracy at 0.5 and ECE (10 bins) of rewards p against targets y (soft allowed)."""
+    """AUC with its 95 % bootstrap interval, accuracy at 0.5 and ECE (10 bins) of rewards p
+    against targets y (soft allowed)."""
     from sklearn.metrics import roc_auc_score
 
     p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
     yb = y >= 0.5
     auc = float(roc_auc_score(yb, p)) if 0 < yb.sum() < len(yb) else float("nan")
+    auc_lo, auc_hi = auc_interval(p, yb)
     acc = float(((p >= 0.5) == yb).mean()) if len(y) else float("nan")
     return {
         "auc": auc,
+        "auc_lo": auc_lo,
+        "auc_hi": auc_hi,
         "accuracy": acc,
         "ece": calibration_error(p, y) if len(y) else float("nan"),
         "n_holdout": float(len(y)),

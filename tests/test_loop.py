@@ -75,6 +75,12 @@ def test_loop_resumes_after_a_kill_in_finetuning(tmp_path):
     assert Path(ev["report"]).is_file()
     assert set(ev["labels"]) == {"baseline", "model"}
     assert "judge" in ev["plausibility"]
+    from pathloop.loop import reward_line
+
+    rw = summary["rounds"][0]["reward"]
+    held = rw["arithmetic"]["held_out"]
+    assert held > 0 and f"on {held} judged images" in reward_line(rw)
+    assert {"auc", "auc_lo", "auc_hi"} <= set(rw)  # NaN when the held-out rows are one-sided
     # the review set at the sampler's guidance, the finetuning pool at round.pool_guidance
     from pathloop.data import iter_records
 

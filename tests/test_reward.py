@@ -150,6 +150,25 @@ def test_metrics_auc_accuracy_ece():
     assert m["auc"] == 1.0 and m["accuracy"] == 1.0 and m["ece"] == pytest.approx(0.15)
     assert R.calibration_error(np.full(10, 0.9), np.array([1.0] * 9 + [0.0])) == pytest.approx(0)
     assert np.isnan(R.reward_metrics(np.array([0.3]), np.array([1.0]))["auc"])  # one label only
+    assert (m["auc_lo"], m["auc_hi"]) == (1.0, 1.0)  # every resample separates perfectly
+
+
+def test_auc_interval_brackets_the_auc_and_narrows_with_data():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 4 == 0  # a quarter plausible
+        return rng.normal(y * 1.0, 1.0), y  # overlapping scores: AUC ~0.76
+
+    p, y = draw(80)
+    lo, hi = R.auc_interval(p, y)
+    assert lo < roc_auc_score(y, p) < hi and hi - lo > 0.1
+    p4, y4 = draw(1280)
+    lo4, hi4 = R.auc_interval(p4, y4)
+    assert hi4 - lo4 < (hi - lo) / 2  # 16x the rows: about a quarter of the width
+    assert np.isnan(R.auc_interval(np.array([0.2, 0.4]), np.array([True, True]))[0])
 
 
 # ----------------------------------------------------------------------------- learning
