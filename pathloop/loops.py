@@ -682,9 +682,13 @@ class FinetuneConfig(Frozen):
     real: str | None = Field(None, description="Real shard set for the beta_r term.")
     real_split: str | None = Field("train", description="Split of the real shards.")
     beta_r: float = Field(1.0, ge=0, description="Weight of the plain loss on real images.")
-    reward_mode: Literal["raw", "threshold", "class_norm"] = Field(
+    reward_mode: Literal["raw", "threshold", "class_norm", "none"] = Field(
         "raw",
-        description=("raw r; threshold: 1[r >= reward_threshold]; class_norm: r / mean_class(r)."),
+        description=(
+            "raw r; threshold: 1[r >= reward_threshold]; class_norm: r / mean_class(r); "
+            "none: weights 0, the control arm (only the beta_r real term trains, so what the "
+            "feedback adds is the difference to a run with it)."
+        ),
     )
     reward_threshold: float = Field(0.5, ge=0, le=1, description="For reward_mode=threshold.")
     dpo_beta: float = Field(
@@ -710,6 +714,8 @@ def shape_rewards(r: Any, class_ids: Any, mode: str, threshold: float) -> Any:
     import numpy as np
 
     r = np.asarray(r, dtype=np.float64)
+    if mode == "none":  # the no-feedback control: the synthetic term weighs nothing
+        return np.zeros_like(r)
     if mode == "threshold":
         return (r >= threshold).astype(np.float64)
     if mode == "class_norm":  # every class keeps the same total weight, whatever its reward level
@@ -953,6 +959,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             "method=reward needs reward_model=<path or MLflow URI> (Eq. 3 weights "
             "each synthetic image by its reward); or use method=dpo with a "
             "feedback export"
+        )
+    if cfg.method == "reward" and cfg.reward_mode == "none" and (cfg.beta_r == 0 or not cfg.real):
+        raise ValueError(
+            "reward_mode=none weighs the synthetic images 0, so only the beta_r term on real "
+            "images trains: set beta_r > 0 and real=<shard set>, or pick another reward_mode"
         )
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)

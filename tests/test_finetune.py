@@ -16,6 +16,7 @@ def test_shape_rewards_modes():
     assert np.allclose(shape_rewards(r, c, "threshold", 0.5), [0, 1, 1, 0])
     # class_norm: each class's weights average to 1
     assert np.allclose(shape_rewards(r, c, "class_norm", 0.5), [0.5, 1.5, 1.5, 0.5])
+    assert np.array_equal(shape_rewards(r, c, "none", 0.5), [0, 0, 0, 0])  # the control arm
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,10 @@ def test_real_term_trains_the_null_class_when_labels_drop(p_uncond):
         assert null_grad > 0 and real_grad == 0  # every real label dropped to the null class
     else:
         assert null_grad == 0 and real_grad > 0
+
+
+def test_the_control_arm_needs_the_real_term(tmp_path):
+    """reward_mode=none trains on real images only; without them it would train nothing."""
+    cfg = FinetuneConfig(workdir=str(tmp_path), reward_model="r", reward_mode="none", beta_r=0.0)
+    with pytest.raises(ValueError, match="beta_r > 0 and real="):
+        run_finetune(cfg)
