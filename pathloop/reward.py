@@ -408,15 +408,19 @@ def auc_interval(
     p: np.ndarray, yb: np.ndarray, level: float = 0.95, n_boot: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
     """Bootstrap interval of the AUC: plausible and implausible rows resampled separately (so
-    every resample has both), the AUC of each resample as P(p_pos > p_neg) + P(tie) / 2."""
+    every resample has both); each resample's AUC from its ranks (Mann-Whitney, ties halved)."""
+    from scipy.stats import rankdata
+
     p, yb = np.asarray(p, dtype=np.float64), np.asarray(yb, dtype=bool)
     pos, neg = p[yb], p[~yb]
     if not len(pos) or not len(neg):
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    a = pos[rng.integers(0, len(pos), (n_boot, len(pos)))][:, :, None]  # (B, P, 1)
-    b = neg[rng.integers(0, len(neg), (n_boot, len(neg)))][:, None, :]  # (B, 1, N)
-    aucs = (a > b).mean(axis=(1, 2)) + 0.5 * (a == b).mean(axis=(1, 2))  # (B,)
+    a = pos[rng.integers(0, len(pos), (n_boot, len(pos)))]  # (B, P)
+    b = neg[rng.integers(0, len(neg), (n_boot, len(neg)))]  # (B, N)
+    ranks = rankdata(np.concatenate([a, b], axis=1), axis=1)[:, : len(pos)]  # (B, P)
+    n_pos, n_neg = len(pos), len(neg)
+    aucs = (ranks.sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)  # (B,)
     lo, hi = np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 

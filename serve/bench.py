@@ -11,9 +11,9 @@ Throughput is measured in ``rounds`` alternating pairs: the direct peer samples 
 and idle, then the saturated Serve phase runs; both sides are pooled over the rounds. On the
 2-core VM the machine's speed drifts by ~15 % from one minute to the next, so phases run one
 after the other in separate minutes are not comparable; alternating them is. The direct peer is
-also timed with no Ray running at all (before Ray starts and after it stops, pooled): that figure
-is reported beside it, since an idle Ray cluster with Serve (~2,000 wake-ups/s across a dozen
-processes) slows sample() on the other core by ~15 % on this machine.
+also timed with no Ray running at all (before Ray starts and after it stops, pooled) and reported
+beside it: an idle Ray cluster with Serve (~0.16 of a core, ~2,000 wake-ups/s across a dozen
+processes) is part of what serving costs, and in some runs it slows sample() itself.
 
 Saturation: ``2 * clients`` one-image clients keep a full batch queued while the replica samples
 the current one, as a loaded server runs (batch size stays ``clients``; the batches formed are
@@ -145,7 +145,6 @@ def bench_serve(
 
     work = Path(work)
     ckpt = Path(checkpoint) if checkpoint else tiny_checkpoint(work / "bench_ckpt")
-    per_client = requests  # 2 * clients clients, as many images as the peer's 2 * requests batches
     no_ray = [_direct_sample(ckpt, clients, requests, steps, torch_threads)]
     started = not ray.is_initialized()
     if started:
@@ -180,11 +179,11 @@ def bench_serve(
         _, lat = run_clients(clients, requests, "/v1/generate", gen)  # latency: closed loop
         handle = serve.get_deployment_handle("Generator", args.app_name)
         for _ in range(rounds):
-            rate, batch_lat = _direct_sample(ckpt, clients, 2 * per_client, steps, torch_threads)
-            direct_s += 2 * clients * per_client / rate
+            rate, batch_lat = _direct_sample(ckpt, clients, 2 * requests, steps, torch_threads)
+            direct_s += 2 * clients * requests / rate
             direct_lat += batch_lat
             before = len(handle.stats.remote().result())
-            wall, _ = run_clients(2 * clients, per_client, "/v1/generate", gen)  # saturated
+            wall, _ = run_clients(2 * clients, requests, "/v1/generate", gen)  # saturated
             serve_s += wall
             calls = handle.stats.remote().result()[before:]
             formed += [c["images"] for c in calls]
@@ -200,7 +199,7 @@ def bench_serve(
         if started:
             ray.shutdown()
     no_ray.append(_direct_sample(ckpt, clients, requests, steps, torch_threads))
-    images = 2 * clients * per_client * rounds
+    images = 2 * clients * requests * rounds
     gen_rate, direct_rate = images / serve_s, images / direct_s
     no_ray_rate = 2 / sum(1 / r for r, _ in no_ray)  # images over the time of both runs
     judge_rate = _direct_judge([one.content] * clients, score_requests)

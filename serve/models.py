@@ -135,9 +135,8 @@ class GeneratorCore:
         )  # (N, C, H, W)
         seconds = round(time.perf_counter() - start, 4)
         cpu_s = round(time.thread_time() - cpu, 4)  # this thread's CPU time: < s when it waits
-        self.calls.append(
-            {"requests": len(jobs), "images": len(ids), "steps": steps, "s": seconds, "cpu_s": cpu_s}
-        )
+        call = {"requests": len(jobs), "images": len(ids), "steps": steps}
+        self.calls.append({**call, "s": seconds, "cpu_s": cpu_s})
         return [encode_png(im) for im in to_uint8(x)]  # (H, W, 3) each
 
 
