@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -327,8 +328,10 @@ def _maybe_restore(st: StepState, checkpoint) -> int:
             st.ema.load_state_dict(ck.ema.state_dict())
         if ck.optimizer_state is not None:
             st.opt.load_state_dict(ck.optimizer_state)
-        for _ in range(ck.step):  # keep the warm-up position
-            st.lr_sched.step()
+        with warnings.catch_warnings():  # stepping before any optimizer.step() is intended here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for _ in range(ck.step):  # keep the warm-up position
+                st.lr_sched.step()
         return ck.step
 
 
@@ -570,9 +573,15 @@ def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) ->
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env=TRAIN_WORKER_ENV,
         ),
     )
     return local_checkpoint(trainer.fit().checkpoint, cfg.workdir)
+
+
+# Train V2 routes a worker's print() through its logger and, where sys.stdout is wrapped (it is
+# in a Ray worker), also prints it: every progress line reached the driver twice.
+TRAIN_WORKER_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
 
 
 def finish_run(cfg: Any, uri: str, run_id: str, ckpt_dir: Path, extra: dict) -> dict[str, Any]:
