@@ -85,6 +85,9 @@ def phantoms(
     test_per_class: int | None = typer.Option(None, help="Test images per class (default N/4)."),
     size: int = typer.Option(32, help="Image side in px: 32 (CPU) or 64 (paper)."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
+    label_noise: float = typer.Option(
+        0.0, help="Fraction of training labels redrawn as another class (annotation errors)."
+    ),
 ) -> None:
     """Render procedural bone-marrow phantom cells (16 classes) into a shard set."""
     from pathloop.phantoms import write_phantoms
@@ -92,7 +95,16 @@ def phantoms(
     if size not in (32, 64):
         _fail(f"--size must be 32 or 64, got {size}")
     n_test = per_class // 4 if test_per_class is None else test_per_class
-    manifest = write_phantoms(out, per_class=per_class, test_per_class=n_test, size=size, seed=seed)
+    if not 0 <= label_noise < 1:
+        _fail(f"--label-noise must be a fraction in [0, 1), got {label_noise}")
+    manifest = write_phantoms(
+        out,
+        per_class=per_class,
+        test_per_class=n_test,
+        size=size,
+        seed=seed,
+        label_noise=label_noise,
+    )
     console.print(f"wrote {manifest['num_records']} phantom cells to {out}")
 
 

@@ -39,6 +39,15 @@ class LoopDataConfig(Frozen):
     test_per_class: int = Field(24, ge=0, description="phantoms: test images per class.")
     size: int = Field(32, gt=0, description="Image side in px (phantoms and folder ingest).")
     seed: int = Field(0, description="phantoms: generator seed.")
+    label_noise: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "phantoms: fraction of training labels redrawn as another class (annotation "
+            "errors that the real-image term keeps teaching; test labels stay clean)."
+        ),
+    )
 
 
 class RoundConfig(Frozen):
@@ -159,6 +168,11 @@ def _result(workdir: Path) -> dict:
 def make_data(cfg: LoopConfig, wd: Path) -> Path:
     """Phantoms, an ingested image folder, or a ready shard set; returns the shard directory."""
     d = cfg.data
+    if d.label_noise and d.source != "phantoms":
+        raise ValueError(
+            f"data.label_noise applies to generated phantoms, not data.source={d.source}; "
+            "set data.source=phantoms or data.label_noise=0"
+        )
     if d.source == "shards":
         if not d.path:
             raise ValueError("data.source=shards needs data.path=<shard set>")
@@ -170,7 +184,12 @@ def make_data(cfg: LoopConfig, wd: Path) -> Path:
         from pathloop.phantoms import write_phantoms
 
         write_phantoms(
-            out, per_class=d.per_class, test_per_class=d.test_per_class, size=d.size, seed=d.seed
+            out,
+            per_class=d.per_class,
+            test_per_class=d.test_per_class,
+            size=d.size,
+            seed=d.seed,
+            label_noise=d.label_noise,
         )
         return out
     if not d.path:

@@ -1203,18 +1203,37 @@ if __name__ == "__main__":
 
 
 def write_phantoms(
-    out: str | Path, per_class: int, test_per_class: int = 0, size: int = 32, seed: int = 0
+    out: str | Path,
+    per_class: int,
+    test_per_class: int = 0,
+    size: int = 32,
+    seed: int = 0,
+    label_noise: float = 0.0,
 ) -> dict:
-    """Render phantoms into a shard set (train, then test from a disjoint seed); the manifest."""
+    """Render phantoms into a shard set (train, then test from a disjoint seed); the manifest.
+
+    ``label_noise`` redraws that fraction of the *training* labels as a different class, as
+    annotation errors in a real data set would (test labels stay clean). The images are those
+    of ``label_noise=0``; which labels change depends only on ``seed``.
+    """
     from rich.progress import track
 
     from pathloop.data import ShardWriter
 
+    if not 0 <= label_noise < 1:
+        raise ValueError(f"label_noise is a fraction in [0, 1), got {label_noise}")
     total = 16 * (per_class + test_per_class)
-    with ShardWriter(out, BONE_MARROW_16, source_note=f"phantoms seed={seed} size={size}") as w:
+    note = f"phantoms seed={seed} size={size}" + (
+        f" label_noise={label_noise}" if label_noise else ""
+    )
+    flip = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1_000_003,)))
+    with ShardWriter(out, BONE_MARROW_16, source_note=note) as w:
         parts = [("train", per_class, seed), ("test", test_per_class, seed + 7919)]
         stream = ((split, item) for split, n, s in parts if n for item in generate(n, size, s))
         for split, (img, cid, subtype) in track(stream, total=total, description="phantoms"):
+            if split == "train" and label_noise and flip.random() < label_noise:
+                cid = int(shuffle_classes([cid], int(flip.integers(2**31)))[0])
+                subtype = None  # the new class's sub-types do not apply to this cell
             w.add(img, cid, split=split, source="phantom", subtype=subtype)
     return w.manifest
 

@@ -151,3 +151,15 @@ def test_a_given_pretrained_model_replaces_pretraining(tiny_ckpt, tmp_path):
     assert load_checkpoint(got["checkpoint"]).step == load_checkpoint(tiny_ckpt).step
     with pytest.raises(FileNotFoundError, match="neither an existing checkpoint"):
         given_model(str(tmp_path / "missing"), uri)
+
+
+def test_label_noise_is_refused_for_data_that_is_not_generated(tmp_path):
+    from pathloop.loop import make_data
+
+    cfg = load_config(
+        LoopConfig,
+        ROOT / "jobs/configs/loop.tiny.yaml",
+        ["data.source=shards", f"data.path={tmp_path}", "data.label_noise=0.2"],
+    )
+    with pytest.raises(ValueError, match="set data.source=phantoms or data.label_noise=0"):
+        make_data(cfg, tmp_path)

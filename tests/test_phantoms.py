@@ -164,3 +164,22 @@ def test_shuffle_classes_always_changes_the_class() -> None:
     counts = np.bincount(wrong[ids == 0], minlength=K)[1:]  # class 0 maps uniformly to 1..15
     assert counts.min() > 0 and counts.max() < 3 * counts.mean()
     assert np.array_equal(wrong, P.shuffle_classes(ids, seed=0, num_classes=K))
+
+
+def test_label_noise_redraws_only_training_labels(tmp_path) -> None:
+    from pathloop.data import load_image_table
+
+    def table(name: str, noise: float) -> tuple:
+        P.write_phantoms(tmp_path / name, per_class=12, test_per_class=3, seed=5, label_noise=noise)
+        images, ids, cols = load_image_table(tmp_path / name)
+        order = np.argsort(cols["id"])  # rows by image id: the same pixels line up
+        return images[order], ids[order], cols["split"][order]
+
+    clean_img, clean_ids, split = table("clean", 0.0)
+    noisy_img, noisy_ids, noisy_split = table("noisy", 0.4)
+    assert np.array_equal(clean_img, noisy_img) and np.array_equal(split, noisy_split)
+    changed = clean_ids != noisy_ids
+    assert not changed[split == "test"].any()  # test labels stay clean
+    assert 0.25 < changed[split == "train"].mean() < 0.55  # 0.4 of 192 training labels
+    with pytest.raises(ValueError, match="label_noise is a fraction"):
+        P.write_phantoms(tmp_path / "bad", per_class=1, label_noise=1.0)
