@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -400,6 +401,16 @@ def judge_rates(images: list[Any], ids: list[int], vocab: Any) -> dict[str, floa
     }
 
 
+def say(line: str) -> None:
+    """One progress line from a Train worker to the driver's console, once.
+
+    Train V2 patches ``print`` to log the line and, as a Ray worker's ``sys.stdout`` is wrapped,
+    also to print it, so the driver showed every line twice. The process's own stdout is what
+    Ray forwards, and writing there passes the line once, with no runtime env for the workers.
+    """
+    print(line, file=sys.__stdout__, flush=True)
+
+
 class _RankZeroLog:
     """Metrics and preview grids to MLflow and stdout, from rank 0 only."""
 
@@ -409,10 +420,9 @@ class _RankZeroLog:
     def metrics(self, m: dict, step: int) -> None:
         from pathloop import tracking
 
-        print(
+        say(
             f"[{self.cfg.name}] step {step}/{self.cfg.train.steps} loss {m['loss']:.4f} "
-            f"{m['images_per_s']:.1f} img/s data-wait {m['data_wait_frac']:.1%}",
-            flush=True,
+            f"{m['images_per_s']:.1f} img/s data-wait {m['data_wait_frac']:.1%}"
         )
         if self.info:
             tracking.log_metrics(
@@ -436,10 +446,9 @@ class _RankZeroLog:
         samples_grid(images, self.vocab, per_class).save(out)
         rates = judge_rates(images, ids, self.vocab)
         if rates:
-            print(
+            say(
                 f"[{self.cfg.name}] step {step}: the phantom judge passes "
-                f"{rates['judge_plausible']:.2f} of {len(images)} preview samples",
-                flush=True,
+                f"{rates['judge_plausible']:.2f} of {len(images)} preview samples"
             )
         if self.info:
             tracking.log_artifact(self.info["uri"], self.info["run_id"], out, "samples")
@@ -573,15 +582,9 @@ def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) ->
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            worker_runtime_env=TRAIN_WORKER_ENV,
         ),
     )
     return local_checkpoint(trainer.fit().checkpoint, cfg.workdir)
-
-
-# Train V2 routes a worker's print() through its logger and, where sys.stdout is wrapped (it is
-# in a Ray worker), also prints it: every progress line reached the driver twice.
-TRAIN_WORKER_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
 
 
 def finish_run(cfg: Any, uri: str, run_id: str, ckpt_dir: Path, extra: dict) -> dict[str, Any]:
@@ -1203,7 +1206,7 @@ def _report_reward(
         metrics.update(fitter.evaluate())  # held-out AUC, accuracy at 0.5, ECE
     if rank == 0:
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
-        print(f"[{cfg.name}] step {step}/{cfg.steps} {shown}", flush=True)
+        say(f"[{cfg.name}] step {step}/{cfg.steps} {shown}")
     if mlflow_info:
         tracking.log_metrics(
             mlflow_info["uri"],

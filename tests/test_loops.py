@@ -191,3 +191,15 @@ def test_training_batches_mix_classes_only_when_shuffled(ray_session, phantom_sh
         assert min(seen) >= 5, seen  # 16 draws from 16 classes
     else:
         assert max(seen) <= 2, seen
+
+
+def test_worker_progress_lines_bypass_the_wrapped_sys_stdout(capsys, monkeypatch):
+    import io
+
+    from pathloop.loops import say
+
+    real = io.StringIO()
+    monkeypatch.setattr("sys.__stdout__", real)  # the process's own stdout, which Ray forwards
+    say("[pretrain] step 1/2 loss 0.5")
+    assert real.getvalue() == "[pretrain] step 1/2 loss 0.5\n"
+    assert capsys.readouterr().out == ""  # not through sys.stdout, which Train V2 echoes
