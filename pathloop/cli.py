@@ -95,16 +95,12 @@ def phantoms(
     if size not in (32, 64):
         _fail(f"--size must be 32 or 64, got {size}")
     n_test = per_class // 4 if test_per_class is None else test_per_class
-    if not 0 <= label_noise < 1:
-        _fail(f"--label-noise must be a fraction in [0, 1), got {label_noise}")
-    manifest = write_phantoms(
-        out,
-        per_class=per_class,
-        test_per_class=n_test,
-        size=size,
-        seed=seed,
-        label_noise=label_noise,
-    )
+    try:
+        manifest = write_phantoms(
+            out, per_class, test_per_class=n_test, size=size, seed=seed, label_noise=label_noise
+        )
+    except ValueError as e:  # e.g. --label-noise out of range, checked before anything is written
+        _fail(str(e))
     console.print(f"wrote {manifest['num_records']} phantom cells to {out}")
 
 
