@@ -6,13 +6,15 @@
 
 Generator requests are merged with ``@serve.batch``: requests waiting together (up to
 ``max_batch_size`` images, ``batch_wait_timeout_s``) that share sampler/steps/guidance go into one
-``sample()`` call whatever their classes and seeds. Models load when a replica starts.
+``sample()`` call whatever their classes and seeds; batches Serve forms while the model is busy
+wait together and are joined into one call (``MergingRunner``). Models load when a replica starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,63 @@ def _images_in(jobs: list[dict]) -> int:
 # ----------------------------------------------------------------------------- deployments
 
 
+# Batches Serve may hand a Generator or Scorer at once (see MergingRunner); their
+# max_ongoing_requests are their batch size times this, so that many batches can wait there.
+CONCURRENT_BATCHES = 4
+
+
+class MergingRunner:
+    """One thread runs ``fn(items)``; batches that wait for it together go in as one call.
+
+    ``@serve.batch`` forms the next batch as soon as its first request arrives (within
+    ``batch_wait_timeout_s``), even while the model is still busy with the current one. Under
+    steady load the requests answered by one call come back over more than that window, so a
+    busy Generator would split each wave into small batches and run them one after another.
+    Serve hands formed batches over concurrently (``max_concurrent_batches``); here they queue,
+    and when the thread is free it takes every waiting batch that fits in ``max_size`` (counted
+    by ``size``: images for the Generator, items for the Scorer) and runs them together. An idle
+    runner starts a batch as soon as Serve forms it.
+    """
+
+    def __init__(self, fn: Any, max_size: int, name: str, size: Any = len) -> None:
+        # One long-lived thread runs the model: torch's OpenMP pool belongs to the thread that
+        # made it, and a new thread per call (asyncio.to_thread) multiplies spinning pools.
+        self.fn, self.max_size, self.size = fn, max_size, size
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.waiting: deque[tuple[list, asyncio.Future]] = deque()
+        self.busy = False
+
+    async def run(self, items: list) -> list:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((items, future))
+        if not self.busy:
+            self._start()
+        return await future
+
+    def _start(self) -> None:
+        taken = [self.waiting.popleft()]
+        size = self.size(taken[0][0])
+        while self.waiting and size + self.size(self.waiting[0][0]) <= self.max_size:
+            size += self.size(self.waiting[0][0])
+            taken.append(self.waiting.popleft())
+        merged = [item for items, _ in taken for item in items]
+        self.busy = True
+        done = asyncio.get_running_loop().run_in_executor(self.pool, self.fn, merged)
+        done.add_done_callback(lambda f: self._finish(f, taken))
+
+    def _finish(self, done: asyncio.Future, taken: list) -> None:
+        self.busy = False
+        err = done.exception()
+        results = None if err else list(done.result())
+        for items, future in taken:
+            part, results = (None, None) if err else (results[: len(items)], results[len(items) :])
+            if future.done():  # its requests were cancelled (timeout): nobody waits
+                continue
+            future.set_exception(err) if err else future.set_result(part)
+        if self.waiting:
+            self._start()
+
+
 @serve.deployment(name="Generator")
 class Generator:
     """One loaded diffusion model; merges concurrent requests into batched sample() calls."""
@@ -44,9 +103,7 @@ class Generator:
 
         cfg = ServeArgs.model_validate(args)
         self.core = GeneratorCore(cfg)
-        # One long-lived thread runs the UNet: torch's OpenMP pool belongs to the thread that
-        # made it, and a new thread per call (asyncio.to_thread) multiplies spinning pools.
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="generator")
+        self.runner = MergingRunner(self.core.run, cfg.max_batch_size, "generator", _images_in)
         self.generate.set_max_batch_size(cfg.max_batch_size)
         self.generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -59,10 +116,15 @@ class Generator:
     def ready(self) -> bool:
         return True
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
+    @serve.batch(
+        max_batch_size=16,
+        batch_wait_timeout_s=0.02,
+        max_concurrent_batches=CONCURRENT_BATCHES,
+        batch_size_fn=_images_in,
+    )
     async def generate(self, jobs: list[dict]) -> list[list[bytes]]:
         # Off the event loop, so this replica keeps answering health checks while sampling.
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.core.run, jobs)
+        return await self.runner.run(jobs)
 
 
 @serve.deployment(name="Scorer")
@@ -74,15 +136,17 @@ class Scorer:
 
         cfg = ServeArgs.model_validate(args)
         self.core = ScorerCore(cfg)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="scorer")
+        self.runner = MergingRunner(self.core.run, cfg.score_batch_size, "scorer")
         self.score.set_max_batch_size(cfg.score_batch_size)
 
     def ready(self) -> bool:
         return True
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    @serve.batch(
+        max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=CONCURRENT_BATCHES
+    )
     async def score(self, items: list[tuple[np.ndarray, int, str]]) -> list[dict]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.core.run, items)
+        return await self.runner.run(items)
 
 
 class ServeBackend:
@@ -162,13 +226,13 @@ def build_app(args: ServeArgs) -> serve.Application:
         generator = Generator.options(
             num_replicas=args.replicas,
             health_check_period_s=args.health_check_period_s,
-            max_ongoing_requests=max(2 * args.max_batch_size, 8),
+            max_ongoing_requests=max(CONCURRENT_BATCHES * args.max_batch_size, 8),
             ray_actor_options={"num_cpus": args.generator_cpus, "num_gpus": args.num_gpus},
         ).bind(d)
     if args.reward_model or args.judge:
         scorer = Scorer.options(
             health_check_period_s=args.health_check_period_s,
-            max_ongoing_requests=max(2 * args.score_batch_size, 8),
+            max_ongoing_requests=max(CONCURRENT_BATCHES * args.score_batch_size, 8),
             ray_actor_options={"num_cpus": args.scorer_cpus},
         ).bind(d)
     return Ingress.options(

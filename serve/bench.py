@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import socket
 import statistics
 import threading
@@ -165,6 +166,7 @@ def bench_serve(
     direct_lat: list[float] = []
     formed: list[int] = []
     in_replica: list[float] = []
+    gaps: list[float] = []  # idle time of the replica between two sample() calls under load
     try:
         serve.run(build_app(args), name=args.app_name, route_prefix="/")
         load = ray.remote(num_cpus=0)(_clients)
@@ -188,6 +190,7 @@ def bench_serve(
             calls = handle.stats.remote().result()[before:]
             formed += [c["images"] for c in calls]
             in_replica += [c["s"] for c in calls]
+            gaps += [b["at"] - a["at"] - a["s"] for a, b in itertools.pairwise(calls)]
         import httpx
 
         one = httpx.post(f"{url}/v1/generate", json={**gen(0, 0), "format": "png"}, timeout=60)
@@ -218,7 +221,8 @@ def bench_serve(
             "note": f"{rounds} rounds of {images // rounds} images each way; batches formed: "
             f"mean {np.mean(formed):.2f} images (max_batch_size {clients}) over {len(formed)} "
             f"sample() calls of median {statistics.median(in_replica) * 1e3:.0f} ms in the "
-            f"replica (direct: {batch_ms:.0f} ms)",
+            f"replica (direct: {batch_ms:.0f} ms), {statistics.median(gaps) * 1e3:.0f} ms "
+            f"median between calls",
         },
         {
             "name": f"serve /v1/generate throughput against no Ray running ({sat})",

@@ -119,7 +119,7 @@ class GeneratorCore:
         from pathloop.data import encode_png
         from pathloop.diffusion import sample, to_uint8
 
-        start, cpu = time.perf_counter(), time.thread_time()
+        at, start, cpu = time.time(), time.perf_counter(), time.thread_time()
         ids = [int(j["class_id"]) for j in jobs for _ in range(j["n"])]
         seeds = [int(j["seed"]) + k for j in jobs for k in range(j["n"])]
         x = sample(
@@ -136,7 +136,7 @@ class GeneratorCore:
         seconds = round(time.perf_counter() - start, 4)
         cpu_s = round(time.thread_time() - cpu, 4)  # this thread's CPU time: < s when it waits
         call = {"requests": len(jobs), "images": len(ids), "steps": steps}
-        self.calls.append({**call, "s": seconds, "cpu_s": cpu_s})
+        self.calls.append({**call, "at": at, "s": seconds, "cpu_s": cpu_s})
         return [encode_png(im) for im in to_uint8(x)]  # (H, W, 3) each
 
 

@@ -483,3 +483,58 @@ def test_timeout_is_504_without_serve():
     r = TestClient(app).post("/v1/generate", json={"class_name": "M5"})
     assert r.status_code == 504 and "did not answer within 0.2 s" in r.json()["detail"]
     assert Stuck.cancelled
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _merging_run(fn, batches: list[list[dict]], max_size: int) -> list:
+    """Submit batch 0, then the others while fn still runs batch 0; gather every result."""
+    import asyncio
+
+    from serve.app import MergingRunner, _images_in
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_first(jobs: list[dict]) -> list:
+        if not started.is_set():
+            started.set()
+            release.wait(30)
+        return fn(jobs)
+
+    async def main() -> list:
+        runner = MergingRunner(slow_first, max_size, "test", _images_in)
+        first = asyncio.ensure_future(runner.run(batches[0]))
+        await asyncio.to_thread(started.wait, 30)  # the thread is busy with batch 0
+        rest = [asyncio.ensure_future(runner.run(b)) for b in batches[1:]]
+        await asyncio.sleep(0)  # every other batch is waiting now
+        release.set()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_merging_runner_joins_batches_that_wait_together():
+    calls: list[list[int]] = []
+
+    def fn(jobs: list[dict]) -> list[str]:
+        calls.append([j["id"] for j in jobs])
+        return [f"out{j['id']}" for j in jobs]
+
+    batches = [[{"id": 0, "n": 3}], [{"id": 1, "n": 1}, {"id": 2, "n": 2}], [{"id": 3, "n": 1}]]
+    batches.append([{"id": 4, "n": 3}])  # does not fit with 1-3 in 4 images: a call of its own
+    out = _merging_run(fn, batches, max_size=4)
+    assert calls == [[0], [1, 2, 3], [4]]
+    assert out == [["out0"], ["out1", "out2"], ["out3"], ["out4"]]
+
+
+def test_merging_runner_gives_each_batch_its_error():
+    def fn(jobs: list[dict]) -> list:
+        if any(j["id"] == 2 for j in jobs):
+            raise ValueError("bad job 2")
+        return [j["id"] for j in jobs]
+
+    batches = [[{"id": 0, "n": 1}], [{"id": 1, "n": 1}], [{"id": 2, "n": 1}]]
+    out = _merging_run(fn, batches, max_size=4)
+    assert out[0] == [0]
+    assert [str(e) for e in out[1:]] == ["bad job 2", "bad job 2"]  # 1 and 2 ran together
