@@ -222,18 +222,21 @@ def build_app(args: ServeArgs) -> serve.Application:
     """The Serve application for ``args``: Ingress over Generator (if model) and Scorer."""
     d = args.to_dict()
     generator = scorer = None
+    models = {"logging_config": {"enable_access_log": args.model_access_log}}
     if args.model:
         generator = Generator.options(
             num_replicas=args.replicas,
             health_check_period_s=args.health_check_period_s,
             max_ongoing_requests=max(CONCURRENT_BATCHES * args.max_batch_size, 8),
             ray_actor_options={"num_cpus": args.generator_cpus, "num_gpus": args.num_gpus},
+            **models,
         ).bind(d)
     if args.reward_model or args.judge:
         scorer = Scorer.options(
             health_check_period_s=args.health_check_period_s,
             max_ongoing_requests=max(CONCURRENT_BATCHES * args.score_batch_size, 8),
             ray_actor_options={"num_cpus": args.scorer_cpus},
+            **models,
         ).bind(d)
     return Ingress.options(
         max_ongoing_requests=256,

@@ -92,6 +92,12 @@ class ServeArgs(Frozen):
     health_check_period_s: float = Field(
         10.0, gt=0, description="How often Serve checks each replica; a dead one is replaced."
     )
+    model_access_log: bool = Field(
+        False,
+        description="Serve's access log in the Generator and Scorer replicas too. The ingress "
+        "logs every request either way; off, since on 2 cores these lines cost ~10 % of "
+        "/v1/generate throughput.",
+    )
 
     # --- review
     feedback_url: str | None = Field(

@@ -538,3 +538,17 @@ def test_merging_runner_gives_each_batch_its_error():
     out = _merging_run(fn, batches, max_size=4)
     assert out[0] == [0]
     assert [str(e) for e in out[1:]] == ["bad job 2", "bad job 2"]  # 1 and 2 ran together
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_model_replicas_access_log_follows_args(tmp_path, on):
+    """The ingress logs every request; the Generator and Scorer only when model_access_log."""
+    from serve.app import build_app
+    from serve.args import ServeArgs
+
+    app = build_app(ServeArgs(model=str(tmp_path), judge=True, model_access_log=on))
+    ingress = app._bound_deployment
+    assert (ingress.logging_config or {}).get("enable_access_log", True)
+    models = [a._bound_deployment for a in ingress.init_args[1:]]
+    assert [m.name for m in models] == ["Generator", "Scorer"]
+    assert [m.logging_config["enable_access_log"] for m in models] == [on, on]
