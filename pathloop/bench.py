@@ -251,6 +251,13 @@ def bench_http(work: Path) -> list[Figure]:
     return figs
 
 
+def _stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -316,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"[bench] {name} ...", flush=True)
             figs += fn()
+            _stop_ray()  # each benchmark starts from no Ray: a cluster left over from the last
+            # (its workers, its log streaming to this process) would be timed with the next
             write_report(figs, args.out, args.json)  # partial results survive a failure
     print(args.out.read_text())
 

@@ -95,7 +95,9 @@ def _direct_sample(ckpt: Path, clients: int, requests: int, steps: int, threads:
     import torch
 
     from pathloop.diffusion import load_checkpoint, sample
+    from serve.models import keep_freed_memory
 
+    keep_freed_memory()  # as in the replica, so both sides reuse freed memory alike
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -166,6 +168,7 @@ def bench_serve(
     direct_lat: list[float] = []
     formed: list[int] = []
     in_replica: list[float] = []
+    faults: list[int] = []
     gaps: list[float] = []  # idle time of the replica between two sample() calls under load
     try:
         serve.run(build_app(args), name=args.app_name, route_prefix="/")
@@ -190,6 +193,7 @@ def bench_serve(
             calls = handle.stats.remote().result()[before:]
             formed += [c["images"] for c in calls]
             in_replica += [c["s"] for c in calls]
+            faults += [c["page_faults"] for c in calls]
             gaps += [b["at"] - a["at"] - a["s"] for a, b in itertools.pairwise(calls)]
         import httpx
 
@@ -222,7 +226,7 @@ def bench_serve(
             f"mean {np.mean(formed):.2f} images (max_batch_size {clients}) over {len(formed)} "
             f"sample() calls of median {statistics.median(in_replica) * 1e3:.0f} ms in the "
             f"replica (direct: {batch_ms:.0f} ms), {statistics.median(gaps) * 1e3:.0f} ms "
-            f"median between calls",
+            f"median between calls, {statistics.median(faults):.0f} page faults median per call",
         },
         {
             "name": f"serve /v1/generate throughput against no Ray running ({sat})",

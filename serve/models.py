@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -53,9 +54,35 @@ def decode_image(raw: bytes, max_bytes: int, max_side: int) -> np.ndarray:
         raise BadImage(f"cannot decode the image as PNG or JPEG ({type(err).__name__})") from None
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default a process that has only ever allocated tensors of a sampling call's size returns
+    their memory after every call and page-faults it back in on the next one (measured: 30,000
+    to 40,000 minor faults per batch-4 call of the tiny 32 px model in a fresh process, 15 % of
+    its time). A process that once held much larger buffers keeps them (0 faults), which is why
+    a Serve replica ran 12-20 % slower than the same sample() in a long-lived benchmark process.
+    Allocations up to 32 MB now come from the heap, 64 MB of headroom is kept when it grows and
+    up to 256 MB of free memory stays mapped. Returns False where malloc is not glibc's.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
+        return False
+    wanted = {_M_MMAP_THRESHOLD: 32 << 20, _M_TOP_PAD: 64 << 20, _M_TRIM_THRESHOLD: 256 << 20}
+    return all(mallopt(key, value) == 1 for key, value in wanted.items())
+
+
 def _torch_setup(args: ServeArgs) -> Any:
     import torch
 
+    keep_freed_memory()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.device == "auto":
@@ -120,6 +147,7 @@ class GeneratorCore:
         from pathloop.diffusion import sample, to_uint8
 
         at, start, cpu = time.time(), time.perf_counter(), time.thread_time()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         ids = [int(j["class_id"]) for j in jobs for _ in range(j["n"])]
         seeds = [int(j["seed"]) + k for j in jobs for k in range(j["n"])]
         x = sample(
@@ -136,7 +164,8 @@ class GeneratorCore:
         seconds = round(time.perf_counter() - start, 4)
         cpu_s = round(time.thread_time() - cpu, 4)  # this thread's CPU time: < s when it waits
         call = {"requests": len(jobs), "images": len(ids), "steps": steps}
-        self.calls.append({**call, "at": at, "s": seconds, "cpu_s": cpu_s})
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # whole process
+        self.calls.append({**call, "at": at, "s": seconds, "cpu_s": cpu_s, "page_faults": faults})
         return [encode_png(im) for im in to_uint8(x)]  # (H, W, 3) each
 
 

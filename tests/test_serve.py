@@ -552,3 +552,38 @@ def test_model_replicas_access_log_follows_args(tmp_path, on):
     models = [a._bound_deployment for a in ingress.init_args[1:]]
     assert [m.name for m in models] == ["Generator", "Scorer"]
     assert [m.logging_config["enable_access_log"] for m in models] == [on, on]
+
+
+_FAULTS = """
+import resource, sys, torch
+from pathloop.config import ModelConfig, NoiseConfig
+from pathloop.diffusion import build_unet, sample
+from serve.models import keep_freed_memory
+if sys.argv[1] == "on":
+    assert keep_freed_memory()
+torch.manual_seed(0)
+torch.set_num_threads(1)
+unet = build_unet(ModelConfig(), num_classes=16)
+kw = dict(steps=2, guidance=2.0, batch_size=4)
+sample(unet, NoiseConfig(), [0, 1, 2, 3], **kw)  # warm-up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for seed in range(3):
+    sample(unet, NoiseConfig(), [0, 1, 2, 3], seed=seed, **kw)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+def test_keep_freed_memory_stops_page_faults_between_sampling_calls():
+    """After keep_freed_memory, a fresh process's sample() calls reuse memory (glibc only)."""
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    kept = faults("on")
+    assert kept < 500, f"{kept} page faults per sample() call with freed memory kept"
