@@ -71,6 +71,9 @@ class MergingRunner:
         return await future
 
     def _start(self) -> None:
+        self.waiting = deque(w for w in self.waiting if not w[1].done())  # drop cancelled ones
+        if not self.waiting:
+            return
         taken = [self.waiting.popleft()]
         size = self.size(taken[0][0])
         while self.waiting and size + self.size(self.waiting[0][0]) <= self.max_size:

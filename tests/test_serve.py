@@ -587,3 +587,33 @@ def test_keep_freed_memory_stops_page_faults_between_sampling_calls():
 
     kept = faults("on")
     assert kept < 500, f"{kept} page faults per sample() call with freed memory kept"
+
+
+def test_merging_runner_skips_batches_cancelled_while_waiting():
+    import asyncio
+
+    from serve.app import MergingRunner
+
+    calls: list[list[int]] = []
+    started, release = threading.Event(), threading.Event()
+
+    def fn(jobs: list[dict]) -> list[int]:
+        calls.append([j["id"] for j in jobs])
+        if len(calls) == 1:
+            started.set()
+            release.wait(30)
+        return [j["id"] for j in jobs]
+
+    async def main() -> list:
+        runner = MergingRunner(fn, 4, "test")
+        first = asyncio.ensure_future(runner.run([{"id": 0}]))
+        await asyncio.to_thread(started.wait, 30)
+        gone, kept = (asyncio.ensure_future(runner.run([{"id": i}])) for i in (1, 2))
+        await asyncio.sleep(0)
+        gone.cancel()  # e.g. its request timed out
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(first, kept)
+
+    assert asyncio.run(main()) == [[0], [2]]
+    assert calls == [[0], [2]]
