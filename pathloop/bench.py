@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"[bench] {name} ...", flush=True)
             figs += fn()
-            _stop_ray()  # each benchmark starts from no Ray: a cluster left over from the last
-            # (its workers, its log streaming to this process) would be timed with the next
+            # The next benchmark starts from no Ray: a cluster left over from this one (its
+            # workers, its log streaming into this process) would be timed with it.
+            _stop_ray()
             write_report(figs, args.out, args.json)  # partial results survive a failure
     print(args.out.read_text())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,13 @@ class MergingRunner:
     runner starts a batch as soon as Serve forms it.
     """
 
-    def __init__(self, fn: Any, max_size: int, name: str, size: Any = len) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list], list],
+        max_size: int,
+        name: str,
+        size: Callable[[list], int] = len,
+    ) -> None:
         # One long-lived thread runs the model: torch's OpenMP pool belongs to the thread that
         # made it, and a new thread per call (asyncio.to_thread) multiplies spinning pools.
         self.fn, self.max_size, self.size = fn, max_size, size
@@ -87,12 +94,15 @@ class MergingRunner:
     def _finish(self, done: asyncio.Future, taken: list) -> None:
         self.busy = False
         err = done.exception()
-        results = None if err else list(done.result())
+        results = [] if err else list(done.result())
         for items, future in taken:
-            part, results = (None, None) if err else (results[: len(items)], results[len(items) :])
+            part, results = results[: len(items)], results[len(items) :]
             if future.done():  # its requests were cancelled (timeout): nobody waits
                 continue
-            future.set_exception(err) if err else future.set_result(part)
+            if err:
+                future.set_exception(err)
+            else:
+                future.set_result(part)
         if self.waiting:
             self._start()
 
