@@ -60,7 +60,8 @@ def _rate(n: int, fn: Callable[[], object], repeat: int = 1) -> float:
 
 
 def bench_judge(work: Path) -> list[Figure]:
-    from pathloop.phantoms import generate, judge_batch
+    from pathloop.judge import judge_batch
+    from pathloop.phantoms import generate
 
     items = list(generate(32, size=32, seed=99))  # 512 images
     imgs, ids = [i for i, _, _ in items], [c for _, c, _ in items]
@@ -103,7 +104,7 @@ def bench_readers(work: Path, shards: Path) -> list[Figure]:
 
 def _pretrain_cfg(work: Path, shards: Path, steps: int, name: str):
     from pathloop.config import load_config
-    from pathloop.loops import PretrainConfig
+    from pathloop.pretrain import PretrainConfig
 
     return load_config(
         PretrainConfig,
@@ -126,7 +127,7 @@ def bare_loop_rate(cfg, steps: int) -> float:
     import torch
 
     from pathloop.data import read_vocab, torch_batches
-    from pathloop.loops import build_state, global_draw, train_step
+    from pathloop.harness import build_state, global_draw, train_step
 
     torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
     vocab = read_vocab(cfg.data.shards)
@@ -154,7 +155,7 @@ def _ray_rate(cfg) -> tuple[float, float]:
     """Images/s over the second half of a Ray Train pretraining run, and its data-wait fraction."""
     import mlflow
 
-    from pathloop.loops import run_pretrain
+    from pathloop.pretrain import run_pretrain
 
     res = run_pretrain(cfg)
     client = mlflow.MlflowClient(res["tracking_uri"])
@@ -206,7 +207,7 @@ def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
 def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Figure]:
     from pathloop.data import read_vocab
     from pathloop.diffusion import build_unet, load_checkpoint, sample
-    from pathloop.loops import PretrainConfig
+    from pathloop.pretrain import PretrainConfig
 
     if checkpoint is not None:
         ck = load_checkpoint(checkpoint)

@@ -63,7 +63,7 @@ def ingest(
     strict: bool = typer.Option(False, help="Exit non-zero if any file was quarantined."),
 ) -> None:
     """Ingest real images into Parquet shards; bad files go to OUT/quarantine.csv with a reason."""
-    from pathloop.data import ingest as run_ingest
+    from pathloop.ingest import ingest as run_ingest
 
     if not src.exists():
         _fail(f"source {str(src)!r} does not exist; pass an image folder or a CSV")
@@ -114,7 +114,7 @@ def judge(
     split: str | None = typer.Option(None, help="Only this split."),
 ) -> None:
     """Judge images against their declared class from pixels alone; write report.json."""
-    from pathloop.phantoms import judge_shards
+    from pathloop.judge import judge_shards
     from pathloop.viz import print_rate_table
 
     report = judge_shards(shards, shuffle_seed=shuffle_classes, split=split)
@@ -138,7 +138,7 @@ def pretrain(
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Pretrain the class-conditional diffusion model on Ray Train; log and register in MLflow."""
-    from pathloop.loops import PretrainConfig, run_pretrain
+    from pathloop.pretrain import PretrainConfig, run_pretrain
 
     cfg = _load(PretrainConfig, config, overrides)
     if resume:
@@ -170,7 +170,7 @@ def finetune(
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Finetune a pretrained model with feedback: reward-weighted (Eq. 3) or Diffusion-DPO."""
-    from pathloop.loops import FinetuneConfig, run_finetune
+    from pathloop.finetune import FinetuneConfig, run_finetune
 
     extra = [f"method={method}"] if method else []
     cfg = _load(FinetuneConfig, config, [*(overrides or []), *extra])
@@ -206,7 +206,7 @@ def reward(
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Train the reward model (Eq. 2) on a feedback export on Ray Train; register it."""
-    from pathloop.loops import RewardConfig, run_reward
+    from pathloop.reward import RewardConfig, run_reward
 
     _run_step(run_reward, _load(RewardConfig, config, overrides), resume)
 
@@ -217,7 +217,7 @@ def guidance_classifier(
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Train the noise-aware classifier of the classifier-guidance baseline; register it."""
-    from pathloop.loops import GuidanceJobConfig, run_guidance_classifier
+    from pathloop.classifiers import GuidanceJobConfig, run_guidance_classifier
 
     _run_step(run_guidance_classifier, _load(GuidanceJobConfig, config, overrides))
 
@@ -263,7 +263,7 @@ def review_rater(
 @review.command("judge")
 def review_judge(round_id: int, store: str = STORE) -> None:
     """Label a round with the phantom judge (the simulated expert)."""
-    from pathloop.evaluators import evaluate_round
+    from pathloop.experts import evaluate_round
 
     console.print_json(json.dumps(evaluate_round(_store(store), round_id, "judge"), default=str))
 
@@ -278,7 +278,7 @@ def review_mllm(
     store: str = STORE,
 ) -> None:
     """Score a round with a multimodal LLM against the expert checklist (MAGIC)."""
-    from pathloop.evaluators import evaluate_round
+    from pathloop.experts import evaluate_round
 
     opts = {"model": model, "repeats": repeats}
     if base_url:
@@ -315,7 +315,9 @@ def review_ls_export(
     store: str = STORE,
 ) -> None:
     """Write Label Studio tasks.json and labeling_config.xml for a round."""
-    console.print(f"wrote {_store(store).labelstudio_export(round_id, out)}")
+    from pathloop.labelstudio import export_tasks
+
+    console.print(f"wrote {export_tasks(_store(store), round_id, out)}")
 
 
 @review.command("labelstudio-import")
@@ -325,7 +327,9 @@ def review_ls_import(
     store: str = STORE,
 ) -> None:
     """Import a Label Studio annotation export; bad items are listed, good ones kept."""
-    report = _store(store).labelstudio_import(round_id, export)
+    from pathloop.labelstudio import import_annotations
+
+    report = import_annotations(_store(store), round_id, export)
     console.print_json(report.model_dump_json())
     raise typer.Exit(1 if report.bad else 0)
 
@@ -432,7 +436,7 @@ def loop(
 ) -> None:
     """The whole loop: data → pretrain → [review round → feedback → reward → finetune →
     evaluate] × rounds; rerun to resume (finished steps are skipped)."""
-    from pathloop.loop import LoopConfig, print_summary, run_loop
+    from pathloop.pipeline import LoopConfig, print_summary, run_loop
 
     cfg = _load(LoopConfig, config, overrides)
     try:

@@ -6,9 +6,9 @@ did not label (neutrophil → band / segmented) in a pretrained class-conditiona
    class id — and the null class — gives exactly the old output.
 2. ``concepts_loop`` (Ray Train): the denoising loss on subtype-labelled images of the parent
    plus the subtype classifier term, L(θ, φ) + λρ L(θ, ρ): the frozen subtype classifier Γρ
-   (``reward.SubtypeClassifier``) reads the model's predicted x0 of each new-class image and its
-   cross-entropy toward the requested subtype is added. Old-class images are replayed with the
-   plain loss so the old classes keep their behaviour.
+   (``classifiers.SubtypeClassifier``) reads the model's predicted x0 of each new-class image
+   and its cross-entropy toward the requested subtype is added. Old-class images are replayed
+   with the plain loss so the old classes keep their behaviour.
 3. ``run_concepts`` (driver): train Γρ first (or load one), fit, then sample the new classes with
    the one ``diffusion.sample()`` and measure how often Γρ — and an independently trained Γρ, and
    on phantoms the judge — reads the requested subtype; logged to MLflow, registered, printed.
@@ -28,10 +28,10 @@ from pathloop.config import (
     NoiseConfig,
     OptimConfig,
     SamplerConfig,
-    ScalingConfig,
     TrackingConfig,
+    WorkersConfig,
 )
-from pathloop.loops import TrainConfig
+from pathloop.harness import TrainConfig
 
 # ----------------------------------------------------------------------------- config
 
@@ -126,7 +126,7 @@ class ConceptsConfig(Frozen):
     )
     preview: SamplerConfig = Field(default_factory=lambda: SamplerConfig(steps=25))
     eval: ConceptEvalConfig = Field(default_factory=ConceptEvalConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    scaling: WorkersConfig = Field(default_factory=WorkersConfig)
     tracking: TrackingConfig = Field(
         default_factory=lambda: TrackingConfig(register_as="pathloop-concepts")
     )
@@ -227,7 +227,7 @@ def concepts_loss(cfg: ConceptsConfig, st: Any, clf: Any, data: dict, step: int,
     import torch
 
     from pathloop.diffusion import null_class
-    from pathloop.loops import _to_x
+    from pathloop.finetune import _to_x
     from pathloop.losses import diffusion_loss
 
     new_x, old_x = data["new_images"], data["old_images"]
@@ -277,24 +277,18 @@ def concepts_loop(config: dict) -> None:
     import ray.train.torch
 
     cfg = ConceptsConfig.model_validate(config["cfg"])
+    from pathloop.classifiers import load_subtype_classifier
     from pathloop.diffusion import load_checkpoint
-    from pathloop.loops import (
-        _maybe_restore,
-        _RankZeroLog,
-        build_state,
-        step_until_done,
-        worker_context,
-    )
-    from pathloop.reward import load_subtype_classifier
+    from pathloop.harness import RankZeroLog, build_state, restore, step_until_done, worker_context
 
     vocab, rank, world, device = worker_context(cfg, config)
     start = load_checkpoint(config["pretrained_dir"])  # EMA weights of the pretrained model
     unet = extend_class_embedding(start.unet, config["parent_id"], len(config["subtypes"]))
     st = build_state(cfg, len(vocab), device, wrap=ray.train.torch.prepare_model, init_unet=unet)
-    step = _maybe_restore(st, ray.train.get_checkpoint())
+    step = restore(st, ray.train.get_checkpoint())
     clf = load_subtype_classifier(config["classifier_dir"]).to(device).requires_grad_(False)
     data = dict(np.load(config["data_file"], allow_pickle=False))
-    log = _RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
+    log = RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
     step_until_done(
         cfg,
         st,
@@ -333,7 +327,7 @@ def parent_and_subtypes(cfg: ConceptsConfig, model_vocab: Any, shard_vocab: Any)
 def subtype_classifier_dir(cfg: ConceptsConfig, parent: Any, name: str, seed: int) -> Path:
     """A trained Γρ: ``cfg.subtype_classifier`` when given (for ``name='subtype'``), else one
     trained on the shards into workdir/<name> (reused when resuming)."""
-    from pathloop.reward import BackboneConfig, train_subtype_classifier
+    from pathloop.classifiers import BackboneConfig, train_subtype_classifier
     from pathloop.sampling import resolve_model_ref
 
     if cfg.subtype_classifier and name == "subtype":
@@ -430,7 +424,7 @@ def subtype_readings(
 
 
 def _judge_reader(parent_id: int):
-    from pathloop.phantoms import judge_batch
+    from pathloop.judge import judge_batch
 
     return lambda imgs: [v.subtype for v in judge_batch(imgs, [parent_id] * len(imgs))]
 
@@ -474,8 +468,8 @@ def evaluate_concepts(
 ) -> dict[str, Any]:
     """Sample the new classes (and the parent from the old model), read their subtypes with each
     classifier (and the judge), measure old-class drift; write a grid PNG and a shard set."""
+    from pathloop.classifiers import load_subtype_classifier
     from pathloop.diffusion import load_checkpoint, sample, to_uint8
-    from pathloop.reward import load_subtype_classifier
     from pathloop.viz import image_grid
 
     new, old = load_checkpoint(ckpt_dir), load_checkpoint(start_dir)
@@ -530,10 +524,10 @@ def run_concepts(cfg: ConceptsConfig) -> dict[str, Any]:
     from rich import print as rprint
 
     from pathloop import tracking
+    from pathloop.classifiers import load_subtype_classifier
     from pathloop.data import read_manifest, read_vocab
     from pathloop.diffusion import load_checkpoint
-    from pathloop.loops import finish_run, fit, prepare_run
-    from pathloop.reward import load_subtype_classifier
+    from pathloop.harness import finish_run, fit, prepare_run
     from pathloop.sampling import resolve_model_ref
 
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)

@@ -96,8 +96,8 @@ class OptimConfig(Frozen):
     ema_warmup: bool = Field(True, description="EMA decay ramps up so short runs are usable.")
 
 
-class ScalingConfig(Frozen):
-    """Ray Train scaling (named so it does not clash with ray.train.ScalingConfig)."""
+class WorkersConfig(Frozen):
+    """Ray Train workers of a job: how many and what each gets (for ray.train.ScalingConfig)."""
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")

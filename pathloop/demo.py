@@ -15,7 +15,7 @@ LOOP_TINY = Path(__file__).resolve().parents[1] / "jobs/configs/loop.tiny.yaml"
 def run_demo(workdir: Path, overrides: list[str] | None = None) -> dict:
     """The tiny loop into ``workdir``; prints the before/after tables and where things are."""
     from pathloop.config import load_config
-    from pathloop.loop import LoopConfig, print_summary, run_loop
+    from pathloop.pipeline import LoopConfig, print_summary, run_loop
 
     cfg = load_config(LoopConfig, LOOP_TINY, [f"workdir={workdir}", *(overrides or [])])
     summary = run_loop(cfg)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pathloop.reward import BackboneConfig
+from pathloop.classifiers import BackboneConfig
 from pathloop.vocab import Vocabulary
 
 # Evaluation presets; any other timm name is accepted (never with hub weights). The feature
@@ -74,7 +74,7 @@ ClassifierConfig = FeatureConfig  # the earlier name, still imported by sweep.py
 
 def _resolved(cfg: BackboneConfig, presets: dict[str, str]) -> BackboneConfig:
     """``cfg`` with its preset replaced by the timm model name (checked to exist)."""
-    from pathloop.reward import timm_name
+    from pathloop.classifiers import timm_name
 
     return cfg.model_copy(update={"name": timm_name(presets.get(cfg.name, cfg.name))})
 
@@ -84,7 +84,7 @@ def as_input(images: Any, px: int) -> torch.Tensor:
     another size, e.g. 32 px samples against 64 px real cells, are resized)."""
     import torch.nn.functional as F
 
-    from pathloop.reward import to_float_images
+    from pathloop.classifiers import to_float_images
 
     x = to_float_images(images)  # (N, 3, H, W)
     if x.shape[-1] != px or x.shape[-2] != px:
@@ -97,7 +97,7 @@ def train_classifier(
 ) -> Any:
     """A fresh timm ``Backbone`` (preset names looked up in ``presets``) fitted with
     cross-entropy on x (N, 3, H, W), y (N,)."""
-    from pathloop.reward import build_backbone, fit_classifier
+    from pathloop.classifiers import build_backbone, fit_classifier
 
     bcfg = _resolved(cfg, presets)
     torch.manual_seed(bcfg.seed)
@@ -108,11 +108,11 @@ def train_classifier(
 
 def predict_proba(model: Any, x: torch.Tensor, device: str | None = None) -> np.ndarray:
     """Softmax class probabilities (N, K) of a classifier on x (N, 3, H, W)."""
-    from pathloop.reward import _batched
+    from pathloop.classifiers import batched
 
     dev = _device(device)
     model.to(dev)
-    logits = _batched(model, x, dev)  # (N, K)
+    logits = batched(model, x, dev)  # (N, K)
     return torch.softmax(logits.float(), dim=1).numpy()
 
 
@@ -122,8 +122,8 @@ def predict_proba(model: Any, x: torch.Tensor, device: str | None = None) -> np.
 def train_feature_model(real_shards: str | Path, out: str | Path, cfg: FeatureConfig) -> dict:
     """Train the evaluation classifier on the train split of ``real_shards``; save it to ``out``
     (``kind: eval_features``). Returns its metrics (test-split accuracy when there is one)."""
+    from pathloop.classifiers import save_backbone
     from pathloop.data import load_arrays, read_vocab
-    from pathloop.reward import save_backbone
 
     vocab = read_vocab(real_shards)
     images, labels = load_arrays(real_shards, split="train")
@@ -145,19 +145,19 @@ def train_feature_model(real_shards: str | Path, out: str | Path, cfg: FeatureCo
 def load_feature_model(path: str | Path) -> Any:
     """Load an evaluation classifier (eval mode, CPU). A reward backbone is refused: its kind is
     ``backbone``, and a model must not grade its own teacher."""
-    from pathloop.reward import load_backbone
+    from pathloop.classifiers import load_backbone
 
     return load_backbone(path, FEATURES_KIND)
 
 
 def embed(model: Any, images: Any, batch_size: int = 256, device: str | None = None) -> np.ndarray:
     """(N, D) float64 features (``EMBED_LAYER``) of uint8 (N, H, W, 3) or float images."""
-    from pathloop.reward import _batched
+    from pathloop.classifiers import batched
 
     dev = _device(device)
     model.to(dev).eval()
     x = as_input(images, model.in_px)  # (N, 3, px, px)
-    return _batched(model.embed, x, dev, batch_size).double().numpy()  # (N, D)
+    return batched(model.embed, x, dev, batch_size).double().numpy()  # (N, D)
 
 
 # ----------------------------------------------------------------------------- PRDC
@@ -366,7 +366,7 @@ def plausible_by_evaluator(
     name: str, images: Sequence[np.ndarray], class_ids: Any, vocab: Vocabulary, **options: Any
 ) -> np.ndarray:
     """1/0 per image from a registered evaluator (judge, mllm); NaN where it gave no verdict."""
-    from pathloop.evaluators import get_evaluator
+    from pathloop.experts import get_evaluator
 
     verdicts = get_evaluator(name, **options)(list(images), [int(c) for c in class_ids], vocab)
     return np.array([np.nan if v.plausible is None else float(v.plausible) for v in verdicts])
@@ -413,7 +413,8 @@ def plausible_from_store(
     its URL. A tie counts as implausible, as in ``feedback.aggregate_labels``."""
     from collections import defaultdict
 
-    from pathloop.feedback import SOURCES, FeedbackStore, aggregate_labels
+    from pathloop.feedback import FeedbackStore, aggregate_labels
+    from pathloop.feedback_db import SOURCES
 
     bad = sorted(set(sources or ()) - set(SOURCES))
     if bad:
@@ -442,3 +443,88 @@ def plausible_from_export(path: str | Path) -> tuple[np.ndarray, np.ndarray, Voc
     vocab = Vocabulary.model_validate_json(meta[b"pathloop.vocabulary"])
     p = np.asarray(table["plausible"].to_numpy(zero_copy_only=False), dtype=np.float64)
     return (p >= 0.5).astype(np.float64), table["class_id"].to_numpy().astype(np.int64), vocab
+
+
+# ---------------------------------------------------------------------------- inter-rater agreement
+
+
+def cohen_kappa(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Cohen's kappa of two raters over the same items: (p_o - p_e) / (1 - p_e).
+
+    Degenerate case: when both raters used one and the same label for every item, p_e = 1 and
+    the ratio is 0/0; that is perfect agreement, so it returns 1.0. No items gives NaN.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"raters rated different numbers of items: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        return float("nan")
+    p_o = float(np.mean(a == b))
+    p_e = float(sum(np.mean(a == c) * np.mean(b == c) for c in np.union1d(a, b)))
+    if math.isclose(p_e, 1.0):
+        return 1.0
+    return (p_o - p_e) / (1.0 - p_e)
+
+
+def fleiss_kappa(counts: np.ndarray) -> float:
+    """Fleiss' kappa from an (items, categories) table of how many raters chose each category.
+
+    Items may have different numbers of ratings (each needs at least 2): P_i uses the item's own
+    n_i, which reduces to Fleiss (1971) when every n_i is the same. When every rating falls in one
+    category P_e = 1 and the ratio is 0/0; that is perfect agreement, so it returns 1.0. No items
+    gives NaN.
+    """
+    counts = np.asarray(counts, dtype=np.float64)  # (N, k)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be (items, categories), got shape {counts.shape}")
+    n_i = counts.sum(axis=1)  # (N,) ratings per item
+    if counts.shape[0] == 0:
+        return float("nan")
+    if np.any(n_i < 2):
+        raise ValueError("every item needs at least 2 ratings for Fleiss' kappa")
+    p_j = counts.sum(axis=0) / counts.sum()  # (k,) share of all ratings in each category
+    p_i = ((counts**2).sum(axis=1) - n_i) / (n_i * (n_i - 1))  # (N,) agreeing rater pairs
+    p_bar, p_e = float(p_i.mean()), float((p_j**2).sum())
+    if math.isclose(p_e, 1.0):
+        return 1.0
+    return (p_bar - p_e) / (1.0 - p_e)
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def agreement_of(ratings: dict[str, dict[int, bool]]) -> dict:
+    """Agreement on ``plausible`` of {image_id: {rater_id: plausible}}.
+
+    Two raters: Cohen's kappa over the images both rated. More: Fleiss' kappa over the images
+    with at least two ratings. Fewer than two raters or no shared images: kappa None.
+    """
+    raters = sorted({r for votes in ratings.values() for r in votes})
+    out: dict[str, Any] = {
+        "method": None,
+        "kappa": None,
+        "n_items": 0,
+        "n_raters": len(raters),
+        "observed_agreement": None,
+    }
+    if len(raters) < 2:
+        return out
+    if len(raters) == 2:
+        pairs = [(v[raters[0]], v[raters[1]]) for v in ratings.values() if len(v) == 2]
+        a = np.array([p[0] for p in pairs], dtype=bool)
+        b = np.array([p[1] for p in pairs], dtype=bool)
+        out.update(method="cohen", kappa=_nan_to_none(cohen_kappa(a, b)), n_items=len(pairs))
+        out["observed_agreement"] = float(np.mean(a == b)) if pairs else None
+        return out
+    rows = [
+        [sum(not x for x in v.values()), sum(v.values())] for v in ratings.values() if len(v) >= 2
+    ]
+    counts = np.array(rows, dtype=np.float64).reshape(-1, 2)  # (N, 2): implausible, plausible
+    out.update(method="fleiss", kappa=_nan_to_none(fleiss_kappa(counts)), n_items=len(rows))
+    if rows:
+        n_i = counts.sum(axis=1)
+        out["observed_agreement"] = float(
+            (((counts**2).sum(axis=1) - n_i) / (n_i * (n_i - 1))).mean()
+        )
+    return out

@@ -1,28 +1,16 @@
-"""Backbone, reward model (Eq. 2), subtype classifier and noise-aware guidance classifier.
+"""The reward model Γφ(x, c) of Sun et al. 2023 (Eq. 2) and its job (step 2 of the method).
 
-Four small models, all built on one timm CNN wrapper (``Backbone``) and all saved as
-self-describing directories (``model.pt`` + ``config.json`` + ``classes.json``):
-
-* **backbone**: a cell-type classifier trained on the *real* (or phantom) training split; its
-  pooled embedding feeds the reward model. It is deliberately separate from any evaluation
-  classifier (``metrics.py``): the backbone shapes the reward that trains the diffusion model,
-  and a model must not grade its own teacher.
-* **reward model** Γφ(x, c) of Sun et al. 2023 (Eq. 2): backbone embedding ⊕ one-hot(c) → MLP →
-  sigmoid. Trained on synthetic images with expert feedback plus λr × MSE on real images whose
-  class is re-drawn at random (``RewardFit``; the Ray loop lives in ``loops.py``).
-* **subtype classifier** Γρ(x): band vs segmented (a new concept inside one class); exposes a
-  differentiable ``subtype_log_prob`` so finetuning can add its loss.
-* **guidance classifier** p(c | x_t, t) (Dhariwal & Nichol 2021): the paper's "automatic
-  feedback" baseline; ``guidance_fn`` plugs it into ``diffusion.sample``.
-
-Images enter as uint8 (N, H, W, 3) arrays or float (N, 3, H, W) tensors in [-1, 1]. Nothing is
-ever downloaded: timm models are built with ``pretrained=False``.
+Γφ: backbone embedding ⊕ one-hot(c) → MLP → sigmoid, trained on synthetic images with expert
+feedback plus λr × MSE on real images whose class is re-drawn at random (``RewardFit``). The
+backbone is a ``classifiers.Backbone``. ``RewardConfig`` is the job's manual, ``reward_loop``
+its Ray Train worker loop and ``run_reward`` its driver. The model is saved as a
+self-describing directory (``model.pt`` + ``config.json`` + ``classes.json``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,266 +21,32 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from pathloop.config import Frozen, NoiseConfig
-from pathloop.vocab import ClassInfo, Vocabulary
+from pathloop.classifiers import (
+    CLASSES,
+    CONFIG,
+    STATE,
+    Backbone,
+    batched,
+    dihedral,
+    load_backbone,
+    read_model_config,
+    save_backbone,
+    stratified_split,
+    to_float_images,
+)
+from pathloop.config import Frozen, TrackingConfig, WorkersConfig
+from pathloop.harness import TrainConfig, finish_run, fit, prepare_run, report_step, say
+from pathloop.vocab import Vocabulary
 
 # Label convention, stated once: Sun et al. 2023 label an image 1 when an expert calls it
 # *implausible*; pathloop's reward (and the ``plausible`` column of a feedback export) is the
 # probability an expert calls it *plausible*. Use ``target_from_paper_label`` to convert.
 REWARD_MEANING = "probability an expert calls the image plausible (= 1 - paper label)"
 
-# Backbone presets; any other timm model name is accepted as is (never with hub weights).
-BACKBONE_PRESETS: dict[str, str] = {
-    "tiny": "test_resnet",  # timm's 0.4M-param ResNet: ~95 % on 32 px phantoms in 150 CPU steps
-    "paper": "resnext50_32x4d",  # the paper's reward backbone
-}
-
-WEIGHTS, CONFIG, CLASSES, STATE = "model.pt", "config.json", "classes.json", "state.json"
-
 
 def target_from_paper_label(y_paper: Any) -> Any:
     """Paper label (1 = implausible) → pathloop reward target (1 = plausible)."""
     return 1 - y_paper
-
-
-# ----------------------------------------------------------------------------- backbone
-
-
-class BackboneConfig(Frozen):
-    """A timm CNN and how to train it as a classifier (backbone, subtype, guidance)."""
-
-    name: str = Field("tiny", description="Preset (tiny, paper) or any timm model name.")
-    in_px: int | None = Field(
-        None, gt=0, description="Side the network sees; inputs are resized to it. None = data's."
-    )
-    steps: int = Field(300, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(32, gt=0, description="Images per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
-    augment: bool = Field(True, description="Random flips and 90° turns (cells have no up).")
-    seed: int = Field(0, description="Seed of init, batches and augmentation.")
-
-
-def timm_name(name: str) -> str:
-    """The timm model behind a preset or a timm name; an unknown one lists the valid choices."""
-    import timm
-
-    resolved = BACKBONE_PRESETS.get(name, name)
-    if not timm.is_model(resolved):
-        raise ValueError(
-            f"unknown backbone {name!r}; use a preset ({', '.join(BACKBONE_PRESETS)}) or a timm "
-            "model name (timm.list_models())"
-        )
-    return resolved
-
-
-class Backbone(nn.Module):
-    """A timm CNN used two ways: ``forward`` gives class logits, ``embed`` the pooled features."""
-
-    def __init__(self, net: nn.Module, name: str, in_px: int, in_chans: int = 3) -> None:
-        super().__init__()
-        self.net, self.name, self.in_px, self.in_chans = net, name, in_px, in_chans
-        self.vocab: Vocabulary | None = None  # set when loaded from a directory
-
-    @property
-    def embed_dim(self) -> int:
-        return int(getattr(self.net, "head_hidden_size", None) or self.net.num_features)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.net.num_classes)
-
-    def _fit(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_px or x.shape[-2] != self.in_px:
-            x = F.interpolate(x, size=(self.in_px, self.in_px), mode="bilinear", antialias=True)
-        return x
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [-1, 1] → (B, D) pooled pre-logit features."""
-        feats = self.net.forward_features(self._fit(x))  # (B, D', h, w)
-        return self.net.forward_head(feats, pre_logits=True)  # (B, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [-1, 1] → (B, num_classes) logits."""
-        return self.net(self._fit(x))
-
-
-def build_backbone(name: str, num_classes: int, in_px: int, in_chans: int = 3) -> Backbone:
-    """A freshly initialised timm model (``pretrained=False``: no hub weights, ever)."""
-    import timm
-
-    resolved = timm_name(name)
-    net = timm.create_model(resolved, pretrained=False, num_classes=num_classes, in_chans=in_chans)
-    return Backbone(net, resolved, in_px, in_chans)
-
-
-def _build_args(bb: Backbone) -> dict[str, Any]:
-    return {
-        "name": bb.name,
-        "num_classes": bb.num_classes,
-        "in_px": bb.in_px,
-        "in_chans": bb.in_chans,
-    }
-
-
-def save_backbone(
-    out: str | Path,
-    bb: Backbone,
-    vocab: Vocabulary,
-    kind: str = "backbone",
-    extra: dict | None = None,
-) -> Path:
-    """Write ``model.pt`` (timm state dict), ``config.json`` (build args, ``extra``) and
-    ``classes.json`` (what logit i means) to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(bb.net.state_dict(), out / WEIGHTS)
-    config = {"kind": kind, "build": _build_args(bb), **(extra or {})}
-    (out / CONFIG).write_text(json.dumps(config, indent=2, default=str))
-    vocab.save(out / CLASSES)
-    return out
-
-
-def _mark_standalone(out: str | Path, steps: int) -> None:
-    """``state.json`` marks a directory as a checkpoint for ``tracking.resolve_model`` (only on
-    standalone dirs: a reward model's ``backbone/`` must not look like a second checkpoint)."""
-    (Path(out) / STATE).write_text(json.dumps({"step": steps}))
-
-
-def _read_config(path: str | Path, kind: str) -> dict:
-    """config.json of a model directory, checked to be of ``kind``."""
-    p = Path(path)
-    if not (p / CONFIG).is_file():
-        raise FileNotFoundError(f"{str(p)!r} is not a pathloop model directory (no {CONFIG})")
-    config = json.loads((p / CONFIG).read_text())
-    if config.get("kind") != kind:
-        raise ValueError(f"{str(p)!r} holds a {config.get('kind')!r}, expected a {kind!r}")
-    return config
-
-
-def load_backbone(path: str | Path, kind: str = "backbone") -> Backbone:
-    """Load a directory written by ``save_backbone`` (eval mode, CPU); ``.vocab`` is set."""
-    config = _read_config(path, kind)
-    bb = build_backbone(**config["build"])
-    bb.net.load_state_dict(torch.load(Path(path) / WEIGHTS, map_location="cpu"))
-    bb.vocab = Vocabulary.load(Path(path) / CLASSES)
-    return bb.eval()
-
-
-# ----------------------------------------------------------------------------- image helpers
-
-
-def to_float_images(images: Any) -> torch.Tensor:
-    """uint8 (N, H, W, 3) array/tensor → float (N, 3, H, W) in [-1, 1]; float input passes."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
-    if images.dtype == torch.uint8:
-        return images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
-    return images.float()
-
-
-def dihedral(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Per-sample flip/turn of square images: code k in 0..7 = rot90^(k % 4), then flip if k ≥ 4.
-    Cells have no orientation, so all 8 variants are the same cell."""
-    out = x.clone()
-    for k in codes.unique().tolist():
-        m = codes == k
-        y = torch.rot90(x[m], k % 4, dims=(-2, -1))
-        out[m] = y.flip(-1) if k >= 4 else y
-    return out
-
-
-def _batched(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: Any, batch_size: int = 256
-) -> torch.Tensor:
-    """``fn`` over ``x`` in chunks, no grad; results on the CPU."""
-    with torch.no_grad():
-        return torch.cat(
-            [fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
-        )
-
-
-def fit_classifier(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: BackboneConfig,
-    logits_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-    on_log: Callable[[int, float], None] | None = None,
-) -> float:
-    """Cross-entropy training of ``model`` on images x (N, 3, H, W) and labels y (N,); returns
-    the mean loss of the last 20 steps. ``logits_fn(batch, generator)`` replaces ``model(batch)``
-    (the guidance classifier noises its batch there)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    logits_fn = logits_fn or (lambda xb, _g: model(xb))
-    model.train()
-    recent: list[float] = []
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)  # (B,)
-        xb = (
-            dihedral(x[idx], torch.randint(0, 8, (len(idx),), generator=g))
-            if cfg.augment
-            else x[idx]
-        )
-        loss = F.cross_entropy(logits_fn(xb, g), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        recent = (recent + [float(loss.detach())])[-20:]
-        if on_log and (step + 1) % 50 == 0:
-            on_log(step + 1, sum(recent) / len(recent))
-    model.eval()
-    return sum(recent) / max(len(recent), 1)
-
-
-def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
-
-
-def train_backbone(
-    shards: str | Path,
-    out: str | Path,
-    cfg: BackboneConfig | None = None,
-    steps: int | None = None,
-    split: str = "train",
-    on_log: Callable[[int, float], None] | None = None,
-) -> dict[str, Any]:
-    """Train the cell-type backbone on ``split`` of a real (or phantom) shard set; save to
-    ``out``. Plain torch in this process (also fine inside a Ray worker). Returns metrics with
-    the test-split accuracy when the shard set has a test split."""
-    from pathloop.data import load_arrays, read_vocab
-
-    cfg = (cfg or BackboneConfig()).model_copy(update={"steps": steps} if steps else {})
-    vocab = read_vocab(shards)
-    images, labels = load_arrays(shards, split=split)
-    if len(images) == 0:
-        raise ValueError(f"{shards} has no {split!r} rows to train a backbone on")
-    torch.manual_seed(cfg.seed)
-    bb = build_backbone(cfg.name, len(vocab), cfg.in_px or images.shape[1])
-    x, y = to_float_images(images), torch.from_numpy(labels)
-    loss = fit_classifier(bb, x, y, cfg, on_log=on_log)
-    metrics = {"loss": loss, "train_accuracy": _accuracy(_batched(bb, x, "cpu"), y)}
-    test_x, test_y = load_arrays(shards, split="test")
-    if len(test_x):
-        metrics["test_accuracy"] = _accuracy(
-            _batched(bb, to_float_images(test_x), "cpu"), torch.from_numpy(test_y)
-        )
-    save_backbone(
-        out,
-        bb,
-        vocab,
-        extra={
-            "train": cfg.model_dump(),
-            "metrics": metrics,
-            "shards": str(shards),
-            "split": split,
-        },
-    )
-    _mark_standalone(out, cfg.steps)
-    return {"path": str(out), **metrics}
 
 
 # ----------------------------------------------------------------------------- reward model
@@ -362,20 +116,6 @@ def redraw_classes(
     classes (so with probability 1/K it keeps its own); target 1 iff drawn == true, else 0."""
     drawn = torch.randint(0, num_classes, true_ids.shape, generator=generator)  # (B,)
     return drawn, (drawn == true_ids).float()  # (B,), (B,)
-
-
-def stratified_split(
-    targets: np.ndarray, holdout_frac: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train, holdout) row indices; each label (target ≥ 0.5 or not) is split in proportion."""
-    rng, train, test = np.random.default_rng(seed), [], []
-    labels = np.asarray(targets) >= 0.5
-    for lab in (False, True):
-        idx = rng.permutation(np.flatnonzero(labels == lab))
-        k = int(round(holdout_frac * len(idx)))
-        test.append(idx[:k])
-        train.append(idx[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def take_fraction(idx: np.ndarray, targets: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -592,7 +332,7 @@ class RewardFit:
         if not len(x):
             return torch.zeros(len(variants), 0, self.model.backbone.embed_dim)
         return torch.stack(
-            [_batched(embed, dihedral(x, torch.full((len(x),), k)), self.device) for k in variants]
+            [batched(embed, dihedral(x, torch.full((len(x),), k)), self.device) for k in variants]
         )  # (V, N, D)
 
     def _inputs(self, bank: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -721,7 +461,7 @@ def load_reward_model(
 ) -> RewardModel:
     """Load Γφ (eval mode) from a directory, a job's ``result.json`` or an MLflow model URI."""
     path = _local_model_dir(ref, tracking_uri)
-    meta = _read_config(path, "reward_model")
+    meta = read_model_config(path, "reward_model")
     model = RewardModel(
         load_backbone(path / "backbone"),
         Vocabulary.load(path / CLASSES),
@@ -733,246 +473,317 @@ def load_reward_model(
     return model.to(device).eval()
 
 
-# ----------------------------------------------------------------------------- subtype Γρ
+# ----------------------------------------------------------------------------- config
 
 
-class SubtypeClassifier(nn.Module):
-    """Γρ(x): subtype logits (band/segmented, ...) of images of one parent class."""
+class RewardConfig(Frozen):
+    """Step 2 of Sun et al. 2023: the reward model Γφ(x, c) learns expert feedback (Eq. 2)."""
 
-    def __init__(self, backbone: Backbone, parent: ClassInfo, subtypes: tuple[str, ...]) -> None:
-        super().__init__()
-        self.backbone, self.parent, self.subtypes = backbone, parent, tuple(subtypes)
+    workdir: str = Field("runs/reward", description="Checkpoints, Ray results, result.json.")
+    name: str = Field("reward", description="Run name (Ray run dir and MLflow run).")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in workdir.")
+    max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from.")
+    feedback: str = Field(
+        "runs/feedback/feedback.parquet",
+        description="export_round's feedback.parquet, or the folder holding it.",
+    )
+    real_shards: str = Field(
+        "runs/demo/phantoms",
+        description=(
+            "Real shard set: the λr term and, when backbone is None, the backbone's training data."
+        ),
+    )
+    real_split: str = Field("train", description="Split of real_shards used.")
+    backbone: str | None = Field(
+        None,
+        description=(
+            "Trained backbone (dir, result.json or MLflow URI); None = train one on real_shards."
+        ),
+    )
+    backbone_arch: str = Field(
+        "tiny",
+        description=("When backbone is None: preset (tiny, paper) or timm model name to train."),
+    )
+    backbone_steps: int = Field(300, gt=0, description="When backbone is None: its train steps.")
+    finetune_backbone: bool = Field(
+        False,
+        description=("Train the backbone with the head; false = frozen, embeddings computed once."),
+    )
+    hidden: int = Field(256, gt=0, description="Width of the head's MLP.")
+    lambda_r: float = Field(1.0, ge=0, description="Weight of the real-image term of Eq. 2.")
+    holdout_frac: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description=("Feedback held out for AUC/accuracy/ECE (seeded, stratified by label)."),
+    )
+    fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description=(
+            "Fraction of the non-held-out feedback used (the paper's 0/10/50/100 % ablation); "
+            "0 = real-image term only. The held-out set does not change with it."
+        ),
+    )
+    steps: int = Field(500, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description=(
+            "Global batch of feedback rows (plus as many real rows); must divide by num_workers."
+        ),
+    )
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    augment: bool = Field(
+        True,
+        description=("Random flips/90° turns; frozen backbone: 8 cached embeddings per image."),
+    )
+    seed: int = Field(0, description="Seed of the holdout split, fraction, init and draws.")
+    log_every: int = Field(25, gt=0, description="Steps between loss reports.")
+    checkpoint_every: int = Field(
+        250,
+        gt=0,
+        description=("Steps between checkpoints; each one also measures the held-out metrics."),
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
+    storage: str | None = Field(
+        None, description="Ray Train storage (path or pyarrow.fs URI); None = <workdir>/ray."
+    )
+    scaling: WorkersConfig = Field(default_factory=WorkersConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(register_as="pathloop-reward")
+    )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)  # (B, S) logits
+    @property
+    def train(self) -> TrainConfig:
+        """The step/checkpoint settings as the ``TrainConfig`` that the shared ``fit`` reads."""
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            log_every=self.log_every,
+            checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=self.keep_checkpoints,
+            storage=self.storage,
+            sample_every=0,
+        )
 
-    def subtype_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] → (B, S) log p(subtype | x); differentiable in x and weights."""
-        return F.log_softmax(self(x), dim=1)
 
-    def predict(self, images: Any) -> list[str]:
-        """Most likely subtype name of each image (uint8 or float, as ``to_float_images``)."""
-        logits = _batched(self, to_float_images(images), next(self.parameters()).device)
-        return [self.subtypes[i] for i in logits.argmax(1).tolist()]
+# ----------------------------------------------------------------------------- Ray Train loop
 
 
-def _subtype_rows(
-    shards: str | Path, parent: ClassInfo, split: str, subtypes: tuple[str, ...]
-) -> tuple[np.ndarray, np.ndarray]:
-    from pathloop.data import iter_records
+def reward_loop(config: dict) -> None:
+    """Ray Train worker loop for the reward model. A feedback round is small (hundreds to a few
+    thousand images), so each worker loads the driver's .npz into memory instead of streaming
+    it through Ray Data; rows come from the seeded global draw, sliced by rank."""
+    import ray.train
+    import ray.train.torch
+    import torch
 
-    rows = [
-        r
-        for r in iter_records(shards, split, [parent.id], ["image", "subtype"])
-        if r["subtype"] in subtypes
-    ]
-    if not rows:
-        return np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64)
-    return (
-        np.stack([r["image"] for r in rows]),
-        np.array([subtypes.index(r["subtype"]) for r in rows], dtype=np.int64),
+    cfg = RewardConfig.model_validate(config["cfg"])
+    from pathloop.classifiers import load_backbone
+    from pathloop.vocab import Vocabulary
+
+    vocab = Vocabulary.model_validate(config["vocab"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
+    torch.manual_seed(cfg.seed)  # the same head init on every rank
+    model = RewardModel(load_backbone(config["backbone_dir"]), vocab, hidden=cfg.hidden)
+    fitter = RewardFit(
+        model,
+        RewardData.load(config["data_file"]),
+        lr=cfg.lr,
+        lambda_r=cfg.lambda_r,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        finetune_backbone=cfg.finetune_backbone,
+        augment=cfg.augment,
+        weight_decay=cfg.weight_decay,
+        device=ray.train.torch.get_device(),
+        wrap=ray.train.torch.prepare_model,
+    )
+    step = _restore_reward(fitter, ray.train.get_checkpoint())
+    mlflow_info = config.get("mlflow") if rank == 0 else None
+
+    losses: list[float] = []
+    while step < cfg.steps:
+        losses.append(fitter.step(step, rank, world))
+        step += 1
+        metrics = None
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics = {"loss": sum(losses) / len(losses), "step": step}
+            losses = []
+        _report_reward(cfg, fitter, step, metrics, rank, mlflow_info)
+
+
+def _restore_reward(fitter: Any, checkpoint: Any) -> int:
+    """Load head, backbone and optimizer from a Ray checkpoint; return its step (0 if none)."""
+    if checkpoint is None:
+        return 0
+    import torch
+
+    pass
+
+    with checkpoint.as_directory() as d:
+        saved = load_reward_model(d)
+        fitter.model.head.load_state_dict(saved.head.state_dict())
+        fitter.model.backbone.load_state_dict(saved.backbone.state_dict())
+        if (Path(d) / "optimizer.pt").exists():
+            fitter.opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location="cpu"))
+        return int(json.loads((Path(d) / "state.json").read_text())["step"])
+
+
+def _report_reward(
+    cfg: RewardConfig,
+    fitter: Any,
+    step: int,
+    metrics: dict | None,
+    rank: int,
+    mlflow_info: dict | None,
+) -> None:
+    """Report every log step; at checkpoints rank 0 also measures the held-out feedback and
+    writes the reward model dir. All ranks call ``ray.train.report`` together."""
+
+    from pathloop import tracking
+
+    pass
+
+    want_ckpt = step % cfg.checkpoint_every == 0 or step >= cfg.steps
+    if metrics is None and not want_ckpt:
+        return
+    metrics = dict(metrics or {"step": step})
+    if rank == 0 and want_ckpt:
+        metrics.update(fitter.evaluate())  # held-out AUC, accuracy at 0.5, ECE
+    if rank == 0:
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
+        say(f"[{cfg.name}] step {step}/{cfg.steps} {shown}")
+    if mlflow_info:
+        tracking.log_metrics(
+            mlflow_info["uri"],
+            mlflow_info["run_id"],
+            {k: v for k, v in metrics.items() if k != "step"},
+            step,
+        )
+    report_step(
+        metrics,
+        want_ckpt,
+        rank,
+        lambda tmp: save_reward_model(
+            tmp,
+            fitter.model,
+            step=step,
+            config=cfg.model_dump(mode="json"),
+            metrics=metrics,
+            optimizer=fitter.opt,
+        ),
     )
 
 
-def subtype_recall(pred: np.ndarray, truth: np.ndarray, subtypes: Sequence[str]) -> dict:
-    """{recall_<subtype>: share of ``truth == i`` rows predicted i} (NaN for an absent one)."""
+# ----------------------------------------------------------------------------- driver
+
+
+def _reward_arithmetic(cfg: RewardConfig, data: Any, n_feedback: int) -> dict[str, Any]:
+    """State the numbers before the loop and check that they divide."""
+    w = cfg.scaling.num_workers
+    if cfg.batch_size % w:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must divide by scaling.num_workers={w}; "
+            f"use e.g. batch_size={cfg.batch_size // w * w or w}"
+        )
+    n_syn = len(data.syn_x)
     return {
-        f"recall_{s}": float((pred[truth == i] == i).mean()) if (truth == i).any() else float("nan")
-        for i, s in enumerate(subtypes)
+        "feedback_rows": n_feedback,
+        "held_out": len(data.test_x),
+        "feedback_used": n_syn,
+        "fraction": cfg.fraction,
+        "real_images": len(data.real_x),
+        "workers": w,
+        "global_batch": f"{cfg.batch_size} feedback + {cfg.batch_size} real",
+        "per_worker_batch": cfg.batch_size // w,
+        "steps": cfg.steps,
+        "epochs_over_feedback": round(cfg.steps * cfg.batch_size / n_syn, 2) if n_syn else 0,
     }
 
 
-def train_subtype_classifier(
-    shards: str | Path,
-    parent_class: str | int,
-    out: str | Path | None = None,
-    cfg: BackboneConfig | None = None,
-    steps: int | None = None,
-) -> tuple[SubtypeClassifier, dict[str, Any]]:
-    """Train Γρ on the train rows of ``parent_class`` that carry a subtype; accuracy on the test
-    split (or, without one, on a seeded 20 % of the train rows). Saved to ``out`` if given."""
-    from pathloop.data import read_vocab
+def _reward_backbone(cfg: RewardConfig, uri: str, run_id: str) -> str:
+    """The backbone dir: resolve ``cfg.backbone``, or train one on the real shards (logged as
+    this run's ``backbone`` artifact; reused when resuming)."""
+    from pathloop import tracking
+    from pathloop.classifiers import BackboneConfig, train_backbone
+    from pathloop.sampling import resolve_model_ref
 
-    cfg = (cfg or BackboneConfig()).model_copy(update={"steps": steps} if steps else {})
-    parent = read_vocab(shards).lookup(parent_class)
-    if not parent.subtypes:
-        raise ValueError(f"class {parent.code} ({parent.name}) has no subtypes in {shards}")
-    x, y = _subtype_rows(shards, parent, "train", parent.subtypes)
-    tx, ty = _subtype_rows(shards, parent, "test", parent.subtypes)
-    if len(tx) == 0:  # no test split: hold out 20 % of the train rows
-        tr, te = stratified_split(y.astype(float), 0.2, cfg.seed)
-        x, y, tx, ty = x[tr], y[tr], x[te], y[te]
-    if len(x) == 0:
-        raise ValueError(f"no {parent.name} rows with a subtype in {shards}")
-    torch.manual_seed(cfg.seed)
-    clf = SubtypeClassifier(
-        build_backbone(cfg.name, len(parent.subtypes), cfg.in_px or x.shape[1]),
-        parent,
-        parent.subtypes,
-    )
-    loss = fit_classifier(clf, to_float_images(x), torch.from_numpy(y), cfg)
-    logits = _batched(clf, to_float_images(tx), "cpu")  # (N_test, S)
-    metrics = {
-        "loss": loss,
-        "accuracy": _accuracy(logits, torch.from_numpy(ty)),
-        "n_train": len(x),
-        "n_test": len(tx),
-        "chance": float(np.bincount(ty).max() / len(ty)) if len(ty) else float("nan"),
-        # per subtype: how often a real test image of it is called it (the ceiling for
-        # judging generated images of that subtype with this classifier)
-        **subtype_recall(logits.argmax(1).numpy(), ty, parent.subtypes),
-    }
-    if out is not None:
-        save_backbone(
-            out,
-            clf.backbone,
-            Vocabulary.from_names(list(parent.subtypes)),
-            "subtype",
-            {
-                "parent": parent.model_dump(),
-                "subtypes": list(parent.subtypes),
-                "train": cfg.model_dump(),
-                "metrics": metrics,
-            },
-        )
-        _mark_standalone(out, cfg.steps)
-    return clf, metrics
+    if cfg.backbone:
+        return str(resolve_model_ref(cfg.backbone, cfg.tracking)[0].resolve())
+    out = Path(cfg.workdir) / "backbone"
+    if cfg.resume and (out / "config.json").exists():
+        return str(out)
+    bcfg = BackboneConfig(name=cfg.backbone_arch, steps=cfg.backbone_steps, seed=cfg.seed)
+    m = train_backbone(cfg.real_shards, out, bcfg, split=cfg.real_split)
+    tracking.log_metrics(uri, run_id, {f"backbone_{k}": v for k, v in m.items() if k != "path"}, 0)
+    tracking.log_artifact(uri, run_id, out, "backbone")
+    return str(out)
 
 
-def load_subtype_classifier(path: str | Path) -> SubtypeClassifier:
-    """Load a directory written by ``train_subtype_classifier`` (eval mode, CPU)."""
-    config = _read_config(path, "subtype")
-    return SubtypeClassifier(
-        load_backbone(path, "subtype"),
-        ClassInfo.model_validate(config["parent"]),
-        tuple(config["subtypes"]),
-    )
+def run_reward(cfg: RewardConfig) -> dict[str, Any]:
+    """Driver: load and split the feedback, get a backbone, fit Γφ on Ray Train, log the
+    held-out metrics, register the model; result.json has its URI, AUC, accuracy and ECE."""
+    from rich import print as rprint
 
-
-# ----------------------------------------------------------------------------- guidance
-
-
-class GuidanceClassifier(nn.Module):
-    """p(c | x_t, t) on noisy images: a timm CNN whose 4th input channel is the scaled timestep
-    t / (T - 1) * 2 - 1 (the simplest timestep conditioning that works for a small CNN)."""
-
-    def __init__(self, backbone: Backbone, noise: NoiseConfig) -> None:
-        super().__init__()
-        self.backbone, self.noise = backbone, noise
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) noisy images, t scalar or (B,) → (B, K) logits."""
-        t = torch.as_tensor(t, device=x_t.device).float().reshape(-1).expand(len(x_t))  # (B,)
-        plane = (t / max(self.noise.num_train_timesteps - 1, 1) * 2 - 1)[:, None, None, None]
-        return self.backbone(torch.cat([x_t, plane.expand(-1, 1, *x_t.shape[2:])], dim=1))
-
-    def log_prob(self, x_t: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        """(B,) log p(c | x_t, t); rows asking for an id outside 0..K-1 (the null class) get 0,
-        i.e. no guidance."""
-        logp = F.log_softmax(self(x_t, t), dim=1)  # (B, K)
-        ids = torch.as_tensor(class_ids, device=x_t.device).long().reshape(-1)  # (B,)
-        ok = (ids >= 0) & (ids < logp.shape[1])
-        picked = logp.gather(1, ids.clamp(0, logp.shape[1] - 1)[:, None]).squeeze(1)  # (B,)
-        return torch.where(ok, picked, torch.zeros_like(picked))
-
-
-def guidance_fn(clf: GuidanceClassifier) -> Callable:
-    """``diffusion.sample(guidance_fn=...)`` for this classifier (eval mode: BatchNorm fixed;
-    moved to the sampler's device on first use)."""
-    from pathloop.diffusion import classifier_guidance
-
-    clf.eval()
-
-    def log_prob(x_t: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        if next(clf.parameters()).device != x_t.device:
-            clf.to(x_t.device)
-        return clf.log_prob(x_t, t, class_ids)  # (B,)
-
-    return classifier_guidance(log_prob)
-
-
-def _noisy_logits(
-    clf: GuidanceClassifier, scheduler: Any, t_max: int
-) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    """``fit_classifier``'s logits_fn: noise each clean batch to t ~ U{0..t_max-1}."""
-
-    def logits(x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        t = torch.randint(0, t_max, (len(x0),), generator=g)  # (B,)
-        x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)  # (B, 3, H, W)
-        return clf(x_t, t)
-
-    return logits
-
-
-def _noisy_accuracy(
-    clf: GuidanceClassifier, scheduler: Any, x: torch.Tensor, y: torch.Tensor, t: int, seed: int
-) -> float:
-    g = torch.Generator().manual_seed(seed)
-    tt = torch.full((len(x),), t)
-    x_t = scheduler.add_noise(x, torch.randn(x.shape, generator=g), tt)
-    with torch.no_grad():
-        return _accuracy(clf(x_t, tt), y)
-
-
-def train_guidance_classifier(
-    shards: str | Path,
-    noise_cfg: NoiseConfig,
-    out: str | Path | None = None,
-    cfg: BackboneConfig | None = None,
-    steps: int | None = None,
-    classes: list[str | int] | None = None,
-) -> tuple[GuidanceClassifier, dict[str, Any]]:
-    """Train p(c | x_t, t) on real images noised by ``noise_cfg``'s schedule at uniform t.
-    Logits cover every class of the shard set (ids match the diffusion model's) even when
-    ``classes`` restricts training. Test-split accuracy at t = 0.05 T, 0.25 T and 0.5 T."""
     from pathloop.data import load_arrays, read_vocab
-    from pathloop.diffusion import build_scheduler
 
-    cfg = (cfg or BackboneConfig()).model_copy(update={"steps": steps} if steps else {})
-    vocab = read_vocab(shards)
-    x, y = load_arrays(shards, "train", classes)
-    if len(x) == 0:
-        raise ValueError(f"{shards} has no train rows for classes {classes}")
-    torch.manual_seed(cfg.seed)
-    clf = GuidanceClassifier(
-        build_backbone(cfg.name, len(vocab), cfg.in_px or x.shape[1], 4), noise_cfg
-    )
-    scheduler, T = build_scheduler(noise_cfg, "ddpm"), noise_cfg.num_train_timesteps
-    loss = fit_classifier(
-        clf,
-        to_float_images(x),
-        torch.from_numpy(y),
-        cfg,
-        logits_fn=_noisy_logits(clf, scheduler, T),
-    )
-    metrics: dict[str, Any] = {"loss": loss}
-    tx, ty = load_arrays(shards, "test", classes)
-    for frac in (0.05, 0.25, 0.5):
-        if len(tx):
-            metrics[f"accuracy_t{frac:g}"] = _noisy_accuracy(
-                clf, scheduler, to_float_images(tx), torch.from_numpy(ty), int(frac * T), cfg.seed
-            )
-    if out is not None:
-        save_backbone(
-            out,
-            clf.backbone,
-            vocab,
-            "guidance",
-            {
-                "noise": noise_cfg.model_dump(),
-                "train": cfg.model_dump(),
-                "classes": classes,
-                "metrics": metrics,
-            },
+    pass
+
+    # Workers do not share the driver's cwd: every local path crosses as an absolute one.
+    local = {
+        k: str(Path(v).resolve())
+        for k in ("feedback", "real_shards", "backbone")
+        if (v := getattr(cfg, k)) and ":/" not in v
+    }
+    cfg = cfg.model_copy(update=local)
+    vocab = read_vocab(cfg.real_shards)
+    images, class_ids, targets, fb_vocab = load_feedback(cfg.feedback)
+    if fb_vocab is not None and fb_vocab.names != vocab.names:
+        raise ValueError(
+            f"feedback classes {fb_vocab.names} differ from {cfg.real_shards}'s "
+            f"{vocab.names}; pair a feedback round with the shards it came from"
         )
-        _mark_standalone(out, cfg.steps)
-    return clf, metrics
-
-
-def load_guidance_classifier(path: str | Path) -> GuidanceClassifier:
-    """Load a directory written by ``train_guidance_classifier`` (eval mode, CPU)."""
-    config = _read_config(path, "guidance")
-    clf = GuidanceClassifier(
-        load_backbone(path, "guidance"), NoiseConfig.model_validate(config["noise"])
+    real = load_arrays(cfg.real_shards, cfg.real_split)
+    if len(real[0]) and real[0].shape[1:] != images.shape[1:]:
+        raise ValueError(
+            f"feedback images are {images.shape[1:3]} px but real images "
+            f"{real[0].shape[1:3]} px; use real shards of the sampled size"
+        )
+    data = split_feedback(
+        images, class_ids, targets, real, cfg.holdout_frac, cfg.fraction, cfg.seed
     )
-    return clf.eval()
+    arith = _reward_arithmetic(cfg, data, len(images))
+    tags = {
+        "pathloop.feedback": cfg.feedback,
+        "pathloop.real_shards": cfg.real_shards,
+        "pathloop.feedback_fraction": str(cfg.fraction),
+    }
+    cfg, uri, run_id = prepare_run(cfg, "reward", tags)
+    backbone_dir = _reward_backbone(cfg, uri, run_id)
+    data_file = Path(cfg.workdir) / "reward_data.npz"
+    data.save(data_file)
+    rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
+    ckpt = fit(
+        reward_loop,
+        cfg,
+        {
+            "cfg": cfg.model_dump(mode="json"),
+            "vocab": vocab.model_dump(mode="json"),
+            "backbone_dir": backbone_dir,
+            "data_file": str(data_file),
+            "mlflow": {"uri": uri, "run_id": run_id},
+        },
+    )
+    metrics = json.loads((ckpt / "config.json").read_text())["metrics"]
+    keys = ("auc", "auc_lo", "auc_hi", "accuracy", "ece")
+    held_out = {k: metrics[k] for k in keys if k in metrics}
+    return finish_run(
+        cfg, uri, run_id, ckpt, {**held_out, "backbone": backbone_dir, "arithmetic": arith}
+    )

@@ -195,13 +195,13 @@ class Job:
 
 
 def jobs() -> dict[str, Job]:
-    """The steps a trial can run (imported here: loops pulls in the training stack)."""
-    from pathloop import loops
+    """The steps a trial can run (imported here: they pull in the training stack)."""
+    from pathloop import finetune, pretrain, reward
 
     return {
-        "pretrain": Job(loops.PretrainConfig, loops.run_pretrain, "train.steps"),
-        "reward": Job(loops.RewardConfig, loops.run_reward, "steps"),
-        "finetune": Job(loops.FinetuneConfig, loops.run_finetune, "train.steps"),
+        "pretrain": Job(pretrain.PretrainConfig, pretrain.run_pretrain, "train.steps"),
+        "reward": Job(reward.RewardConfig, reward.run_reward, "steps"),
+        "finetune": Job(finetune.FinetuneConfig, finetune.run_finetune, "train.steps"),
     }
 
 

@@ -167,7 +167,7 @@ def _validation_message(err: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from pathloop.feedback import FeedbackError
+    from pathloop.feedback_db import FeedbackError
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:

@@ -117,7 +117,7 @@ def _direct_sample(ckpt: Path, clients: int, requests: int, steps: int, threads:
 
 def _direct_judge(pngs: list[bytes], repeat: int) -> float:
     from pathloop.data import decode_png
-    from pathloop.phantoms import judge_batch
+    from pathloop.judge import judge_batch
 
     images = [decode_png(p) for p in pngs]
     t0 = time.perf_counter()

@@ -214,7 +214,7 @@ class ScorerCore:
     @staticmethod
     def _judge(images: list[np.ndarray], codes: list[str]) -> list[Any]:
         """Judge verdicts; classes the judge does not know (by code) get None."""
-        from pathloop.phantoms import judge_batch
+        from pathloop.judge import judge_batch
 
         known = {c.code for c in BONE_MARROW_16.classes}
         idx = [i for i, c in enumerate(codes) if c in known]

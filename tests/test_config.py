@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from pathloop.config import ConfigError, load_config
-from pathloop.loops import PretrainConfig
+from pathloop.pretrain import PretrainConfig
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -55,7 +55,7 @@ def test_tiny_preset_file_loads():
 
 
 def test_string_fields_keep_override_text():
-    from pathloop.loops import FinetuneConfig
+    from pathloop.finetune import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, None, ["feedback_round=7", "name=1e3", "reward_model=null"])
     assert cfg.feedback_round == "7" and cfg.name == "1e3" and cfg.reward_model is None

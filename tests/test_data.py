@@ -16,7 +16,6 @@ from pathloop.data import (
     NotAShardSetError,
     ShardWriter,
     encode_png,
-    ingest,
     iter_records,
     load_arrays,
     read_manifest,
@@ -26,6 +25,7 @@ from pathloop.data import (
     torch_batches,
     transform_batch,
 )
+from pathloop.ingest import ingest
 from pathloop.vocab import Vocabulary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -13,14 +13,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
+from pathloop import labelstudio
 from pathloop.data import ShardWriter, decode_png, iter_records
-from pathloop.feedback import (
-    FEEDBACK_FILE,
-    FeedbackError,
-    FeedbackStore,
-    cohen_kappa,
-    fleiss_kappa,
-)
+from pathloop.feedback import FEEDBACK_FILE, FeedbackStore
+from pathloop.feedback_db import FeedbackError
+from pathloop.metrics import cohen_kappa, fleiss_kappa
 from pathloop.vocab import CRITERIA, CRITERIA_TEXT, ClassInfo, Vocabulary
 
 VOCAB = Vocabulary(
@@ -369,7 +366,7 @@ def test_labelstudio_round_trip(
     store: FeedbackStore, round_ids: tuple[int, list[str]], shards: Path, tmp_path: Path
 ) -> None:
     rid, ids = round_ids
-    tasks_path = store.labelstudio_export(rid, tmp_path / "ls")
+    tasks_path = labelstudio.export_tasks(store, rid, tmp_path / "ls")
     tasks = json.loads(tasks_path.read_text())
     assert [t["data"]["image_id"] for t in tasks] == ids
     first = tasks[0]["data"]
@@ -409,7 +406,7 @@ def test_labelstudio_round_trip(
     export = tmp_path / "export.json"
     export.write_text(json.dumps(tasks))
 
-    report = store.labelstudio_import(rid, export)
+    report = labelstudio.import_annotations(store, rid, export)
     assert (report.n_tasks, report.n_annotations, report.n_stored) == (7, 11, 7)
     assert sorted(report.raters) == ["ls:7", "ls:b@lab"]
     reasons = {(b.task, b.annotator): b.reason for b in report.bad}
@@ -422,7 +419,7 @@ def test_labelstudio_round_trip(
     assert len(by_seven) == 6 and all(lab.source == "human" for lab in labels)
     assert by_seven[0].failed_criteria == ("chromatin", "granules")
     assert by_seven[0].subtype == "band" and by_seven[0].comment == "hm"
-    again = store.labelstudio_import(rid, export)  # re-import: nothing new
+    again = labelstudio.import_annotations(store, rid, export)  # re-import: nothing new
     assert (again.n_stored, again.n_unchanged) == (0, 7)
 
 
@@ -430,7 +427,7 @@ def test_labelstudio_export_with_url_prefix(
     store: FeedbackStore, round_ids: tuple[int, list[str]], tmp_path: Path
 ) -> None:
     rid, ids = round_ids
-    tasks = json.loads(store.labelstudio_export(rid, tmp_path, "http://h/img/").read_text())
+    tasks = json.loads(labelstudio.export_tasks(store, rid, tmp_path, "http://h/img/").read_text())
     assert tasks[0]["data"]["image"] == f"http://h/img/{ids[0]}.png"
     assert (tmp_path / "images" / f"{ids[0]}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -471,7 +468,7 @@ def test_concurrent_writers(tmp_path: Path) -> None:
 
 
 def test_preference_pairs_follow_magic_rule():
-    from pathloop.feedback import preference_pairs
+    from pathloop.finetune import preference_pairs
 
     scores = [0.2, 0.4, 1.0, 1.0, 1.0, 0.6, 0.9, 0.5]
     classes = [0, 0, 1, 1, 2, 2, 3, 3]  # one pair per class
@@ -493,7 +490,7 @@ def test_preference_pairs_follow_magic_rule():
 def test_judge_round_export_feeds_the_reward_model(tmp_path, phantom_shards):
     """Round → judge verdicts → export → exactly what the reward model trains on (Eq. 2)."""
     from pathloop.data import load_arrays
-    from pathloop.evaluators import evaluate_round
+    from pathloop.experts import evaluate_round
     from pathloop.feedback import FeedbackStore
     from pathloop.reward import load_feedback
 

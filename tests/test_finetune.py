@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pathloop.config import load_config
-from pathloop.loops import FinetuneConfig, run_finetune, shape_rewards
+from pathloop.finetune import FinetuneConfig, run_finetune, shape_rewards
 
 
 def test_shape_rewards_modes():
@@ -93,7 +93,8 @@ def test_real_term_trains_the_null_class_when_labels_drop(p_uncond):
     import torch
 
     from pathloop.diffusion import null_class
-    from pathloop.loops import build_state, finetune_loss
+    from pathloop.finetune import finetune_loss
+    from pathloop.harness import build_state
 
     cfg = load_config(
         FinetuneConfig,

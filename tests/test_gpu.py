@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from pathloop.config import load_config
-from pathloop.loops import FinetuneConfig, PretrainConfig, build_state, global_draw, train_step
+from pathloop.finetune import FinetuneConfig
+from pathloop.harness import build_state, global_draw, train_step
+from pathloop.pretrain import PretrainConfig
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; runs on a GPU machine (pytest -m gpu)"
@@ -70,7 +72,7 @@ def test_compiled_step_matches_eager():
 @pytest.mark.parametrize("method", ["reward", "dpo"])
 def test_finetune_loss_runs_on_the_gpu(method):
     """Inputs, noise and the frozen DPO reference all live on the training device."""
-    from pathloop.loops import finetune_loss
+    from pathloop.finetune import finetune_loss
 
     cfg = _cfg(FinetuneConfig, f"method={method}", "real=unused")
     st = build_state(cfg, 16, torch.device("cuda"))
@@ -106,7 +108,7 @@ def test_bf16_sampling_stays_close_to_fp32(tiny_ckpt):
 @needs_cuda
 def test_pretrain_ddp_on_every_gpu(ray_session, phantom_shards, tmp_path):
     """Ray Train DDP, one rank per GPU (NCCL), bf16 + channels_last + fused AdamW from config."""
-    from pathloop.loops import run_pretrain
+    from pathloop.pretrain import run_pretrain
 
     n = torch.cuda.device_count()
     cfg = _cfg(

@@ -17,14 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # jobs/<script>.py → (`pathloop` command, tiny config, config model "module:Class")
 STEPS = {
-    "pretrain": ("pretrain", "pretrain.tiny.yaml", "pathloop.loops:PretrainConfig"),
+    "pretrain": ("pretrain", "pretrain.tiny.yaml", "pathloop.pretrain:PretrainConfig"),
     "sample": ("sample", "sample.tiny.yaml", "pathloop.sampling:SampleConfig"),
-    "reward": ("reward", "reward.tiny.yaml", "pathloop.loops:RewardConfig"),
-    "finetune": ("finetune", "finetune.tiny.yaml", "pathloop.loops:FinetuneConfig"),
+    "reward": ("reward", "reward.tiny.yaml", "pathloop.reward:RewardConfig"),
+    "finetune": ("finetune", "finetune.tiny.yaml", "pathloop.finetune:FinetuneConfig"),
     "guidance_classifier": (
         "guidance-classifier",
         "guidance.tiny.yaml",
-        "pathloop.loops:GuidanceJobConfig",
+        "pathloop.classifiers:GuidanceJobConfig",
     ),
 }
 
@@ -62,8 +62,8 @@ def test_each_step_is_a_job_running_its_cli_command(script):
 def test_job_entry_runs_the_cli_command(phantom_shards, tmp_path):
     """``main(step, argv)`` is ``pathloop <step> argv``: a guidance classifier trains, registers,
     and loads back from its result."""
+    from pathloop.classifiers import load_guidance_classifier
     from pathloop.jobs import main
-    from pathloop.reward import load_guidance_classifier
     from pathloop.sampling import resolve_model_ref
 
     argv = [

@@ -130,7 +130,7 @@ def test_plausibility_table_counts_and_unscored():
 
 def test_plausible_by_judge_matches_judge_batch(phantom_shards):
     from pathloop.data import load_arrays
-    from pathloop.phantoms import judge_batch
+    from pathloop.judge import judge_batch
 
     x, c = load_arrays(phantom_shards, "test")
     got = M.plausible_by_evaluator("judge", x, c, BONE_MARROW_16)
@@ -139,7 +139,7 @@ def test_plausible_by_judge_matches_judge_batch(phantom_shards):
 
 
 def test_plausible_from_store_and_export(phantom_shards, tmp_path):
-    from pathloop.evaluators import evaluate_round
+    from pathloop.experts import evaluate_round
     from pathloop.feedback import FeedbackStore
 
     with FeedbackStore(tmp_path / "fb.db") as store:
@@ -157,7 +157,8 @@ def test_plausible_from_store_and_export(phantom_shards, tmp_path):
 
 
 def test_plausible_by_reward_thresholds_the_score(tmp_path):
-    from pathloop.reward import RewardModel, build_backbone, save_reward_model
+    from pathloop.classifiers import build_backbone
+    from pathloop.reward import RewardModel, save_reward_model
 
     torch.manual_seed(0)
     model = RewardModel(build_backbone("tiny", 16, 32), BONE_MARROW_16, hidden=8)
@@ -183,7 +184,7 @@ def test_remap_ids_by_name_and_missing_class():
 
 
 def test_feature_model_embeds_and_refuses_reward_backbone(phantom_shards, tmp_path):
-    from pathloop.reward import BACKBONE_PRESETS, build_backbone, save_backbone
+    from pathloop.classifiers import BACKBONE_PRESETS, build_backbone, save_backbone
 
     cfg = M.FeatureConfig(steps=60)
     res = M.train_feature_model(phantom_shards, tmp_path / "fm", cfg)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pathloop import classifiers as C
 from pathloop import reward as R
 from pathloop.vocab import BONE_MARROW_16
 
@@ -59,7 +60,7 @@ def extra_shards(tmp_path_factory) -> Path:
 def backbone_dir(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("backbone") / "bb"
     torch.manual_seed(0)
-    R.train_backbone(shards, out, R.BackboneConfig(steps=100))
+    C.train_backbone(shards, out, C.BackboneConfig(steps=100))
     return out
 
 
@@ -67,7 +68,8 @@ def backbone_dir(shards, tmp_path_factory) -> Path:
 def feedback() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Simulated feedback on 192 phantoms: a quarter kept as drawn, a quarter with heavy noise, a
     quarter with R and B swapped, a quarter declared as another class; targets from the judge."""
-    from pathloop.phantoms import generate, judge_batch, shuffle_classes
+    from pathloop.judge import judge_batch
+    from pathloop.phantoms import generate, shuffle_classes
 
     data = list(generate(12, size=32, seed=99))
     x = np.stack([d[0] for d in data])  # (192, 32, 32, 3)
@@ -88,13 +90,13 @@ def feedback() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_reward_model_shapes_range_and_onehot():
     torch.manual_seed(0)
-    bb = R.build_backbone("tiny", num_classes=16, in_px=32)
+    bb = C.build_backbone("tiny", num_classes=16, in_px=32)
     model = R.RewardModel(bb, BONE_MARROW_16, hidden=32)
     assert model.head.mlp[0].in_features == bb.embed_dim + 16  # embedding ⊕ one-hot(c)
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     r = model.score(images, [0, 3, 15, 3, 7])
     assert r.shape == (5,) and r.dtype == np.float32 and ((r >= 0) & (r <= 1)).all()
-    x = R.to_float_images(images)  # (5, 3, 32, 32) in [-1, 1]
+    x = C.to_float_images(images)  # (5, 3, 32, 32) in [-1, 1]
     assert x.shape == (5, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
     assert np.allclose(model.score(x, [0, 3, 15, 3, 7]), r, atol=1e-6)  # float input, same r
     out = model(x, torch.tensor([0, 3, 15, 3, 7]))
@@ -105,7 +107,7 @@ def test_reward_model_shapes_range_and_onehot():
 
 def test_unknown_backbone_lists_presets():
     with pytest.raises(ValueError, match="tiny, paper"):
-        R.build_backbone("no_such_net", 2, 32)
+        C.build_backbone("no_such_net", 2, 32)
 
 
 def test_redrawn_classes_target_one_iff_class_kept():
@@ -177,7 +179,7 @@ def test_auc_interval_brackets_the_auc_and_narrows_with_data():
 def test_reward_model_learns_simulated_feedback(backbone_dir, shards, feedback):
     from pathloop.data import load_arrays
 
-    bb = R.load_backbone(backbone_dir)
+    bb = C.load_backbone(backbone_dir)
     assert bb.vocab.names == BONE_MARROW_16.names
     x, c, y = feedback
     data = R.split_feedback(x, c, y, load_arrays(shards, "train"), 0.25, 1.0, seed=0)
@@ -195,7 +197,7 @@ def test_finetuned_backbone_and_real_term_only_paths(backbone_dir, shards, feedb
     x, c, y = feedback
     real = load_arrays(shards, "train")
     data = R.split_feedback(x[:32], c[:32], y[:32], real, 0.25, 1.0, seed=0)
-    model = R.RewardModel(R.load_backbone(backbone_dir), BONE_MARROW_16, hidden=16)
+    model = R.RewardModel(C.load_backbone(backbone_dir), BONE_MARROW_16, hidden=16)
     before = [p.clone() for p in model.backbone.parameters()]
     m = R.fit_reward(model, data, steps=2, batch_size=4, finetune_backbone=True)
     assert np.isfinite(m["loss"]) and 0 <= m["accuracy"] <= 1
@@ -204,44 +206,44 @@ def test_finetuned_backbone_and_real_term_only_paths(backbone_dir, shards, feedb
     )
     none = R.split_feedback(x[:32], c[:32], y[:32], real, 0.25, 0.0, seed=0)  # fraction 0
     assert len(none.syn_x) == 0 and len(none.test_x) == len(data.test_x)
-    model = R.RewardModel(R.load_backbone(backbone_dir), BONE_MARROW_16, hidden=16)
+    model = R.RewardModel(C.load_backbone(backbone_dir), BONE_MARROW_16, hidden=16)
     assert np.isfinite(R.fit_reward(model, none, steps=2, batch_size=4)["loss"])
     with pytest.raises(ValueError, match="nothing to learn"):
         R.fit_reward(model, none, steps=1, lambda_r=0.0)
 
 
 def test_subtype_classifier_beats_chance_on_m5(extra_shards, tmp_path):
-    clf, m = R.train_subtype_classifier(
-        extra_shards, "M5", tmp_path / "sub", R.BackboneConfig(steps=60)
+    clf, m = C.train_subtype_classifier(
+        extra_shards, "M5", tmp_path / "sub", C.BackboneConfig(steps=60)
     )
     assert clf.subtypes == ("band", "segmented") and m["n_test"] == 16
     assert m["accuracy"] >= max(0.75, m["chance"] + 0.1), m
     # per-subtype recall: the share of real test images of each subtype called it
     assert set(m) >= {"recall_band", "recall_segmented"}
-    assert R.subtype_recall(np.array([0, 1, 1]), np.array([0, 0, 1]), ("a", "b")) == {
+    assert C.subtype_recall(np.array([0, 1, 1]), np.array([0, 0, 1]), ("a", "b")) == {
         "recall_a": 0.5,
         "recall_b": 1.0,
     }
-    loaded = R.load_subtype_classifier(tmp_path / "sub")
-    x = R.to_float_images(np.stack([np.zeros((32, 32, 3), np.uint8)] * 2)).requires_grad_(True)
+    loaded = C.load_subtype_classifier(tmp_path / "sub")
+    x = C.to_float_images(np.stack([np.zeros((32, 32, 3), np.uint8)] * 2)).requires_grad_(True)
     logp = loaded.subtype_log_prob(x)  # (2, 2)
     assert logp.shape == (2, 2) and torch.allclose(logp.exp().sum(1), torch.ones(2))
     logp[:, 0].sum().backward()  # differentiable: finetuning can add its loss
     assert x.grad is not None and x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="no subtypes"):
-        R.train_subtype_classifier(extra_shards, "ER6", steps=1)
+        C.train_subtype_classifier(extra_shards, "ER6", steps=1)
 
 
 def test_guidance_classifier_gradients_and_accuracy(extra_shards, tmp_path):
     from pathloop.config import NoiseConfig
 
     noise = NoiseConfig()
-    clf, m = R.train_guidance_classifier(
-        extra_shards, noise, tmp_path / "g", R.BackboneConfig(steps=60), classes=[ER6, M1]
+    clf, m = C.train_guidance_classifier(
+        extra_shards, noise, tmp_path / "g", C.BackboneConfig(steps=60), classes=[ER6, M1]
     )
     assert m["accuracy_t0.05"] >= 0.8, m  # two classes: chance is 0.5
-    loaded = R.load_guidance_classifier(tmp_path / "g")
-    fn = R.guidance_fn(loaded)
+    loaded = C.load_guidance_classifier(tmp_path / "g")
+    fn = C.guidance_fn(loaded)
     x_t = torch.randn(3, 3, 32, 32)
     grad = fn(x_t, torch.tensor(500), torch.tensor([ER6, M1, len(BONE_MARROW_16)]))  # + null id
     assert grad.shape == (3, 3, 32, 32) and torch.isfinite(grad).all()
@@ -280,7 +282,7 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 
 def test_run_backbone_registers_loadable_dir(shards, mlflow_uri, tmp_path):
-    from pathloop.loops import BackboneJobConfig, run_backbone
+    from pathloop.classifiers import BackboneJobConfig, run_backbone
     from pathloop.tracking import resolve_model
 
     res = run_backbone(
@@ -292,7 +294,7 @@ def test_run_backbone_registers_loadable_dir(shards, mlflow_uri, tmp_path):
         )
     )
     assert res["model_uri"] == "models:/test-backbone/1" and "test_accuracy" in res
-    bb = R.load_backbone(resolve_model(res["model_uri"], mlflow_uri))
+    bb = C.load_backbone(resolve_model(res["model_uri"], mlflow_uri))
     assert bb.vocab.names == BONE_MARROW_16.names and bb.num_classes == 16
     assert json.loads((tmp_path / "result.json").read_text())["run_id"] == res["run_id"]
 
@@ -303,7 +305,7 @@ def test_run_reward_on_ray_registers_loadable_model(
     import mlflow
 
     from pathloop.config import load_config
-    from pathloop.loops import RewardConfig, run_reward
+    from pathloop.reward import RewardConfig, run_reward
 
     x, c, y = feedback
     fb = _feedback_parquet(tmp_path / "feedback.parquet", x[::3], c[::3], y[::3])  # 64 rows

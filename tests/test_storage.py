@@ -108,7 +108,7 @@ def test_local_checkpoint_downloads_from_a_non_local_filesystem(tmp_path):
     import pyarrow.fs as pafs
     import ray.train
 
-    from pathloop.loops import local_checkpoint
+    from pathloop.harness import local_checkpoint
 
     remote = tmp_path / "bucket"
     (remote / "ckpt").mkdir(parents=True)
@@ -124,7 +124,7 @@ def test_local_checkpoint_downloads_from_a_non_local_filesystem(tmp_path):
 
 def test_pretrain_checkpoints_to_a_storage_uri(ray_session, phantom_shards, tmp_path):
     from pathloop.config import load_config
-    from pathloop.loops import PretrainConfig, run_pretrain
+    from pathloop.pretrain import PretrainConfig, run_pretrain
 
     store = tmp_path / "shared" / "ray-results"
     overrides = [

@@ -39,7 +39,7 @@ def test_param_needs_exactly_one_kind_and_sane_bounds():
 
 
 def test_overrides_round_trip_through_load_config():
-    from pathloop.loops import FinetuneConfig
+    from pathloop.finetune import FinetuneConfig
 
     cfg = load_config(
         FinetuneConfig,
@@ -63,7 +63,9 @@ def test_segment_plan_ends_at_total():
 
 
 def test_every_step_builds_its_own_job_config():
-    from pathloop.loops import FinetuneConfig, PretrainConfig, RewardConfig
+    from pathloop.finetune import FinetuneConfig
+    from pathloop.pretrain import PretrainConfig
+    from pathloop.reward import RewardConfig
 
     for step, key, cls in [
         ("pretrain", "optim.lr", PretrainConfig),
@@ -109,7 +111,7 @@ def judged_round(tmp_path_factory) -> Path:
     """A judged feedback export of 64 phantoms, half declared as another class, so the round
     holds both verdicts: store → judge evaluator → export_round (what the reward job reads)."""
     from pathloop.data import ShardWriter
-    from pathloop.evaluators import evaluate_round
+    from pathloop.experts import evaluate_round
     from pathloop.feedback import FeedbackStore
     from pathloop.phantoms import generate, shuffle_classes
     from pathloop.vocab import BONE_MARROW_16
@@ -135,7 +137,7 @@ def mlflow_db(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def backbone(phantom_shards, tmp_path_factory) -> Path:
-    from pathloop.reward import BackboneConfig, train_backbone
+    from pathloop.classifiers import BackboneConfig, train_backbone
 
     out = tmp_path_factory.mktemp("backbone") / "bb"
     train_backbone(phantom_shards, out, BackboneConfig(steps=20))
@@ -178,7 +180,8 @@ def test_sweep_lambda_r_by_beta_r(
 ):
     import mlflow
 
-    from pathloop.loops import FinetuneConfig, RewardConfig
+    from pathloop.finetune import FinetuneConfig
+    from pathloop.reward import RewardConfig
     from pathloop.sweep import run_sweep
 
     cfg = load_config(

@@ -10,7 +10,7 @@ import torch
 
 from pathloop.config import load_config
 from pathloop.diffusion import load_checkpoint
-from pathloop.loop import LoopConfig, run_loop
+from pathloop.pipeline import LoopConfig, run_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_loop_resumes_after_a_kill_in_finetuning(tmp_path):
     assert Path(ev["report"]).is_file()
     assert set(ev["labels"]) == {"baseline", "model"}
     assert "judge" in ev["plausibility"]
-    from pathloop.loop import reward_line
+    from pathloop.pipeline import reward_line
 
     rw = summary["rounds"][0]["reward"]
     held = rw["arithmetic"]["held_out"]
@@ -91,7 +91,7 @@ def test_loop_resumes_after_a_kill_in_finetuning(tmp_path):
     assert guidance(wd / "round1/pool") == {killed.round.pool_guidance} == {1.0}
 
     # 3. the same finetune uninterrupted gives the same weights
-    from pathloop.loops import run_finetune
+    from pathloop.finetune import run_finetune
 
     saved = load_config(type(killed.finetune), wd / "round1/finetune/config.yaml", [])
     straight = saved.model_copy(
@@ -134,7 +134,7 @@ def test_a_given_pretrained_model_replaces_pretraining(tiny_ckpt, tmp_path):
     from pathloop import tracking
     from pathloop.config import TrackingConfig
     from pathloop.diffusion import load_checkpoint
-    from pathloop.loop import given_model
+    from pathloop.pipeline import given_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = tmp_path / "result.json"
@@ -154,7 +154,7 @@ def test_a_given_pretrained_model_replaces_pretraining(tiny_ckpt, tmp_path):
 
 
 def test_label_noise_is_refused_for_data_that_is_not_generated(tmp_path):
-    from pathloop.loop import make_data
+    from pathloop.pipeline import make_data
 
     cfg = load_config(
         LoopConfig,

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pathloop.data import ShardWriter, decode_png
-from pathloop.evaluators import (
+from pathloop.experts import (
     BASE_URL_ENV,
     EVALUATORS,
     MalformedReply,
@@ -323,7 +323,8 @@ def test_config_rejects_unknown_options(checklist: Path) -> None:
 
 
 def test_judge_evaluator_on_phantoms() -> None:
-    from pathloop.phantoms import generate, judge_batch
+    from pathloop.judge import judge_batch
+    from pathloop.phantoms import generate
 
     sample = list(generate(per_class=1, size=32, seed=3, classes=[9, 14, 15]))
     images, class_ids = [s[0] for s in sample], [s[1] for s in sample]

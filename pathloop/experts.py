@@ -71,7 +71,7 @@ class Evaluator(Protocol):
 
 
 class JudgeEvaluator:
-    """The pixel-level phantom judge (``phantoms.judge_batch``) as an evaluator.
+    """The pixel-level phantom judge (``judge.judge_batch``) as an evaluator.
 
     The judge knows the classes of BONE_MARROW_16; other vocabularies are matched by class code,
     and images of classes it does not know come back unscored.
@@ -85,7 +85,7 @@ class JudgeEvaluator:
     def __call__(
         self, images: list[np.ndarray], class_ids: list[int], vocab: Vocabulary
     ) -> list[EvalVerdict]:
-        from pathloop.phantoms import judge_batch
+        from pathloop.judge import judge_batch
 
         codes = {c.code for c in BONE_MARROW_16.classes}
         infos = [vocab.lookup(int(c)) for c in class_ids]
@@ -532,7 +532,7 @@ def _store_verdict(
     verdict: EvalVerdict,
     source: str,
 ) -> None:
-    from pathloop.feedback import FeedbackError, check_subtype
+    from pathloop.feedback_db import FeedbackError, check_subtype
 
     try:
         subtype = check_subtype(info, verdict.subtype)

@@ -22,7 +22,9 @@ from rich.console import Console
 
 from pathloop.config import Frozen, SamplerConfig, TrackingConfig
 from pathloop.evaluate import EvaluateConfig
-from pathloop.loops import FinetuneConfig, PretrainConfig, RewardConfig
+from pathloop.finetune import FinetuneConfig
+from pathloop.pretrain import PretrainConfig
+from pathloop.reward import RewardConfig
 
 console = Console()
 
@@ -194,7 +196,7 @@ def make_data(cfg: LoopConfig, wd: Path) -> Path:
         return out
     if not d.path:
         raise ValueError("data.source=folder needs data.path=<image folder>")
-    from pathloop.data import ingest
+    from pathloop.ingest import ingest
 
     labels = Path(d.labels) if d.labels else Path(d.path) / "LABELS.csv"
     rep = ingest(d.path, out, labels=labels, size=d.size)
@@ -204,7 +206,7 @@ def make_data(cfg: LoopConfig, wd: Path) -> Path:
 
 def collect_feedback(cfg: LoopConfig, samples: Path, export_dir: Path, round_name: str) -> Path:
     """Create (or reopen) the round in the store, label it with the chosen source, export it."""
-    from pathloop.evaluators import evaluate_round
+    from pathloop.experts import evaluate_round
     from pathloop.feedback import FeedbackStore
 
     fb = cfg.feedback
@@ -282,7 +284,8 @@ def sample_set(
 def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
     """One feedback round from ``model``; returns the finetuned model's result and evaluation."""
     from pathloop.evaluate import evaluate_models
-    from pathloop.loops import run_finetune, run_reward
+    from pathloop.finetune import run_finetune
+    from pathloop.reward import run_reward
 
     cfg, wd = steps.cfg, Path(steps.cfg.workdir) / f"round{r}"
     seed = 10_000 * r  # each round reviews new images
@@ -418,7 +421,7 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     """Data → pretrain → R rounds of feedback, reward, finetuning and evaluation."""
     from pathloop import tracking
     from pathloop.config import dump_config
-    from pathloop.loops import run_pretrain
+    from pathloop.pretrain import run_pretrain
 
     wd = Path(cfg.workdir).resolve()
     cfg = cfg.model_copy(update={"workdir": str(wd)})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pathloop.config import load_config
-from pathloop.loops import PretrainConfig, run_pretrain
+from pathloop.pretrain import PretrainConfig, run_pretrain
 
 TINY = [
     "model.block_out_channels=[16, 32]",
@@ -78,7 +78,7 @@ def test_pretrain_registers_loadable_model(ray_session, phantom_shards, tmp_path
 
 
 def test_judge_rates_of_phantoms_and_of_other_vocabularies():
-    from pathloop.loops import judge_rates
+    from pathloop.harness import judge_rates
     from pathloop.phantoms import generate
     from pathloop.vocab import BONE_MARROW_16, Vocabulary
 
@@ -181,7 +181,7 @@ def test_training_batches_mix_classes_only_when_shuffled(ray_session, phantom_sh
     """Shards are stored class by class: without the shuffle buffer a batch holds one or two
     classes (what made the Ray-trained model far worse than a shuffled bare loop)."""
     from pathloop.data import read_shards
-    from pathloop.loops import shuffled_batches
+    from pathloop.harness import shuffled_batches
 
     cfg = PretrainConfig.model_validate({"data": {"shuffle_buffer": buffer}})
     batches = shuffled_batches(read_shards(phantom_shards, split="train"), cfg, 16, 0)
@@ -196,7 +196,7 @@ def test_training_batches_mix_classes_only_when_shuffled(ray_session, phantom_sh
 def test_worker_progress_lines_bypass_the_wrapped_sys_stdout(capsys, monkeypatch):
     import io
 
-    from pathloop.loops import say
+    from pathloop.harness import say
 
     real = io.StringIO()
     monkeypatch.setattr("sys.__stdout__", real)  # the process's own stdout, which Ray forwards

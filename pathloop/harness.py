@@ -1,0 +1,549 @@
+"""What every training job shares: step state, the step loop, restore, report, rank-0 logging,
+and the Ray Train run (``prepare_run`` / ``fit`` / ``finish_run``).
+
+Each job module (``pretrain``, ``finetune``, ``reward``, ``concepts``) holds its config, its
+worker loop and its driver, and builds them from these pieces. Randomness of a step (noise,
+timesteps, class dropout) is drawn for the *global* batch from one generator seeded by
+(seed, step) and sliced by rank, so N workers compute exactly what 1 worker would on the same
+data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from pathloop.config import (
+    Frozen,
+)
+from pathloop.data import AugmentConfig
+
+# --------------------------------------------------------------- configs every diffusion job shares
+
+
+class DataConfig(Frozen):
+    """Which shards feed training."""
+
+    shards: str = Field("runs/demo/phantoms", description="Shard-set directory (train split used).")
+    split: str | None = Field("train", description="Split to train on; None = all rows.")
+    classes: list[str] | None = Field(None, description="Subset of classes (names or codes).")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations.")
+    shuffle_buffer: int = Field(
+        4096,
+        ge=0,
+        description="Images in each worker's Ray Data shuffle buffer, reshuffled every epoch "
+        "(shards are stored class by class, so 0 = file order gives one-class batches; a buffer "
+        "at least the dataset's size is a full shuffle).",
+    )
+    cache: bool = Field(
+        True,
+        description="Decode the shards once and keep the images in Ray's object store, so an "
+        "epoch only augments (uint8: 3 KB per 32 px image, 12 KB at 64 px); false streams and "
+        "decodes every epoch, for sets larger than the object store.",
+    )
+
+
+class TrainConfig(Frozen):
+    """Step arithmetic, logging cadence and the GPU path."""
+
+    steps: int = Field(2000, gt=0, description="Total optimizer steps (resume runs up to this).")
+    batch_size: int = Field(64, gt=0, description="Global batch; must divide by num_workers.")
+    seed: int = Field(0, description="Seed of init and of per-step noise.")
+    log_every: int = Field(25, gt=0, description="Steps between metric reports.")
+    sample_every: int = Field(
+        500, ge=0, description="Steps between preview grids; 0 = only at end."
+    )
+    checkpoint_every: int = Field(500, gt=0, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
+    storage: str | None = Field(
+        None,
+        description="Where Ray Train keeps checkpoints and run state: a path or pyarrow.fs URI "
+        "(s3://bucket/prefix, gs://..., file://...) every node reaches; None = <workdir>/ray.",
+    )
+    preview_per_class: int = Field(4, ge=1, description="Images per class in preview grids.")
+    bf16: bool = Field(True, description="bf16 autocast (CUDA only).")
+    channels_last: bool = Field(True, description="channels_last memory format (CUDA only).")
+    compile: bool = Field(False, description="torch.compile the UNet (CUDA recommended).")
+    fail_at_step: int | None = Field(
+        None, description="Fault injection for tests: raise once at this step (marker in workdir)."
+    )
+
+
+# ----------------------------------------------------------------------------- one train step
+
+
+@dataclass
+class StepState:
+    """What a step needs besides the batch; built the same way by Ray and bare loops."""
+
+    model: Any  # the (possibly DDP-wrapped) UNet
+    raw: Any  # the bare UNet (EMA, checkpoints)
+    ema: Any
+    opt: Any
+    lr_sched: Any
+    scheduler: Any  # diffusers noise scheduler
+    device: Any
+    autocast: bool
+
+
+def global_draw(cfg: Any, step: int, shape: tuple[int, ...], num_classes: int):
+    """Noise (B,C,H,W), timesteps (B,) and class-dropout mask (B,) for the global batch."""
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    noise = torch.randn(shape, generator=g)
+    t = torch.randint(0, cfg.noise.num_train_timesteps, (shape[0],), generator=g)
+    drop = torch.rand(shape[0], generator=g) < cfg.model.p_uncond
+    return noise, t, drop
+
+
+def build_state(
+    cfg: Any, num_classes: int, device: Any, wrap=None, init_unet: Any = None
+) -> StepState:
+    """UNet (fresh, or ``init_unet`` to finetune), EMA, AdamW with warm-up, the DDPM scheduler;
+    ``wrap`` applies DDP (Ray)."""
+    import torch
+
+    from pathloop.diffusion import build_ema, build_lr_schedule, build_scheduler, build_unet
+
+    torch.manual_seed(cfg.train.seed)  # same init on every rank and in the bare loop
+    raw = (init_unet if init_unet is not None else build_unet(cfg.model, num_classes)).to(device)
+    raw.train()
+    cuda = device.type == "cuda"
+    if cuda and cfg.train.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    ema = build_ema(raw, cfg.optim)
+    opt = torch.optim.AdamW(
+        raw.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=cuda
+    )
+    lr_sched = build_lr_schedule(opt, cfg.optim, cfg.train.steps)
+    model = wrap(raw) if wrap else raw
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return StepState(
+        model,
+        raw,
+        ema,
+        opt,
+        lr_sched,
+        build_scheduler(cfg.noise, "ddpm"),
+        device,
+        autocast=cuda and cfg.train.bf16,
+    )
+
+
+def train_step(st: StepState, x0, class_ids, noise, t, drop, grad_clip: float) -> float:
+    """One optimizer step on this rank's slice; returns the local mean loss."""
+    import torch
+
+    from pathloop.diffusion import null_class
+    from pathloop.losses import diffusion_loss
+
+    x0, class_ids = x0.to(st.device, non_blocking=True), class_ids.to(st.device)
+    labels = torch.where(drop.to(st.device), null_class(st.raw), class_ids)  # CFG dropout
+    with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=st.autocast):
+        per_sample = diffusion_loss(
+            st.model, st.scheduler, x0, labels, noise=noise.to(st.device), timesteps=t.to(st.device)
+        )  # (B,)
+    return optimizer_step(st, per_sample.mean(), grad_clip)
+
+
+def optimizer_step(st: StepState, loss: Any, grad_clip: float) -> float:
+    """Backward ``loss``, clip, AdamW step, LR schedule and EMA update; returns the loss."""
+    import torch
+
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(st.raw.parameters(), grad_clip)
+    st.opt.step()
+    st.lr_sched.step()
+    st.ema.step(st.raw.parameters())
+    return float(loss.detach())
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def shuffled_batches(source: Any, cfg: Any, per_worker: int, rank: int) -> Any:
+    """Endless training batches {"image": (b, C, H, W), "class_id": (b,)} from a Ray Data
+    dataset or shard iterator, reshuffled every epoch through a seeded local buffer."""
+    import torch
+
+    epoch = itertools.count()
+    buffer = cfg.data.shuffle_buffer or None
+    return epochs_in_background(
+        lambda: source.iter_torch_batches(
+            batch_size=per_worker,
+            drop_last=True,
+            dtypes={"image": torch.float32, "class_id": torch.int64},
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=(cfg.train.seed * 1009 + next(epoch)) * 1013 + rank
+            if buffer
+            else None,
+        )
+    )
+
+
+def epochs_in_background(make_epoch: Any, depth: int = 8) -> Any:
+    """Endless batches from ``make_epoch()`` called again at each epoch's end, read ahead by a
+    thread. Starting a Ray Data epoch costs seconds; on small shard sets (tens of steps per
+    epoch) that start-up would otherwise show up as data wait at every epoch boundary."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while not stop.is_set():
+                for b in make_epoch():
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+        except BaseException as err:  # surface reader errors in the training thread
+            q.put(err)
+
+    threading.Thread(target=produce, daemon=True, name="epochs").start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# ------------------------------------------------------ the step loop: restore, report, checkpoints
+
+
+def worker_context(cfg: Any, config: dict) -> tuple[Any, int, int, Any]:
+    """First lines of a Ray Train worker loop: (vocabulary from ``config["vocab"]``, rank, world
+    size, device); sets torch's thread count from the job's scaling."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pathloop.vocab import Vocabulary
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
+    return (
+        Vocabulary.model_validate(config["vocab"]),
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.train.torch.get_device(),
+    )
+
+
+def step_until_done(cfg: Any, st: StepState, step: int, loss_fn: Any, where: tuple) -> None:
+    """Optimizer steps on ``loss_fn(step) -> (loss, extra metrics)`` from ``step`` up to
+    ``cfg.train.steps`` (data held in memory), with windowed metrics, fault injection, reports
+    and checkpoints; ``where`` is (rank, vocab, RankZeroLog)."""
+    rank, vocab, log = where
+    parts: list[dict] = []
+    t0 = time.perf_counter()
+    while step < cfg.train.steps:
+        loss, extra = loss_fn(step)
+        parts.append({"loss": optimizer_step(st, loss, cfg.optim.grad_clip), **extra})
+        step += 1
+        maybe_inject_failure(cfg, step)
+        metrics = None
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            dt = time.perf_counter() - t0
+            metrics = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+            metrics.update(
+                step=step,
+                data_wait_frac=0.0,
+                images_per_s=cfg.train.batch_size * len(parts) / max(dt, 1e-9),
+            )
+            parts, t0 = [], time.perf_counter()
+        report(cfg, st, step, metrics, rank, vocab, log)
+
+
+def maybe_inject_failure(cfg: Any, step: int) -> None:
+    """Raise once at ``train.fail_at_step`` (tests of FailureConfig and --resume)."""
+    marker = Path(cfg.workdir) / ".injected_failure"
+    if cfg.train.fail_at_step == step and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(step))
+        raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+
+
+def restore(st: StepState, checkpoint) -> int:
+    """Load UNet, EMA and optimizer from a Ray checkpoint; return its step (0 if none)."""
+    if checkpoint is None:
+        return 0
+
+    from pathloop.diffusion import load_checkpoint
+
+    with checkpoint.as_directory() as d:
+        ck = load_checkpoint(d, ema=False)
+        st.raw.load_state_dict(ck.raw_unet.state_dict())
+        if ck.ema is not None:
+            st.ema.load_state_dict(ck.ema.state_dict())
+        if ck.optimizer_state is not None:
+            st.opt.load_state_dict(ck.optimizer_state)
+        with warnings.catch_warnings():  # stepping before any optimizer.step() is intended here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for _ in range(ck.step):  # keep the warm-up position
+                st.lr_sched.step()
+        return ck.step
+
+
+def report(cfg, st, step, metrics, rank, vocab, log) -> None:
+    """Report metrics every log step; checkpoint (rank 0 writes) on schedule. All ranks call."""
+
+    from pathloop.diffusion import save_checkpoint
+
+    last = step >= cfg.train.steps
+    want_ckpt = step % cfg.train.checkpoint_every == 0 or last
+    if metrics is None and not want_ckpt:
+        return
+    if rank == 0 and metrics:
+        log.metrics(metrics, step)
+    if rank == 0 and (last or (cfg.train.sample_every and step % cfg.train.sample_every == 0)):
+        log.preview(st, step)
+    report_step(
+        metrics or {"step": step},
+        want_ckpt,
+        rank,
+        lambda tmp: save_checkpoint(
+            tmp,
+            st.raw,
+            ema_unet=st.ema,
+            optimizer=st.opt,
+            step=step,
+            config=cfg.model_dump(mode="json"),
+            vocab=vocab,
+        ),
+    )
+
+
+def report_step(metrics: dict, want_ckpt: bool, rank: int, save: Any) -> None:
+    """Every rank reports; with a checkpoint due, rank 0 writes it with ``save(tmp_dir)``."""
+    import tempfile
+
+    import ray.train
+
+    if not want_ckpt:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save(tmp)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+# ----------------------------------------------------------------------------- rank-0 logging
+
+
+def judge_rates(images: list[Any], ids: list[int], vocab: Any) -> dict[str, float]:
+    """The phantom judge's plausible rate (``metrics.plausibility_table``) overall and per class
+    code, as ``judge_plausible`` and ``judge_plausible_<code>``, over the classes the judge
+    knows (phantom data); {} when it knows none of them."""
+    import numpy as np
+
+    from pathloop.metrics import plausibility_table, plausible_by_evaluator
+
+    p = plausible_by_evaluator("judge", images, ids, vocab) if images else np.zeros(0)
+    if np.isnan(p).all():
+        return {}
+    table = plausibility_table(p, ids, vocab)
+    per_class = {c: row["rate"] for c, row in table["per_class"].items() if row["n"]}
+    return {
+        "judge_plausible": table["overall"]["rate"],
+        **{f"judge_plausible_{c}": rate for c, rate in per_class.items()},
+    }
+
+
+def say(line: str) -> None:
+    """One progress line from a Train worker to the driver's console, once.
+
+    Train V2 patches ``print`` to log the line and, as a Ray worker's ``sys.stdout`` is wrapped,
+    also to print it, so the driver showed every line twice. The process's own stdout is what
+    Ray forwards, and writing there passes the line once, with no runtime env for the workers.
+    """
+    print(line, file=sys.__stdout__, flush=True)
+
+
+class RankZeroLog:
+    """Metrics and preview grids to MLflow and stdout, from rank 0 only."""
+
+    def __init__(self, cfg: Any, mlflow_info: dict | None, rank: int, vocab) -> None:
+        self.cfg, self.info, self.rank, self.vocab = cfg, mlflow_info, rank, vocab
+
+    def metrics(self, m: dict, step: int) -> None:
+        from pathloop import tracking
+
+        say(
+            f"[{self.cfg.name}] step {step}/{self.cfg.train.steps} loss {m['loss']:.4f} "
+            f"{m['images_per_s']:.1f} img/s data-wait {m['data_wait_frac']:.1%}"
+        )
+        if self.info:
+            tracking.log_metrics(
+                self.info["uri"],
+                self.info["run_id"],
+                {k: v for k, v in m.items() if k != "step"},
+                step,
+            )
+
+    def preview(self, st: StepState, step: int) -> None:
+        from pathloop import tracking
+        from pathloop.diffusion import ema_copy
+        from pathloop.viz import class_samples, samples_grid
+
+        per_class = self.cfg.train.preview_per_class
+        images, ids = class_samples(
+            ema_copy(st.raw, st.ema), self.cfg.noise, self.vocab, self.cfg.preview, per_class
+        )
+        out = Path(self.cfg.workdir) / "previews" / f"step_{step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        samples_grid(images, self.vocab, per_class).save(out)
+        rates = judge_rates(images, ids, self.vocab)
+        if rates:
+            say(
+                f"[{self.cfg.name}] step {step}: the phantom judge passes "
+                f"{rates['judge_plausible']:.2f} of {len(images)} preview samples"
+            )
+        if self.info:
+            tracking.log_artifact(self.info["uri"], self.info["run_id"], out, "samples")
+            if rates:
+                tracking.log_metrics(self.info["uri"], self.info["run_id"], rates, step)
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- the Ray Train run
+
+
+def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, str]:
+    """Driver side of any training job: absolute workdir, refuse to clobber a run unless resuming,
+    save the resolved config, create (or, on resume, reopen) the MLflow run.
+
+    Returns (cfg with absolute workdir, tracking URI, run id).
+    """
+    from pathloop import storage
+
+    workdir = Path(cfg.workdir).resolve()
+    cfg = cfg.model_copy(update={"workdir": str(workdir)})
+    run_dir, state_file = storage.join(ray_storage(cfg), cfg.name), workdir / "run.json"
+    if storage.is_dir(run_dir) and not cfg.resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume (resume=true) to continue it, "
+            "or choose another workdir/name"
+        )
+    prev = json.loads(state_file.read_text()) if (cfg.resume and state_file.exists()) else {}
+    cfg, uri, run_id = start_tracked_run(cfg, step, tags, prev.get("run_id"))
+    state_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return cfg, uri, run_id
+
+
+def start_tracked_run(
+    cfg: Any, step: str, tags: dict[str, str], run_id: str | None = None
+) -> tuple[Any, str, str]:
+    """The workdir made absolute and created, the resolved config saved there as config.yaml,
+    and an MLflow run (a new one, or ``run_id`` reopened). Returns (cfg, tracking URI, run id)."""
+    from pathloop import tracking
+    from pathloop.config import dump_config
+
+    workdir = Path(cfg.workdir).resolve()
+    cfg = cfg.model_copy(update={"workdir": str(workdir)})
+    workdir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, workdir / "config.yaml")
+    uri = tracking.resolve_uri(cfg.tracking, workdir)
+    run_id = run_id or tracking.start_run(
+        cfg.tracking,
+        workdir,
+        params=cfg.model_dump(mode="json"),
+        tags={"pathloop.step": step, **tags},
+        run_name=cfg.tracking.run_name or cfg.name,
+    )
+    return cfg, uri, run_id
+
+
+def ray_storage(cfg: Any) -> str:
+    """Ray Train's storage for a job: ``train.storage`` (path or URI), else <workdir>/ray."""
+    from pathloop import storage
+
+    return storage.absolute(cfg.train.storage or Path(cfg.workdir) / "ray")
+
+
+def local_checkpoint(ckpt: Any, workdir: str | Path) -> Path:
+    """A Ray ``Checkpoint`` as a local directory: its own path on local disk, else a download
+    to <workdir>/final_checkpoint (logging and registering the model need local files)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(ckpt.filesystem, pafs.LocalFileSystem):
+        return Path(ckpt.path)
+    return Path(ckpt.to_directory(str(Path(workdir) / "final_checkpoint")))
+
+
+def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) -> Path:
+    """Run ``loop`` on a TorchTrainer with the job's scaling, failure and checkpoint settings.
+
+    Resume needs nothing here: Train V2 restores a run's checkpoint manager from its storage
+    (same name and storage_path), so ``get_checkpoint()`` in the loop returns the newest one.
+    ``prepare_run`` refuses to reuse a run dir unless ``resume`` is set. Returns the final
+    checkpoint as a local directory."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pathloop import storage
+
+    fs, path = storage.resolve(ray_storage(cfg))
+    ray.init(ignore_reinit_error=True)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        datasets=datasets,
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    return local_checkpoint(trainer.fit().checkpoint, cfg.workdir)
+
+
+def finish_run(cfg: Any, uri: str, run_id: str, ckpt_dir: Path, extra: dict) -> dict[str, Any]:
+    """Log and register the final checkpoint from the driver; write result.json."""
+    from pathloop import tracking
+
+    model_uri = tracking.log_checkpoint_model(uri, run_id, ckpt_dir, cfg.tracking.register_as)
+    tracking.end_run(uri, run_id)
+    out = {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "model_uri": model_uri,
+        "checkpoint": str(ckpt_dir),
+        "step": json.loads((ckpt_dir / "state.json").read_text())["step"],
+        **extra,
+    }
+    (Path(cfg.workdir) / "result.json").write_text(json.dumps(out, indent=2))
+    return out
