@@ -166,14 +166,11 @@ def _ray_rate(cfg) -> tuple[float, float]:
 def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
     """Ray Train pretraining (decoded images cached, the default; and streaming) vs the bare
     loop, same model and global batch, one run."""
+    from pathloop.config import updated
+
     cfg = _pretrain_cfg(work, shards, steps, "ray")
     ray_rate, wait = _ray_rate(cfg)  # the second half of the steps, as for the bare loop
-    stream = cfg.model_copy(
-        update={
-            "workdir": str(work / "ray-stream"),
-            "data": cfg.data.model_copy(update={"cache": False}),
-        }
-    )
+    stream = updated(cfg, workdir=str(work / "ray-stream"), data={"cache": False})
     stream_rate, _ = _ray_rate(stream)
     bare = bare_loop_rate(cfg, steps)
     note = f"tiny preset, 32 px, global batch {cfg.train.batch_size}, {steps} steps"
@@ -262,6 +259,15 @@ def _stop_ray() -> None:
 # ----------------------------------------------------------------------------- report
 
 
+NOTES = "\n## Notes"  # BENCHMARKS.md from this heading on is written by people and kept
+
+
+def kept_notes(md: Path) -> str:
+    """The hand-written part of an existing report (from ``NOTES`` on), or ""."""
+    text = md.read_text() if md.exists() else ""
+    return text[text.index(NOTES) :] if NOTES in text else ""
+
+
 def write_report(figs: list[Figure], md: Path, js: Path) -> None:
     m = machine()
     rows = [
@@ -273,6 +279,7 @@ def write_report(figs: list[Figure], md: Path, js: Path) -> None:
         ratio = f"{f.ratio:.2f}x" if f.ratio is not None else ""
         rows.append(f"| {f.name} | {f.value:.4g} {f.unit} | {peer} | {ratio} | {f.target or ''} |")
     notes = [f"- {f.name}: {f.note}" for f in figs if f.note]
+    kept = kept_notes(md)
     md.write_text(
         "# pathloop benchmarks\n\n"
         f"Produced by `{COMMAND}` on {m}, {time.strftime('%Y-%m-%d')}. Each ratio is measured side "
@@ -281,6 +288,7 @@ def write_report(figs: list[Figure], md: Path, js: Path) -> None:
         + "\n\n"
         + "\n".join(notes)
         + "\n"
+        + kept
     )
     js.write_text(
         json.dumps(

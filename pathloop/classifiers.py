@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from pathloop.config import Frozen, NoiseConfig, TrackingConfig
+from pathloop.config import ClassifierConfig, Frozen, NoiseConfig, TrackingConfig, updated
 from pathloop.harness import start_tracked_run
 from pathloop.vocab import ClassInfo, Vocabulary
 
@@ -42,21 +42,6 @@ WEIGHTS, CONFIG, CLASSES, STATE = "model.pt", "config.json", "classes.json", "st
 
 
 # ----------------------------------------------------------------------------- backbone
-
-
-class BackboneConfig(Frozen):
-    """A timm CNN and how to train it as a classifier (backbone, subtype, guidance)."""
-
-    name: str = Field("tiny", description="Preset (tiny, paper) or any timm model name.")
-    in_px: int | None = Field(
-        None, gt=0, description="Side the network sees; inputs are resized to it. None = data's."
-    )
-    steps: int = Field(300, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(32, gt=0, description="Images per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
-    augment: bool = Field(True, description="Random flips and 90° turns (cells have no up).")
-    seed: int = Field(0, description="Seed of init, batches and augmentation.")
 
 
 def timm_name(name: str) -> str:
@@ -169,7 +154,10 @@ def load_backbone(path: str | Path, kind: str = "backbone") -> Backbone:
 
 
 def to_float_images(images: Any) -> torch.Tensor:
-    """uint8 (N, H, W, 3) array/tensor → float (N, 3, H, W) in [-1, 1]; float input passes."""
+    """uint8 (N, H, W, 3) array/tensor (or a list of (H, W, 3) images) → float (N, 3, H, W) in
+    [-1, 1]; float input passes."""
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im) for im in images])  # (N, H, W, 3)
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if images.dtype == torch.uint8:
@@ -216,7 +204,7 @@ def fit_classifier(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    cfg: BackboneConfig,
+    cfg: ClassifierConfig,
     logits_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     on_log: Callable[[int, float], None] | None = None,
 ) -> float:
@@ -255,7 +243,7 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def train_backbone(
     shards: str | Path,
     out: str | Path,
-    cfg: BackboneConfig | None = None,
+    cfg: ClassifierConfig | None = None,
     steps: int | None = None,
     split: str = "train",
     on_log: Callable[[int, float], None] | None = None,
@@ -265,13 +253,13 @@ def train_backbone(
     the test-split accuracy when the shard set has a test split."""
     from pathloop.data import load_arrays, read_vocab
 
-    cfg = (cfg or BackboneConfig()).model_copy(update={"steps": steps} if steps else {})
+    cfg = updated(cfg or ClassifierConfig(), **({"steps": steps} if steps else {}))
     vocab = read_vocab(shards)
     images, labels = load_arrays(shards, split=split)
     if len(images) == 0:
         raise ValueError(f"{shards} has no {split!r} rows to train a backbone on")
     torch.manual_seed(cfg.seed)
-    bb = build_backbone(cfg.name, len(vocab), cfg.in_px or images.shape[1])
+    bb = build_backbone(cfg.arch, len(vocab), cfg.in_px or images.shape[1])
     x, y = to_float_images(images), torch.from_numpy(labels)
     loss = fit_classifier(bb, x, y, cfg, on_log=on_log)
     metrics = {"loss": loss, "train_accuracy": _accuracy(batched(bb, x, "cpu"), y)}
@@ -348,14 +336,14 @@ def train_subtype_classifier(
     shards: str | Path,
     parent_class: str | int,
     out: str | Path | None = None,
-    cfg: BackboneConfig | None = None,
+    cfg: ClassifierConfig | None = None,
     steps: int | None = None,
 ) -> tuple[SubtypeClassifier, dict[str, Any]]:
     """Train Γρ on the train rows of ``parent_class`` that carry a subtype; accuracy on the test
     split (or, without one, on a seeded 20 % of the train rows). Saved to ``out`` if given."""
     from pathloop.data import read_vocab
 
-    cfg = (cfg or BackboneConfig()).model_copy(update={"steps": steps} if steps else {})
+    cfg = updated(cfg or ClassifierConfig(), **({"steps": steps} if steps else {}))
     parent = read_vocab(shards).lookup(parent_class)
     if not parent.subtypes:
         raise ValueError(f"class {parent.code} ({parent.name}) has no subtypes in {shards}")
@@ -368,7 +356,7 @@ def train_subtype_classifier(
         raise ValueError(f"no {parent.name} rows with a subtype in {shards}")
     torch.manual_seed(cfg.seed)
     clf = SubtypeClassifier(
-        build_backbone(cfg.name, len(parent.subtypes), cfg.in_px or x.shape[1]),
+        build_backbone(cfg.arch, len(parent.subtypes), cfg.in_px or x.shape[1]),
         parent,
         parent.subtypes,
     )
@@ -480,7 +468,7 @@ def train_guidance_classifier(
     shards: str | Path,
     noise_cfg: NoiseConfig,
     out: str | Path | None = None,
-    cfg: BackboneConfig | None = None,
+    cfg: ClassifierConfig | None = None,
     steps: int | None = None,
     classes: list[str | int] | None = None,
 ) -> tuple[GuidanceClassifier, dict[str, Any]]:
@@ -490,14 +478,14 @@ def train_guidance_classifier(
     from pathloop.data import load_arrays, read_vocab
     from pathloop.diffusion import build_scheduler
 
-    cfg = (cfg or BackboneConfig()).model_copy(update={"steps": steps} if steps else {})
+    cfg = updated(cfg or ClassifierConfig(), **({"steps": steps} if steps else {}))
     vocab = read_vocab(shards)
     x, y = load_arrays(shards, "train", classes)
     if len(x) == 0:
         raise ValueError(f"{shards} has no train rows for classes {classes}")
     torch.manual_seed(cfg.seed)
     clf = GuidanceClassifier(
-        build_backbone(cfg.name, len(vocab), cfg.in_px or x.shape[1], 4), noise_cfg
+        build_backbone(cfg.arch, len(vocab), cfg.in_px or x.shape[1], 4), noise_cfg
     )
     scheduler, T = build_scheduler(noise_cfg, "ddpm"), noise_cfg.num_train_timesteps
     loss = fit_classifier(
@@ -549,26 +537,10 @@ class ClassifierJobConfig(Frozen):
     workdir: str = Field("runs/classifier", description="The model dir, result.json, MLflow db.")
     name: str = Field("classifier", description="MLflow run name.")
     shards: str = Field("runs/demo/phantoms", description="Real (or phantom) shard set.")
-    arch: str = Field("tiny", description="Preset (tiny, paper) or timm model name.")
-    in_px: int | None = Field(None, gt=0, description="Side the network sees; None = data's.")
-    steps: int = Field(300, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(32, gt=0, description="Images per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
-    seed: int = Field(0, description="Seed of init, batches and augmentation.")
+    classifier: ClassifierConfig = Field(
+        default_factory=ClassifierConfig, description="The network and how it trains."
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    def classifier(self) -> Any:
-        """The ``BackboneConfig`` these settings describe."""
-        pass
-
-        return BackboneConfig(
-            name=self.arch,
-            in_px=self.in_px,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=self.seed,
-        )
 
 
 class BackboneJobConfig(ClassifierJobConfig):
@@ -587,7 +559,7 @@ def run_classifier_job(cfg: ClassifierJobConfig, step: str, train: Any, tags: di
     on_log) -> metrics``, the model dir logged and registered, result.json in the workdir."""
     from pathloop import storage, tracking
 
-    cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards)})
+    cfg = updated(cfg, shards=storage.absolute(cfg.shards))
     cfg, uri, run_id = start_tracked_run(cfg, step, {"pathloop.shards": cfg.shards, **tags})
     workdir = Path(cfg.workdir)
     model_dir = workdir / "model"
@@ -600,7 +572,7 @@ def run_classifier_job(cfg: ClassifierJobConfig, step: str, train: Any, tags: di
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise
-    tracking.log_metrics(uri, run_id, metrics, cfg.steps)
+    tracking.log_metrics(uri, run_id, metrics, cfg.classifier.steps)
     model_uri = tracking.log_checkpoint_model(uri, run_id, model_dir, cfg.tracking.register_as)
     tracking.end_run(uri, run_id)
     out = {
@@ -617,10 +589,9 @@ def run_classifier_job(cfg: ClassifierJobConfig, step: str, train: Any, tags: di
 def run_backbone(cfg: BackboneJobConfig) -> dict[str, Any]:
     """The backbone job without Ray (a small CNN trains in this process); writes result.json.
     The CLI can call this directly."""
-    pass
 
     def train(cfg: BackboneJobConfig, out: Path, on_log: Any) -> dict:
-        m = train_backbone(cfg.shards, out, cfg.classifier(), split=cfg.split, on_log=on_log)
+        m = train_backbone(cfg.shards, out, cfg.classifier, split=cfg.split, on_log=on_log)
         return {k: v for k, v in m.items() if k != "path"}
 
     return run_classifier_job(cfg, "backbone", train, {})
@@ -651,19 +622,18 @@ class GuidanceJobConfig(ClassifierJobConfig):
 
 def run_guidance_classifier(cfg: GuidanceJobConfig) -> dict[str, Any]:
     """Train and register the noise-aware guidance classifier in this process; result.json."""
-    pass
-    from pathloop.sampling import resolve_model_ref
+    from pathloop.tracking import resolve_model_ref
 
     tags = {}
     if cfg.pretrained:
         ckpt_dir, model_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
         noise = json.loads((Path(ckpt_dir) / "config.json").read_text()).get("noise")
-        cfg = cfg.model_copy(update={"noise": NoiseConfig.model_validate(noise or {})})
+        cfg = updated(cfg, noise=NoiseConfig.model_validate(noise or {}))
         tags["pathloop.pretrained"] = model_uri
 
     def train(cfg: GuidanceJobConfig, out: Path, on_log: Any) -> dict:
         return train_guidance_classifier(
-            cfg.shards, cfg.noise, out, cfg.classifier(), classes=cfg.classes
+            cfg.shards, cfg.noise, out, cfg.classifier, classes=cfg.classes
         )[1]
 
     return run_classifier_job(cfg, "guidance", train, tags)

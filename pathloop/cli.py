@@ -1,14 +1,63 @@
-"""The ``pathloop`` command: one subcommand per step, each a thin call into the library."""
+"""The ``pathloop`` command: one subcommand per step, each a thin call into the library.
+
+One error path: the library raises a user error (a bad value or key, a missing or existing
+path, an unknown round or model), and ``Commands.invoke`` prints it as one ``error: ...`` line
+and exits 2, whichever command ran. Any other exception is a bug and keeps its traceback.
+The config-driven steps come from the one registry, ``pathloop.jobs.STEPS``.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+USER_ERROR_EXIT = 2
+
+
+class Commands(TyperGroup):
+    """The ``pathloop`` group: runs a subcommand and turns a user error into one line, exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as err:  # evaluated only once something was raised
+            _say("error", "red", one_line(err))
+            raise typer.Exit(USER_ERROR_EXIT) from None
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a user causes and can fix. ValueError covers ConfigError, pydantic's ValidationError
+    and the store's FeedbackError; FileNotFoundError covers NotAShardSetError; TimeoutError is a
+    review round not labelled in time; MLLMError an endpoint refusing the key, model or URL."""
+    from pathloop.experts import MLLMError
+
+    return (ValueError, KeyError, FileNotFoundError, FileExistsError, TimeoutError, MLLMError)
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line: a KeyError without repr quotes; the indented detail lines
+    of a multi-line message (e.g. one per bad config key) joined with '; '."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else err
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    head, *rest = lines
+    return f"{head} {'; '.join(rest)}" if rest else head
+
+
+def _say(label: str, color: str, msg: str) -> None:
+    # click.echo, not rich: no markup parsing of [..] in messages, no wrapping at 80 columns.
+    typer.echo(f"{typer.style(label + ':', fg=color, bold=True)} {msg}", err=True)
+
 
 app = typer.Typer(
+    cls=Commands,
     help="pathloop: align class-conditional diffusion models of cell patches with expert feedback.",
     no_args_is_help=True,
     add_completion=False,
@@ -20,34 +69,26 @@ OVERRIDES = typer.Argument(None, help="Dotted config overrides, e.g. optim.lr=2e
 CONFIG = typer.Option(
     None, "--config", "-c", help="YAML config file (defaults < YAML < overrides)."
 )
+RESUME = typer.Option(False, help="Continue the run in workdir from its last checkpoint.")
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(code)
+def _run(name: str, config: Path | None, overrides: list[str] | None, **flags: Any) -> dict:
+    """Run registered step ``name`` on its config: defaults < YAML < overrides < the flags the
+    user set (a flag left at None or False keeps the config's value)."""
+    from pathloop.config import load_config, updated
+    from pathloop.jobs import STEPS, check_outputs
 
-
-def _load(model: type, config: Path | None, overrides: list[str] | None):
-    from pathloop.config import ConfigError, load_config
-    from pathloop.jobs import check_outputs
-
-    try:
-        cfg = load_config(model, config, overrides or [])
-    except ConfigError as err:
-        _fail(str(err))
+    step = STEPS[name]
+    cfg = load_config(step.config_cls, config, overrides or [])
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    if given:
+        cfg = updated(cfg, **given)
     for warning in check_outputs(cfg):  # only inside a Ray job
-        console.print(f"[bold yellow]warning:[/] {warning}")
-    return cfg
+        _say("warning", "yellow", warning)
+    return step.run(cfg)
 
 
-def _run_step(run, cfg, resume: bool = False) -> None:
-    """Call a step's driver; print its result; a bad input exits 2 with the message."""
-    if resume:
-        cfg = cfg.model_copy(update={"resume": True})
-    try:
-        result = run(cfg)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
-        _fail(str(err))
+def _print_result(result: dict) -> None:
     console.print_json(json.dumps(result, default=str))
 
 
@@ -66,7 +107,9 @@ def ingest(
     from pathloop.ingest import ingest as run_ingest
 
     if not src.exists():
-        _fail(f"source {str(src)!r} does not exist; pass an image folder or a CSV")
+        raise FileNotFoundError(
+            f"source {str(src)!r} does not exist; pass an image folder or a CSV"
+        )
     report = run_ingest(src, out, labels=labels, size=size, strict=strict)
     console.print(
         f"ingested [bold]{report.num_ingested}[/] images into {out} "
@@ -93,14 +136,11 @@ def phantoms(
     from pathloop.phantoms import write_phantoms
 
     if size not in (32, 64):
-        _fail(f"--size must be 32 or 64, got {size}")
+        raise ValueError(f"--size must be 32 or 64, got {size}")
     n_test = per_class // 4 if test_per_class is None else test_per_class
-    try:
-        manifest = write_phantoms(
-            out, per_class, test_per_class=n_test, size=size, seed=seed, label_noise=label_noise
-        )
-    except ValueError as e:  # e.g. --label-noise out of range, checked before anything is written
-        _fail(str(e))
+    manifest = write_phantoms(
+        out, per_class, test_per_class=n_test, size=size, seed=seed, label_noise=label_noise
+    )
     console.print(f"wrote {manifest['num_records']} phantom cells to {out}")
 
 
@@ -131,95 +171,51 @@ def judge(
 
 @app.command()
 def pretrain(
-    config: Path | None = CONFIG,
-    resume: bool = typer.Option(
-        False, help="Continue the run in workdir from its last checkpoint."
-    ),
-    overrides: list[str] | None = OVERRIDES,
+    config: Path | None = CONFIG, resume: bool = RESUME, overrides: list[str] | None = OVERRIDES
 ) -> None:
     """Pretrain the class-conditional diffusion model on Ray Train; log and register in MLflow."""
-    from pathloop.pretrain import PretrainConfig, run_pretrain
-
-    cfg = _load(PretrainConfig, config, overrides)
-    if resume:
-        cfg = cfg.model_copy(update={"resume": True})
-    result = run_pretrain(cfg)
-    console.print_json(json.dumps(result))
+    _print_result(_run("pretrain", config, overrides, resume=resume))
 
 
 @app.command()
-def sample(
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
+def sample(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
     """Sample a synthetic shard set (with provenance per image) from a model path or MLflow URI."""
-    from pathloop.sampling import SampleConfig, run_sample
-
-    cfg = _load(SampleConfig, config, overrides)
-    result = run_sample(cfg)
-    console.print_json(json.dumps(result))
+    _print_result(_run("sample", config, overrides))
 
 
 @app.command()
 def finetune(
     config: Path | None = CONFIG,
     method: str | None = typer.Option(None, help="reward (Eq. 3) or dpo (preference pairs)."),
-    resume: bool = typer.Option(
-        False, help="Continue the run in workdir from its last checkpoint."
-    ),
+    resume: bool = RESUME,
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Finetune a pretrained model with feedback: reward-weighted (Eq. 3) or Diffusion-DPO."""
-    from pathloop.finetune import FinetuneConfig, run_finetune
-
-    extra = [f"method={method}"] if method else []
-    cfg = _load(FinetuneConfig, config, [*(overrides or []), *extra])
-    if resume:
-        cfg = cfg.model_copy(update={"resume": True})
-    try:
-        result = run_finetune(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        _fail(str(err))
-    console.print_json(json.dumps(result))
+    _print_result(_run("finetune", config, overrides, method=method, resume=resume))
 
 
 @app.command()
 def concepts(
-    config: Path | None = CONFIG,
-    resume: bool = typer.Option(
-        False, help="Continue the run in workdir from its last checkpoint."
-    ),
-    overrides: list[str] | None = OVERRIDES,
+    config: Path | None = CONFIG, resume: bool = RESUME, overrides: list[str] | None = OVERRIDES
 ) -> None:
     """New concepts: split a class into subtype classes (e.g. neutrophil → band / segmented)."""
-    from pathloop.concepts import ConceptsConfig, run_concepts
-
-    _run_step(run_concepts, _load(ConceptsConfig, config, overrides), resume)
+    _print_result(_run("concepts", config, overrides, resume=resume))
 
 
 @app.command()
 def reward(
-    config: Path | None = CONFIG,
-    resume: bool = typer.Option(
-        False, help="Continue the run in workdir from its last checkpoint."
-    ),
-    overrides: list[str] | None = OVERRIDES,
+    config: Path | None = CONFIG, resume: bool = RESUME, overrides: list[str] | None = OVERRIDES
 ) -> None:
     """Train the reward model (Eq. 2) on a feedback export on Ray Train; register it."""
-    from pathloop.reward import RewardConfig, run_reward
-
-    _run_step(run_reward, _load(RewardConfig, config, overrides), resume)
+    _print_result(_run("reward", config, overrides, resume=resume))
 
 
 @app.command("guidance-classifier")
 def guidance_classifier(
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
+    config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES
 ) -> None:
     """Train the noise-aware classifier of the classifier-guidance baseline; register it."""
-    from pathloop.classifiers import GuidanceJobConfig, run_guidance_classifier
-
-    _run_step(run_guidance_classifier, _load(GuidanceJobConfig, config, overrides))
+    _print_result(_run("guidance-classifier", config, overrides))
 
 
 # ----------------------------------------------------------------------------- feedback
@@ -231,10 +227,21 @@ app.add_typer(review, name="review")
 STORE = typer.Option("runs/feedback.db", "--store", help="Feedback store: SQLite path or DB URL.")
 
 
-def _store(url: str):
+def _store(url: str, create: bool = False):
+    """The feedback store at ``url``. Only commands that start a store pass ``create``: a
+    mistyped ``--store`` elsewhere is refused, not opened as a new empty database."""
+    from sqlalchemy.exc import ArgumentError, DatabaseError
+
     from pathloop.feedback import FeedbackStore
 
-    return FeedbackStore(url)
+    try:
+        return FeedbackStore(url, create=create)
+    except (ArgumentError, DatabaseError, ModuleNotFoundError) as err:  # bad URL, driver, file
+        reason = str(err).splitlines()[0]
+        raise ValueError(
+            f"cannot open feedback store {url!r}: {reason}; --store takes a SQLite file path or "
+            "a database URL whose driver is installed (e.g. postgresql+psycopg://user@host/db)"
+        ) from None
 
 
 @review.command("create")
@@ -243,8 +250,11 @@ def review_create(
     name: str | None = typer.Option(None, help="Round name."),
     store: str = STORE,
 ) -> None:
-    """Create a review round from a sample shard set; prints the round id."""
-    rid = _store(store).create_round(samples, name=name)
+    """Create a review round from a sample shard set (and the store, if new); prints the id."""
+    from pathloop.data import read_manifest
+
+    read_manifest(samples)  # a bad --samples fails before a new store is created
+    rid = _store(store, create=True).create_round(samples, name=name)
     console.print(f"round [bold]{rid}[/] created from {samples}")
     typer.echo(rid)
 
@@ -254,8 +264,8 @@ def review_rater(
     name: str = typer.Argument(..., help="Rater name (e.g. an e-mail)."),
     store: str = STORE,
 ) -> None:
-    """Add a human rater and print their sign-in token (shown once)."""
-    rid, token = _store(store).add_rater(name)
+    """Add a human rater (creating the store, if new) and print their sign-in token (shown once)."""
+    rid, token = _store(store, create=True).add_rater(name)
     console.print(f"rater {rid} ({name}); token (shown once):")
     typer.echo(token)
 
@@ -265,7 +275,7 @@ def review_judge(round_id: int, store: str = STORE) -> None:
     """Label a round with the phantom judge (the simulated expert)."""
     from pathloop.experts import evaluate_round
 
-    console.print_json(json.dumps(evaluate_round(_store(store), round_id, "judge"), default=str))
+    _print_result(evaluate_round(_store(store), round_id, "judge"))
 
 
 @review.command("mllm")
@@ -285,9 +295,7 @@ def review_mllm(
         opts["base_url"] = base_url
     if checklist:
         opts["checklist"] = str(checklist)
-    console.print_json(
-        json.dumps(evaluate_round(_store(store), round_id, "mllm", **opts), default=str)
-    )
+    _print_result(evaluate_round(_store(store), round_id, "mllm", **opts))
 
 
 @review.command("export")
@@ -305,7 +313,7 @@ def review_export(
 @review.command("stats")
 def review_stats(round_id: int, store: str = STORE) -> None:
     """Per-class progress, plausibility and inter-rater agreement of a round."""
-    console.print_json(json.dumps(_store(store).round_stats(round_id), default=str))
+    _print_result(_store(store).round_stats(round_id))
 
 
 @review.command("labelstudio-export")
@@ -347,17 +355,8 @@ def evaluate(
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """PRDC, FID, train-on-synthetic/test-on-real and plausibility per class; MLflow + HTML."""
-    from pathloop.evaluate import EvaluateConfig, evaluate_models
-
-    cfg = _load(EvaluateConfig, config, overrides)
-    update = {"model": model} if model else {}
-    if baseline:
-        update["baselines"] = tuple(baseline)
-    cfg = EvaluateConfig.model_validate({**cfg.model_dump(), **update})
-    try:
-        result = evaluate_models(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(str(err))
+    baselines = tuple(baseline) if baseline else None
+    result = _run("evaluate", config, overrides, model=model, baselines=baselines)
     console.print(f"report: {result['report']}  (MLflow run {result['run_id']})")
 
 
@@ -376,10 +375,7 @@ def compare(
     from pathloop.evaluate import MAIN_PATTERNS, compare_runs
     from pathloop.report import print_tables, write_csv
 
-    try:
-        header, rows = compare_runs(refs, tracking_uri, tuple(metric or MAIN_PATTERNS))
-    except ValueError as err:
-        _fail(str(err))
+    header, rows = compare_runs(refs, tracking_uri, tuple(metric or MAIN_PATTERNS))
     print_tables([{"title": "compare", "columns": header, "rows": rows}])
     console.print(f"wrote {write_csv(header, rows, out)}")
 
@@ -387,28 +383,14 @@ def compare(
 @app.command()
 def sweep(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
     """Ray Tune sweep over dotted job-config keys (ASHA between Train segments); best.yaml."""
-    from pathloop.config import ConfigError
-    from pathloop.sweep import SweepConfig, run_sweep
-
-    cfg = _load(SweepConfig, config, overrides)
-    try:
-        result = run_sweep(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
+    result = _run("sweep", config, overrides)
     console.print(f"best config: {result['best_config']}  (sweep run {result['sweep_id']})")
 
 
 @app.command()
 def ablation(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
     """Feedback-amount ablation (paper Fig. 4a): reward model + finetuning per fraction."""
-    from pathloop.config import ConfigError
-    from pathloop.sweep import AblationConfig, run_ablation
-
-    cfg = _load(AblationConfig, config, overrides)
-    try:
-        result = run_ablation(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
+    result = _run("ablation", config, overrides)
     console.print(f"rows and plots: {', '.join(result['plots'])}  (run {result['sweep_id']})")
 
 
@@ -430,20 +412,12 @@ def serve_cmd(
 
 
 @app.command()
-def loop(
-    config: Path | None = CONFIG,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
-    """The whole loop: data → pretrain → [review round → feedback → reward → finetune →
+def loop(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
+    r"""The whole loop: data → pretrain → \[review round → feedback → reward → finetune →
     evaluate] × rounds; rerun to resume (finished steps are skipped)."""
-    from pathloop.pipeline import LoopConfig, print_summary, run_loop
+    from pathloop.pipeline import print_summary
 
-    cfg = _load(LoopConfig, config, overrides)
-    try:
-        summary = run_loop(cfg)
-    except (ValueError, KeyError, FileNotFoundError, TimeoutError) as err:
-        _fail(str(err))
-    print_summary(summary)
+    print_summary(_run("loop", config, overrides))
 
 
 @app.command()

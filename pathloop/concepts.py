@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from pathloop.config import (
+    ClassifierConfig,
     Frozen,
     ModelConfig,
     NoiseConfig,
@@ -30,8 +31,20 @@ from pathloop.config import (
     SamplerConfig,
     TrackingConfig,
     WorkersConfig,
+    updated,
 )
-from pathloop.harness import TrainConfig
+from pathloop.harness import (
+    MlflowRun,
+    TrainConfig,
+    WorkerInputs,
+    build_state,
+    finish_run,
+    fit,
+    optimized,
+    prepare_run,
+    train_diffusion,
+    worker_context,
+)
 
 # ----------------------------------------------------------------------------- config
 
@@ -92,8 +105,11 @@ class ConceptsConfig(Frozen):
         None,
         description="Trained Γρ (dir or MLflow URI); None = train one on the shards first.",
     )
-    classifier_arch: str = Field("tiny", description="When training Γρ: preset or timm name.")
-    classifier_steps: int = Field(300, gt=0, description="When training Γρ: optimizer steps.")
+    classifier: ClassifierConfig = Field(
+        default_factory=ClassifierConfig,
+        description="When subtype_classifier is None: the Γρ trained on the shards (the "
+        "independent reader trains the same way with seed + 1).",
+    )
     subtype_weight: float = Field(
         0.1, ge=0, description="λρ: weight of the subtype classifier term L(θ, ρ)."
     )
@@ -130,6 +146,17 @@ class ConceptsConfig(Frozen):
     tracking: TrackingConfig = Field(
         default_factory=lambda: TrackingConfig(register_as="pathloop-concepts")
     )
+
+
+class ConceptsInputs(WorkerInputs):
+    """What ``run_concepts`` hands ``concepts_loop``; ``vocab`` already holds the new classes."""
+
+    cfg: ConceptsConfig = Field(description="The job's config, paths absolute.")
+    pretrained_dir: str = Field(description="Local checkpoint dir of the model to extend.")
+    parent_id: int = Field(description="Class id of the parent whose class row each new copies.")
+    subtypes: list[str] = Field(description="The subtypes added as classes, in id order.")
+    classifier_dir: str = Field(description="The subtype classifier Γρ of the loss term.")
+    data_file: str = Field(description="The driver's .npz of new-class and replay rows.")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -272,30 +299,24 @@ def concepts_loss(cfg: ConceptsConfig, st: Any, clf: Any, data: dict, step: int,
 
 def concepts_loop(config: dict) -> None:
     """Ray Train worker loop: extend the pretrained UNet, then train new classes with replay."""
+    inputs = ConceptsInputs.model_validate(config)
     import numpy as np
-    import ray.train
     import ray.train.torch
 
-    cfg = ConceptsConfig.model_validate(config["cfg"])
     from pathloop.classifiers import load_subtype_classifier
     from pathloop.diffusion import load_checkpoint
-    from pathloop.harness import RankZeroLog, build_state, restore, step_until_done, worker_context
 
-    vocab, rank, world, device = worker_context(cfg, config)
-    start = load_checkpoint(config["pretrained_dir"])  # EMA weights of the pretrained model
-    unet = extend_class_embedding(start.unet, config["parent_id"], len(config["subtypes"]))
-    st = build_state(cfg, len(vocab), device, wrap=ray.train.torch.prepare_model, init_unet=unet)
-    step = restore(st, ray.train.get_checkpoint())
-    clf = load_subtype_classifier(config["classifier_dir"]).to(device).requires_grad_(False)
-    data = dict(np.load(config["data_file"], allow_pickle=False))
-    log = RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
-    step_until_done(
-        cfg,
-        st,
-        step,
-        lambda s: concepts_loss(cfg, st, clf, data, s, rank, world),
-        (rank, vocab, log),
+    cfg = inputs.cfg
+    rank, world, device = worker_context(cfg)
+    start = load_checkpoint(inputs.pretrained_dir)  # EMA weights of the pretrained model
+    unet = extend_class_embedding(start.unet, inputs.parent_id, len(inputs.subtypes))
+    st = build_state(
+        cfg, len(inputs.vocab), device, wrap=ray.train.torch.prepare_model, init_unet=unet
     )
+    clf = load_subtype_classifier(inputs.classifier_dir).to(device).requires_grad_(False)
+    data = dict(np.load(inputs.data_file, allow_pickle=False))
+    loss_fn = lambda s: concepts_loss(cfg, st, clf, data, s, rank, world)  # noqa: E731
+    train_diffusion(cfg, st, inputs, rank, optimized(st, cfg.optim.grad_clip, loss_fn))
 
 
 # ----------------------------------------------------------------------------- driver pieces
@@ -327,16 +348,15 @@ def parent_and_subtypes(cfg: ConceptsConfig, model_vocab: Any, shard_vocab: Any)
 def subtype_classifier_dir(cfg: ConceptsConfig, parent: Any, name: str, seed: int) -> Path:
     """A trained Γρ: ``cfg.subtype_classifier`` when given (for ``name='subtype'``), else one
     trained on the shards into workdir/<name> (reused when resuming)."""
-    from pathloop.classifiers import BackboneConfig, train_subtype_classifier
-    from pathloop.sampling import resolve_model_ref
+    from pathloop.classifiers import train_subtype_classifier
+    from pathloop.tracking import resolve_model_ref
 
     if cfg.subtype_classifier and name == "subtype":
-        return resolve_model_ref(cfg.subtype_classifier, cfg.tracking)[0].resolve()
+        return resolve_model_ref(cfg.subtype_classifier, cfg.tracking)[0]
     out = Path(cfg.workdir) / name
     if cfg.resume and (out / "config.json").exists():
         return out
-    bcfg = BackboneConfig(name=cfg.classifier_arch, steps=cfg.classifier_steps, seed=seed)
-    train_subtype_classifier(cfg.shards, parent.code, out, bcfg)
+    train_subtype_classifier(cfg.shards, parent.code, out, updated(cfg.classifier, seed=seed))
     return out
 
 
@@ -523,26 +543,23 @@ def run_concepts(cfg: ConceptsConfig) -> dict[str, Any]:
     Train, sample and read them, log to MLflow, register; result.json holds the figures."""
     from rich import print as rprint
 
-    from pathloop import tracking
+    from pathloop import storage, tracking
     from pathloop.classifiers import load_subtype_classifier
     from pathloop.data import read_manifest, read_vocab
     from pathloop.diffusion import load_checkpoint
-    from pathloop.harness import finish_run, fit, prepare_run
-    from pathloop.sampling import resolve_model_ref
+    from pathloop.tracking import resolve_model_ref
 
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
-    ckpt_dir = Path(ckpt_dir).resolve()
     start = load_checkpoint(ckpt_dir)
-    shards = str(Path(cfg.shards).resolve())
+    shards = storage.absolute(cfg.shards)
     manifest = read_manifest(shards)
     parent, subtypes = parent_and_subtypes(cfg, start.vocab, read_vocab(shards))
     vocab = start.vocab.with_subclasses(parent.code, subtypes)
-    cfg = cfg.model_copy(
-        update={
-            "shards": shards,
-            "model": ModelConfig.model_validate(start.config["model"]),
-            "noise": start.noise or cfg.noise,
-        }
+    cfg = updated(
+        cfg,
+        shards=shards,
+        model=ModelConfig.model_validate(start.config["model"]),
+        noise=start.noise or cfg.noise,
     )
     judge = cfg.eval.judge if cfg.eval.judge is not None else "phantom" in manifest["sources"]
     tags = {
@@ -554,11 +571,10 @@ def run_concepts(cfg: ConceptsConfig) -> dict[str, Any]:
     cfg, uri, run_id = prepare_run(cfg, "concepts", tags)
 
     # ---- Γρ first (trained on the subtype labels), then the training rows
-    dirs = {"subtype_clf": subtype_classifier_dir(cfg, parent, "subtype", cfg.train.seed)}
+    seed = cfg.classifier.seed
+    dirs = {"subtype_clf": subtype_classifier_dir(cfg, parent, "subtype", seed)}
     if cfg.eval.independent_classifier:
-        dirs["independent_clf"] = subtype_classifier_dir(
-            cfg, parent, "subtype_eval", cfg.train.seed + 1
-        )
+        dirs["independent_clf"] = subtype_classifier_dir(cfg, parent, "subtype_eval", seed + 1)
     clf_subtypes = load_subtype_classifier(dirs["subtype_clf"]).subtypes
     missing = sorted(set(subtypes) - set(clf_subtypes))
     if missing:
@@ -575,20 +591,17 @@ def run_concepts(cfg: ConceptsConfig) -> dict[str, Any]:
     rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith, "classifiers": clf_metrics})
 
     # ---- train
-    ckpt = fit(
-        concepts_loop,
-        cfg,
-        {
-            "cfg": cfg.model_dump(mode="json"),
-            "vocab": vocab.model_dump(mode="json"),
-            "pretrained_dir": str(ckpt_dir),
-            "parent_id": parent.id,
-            "subtypes": list(subtypes),
-            "classifier_dir": str(dirs["subtype_clf"]),
-            "data_file": str(data_file),
-            "mlflow": {"uri": uri, "run_id": run_id},
-        },
+    inputs = ConceptsInputs(
+        cfg=cfg,
+        vocab=vocab,
+        mlflow=MlflowRun(uri=uri, run_id=run_id),
+        pretrained_dir=str(ckpt_dir),
+        parent_id=parent.id,
+        subtypes=list(subtypes),
+        classifier_dir=str(dirs["subtype_clf"]),
+        data_file=str(data_file),
     )
+    ckpt = fit(concepts_loop, inputs)
 
     # ---- sample the new classes and read their subtypes
     ev = evaluate_concepts(

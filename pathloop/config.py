@@ -80,11 +80,16 @@ class SamplerConfig(Frozen):
     )
 
 
-class OptimConfig(Frozen):
-    """AdamW with warm-up, clipping and an EMA of the weights."""
+class AdamWConfig(Frozen):
+    """AdamW at a constant learning rate (what the reward model's head trains with)."""
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 1e-4).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+
+
+class OptimConfig(AdamWConfig):
+    """AdamW with warm-up, clipping and an EMA of the weights."""
+
     warmup_steps: int = Field(100, ge=0, description="Linear LR warm-up steps.")
     schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant",
@@ -94,6 +99,22 @@ class OptimConfig(Frozen):
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay (paper: 0.9999).")
     ema_warmup: bool = Field(True, description="EMA decay ramps up so short runs are usable.")
+
+
+class ClassifierConfig(Frozen):
+    """A timm CNN and how to train it as a classifier: the one shape of every classifier pathloop
+    trains (reward backbone, subtype Γρ, guidance, evaluation features, TSTR; ``classifiers``)."""
+
+    arch: str = Field("tiny", description="Preset (tiny, paper) or any timm model name.")
+    in_px: int | None = Field(
+        None, gt=0, description="Side the network sees; inputs are resized to it. None = data's."
+    )
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(32, gt=0, description="Images per step.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    augment: bool = Field(True, description="Random flips and 90° turns (cells have no up).")
+    seed: int = Field(0, description="Seed of init, batches and augmentation.")
 
 
 class WorkersConfig(Frozen):
@@ -178,10 +199,10 @@ class ConfigError(ValueError):
     """A config could not be built; the message names the key and the fix."""
 
 
-def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+def _format_errors(err: ValidationError, model: type[BaseModel], where: str = "") -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = where + ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             parent = model
             for p in e["loc"][:-1]:
@@ -192,6 +213,42 @@ def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return f"invalid {model.__name__}:\n" + "\n".join(lines)
+
+
+def updated(cfg: C, /, **changes: Any) -> C:
+    """``cfg`` with ``changes`` applied and re-validated: the one way to derive a config.
+
+    Each keyword names a field of ``cfg``. A dict given for a field that holds a model is merged
+    into that model, recursively: ``updated(cfg, data={"shards": s})`` keeps the other fields of
+    ``cfg.data``. Any other value, a model instance included, replaces the field whole. Unchanged
+    values are passed on as they are (nested models are not dumped and rebuilt) and fields left at
+    their defaults stay unset, so validators see the config as if it had been written this way.
+
+    Returns a new, frozen ``type(cfg)``. Raises ConfigError, like ``load_config``: an unknown key
+    names the valid keys at its level, an invalid value says why (``train.steps: ... (got -5)``).
+    """
+    return _updated(cfg, changes, "")
+
+
+def _updated(model: C, changes: dict[str, Any], where: str) -> C:
+    cls = type(model)
+    fields = cls.model_fields
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {where + unknown[0]!r} for {cls.__name__}; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    data = {k: getattr(model, k) for k in model.model_fields_set}
+    for key, value in changes.items():
+        current = getattr(model, key)
+        if isinstance(value, dict) and isinstance(current, BaseModel):
+            value = _updated(current, value, f"{where}{key}.")
+        data[key] = value
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, cls, where)) from None
 
 
 def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from pathloop.config import Frozen, SamplerConfig, TrackingConfig
+from pathloop.config import Frozen, SamplerConfig, TrackingConfig, updated
 from pathloop.metrics import FeatureConfig, TSTRConfig
 
 REAL = "real"
@@ -148,14 +148,14 @@ def sample_dir(cfg: EvaluateConfig, ref: str, uri: str) -> Path:
         num_actors=cfg.num_actors,
         torch_threads=cfg.torch_threads,
         use_gpu=cfg.use_gpu,
-        tracking=cfg.tracking.model_copy(update={"tracking_uri": uri}),
+        tracking=updated(cfg.tracking, tracking_uri=uri),
     )
     key = hashlib.sha256(
         sc.model_dump_json(exclude={"out", "tracking", "torch_threads"}).encode()
     ).hexdigest()[:10]
     out = Path(cfg.workdir) / "samples" / key
     if not (out / "manifest.json").is_file():
-        run_sample(sc.model_copy(update={"out": str(out)}))
+        run_sample(updated(sc, out=str(out)))
     return out
 
 
@@ -354,8 +354,8 @@ def _measure(cfg: EvaluateConfig, labels: dict[str, str], uri: str, advance: Any
         "tstr": tstr,
         "plausibility": plaus,
         "grids": _grids(cfg, vocab, {REAL: real["train"], **samples}),
-        "notes": f"{cfg.per_class} samples per class; features: {cfg.features.name}; "
-        f"reference: real {cfg.fidelity.reference_split} split; TSTR: {cfg.tstr.name}.",
+        "notes": f"{cfg.per_class} samples per class; features: {cfg.features.arch}; "
+        f"reference: real {cfg.fidelity.reference_split} split; TSTR: {cfg.tstr.arch}.",
     }
 
 
@@ -364,11 +364,11 @@ def evaluate_models(cfg: EvaluateConfig) -> dict[str, Any]:
     and writes ``report.html``, ``metrics.json`` and ``result.json`` into the workdir."""
     from rich.progress import Progress
 
-    from pathloop import report, tracking
+    from pathloop import report, storage, tracking
     from pathloop.config import dump_config
 
-    workdir = Path(cfg.workdir).resolve()
-    cfg = cfg.model_copy(update={"workdir": str(workdir), "real": str(Path(cfg.real).resolve())})
+    workdir = Path(storage.absolute(cfg.workdir))
+    cfg = updated(cfg, workdir=str(workdir), real=storage.absolute(cfg.real))
     labels = model_labels(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir / "config.yaml")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pathloop.config import Frozen
+from pathloop.config import Frozen, updated
 from pathloop.vocab import BONE_MARROW_16, CRITERIA, ClassInfo, Vocabulary
 
 if TYPE_CHECKING:
@@ -483,7 +483,7 @@ class MLLMEvaluator:
         note = (
             f"{len(failures)} of {len(answers)} queries failed: {failures[-1]}" if failures else ""
         )
-        return verdict.model_copy(update={"reason": note, "usage": dict(usage)})
+        return updated(verdict, reason=note, usage=dict(usage))
 
 
 # ----------------------------------------------------------------------------- registry

@@ -143,8 +143,16 @@ def aggregate_labels(labels: Sequence[Label], how: str = "majority") -> dict:
 class FeedbackStore:
     """Rounds, raters and labels in one database; see the module docstring for the schema."""
 
-    def __init__(self, url: str | Path) -> None:
+    def __init__(self, url: str | Path, create: bool = True) -> None:
+        """Open the store at ``url``; ``create=False`` refuses a SQLite file that does not exist
+        (a mistyped path would otherwise become a new, empty store)."""
         self.url = normalise_url(url)
+        path = self.url.removeprefix("sqlite:///")
+        if not create and path != self.url and path != ":memory:" and not Path(path).exists():
+            raise FileNotFoundError(
+                f"no feedback store at {path}; check the path, or create the store with "
+                "`pathloop review create --samples <shard set> --store <path>`"
+            )
         self.engine = make_engine(self.url)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(
@@ -230,7 +238,9 @@ class FeedbackStore:
         rnd = s.get(RoundRow, round_id)
         if rnd is None:
             ids = s.scalars(select(RoundRow.id).order_by(RoundRow.id)).all()
-            raise FeedbackError(f"unknown round {round_id!r}; existing rounds: {some_of(ids)}")
+            raise FeedbackError(
+                f"unknown round {round_id!r}; existing rounds: {some_of(ids) or 'none'}"
+            )
         return rnd
 
     def round_info(self, round_id: int) -> RoundInfo:

@@ -24,16 +24,18 @@ from pathloop.config import (
     SamplerConfig,
     TrackingConfig,
     WorkersConfig,
+    updated,
 )
 from pathloop.harness import (
-    RankZeroLog,
+    MlflowRun,
     TrainConfig,
+    WorkerInputs,
     build_state,
     finish_run,
     fit,
+    optimized,
     prepare_run,
-    restore,
-    step_until_done,
+    train_diffusion,
     worker_context,
 )
 
@@ -84,6 +86,16 @@ class FinetuneConfig(Frozen):
     scaling: WorkersConfig = Field(default_factory=WorkersConfig)
     tracking: TrackingConfig = Field(
         default_factory=lambda: TrackingConfig(register_as="pathloop-finetune")
+    )
+
+
+class FinetuneInputs(WorkerInputs):
+    """What ``run_finetune`` hands ``finetune_loop``."""
+
+    cfg: FinetuneConfig = Field(description="The job's config, paths absolute.")
+    pretrained_dir: str = Field(description="Local checkpoint dir of the model to start from.")
+    data_file: str = Field(
+        description="The driver's .npz: synthetic images, their weights or pairs, real rows."
     )
 
 
@@ -225,32 +237,30 @@ def finetune_loop(config: dict) -> None:
     """Ray Train worker loop for finetuning. Data are small (a review round and the real train
     split), so each worker holds them in memory; rows are drawn per step from the seeded global
     draw and sliced by rank, as in pretraining."""
+    inputs = FinetuneInputs.model_validate(config)
     import copy
 
     import numpy as np
-    import ray.train
     import ray.train.torch
     import torch
 
-    cfg = FinetuneConfig.model_validate(config["cfg"])
     from pathloop.diffusion import load_checkpoint
 
-    vocab, rank, world, device = worker_context(cfg, config)
-    start = load_checkpoint(config["pretrained_dir"])  # EMA weights of the pretrained model
+    cfg = inputs.cfg
+    rank, world, device = worker_context(cfg)
+    start = load_checkpoint(inputs.pretrained_dir)  # EMA weights of the pretrained model
     ref = copy.deepcopy(start.unet).eval().requires_grad_(False) if cfg.method == "dpo" else None
     ref = ref.to(device) if ref is not None else None  # the frozen reference beside the model
     st = build_state(
-        cfg, len(vocab), device, wrap=ray.train.torch.prepare_model, init_unet=start.unet
+        cfg, len(inputs.vocab), device, wrap=ray.train.torch.prepare_model, init_unet=start.unet
     )
-    step = restore(st, ray.train.get_checkpoint())
-    data = dict(np.load(config["data_file"], allow_pickle=False))
-    log = RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
+    data = dict(np.load(inputs.data_file, allow_pickle=False))
 
     def loss_fn(s: int) -> tuple[Any, dict]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=st.autocast):
             return finetune_loss(cfg, st, ref, data, s, rank, world), {}
 
-    step_until_done(cfg, st, step, loss_fn, (rank, vocab, log))
+    train_diffusion(cfg, st, inputs, rank, optimized(st, cfg.optim.grad_clip, loss_fn))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -261,8 +271,6 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
     import numpy as np
 
     from pathloop.data import load_arrays, load_image_table
-
-    pass
 
     images, class_ids, cols = load_image_table(cfg.synthetic)
     scores = None
@@ -329,8 +337,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Driver: resolve the pretrained model, cache rewards or build pairs, fit, register."""
     from rich import print as rprint
 
+    from pathloop import storage
     from pathloop.diffusion import load_checkpoint
-    from pathloop.sampling import resolve_model_ref
+    from pathloop.tracking import resolve_model_ref
 
     if cfg.method == "reward" and not cfg.reward_model:
         raise ValueError(
@@ -345,17 +354,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)
-    abs_ = {
-        k: str(Path(v).resolve())
-        for k in ("synthetic", "real")
-        if (v := getattr(cfg, k)) and "://" not in v
-    }
-    cfg = cfg.model_copy(
-        update={
-            **abs_,
-            "model": ModelConfig.model_validate(start.config["model"]),
-            "noise": start.noise or cfg.noise,
-        }
+    # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
+    abs_ = {k: storage.absolute(v) for k in ("synthetic", "real") if (v := getattr(cfg, k))}
+    cfg = updated(
+        cfg,
+        **abs_,
+        model=ModelConfig.model_validate(start.config["model"]),
+        noise=start.noise or cfg.noise,
     )
     if cfg.train.batch_size % cfg.scaling.num_workers:
         raise ValueError(
@@ -373,15 +378,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     data_file = Path(cfg.workdir) / "finetune_data.npz"
     stats = _finetune_data(cfg, start.vocab, data_file)
     rprint({"config": cfg.model_dump(mode="json"), "data": stats})
-    ckpt = fit(
-        finetune_loop,
-        cfg,
-        {
-            "cfg": cfg.model_dump(mode="json"),
-            "vocab": start.vocab.model_dump(mode="json"),
-            "pretrained_dir": str(Path(ckpt_dir).resolve()),
-            "data_file": str(data_file),
-            "mlflow": {"uri": uri, "run_id": run_id},
-        },
+    inputs = FinetuneInputs(
+        cfg=cfg,
+        vocab=start.vocab,
+        mlflow=MlflowRun(uri=uri, run_id=run_id),
+        pretrained_dir=str(ckpt_dir),
+        data_file=str(data_file),
     )
+    ckpt = fit(finetune_loop, inputs)
     return finish_run(cfg, uri, run_id, ckpt, {"data": stats, "lineage": tags})

@@ -2,10 +2,11 @@
 and the Ray Train run (``prepare_run`` / ``fit`` / ``finish_run``).
 
 Each job module (``pretrain``, ``finetune``, ``reward``, ``concepts``) holds its config, its
-worker loop and its driver, and builds them from these pieces. Randomness of a step (noise,
-timesteps, class dropout) is drawn for the *global* batch from one generator seeded by
-(seed, step) and sliced by rank, so N workers compute exactly what 1 worker would on the same
-data.
+``WorkerInputs``, its worker loop and its driver, and builds them from these pieces: a worker
+loop validates its inputs, builds its state and hands ``step_until_done`` one step, a ``save``
+and a ``load`` (``restore``) of its checkpoint. Randomness of a step (noise, timesteps, class
+dropout) is drawn for the *global* batch from one generator seeded by (seed, step) and sliced
+by rank, so N workers compute exactly what 1 worker would on the same data.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,10 @@ from pydantic import Field
 
 from pathloop.config import (
     Frozen,
+    updated,
 )
 from pathloop.data import AugmentConfig
+from pathloop.vocab import Vocabulary
 
 # --------------------------------------------------------------- configs every diffusion job shares
 
@@ -51,16 +55,13 @@ class DataConfig(Frozen):
     )
 
 
-class TrainConfig(Frozen):
-    """Step arithmetic, logging cadence and the GPU path."""
+class StepsConfig(Frozen):
+    """What the shared step loop reads: step arithmetic, report and checkpoint cadence."""
 
     steps: int = Field(2000, gt=0, description="Total optimizer steps (resume runs up to this).")
     batch_size: int = Field(64, gt=0, description="Global batch; must divide by num_workers.")
     seed: int = Field(0, description="Seed of init and of per-step noise.")
     log_every: int = Field(25, gt=0, description="Steps between metric reports.")
-    sample_every: int = Field(
-        500, ge=0, description="Steps between preview grids; 0 = only at end."
-    )
     checkpoint_every: int = Field(500, gt=0, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
     storage: str | None = Field(
@@ -68,13 +69,21 @@ class TrainConfig(Frozen):
         description="Where Ray Train keeps checkpoints and run state: a path or pyarrow.fs URI "
         "(s3://bucket/prefix, gs://..., file://...) every node reaches; None = <workdir>/ray.",
     )
+    fail_at_step: int | None = Field(
+        None, description="Fault injection for tests: raise once at this step (marker in workdir)."
+    )
+
+
+class TrainConfig(StepsConfig):
+    """The step loop of a diffusion job, with its preview grids and the GPU path."""
+
+    sample_every: int = Field(
+        500, ge=0, description="Steps between preview grids; 0 = only at end."
+    )
     preview_per_class: int = Field(4, ge=1, description="Images per class in preview grids.")
     bf16: bool = Field(True, description="bf16 autocast (CUDA only).")
     channels_last: bool = Field(True, description="channels_last memory format (CUDA only).")
     compile: bool = Field(False, description="torch.compile the UNet (CUDA recommended).")
-    fail_at_step: int | None = Field(
-        None, description="Fault injection for tests: raise once at this step (marker in workdir)."
-    )
 
 
 # ----------------------------------------------------------------------------- one train step
@@ -228,51 +237,84 @@ def epochs_in_background(make_epoch: Any, depth: int = 8) -> Any:
         stop.set()
 
 
-# ------------------------------------------------------ the step loop: restore, report, checkpoints
+# ------------------------------------------------------------------ what a worker loop receives
 
 
-def worker_context(cfg: Any, config: dict) -> tuple[Any, int, int, Any]:
-    """First lines of a Ray Train worker loop: (vocabulary from ``config["vocab"]``, rank, world
-    size, device); sets torch's thread count from the job's scaling."""
+class MlflowRun(Frozen):
+    """The MLflow run a job's rank 0 logs to."""
+
+    uri: str = Field(description="Tracking URI of the run's store.")
+    run_id: str = Field(description="The run's id.")
+
+
+class WorkerInputs(Frozen):
+    """What a driver hands its Ray Train workers, as one typed payload: it crosses as a dict
+    (``train_loop_config``) and the first line of each worker loop re-validates it. Each job
+    subclasses it with its config as ``cfg`` and the inputs its driver prepared."""
+
+    vocab: Vocabulary = Field(description="The classes the model's labels index.")
+    mlflow: MlflowRun | None = Field(None, description="Run rank 0 logs to; None = no MLflow.")
+
+
+def worker_context(cfg: Any) -> tuple[int, int, Any]:
+    """(rank, world size, device) of this Ray Train worker; sets torch's thread count from the
+    job's scaling."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from pathloop.vocab import Vocabulary
-
     ctx = ray.train.get_context()
     torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
-    return (
-        Vocabulary.model_validate(config["vocab"]),
-        ctx.get_world_rank(),
-        ctx.get_world_size(),
-        ray.train.torch.get_device(),
-    )
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-def step_until_done(cfg: Any, st: StepState, step: int, loss_fn: Any, where: tuple) -> None:
-    """Optimizer steps on ``loss_fn(step) -> (loss, extra metrics)`` from ``step`` up to
-    ``cfg.train.steps`` (data held in memory), with windowed metrics, fault injection, reports
-    and checkpoints; ``where`` is (rank, vocab, RankZeroLog)."""
-    rank, vocab, log = where
+# ------------------------------------------------------ the step loop: restore, report, checkpoints
+
+Save = Callable[[str, int, dict], None]  # (empty dir, step, metrics): rank 0 writes a checkpoint
+Load = Callable[[str], int]  # (checkpoint dir) -> its step, after loading what it holds
+
+
+def step_until_done(
+    cfg: Any,
+    step: int,
+    one_step: Callable[[int, Any], tuple[float, dict]],
+    log: RankZeroLog,
+    save: Save,
+    *,
+    batches: Iterator | None = None,
+    lr: Callable[[], float] | None = None,
+    measure: Callable[[], dict] | None = None,
+) -> None:
+    """The step loop of every training job, from ``step`` up to ``cfg.train.steps``.
+
+    ``one_step(step, batch) -> (loss, extra metrics)`` makes one optimizer step on the next of
+    ``batches`` (None: the step draws its rows from data held in memory). Every
+    ``train.log_every`` steps the window's mean loss and extras are reported with images/s, the
+    fraction of time spent waiting for data and ``lr()``; ``report`` checkpoints with ``save``
+    on schedule, adding ``measure()``'s metrics. Raises once at ``train.fail_at_step``."""
     parts: list[dict] = []
+    t_wait = t_total = 0.0
     t0 = time.perf_counter()
     while step < cfg.train.steps:
-        loss, extra = loss_fn(step)
-        parts.append({"loss": optimizer_step(st, loss, cfg.optim.grad_clip), **extra})
+        batch = next(batches) if batches is not None else None
+        t1 = time.perf_counter()
+        loss, extra = one_step(step, batch)
+        parts.append({"loss": loss, **extra})
         step += 1
         maybe_inject_failure(cfg, step)
+        t_wait, t_total = t_wait + (t1 - t0), t_total + (time.perf_counter() - t0)
         metrics = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            dt = time.perf_counter() - t0
             metrics = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
             metrics.update(
                 step=step,
-                data_wait_frac=0.0,
-                images_per_s=cfg.train.batch_size * len(parts) / max(dt, 1e-9),
+                images_per_s=cfg.train.batch_size * len(parts) / max(t_total, 1e-9),
+                data_wait_frac=t_wait / max(t_total, 1e-9),
+                **({"lr": lr()} if lr else {}),
             )
-            parts, t0 = [], time.perf_counter()
-        report(cfg, st, step, metrics, rank, vocab, log)
+            parts, t_wait, t_total = [], 0.0, 0.0
+        report(cfg, step, metrics, log, save, measure)
+        t0 = time.perf_counter()  # checkpoints and previews are not training time
 
 
 def maybe_inject_failure(cfg: Any, step: int) -> None:
@@ -284,57 +326,43 @@ def maybe_inject_failure(cfg: Any, step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 
-def restore(st: StepState, checkpoint) -> int:
-    """Load UNet, EMA and optimizer from a Ray checkpoint; return its step (0 if none)."""
+def restore(load: Load) -> int:
+    """The step of the run's newest Ray checkpoint, read back with ``load``; 0 when the run has
+    none (a fresh start)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
-
-    from pathloop.diffusion import load_checkpoint
-
     with checkpoint.as_directory() as d:
-        ck = load_checkpoint(d, ema=False)
-        st.raw.load_state_dict(ck.raw_unet.state_dict())
-        if ck.ema is not None:
-            st.ema.load_state_dict(ck.ema.state_dict())
-        if ck.optimizer_state is not None:
-            st.opt.load_state_dict(ck.optimizer_state)
-        with warnings.catch_warnings():  # stepping before any optimizer.step() is intended here
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            for _ in range(ck.step):  # keep the warm-up position
-                st.lr_sched.step()
-        return ck.step
+        return load(d)
 
 
-def report(cfg, st, step, metrics, rank, vocab, log) -> None:
-    """Report metrics every log step; checkpoint (rank 0 writes) on schedule. All ranks call."""
-
-    from pathloop.diffusion import save_checkpoint
-
+def report(
+    cfg: Any,
+    step: int,
+    metrics: dict | None,
+    log: RankZeroLog,
+    save: Save,
+    measure: Callable[[], dict] | None = None,
+) -> None:
+    """After each step, on every rank: the window's metrics every log step and, on schedule, a
+    checkpoint that rank 0 writes with ``save`` after adding ``measure()``'s metrics (the
+    reward model's held-out AUC) to the report; rank 0 also draws the previews that are due."""
     last = step >= cfg.train.steps
     want_ckpt = step % cfg.train.checkpoint_every == 0 or last
     if metrics is None and not want_ckpt:
         return
-    if rank == 0 and metrics:
+    metrics = dict(metrics or {"step": step})
+    if log.rank == 0:
+        if want_ckpt and measure is not None:
+            metrics.update(measure())
         log.metrics(metrics, step)
-    if rank == 0 and (last or (cfg.train.sample_every and step % cfg.train.sample_every == 0)):
-        log.preview(st, step)
-    report_step(
-        metrics or {"step": step},
-        want_ckpt,
-        rank,
-        lambda tmp: save_checkpoint(
-            tmp,
-            st.raw,
-            ema_unet=st.ema,
-            optimizer=st.opt,
-            step=step,
-            config=cfg.model_dump(mode="json"),
-            vocab=vocab,
-        ),
-    )
+        log.preview(step)
+    report_step(metrics, want_ckpt, log.rank, lambda tmp: save(tmp, step, metrics))
 
 
-def report_step(metrics: dict, want_ckpt: bool, rank: int, save: Any) -> None:
+def report_step(metrics: dict, want_ckpt: bool, rank: int, save: Callable[[str], None]) -> None:
     """Every rank reports; with a checkpoint due, rank 0 writes it with ``save(tmp_dir)``."""
     import tempfile
 
@@ -349,6 +377,60 @@ def report_step(metrics: dict, want_ckpt: bool, rank: int, save: Any) -> None:
             save(tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+def unet_checkpoints(cfg: Any, st: StepState, vocab: Any) -> tuple[Save, Load]:
+    """``(save, load)`` of a diffusion job's checkpoint: UNet, EMA and optimizer, the step, the
+    job's config and the class vocabulary, so that its directory alone reloads the model."""
+    from pathloop.diffusion import load_checkpoint, save_checkpoint
+
+    def save(tmp: str, step: int, _metrics: dict) -> None:
+        config = cfg.model_dump(mode="json")
+        save_checkpoint(
+            tmp, st.raw, ema_unet=st.ema, optimizer=st.opt, step=step, config=config, vocab=vocab
+        )
+
+    def load(d: str) -> int:
+        ck = load_checkpoint(d, ema=False)
+        st.raw.load_state_dict(ck.raw_unet.state_dict())
+        if ck.ema is not None:
+            st.ema.load_state_dict(ck.ema.state_dict())
+        if ck.optimizer_state is not None:
+            st.opt.load_state_dict(ck.optimizer_state)
+        with warnings.catch_warnings():  # stepping before any optimizer.step() is intended here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for _ in range(ck.step):  # keep the warm-up position
+                st.lr_sched.step()
+        return ck.step
+
+    return save, load
+
+
+def optimized(st: StepState, grad_clip: float, loss_fn: Callable[[int], tuple[Any, dict]]):
+    """``step_until_done``'s ``one_step`` for a loss drawn from data held in memory:
+    ``loss_fn(step) -> (loss, extra metrics)``, then backward and the optimizer step."""
+
+    def one_step(step: int, _batch: None) -> tuple[float, dict]:
+        loss, extra = loss_fn(step)
+        return optimizer_step(st, loss, grad_clip), extra
+
+    return one_step
+
+
+def train_diffusion(
+    cfg: Any,
+    st: StepState,
+    inputs: WorkerInputs,
+    rank: int,
+    one_step: Callable[[int, Any], tuple[float, dict]],
+    batches: Iterator | None = None,
+) -> None:
+    """The rest of a diffusion job's worker loop once its state is built: restore the newest
+    checkpoint, then step with UNet checkpoints, preview grids and the LR in the metrics."""
+    save, load = unet_checkpoints(cfg, st, inputs.vocab)
+    log = RankZeroLog(cfg, inputs.mlflow, rank, st, inputs.vocab)
+    lr = lambda: st.lr_sched.get_last_lr()[0]  # noqa: E731
+    step_until_done(cfg, restore(load), one_step, log, save, batches=batches, lr=lr)
 
 
 # ----------------------------------------------------------------------------- rank-0 logging
@@ -383,36 +465,54 @@ def say(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
 
 
-class RankZeroLog:
-    """Metrics and preview grids to MLflow and stdout, from rank 0 only."""
+def describe(metrics: dict) -> str:
+    """A progress line's metrics: loss, images/s and data wait as people read them, the rest
+    as ``name value``."""
+    formats = {
+        "loss": "loss {:.4f}",
+        "images_per_s": "{:.1f} img/s",
+        "data_wait_frac": "data-wait {:.1%}",
+    }
+    return " ".join(formats.get(k, k + " {:.4g}").format(v) for k, v in metrics.items())
 
-    def __init__(self, cfg: Any, mlflow_info: dict | None, rank: int, vocab) -> None:
-        self.cfg, self.info, self.rank, self.vocab = cfg, mlflow_info, rank, vocab
+
+class RankZeroLog:
+    """Metrics to MLflow and stdout and, for a diffusion job (``st`` given), preview grids on
+    ``train.sample_every`` and at the end; from rank 0 only."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        mlflow: MlflowRun | None,
+        rank: int,
+        st: StepState | None = None,
+        vocab: Any = None,
+    ) -> None:
+        self.cfg, self.mlflow, self.rank, self.st, self.vocab = cfg, mlflow, rank, st, vocab
 
     def metrics(self, m: dict, step: int) -> None:
         from pathloop import tracking
 
-        say(
-            f"[{self.cfg.name}] step {step}/{self.cfg.train.steps} loss {m['loss']:.4f} "
-            f"{m['images_per_s']:.1f} img/s data-wait {m['data_wait_frac']:.1%}"
-        )
-        if self.info:
-            tracking.log_metrics(
-                self.info["uri"],
-                self.info["run_id"],
-                {k: v for k, v in m.items() if k != "step"},
-                step,
-            )
+        shown = {k: v for k, v in m.items() if k != "step"}
+        if self.rank != 0 or not shown:
+            return
+        say(f"[{self.cfg.name}] step {step}/{self.cfg.train.steps} {describe(shown)}")
+        if self.mlflow:
+            tracking.log_metrics(self.mlflow.uri, self.mlflow.run_id, shown, step)
 
-    def preview(self, st: StepState, step: int) -> None:
+    def preview(self, step: int) -> None:
         from pathloop import tracking
         from pathloop.diffusion import ema_copy
         from pathloop.viz import class_samples, samples_grid
 
+        if self.rank != 0 or self.st is None:
+            return
+        every, last = self.cfg.train.sample_every, step >= self.cfg.train.steps
+        if not (last or (every and step % every == 0)):
+            return
         per_class = self.cfg.train.preview_per_class
-        images, ids = class_samples(
-            ema_copy(st.raw, st.ema), self.cfg.noise, self.vocab, self.cfg.preview, per_class
-        )
+        unet = ema_copy(self.st.raw, self.st.ema)
+        images, ids = class_samples(unet, self.cfg.noise, self.vocab, self.cfg.preview, per_class)
         out = Path(self.cfg.workdir) / "previews" / f"step_{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         samples_grid(images, self.vocab, per_class).save(out)
@@ -422,13 +522,10 @@ class RankZeroLog:
                 f"[{self.cfg.name}] step {step}: the phantom judge passes "
                 f"{rates['judge_plausible']:.2f} of {len(images)} preview samples"
             )
-        if self.info:
-            tracking.log_artifact(self.info["uri"], self.info["run_id"], out, "samples")
+        if self.mlflow:
+            tracking.log_artifact(self.mlflow.uri, self.mlflow.run_id, out, "samples")
             if rates:
-                tracking.log_metrics(self.info["uri"], self.info["run_id"], rates, step)
-
-    def close(self) -> None:
-        pass
+                tracking.log_metrics(self.mlflow.uri, self.mlflow.run_id, rates, step)
 
 
 # ----------------------------------------------------------------------------- the Ray Train run
@@ -442,8 +539,8 @@ def prepare_run(cfg: Any, step: str, tags: dict[str, str]) -> tuple[Any, str, st
     """
     from pathloop import storage
 
-    workdir = Path(cfg.workdir).resolve()
-    cfg = cfg.model_copy(update={"workdir": str(workdir)})
+    workdir = Path(storage.absolute(cfg.workdir))
+    cfg = updated(cfg, workdir=str(workdir))
     run_dir, state_file = storage.join(ray_storage(cfg), cfg.name), workdir / "run.json"
     if storage.is_dir(run_dir) and not cfg.resume:
         raise FileExistsError(
@@ -461,11 +558,11 @@ def start_tracked_run(
 ) -> tuple[Any, str, str]:
     """The workdir made absolute and created, the resolved config saved there as config.yaml,
     and an MLflow run (a new one, or ``run_id`` reopened). Returns (cfg, tracking URI, run id)."""
-    from pathloop import tracking
+    from pathloop import storage, tracking
     from pathloop.config import dump_config
 
-    workdir = Path(cfg.workdir).resolve()
-    cfg = cfg.model_copy(update={"workdir": str(workdir)})
+    workdir = Path(storage.absolute(cfg.workdir))
+    cfg = updated(cfg, workdir=str(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, workdir / "config.yaml")
     uri = tracking.resolve_uri(cfg.tracking, workdir)
@@ -496,8 +593,9 @@ def local_checkpoint(ckpt: Any, workdir: str | Path) -> Path:
     return Path(ckpt.to_directory(str(Path(workdir) / "final_checkpoint")))
 
 
-def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) -> Path:
-    """Run ``loop`` on a TorchTrainer with the job's scaling, failure and checkpoint settings.
+def fit(loop: Any, inputs: WorkerInputs, datasets: dict | None = None) -> Path:
+    """Run ``loop`` on a TorchTrainer with ``inputs`` (a job's ``WorkerInputs``, its config as
+    ``inputs.cfg``) and the job's scaling, failure and checkpoint settings.
 
     Resume needs nothing here: Train V2 restores a run's checkpoint manager from its storage
     (same name and storage_path), so ``get_checkpoint()`` in the loop returns the newest one.
@@ -509,11 +607,12 @@ def fit(loop: Any, cfg: Any, loop_config: dict, datasets: dict | None = None) ->
 
     from pathloop import storage
 
+    cfg = inputs.cfg
     fs, path = storage.resolve(ray_storage(cfg))
     ray.init(ignore_reinit_error=True)
     trainer = TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config=inputs.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

@@ -17,6 +17,8 @@ complex square roots). **TSTR** trains a classifier on synthetic images and test
 test split (macro F1, accuracy, macro precision/recall, one-vs-rest AUC), and MAGIC's settings:
 real + synthetic and few-shot. **Plausibility** per class comes with Wilson intervals, from the
 feedback store, a feedback export, an evaluator (judge, MLLM) or the reward model.
+Paired comparisons of experiment arms on the same images (McNemar, seeds x images bootstrap,
+per class and per criterion) live in ``pathloop.stats``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pathloop.classifiers import BackboneConfig
+from pathloop.config import ClassifierConfig, updated
 from pathloop.vocab import Vocabulary
 
 # Evaluation presets; any other timm name is accepted (never with hub weights). The feature
@@ -60,23 +62,20 @@ def _device(device: str | None) -> torch.device:
 # ----------------------------------------------------------------------------- classifiers
 
 
-class FeatureConfig(BackboneConfig):
+class FeatureConfig(ClassifierConfig):
     """The evaluation classifier: another architecture and seed than the reward backbone."""
 
-    name: str = Field(
+    arch: str = Field(
         "tiny", description="Preset (tiny: test_efficientnet, paper: resnet50) or a timm name."
     )
     seed: int = Field(1, description="Seed of init, batches and augmentation (reward: 0).")
 
 
-ClassifierConfig = FeatureConfig  # the earlier name, still imported by sweep.py
-
-
-def _resolved(cfg: BackboneConfig, presets: dict[str, str]) -> BackboneConfig:
+def _resolved(cfg: ClassifierConfig, presets: dict[str, str]) -> ClassifierConfig:
     """``cfg`` with its preset replaced by the timm model name (checked to exist)."""
     from pathloop.classifiers import timm_name
 
-    return cfg.model_copy(update={"name": timm_name(presets.get(cfg.name, cfg.name))})
+    return updated(cfg, arch=timm_name(presets.get(cfg.arch, cfg.arch)))
 
 
 def as_input(images: Any, px: int) -> torch.Tensor:
@@ -93,7 +92,7 @@ def as_input(images: Any, px: int) -> torch.Tensor:
 
 
 def train_classifier(
-    x: torch.Tensor, y: np.ndarray, num_classes: int, cfg: BackboneConfig, presets: dict
+    x: torch.Tensor, y: np.ndarray, num_classes: int, cfg: ClassifierConfig, presets: dict
 ) -> Any:
     """A fresh timm ``Backbone`` (preset names looked up in ``presets``) fitted with
     cross-entropy on x (N, 3, H, W), y (N,)."""
@@ -101,7 +100,7 @@ def train_classifier(
 
     bcfg = _resolved(cfg, presets)
     torch.manual_seed(bcfg.seed)
-    bb = build_backbone(bcfg.name, num_classes, bcfg.in_px or x.shape[-1])
+    bb = build_backbone(bcfg.arch, num_classes, bcfg.in_px or x.shape[-1])
     fit_classifier(bb, x, torch.as_tensor(y, dtype=torch.long), bcfg)
     return bb.eval()
 
@@ -275,10 +274,10 @@ def take_per_class(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
-class TSTRConfig(BackboneConfig):
+class TSTRConfig(ClassifierConfig):
     """Train on synthetic (and/or real), test on the real test split."""
 
-    name: str = Field("tiny", description="Preset (tiny: test_resnet, paper: ResNeXt-50) or timm.")
+    arch: str = Field("tiny", description="Preset (tiny: test_resnet, paper: ResNeXt-50) or timm.")
     seed: int = Field(2, description="Seed of init, batches, augmentation and subsets.")
     synthetic_per_class: int = Field(
         128, gt=0, description="Synthetic training images per class (paper: 128)."

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field
 from rich.console import Console
 
-from pathloop.config import Frozen, SamplerConfig, TrackingConfig
+from pathloop.config import Frozen, SamplerConfig, TrackingConfig, updated
 from pathloop.evaluate import EvaluateConfig
 from pathloop.finetune import FinetuneConfig
 from pathloop.pretrain import PretrainConfig
@@ -132,13 +132,12 @@ class _Steps:
 
     def tracking(self, sub: TrackingConfig, run_name: str) -> TrackingConfig:
         """A step's tracking settings: the loop's store, experiment and parent run."""
-        return sub.model_copy(
-            update={
-                "tracking_uri": self.uri,
-                "experiment": self.cfg.tracking.experiment,
-                "parent_run_id": self.parent,
-                "run_name": run_name,
-            }
+        return updated(
+            sub,
+            tracking_uri=self.uri,
+            experiment=self.cfg.tracking.experiment,
+            parent_run_id=self.parent,
+            run_name=run_name,
         )
 
     def run(self, title: str, done: Path, fn: Callable[[], Any]) -> bool:
@@ -155,9 +154,7 @@ class _Steps:
 
 def _training(sub: Any, workdir: Path, **update: Any) -> Any:
     """A training step's config at ``workdir``, resuming when a killed run left checkpoints."""
-    return sub.model_copy(
-        update={"workdir": str(workdir), "resume": (workdir / "ray").exists(), **update}
-    )
+    return updated(sub, workdir=str(workdir), resume=(workdir / "ray").exists(), **update)
 
 
 def _result(workdir: Path) -> dict:
@@ -263,7 +260,7 @@ def sample_set(
     from pathloop.sampling import SampleConfig, run_sample
 
     update = {"seed": seed} | ({"guidance": guidance} if guidance is not None else {})
-    sampler = steps.cfg.round.sampler.model_copy(update=update)
+    sampler = updated(steps.cfg.round.sampler, **update)
     steps.run(
         title,
         out / "manifest.json",
@@ -355,25 +352,22 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
     if r > 1:
         first, last = (_result(wd.parent / f"round{k}/evaluate") for k in (1, r - 1))
         if not features.path:
-            features = features.model_copy(
-                update={"path": str(wd.parent / "round1/evaluate/features")}
-            )
+            features = updated(features, path=str(wd.parent / "round1/evaluate/features"))
         baselines = (first["samples"]["baseline"], last["samples"]["model"])
         names = ("pretrained", f"round{r - 1}")
     steps.run(
         f"round {r}: evaluate (before vs after)",
         ev_wd / "result.json",
         lambda: evaluate_models(
-            cfg.evaluate.model_copy(
-                update={
-                    "workdir": str(ev_wd),
-                    "real": str(shards),
-                    "model": finetuned["checkpoint"],
-                    "baselines": baselines,
-                    "baseline_labels": names,
-                    "features": features,
-                    "tracking": steps.tracking(cfg.evaluate.tracking, f"round{r}-evaluate"),
-                }
+            updated(
+                cfg.evaluate,
+                workdir=str(ev_wd),
+                real=str(shards),
+                model=finetuned["checkpoint"],
+                baselines=baselines,
+                baseline_labels=names,
+                features=features,
+                tracking=steps.tracking(cfg.evaluate.tracking, f"round{r}-evaluate"),
             )
         ),
     )
@@ -383,11 +377,11 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
 def given_model(ref: str, uri: str) -> dict[str, str]:
     """``pretrained=`` of the loop as a local checkpoint: {checkpoint, model_uri}; an MLflow URI
     resolves in the loop's store ``uri``."""
-    from pathloop.sampling import resolve_model_ref
+    from pathloop.tracking import resolve_model_ref
 
     local, shown = resolve_model_ref(ref, tracking_uri=uri)
     console.print(f"pretraining skipped: starting from {shown}")
-    return {"checkpoint": str(Path(local).resolve()), "model_uri": shown}
+    return {"checkpoint": str(local), "model_uri": shown}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -419,17 +413,17 @@ def _parent_run(cfg: LoopConfig, wd: Path) -> tuple[str, str]:
 
 def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     """Data → pretrain → R rounds of feedback, reward, finetuning and evaluation."""
-    from pathloop import tracking
+    from pathloop import storage, tracking
     from pathloop.config import dump_config
     from pathloop.pretrain import run_pretrain
 
-    wd = Path(cfg.workdir).resolve()
-    cfg = cfg.model_copy(update={"workdir": str(wd)})
+    wd = Path(storage.absolute(cfg.workdir))
+    cfg = updated(cfg, workdir=str(wd))
     wd.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, wd / "config.yaml")
     uri, parent = _parent_run(cfg, wd)
     steps = _Steps(cfg, uri, parent)
-    shards = make_data(cfg, wd).resolve()
+    shards = Path(storage.absolute(make_data(cfg, wd)))
 
     pre_wd = wd / "pretrain"
     if cfg.pretrained:
@@ -442,7 +436,7 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
                 _training(
                     cfg.pretrain,
                     pre_wd,
-                    data=cfg.pretrain.data.model_copy(update={"shards": str(shards)}),
+                    data={"shards": str(shards)},
                     tracking=steps.tracking(cfg.pretrain.tracking, "pretrain"),
                 )
             ),
@@ -483,9 +477,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  open it:   mlflow ui --backend-store-uri {uri}\n"
         f"final model: {last['checkpoint']}"
         + (f"  ({last['model_uri']})" if last.get("model_uri") else "")
-        + f"\n  serve it:  pathloop serve --config serve/config.yaml model={last['checkpoint']}"
-        + (f" reward_model={reward}" if (reward := _last_reward(summary)) else "")
-        + "\n"
+        + f"\n  serve it:  {serve_command(summary, last['checkpoint'])}\n"
         f"step times (s): {summary['step_seconds']}"
     )
 
@@ -500,6 +492,19 @@ def reward_line(reward: dict[str, Any]) -> str:
         f"reward model: held-out AUC {reward['auc']:.3f}{ci} on {held} judged images, "
         f"accuracy {reward['accuracy']:.3f}, calibration error {reward['ece']:.3f}"
     )
+
+
+def serve_command(summary: dict[str, Any], checkpoint: str) -> str:
+    """``pathloop serve`` for the loop's final model, with its feedback store and the last
+    round's review set, so the printed line starts as pasted."""
+    wd, rounds = Path(summary["workdir"]), len(summary["rounds"])
+    line = f"pathloop serve --config serve/config.yaml model={checkpoint}"
+    if rounds:
+        review = wd / f"round{rounds}" / "review"
+        line += f" feedback_url={wd / 'feedback.db'} review_samples_dir={review}"
+    if reward := _last_reward(summary):
+        line += f" reward_model={reward}"
+    return line
 
 
 def _last_reward(summary: dict[str, Any]) -> str | None:

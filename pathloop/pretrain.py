@@ -7,7 +7,6 @@ stream of Ray Data batches), ``run_pretrain`` the driver.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from pydantic import Field
@@ -20,21 +19,22 @@ from pathloop.config import (
     SamplerConfig,
     TrackingConfig,
     WorkersConfig,
+    updated,
 )
 from pathloop.harness import (
     DataConfig,
-    RankZeroLog,
+    MlflowRun,
     TrainConfig,
+    WorkerInputs,
     build_state,
     finish_run,
     fit,
     global_draw,
-    maybe_inject_failure,
     prepare_run,
-    report,
-    restore,
     shuffled_batches,
+    train_diffusion,
     train_step,
+    worker_context,
 )
 
 # ----------------------------------------------------------------------------- config
@@ -61,62 +61,38 @@ class PretrainConfig(Frozen):
     )
 
 
+class PretrainInputs(WorkerInputs):
+    """What ``run_pretrain`` hands ``pretrain_loop`` (the images come as the Ray Data shard)."""
+
+    cfg: PretrainConfig = Field(description="The job's config, paths absolute.")
+
+
 # ----------------------------------------------------------------------------- Ray Train loop
 
 
 def pretrain_loop(config: dict) -> None:
-    """Ray Train worker loop for pretraining (one per rank)."""
+    """Ray Train worker loop for pretraining (one per rank): an endless stream of Ray Data
+    batches, epochs chained in the background, until the step count."""
+    inputs = PretrainInputs.model_validate(config)
     import ray.train
     import ray.train.torch
-    import torch
 
-    cfg = PretrainConfig.model_validate(config["cfg"])
-    from pathloop.vocab import Vocabulary
-
-    vocab = Vocabulary.model_validate(config["vocab"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
-    st = build_state(cfg, len(vocab), device, wrap=lambda m: ray.train.torch.prepare_model(m))
-    step = restore(st, ray.train.get_checkpoint())
+    cfg, vocab = inputs.cfg, inputs.vocab
+    rank, world, device = worker_context(cfg)
+    st = build_state(cfg, len(vocab), device, wrap=ray.train.torch.prepare_model)
     per_worker = cfg.train.batch_size // world
-    shard = ray.train.get_dataset_shard("train")
-    log = RankZeroLog(cfg, config.get("mlflow"), rank, vocab)
+    sl = slice(rank * per_worker, (rank + 1) * per_worker)  # this rank's rows of the global draw
 
-    # ---- one endless stream of batches (epochs chained in the background) until the step count
-    t_wait = t_total = 0.0
-    losses: list[float] = []
-    batches = shuffled_batches(shard, cfg, per_worker, rank)
-    t0 = time.perf_counter()
-    while step < cfg.train.steps:
-        batch = next(batches)
-        t1 = time.perf_counter()
+    def one_step(step: int, batch: dict) -> tuple[float, dict]:
         x0 = batch["image"]  # (b, C, H, W) in [-1, 1]
         shape = (cfg.train.batch_size, *x0.shape[1:])
         noise, t, drop = global_draw(cfg, step, shape, len(vocab))
-        sl = slice(rank * per_worker, (rank + 1) * per_worker)
-        losses.append(
-            train_step(st, x0, batch["class_id"], noise[sl], t[sl], drop[sl], cfg.optim.grad_clip)
-        )
-        step += 1
-        maybe_inject_failure(cfg, step)
-        t2 = time.perf_counter()
-        t_wait, t_total = t_wait + (t1 - t0), t_total + (t2 - t0)
-        metrics = None
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics = {
-                "loss": sum(losses) / len(losses),
-                "images_per_s": cfg.train.batch_size * len(losses) / max(t_total, 1e-9),
-                "data_wait_frac": t_wait / max(t_total, 1e-9),
-                "lr": st.lr_sched.get_last_lr()[0],
-                "step": step,
-            }
-            losses, t_wait, t_total = [], 0.0, 0.0
-        report(cfg, st, step, metrics, rank, vocab, log)
-        t0 = time.perf_counter()
+        grad_clip = cfg.optim.grad_clip
+        return train_step(st, x0, batch["class_id"], noise[sl], t[sl], drop[sl], grad_clip), {}
+
+    batches = shuffled_batches(ray.train.get_dataset_shard("train"), cfg, per_worker, rank)
+    train_diffusion(cfg, st, inputs, rank, one_step, batches)
     batches.close()
-    log.close()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -159,7 +135,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
     shards = storage.absolute(cfg.data.shards)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": shards})})
+    cfg = updated(cfg, data={"shards": shards})
     vocab, manifest = read_vocab(shards), read_manifest(shards)
     arith = check_arithmetic(cfg, _count(manifest, cfg.data.split, cfg.data.classes, vocab))
     _check_image_size(cfg, manifest)
@@ -179,16 +155,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         augment=cfg.data.augment,
         cache=cfg.data.cache,
     )
-    ckpt_dir = fit(
-        pretrain_loop,
-        cfg,
-        {
-            "cfg": cfg.model_dump(mode="json"),
-            "vocab": vocab.model_dump(mode="json"),
-            "mlflow": {"uri": uri, "run_id": run_id},
-        },
-        datasets={"train": ds},
-    )
+    inputs = PretrainInputs(cfg=cfg, vocab=vocab, mlflow=MlflowRun(uri=uri, run_id=run_id))
+    ckpt_dir = fit(pretrain_loop, inputs, datasets={"train": ds})
     return finish_run(cfg, uri, run_id, ckpt_dir, {"arithmetic": arith})
 
 

@@ -34,8 +34,28 @@ from pathloop.classifiers import (
     stratified_split,
     to_float_images,
 )
-from pathloop.config import Frozen, TrackingConfig, WorkersConfig
-from pathloop.harness import TrainConfig, finish_run, fit, prepare_run, report_step, say
+from pathloop.config import (
+    AdamWConfig,
+    ClassifierConfig,
+    Frozen,
+    TrackingConfig,
+    WorkersConfig,
+    updated,
+)
+from pathloop.harness import (
+    Load,
+    MlflowRun,
+    RankZeroLog,
+    Save,
+    StepsConfig,
+    WorkerInputs,
+    finish_run,
+    fit,
+    prepare_run,
+    restore,
+    step_until_done,
+    worker_context,
+)
 from pathloop.vocab import Vocabulary
 
 # Label convention, stated once: Sun et al. 2023 label an image 1 when an expert calls it
@@ -445,22 +465,13 @@ def save_reward_model(
     return out
 
 
-def _local_model_dir(ref: str | Path, tracking_uri: str | None) -> Path:
-    """A path, a ``result.json`` of a job, or an MLflow ``models:/``/``runs:/`` URI → local dir."""
-    from pathloop import tracking
-
-    p = Path(str(ref))
-    if p.suffix == ".json" and p.is_file():
-        info = json.loads(p.read_text())
-        return tracking.resolve_model(info["model_uri"], tracking_uri or info.get("tracking_uri"))
-    return tracking.resolve_model(ref, tracking_uri)
-
-
 def load_reward_model(
     ref: str | Path, tracking_uri: str | None = None, device: str | torch.device = "cpu"
 ) -> RewardModel:
     """Load Γφ (eval mode) from a directory, a job's ``result.json`` or an MLflow model URI."""
-    path = _local_model_dir(ref, tracking_uri)
+    from pathloop.tracking import resolve_model
+
+    path = resolve_model(ref, tracking_uri)
     meta = read_model_config(path, "reward_model")
     model = RewardModel(
         load_backbone(path / "backbone"),
@@ -474,6 +485,22 @@ def load_reward_model(
 
 
 # ----------------------------------------------------------------------------- config
+
+
+class RewardTrainConfig(StepsConfig):
+    """The reward job's step loop."""
+
+    steps: int = Field(500, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Global batch of feedback rows (plus as many real rows); must divide by "
+        "num_workers.",
+    )
+    seed: int = Field(0, description="Seed of the holdout split, fraction, init and draws.")
+    checkpoint_every: int = Field(
+        250, gt=0, description="Steps between checkpoints; each also measures the held-out metrics."
+    )
 
 
 class RewardConfig(Frozen):
@@ -500,11 +527,10 @@ class RewardConfig(Frozen):
             "Trained backbone (dir, result.json or MLflow URI); None = train one on real_shards."
         ),
     )
-    backbone_arch: str = Field(
-        "tiny",
-        description=("When backbone is None: preset (tiny, paper) or timm model name to train."),
+    backbone_train: ClassifierConfig = Field(
+        default_factory=ClassifierConfig,
+        description="When backbone is None: the cell-type classifier trained on real_shards.",
     )
-    backbone_steps: int = Field(300, gt=0, description="When backbone is None: its train steps.")
     finetune_backbone: bool = Field(
         False,
         description=("Train the backbone with the head; false = frozen, embeddings computed once."),
@@ -526,49 +552,27 @@ class RewardConfig(Frozen):
             "0 = real-image term only. The held-out set does not change with it."
         ),
     )
-    steps: int = Field(500, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(
-        32,
-        gt=0,
-        description=(
-            "Global batch of feedback rows (plus as many real rows); must divide by num_workers."
-        ),
-    )
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     augment: bool = Field(
         True,
         description=("Random flips/90° turns; frozen backbone: 8 cached embeddings per image."),
     )
-    seed: int = Field(0, description="Seed of the holdout split, fraction, init and draws.")
-    log_every: int = Field(25, gt=0, description="Steps between loss reports.")
-    checkpoint_every: int = Field(
-        250,
-        gt=0,
-        description=("Steps between checkpoints; each one also measures the held-out metrics."),
+    optim: AdamWConfig = Field(
+        default_factory=lambda: AdamWConfig(lr=3e-3),
+        description="AdamW of what trains: the head, or the whole model with finetune_backbone.",
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps on storage.")
-    storage: str | None = Field(
-        None, description="Ray Train storage (path or pyarrow.fs URI); None = <workdir>/ray."
-    )
+    train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
     scaling: WorkersConfig = Field(default_factory=WorkersConfig)
     tracking: TrackingConfig = Field(
         default_factory=lambda: TrackingConfig(register_as="pathloop-reward")
     )
 
-    @property
-    def train(self) -> TrainConfig:
-        """The step/checkpoint settings as the ``TrainConfig`` that the shared ``fit`` reads."""
-        return TrainConfig(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            log_every=self.log_every,
-            checkpoint_every=self.checkpoint_every,
-            keep_checkpoints=self.keep_checkpoints,
-            storage=self.storage,
-            sample_every=0,
-        )
+
+class RewardInputs(WorkerInputs):
+    """What ``run_reward`` hands ``reward_loop``."""
+
+    cfg: RewardConfig = Field(description="The job's config, paths absolute.")
+    backbone_dir: str = Field(description="Local dir of the trained backbone.")
+    data_file: str = Field(description="The driver's .npz of the split feedback (``RewardData``).")
 
 
 # ----------------------------------------------------------------------------- Ray Train loop
@@ -578,108 +582,56 @@ def reward_loop(config: dict) -> None:
     """Ray Train worker loop for the reward model. A feedback round is small (hundreds to a few
     thousand images), so each worker loads the driver's .npz into memory instead of streaming
     it through Ray Data; rows come from the seeded global draw, sliced by rank."""
-    import ray.train
+    inputs = RewardInputs.model_validate(config)
     import ray.train.torch
-    import torch
 
-    cfg = RewardConfig.model_validate(config["cfg"])
-    from pathloop.classifiers import load_backbone
-    from pathloop.vocab import Vocabulary
-
-    vocab = Vocabulary.model_validate(config["vocab"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.torch_threads or cfg.scaling.cpus_per_worker)
-    torch.manual_seed(cfg.seed)  # the same head init on every rank
-    model = RewardModel(load_backbone(config["backbone_dir"]), vocab, hidden=cfg.hidden)
+    cfg = inputs.cfg
+    rank, world, device = worker_context(cfg)
+    torch.manual_seed(cfg.train.seed)  # the same head init on every rank
+    model = RewardModel(load_backbone(inputs.backbone_dir), inputs.vocab, hidden=cfg.hidden)
     fitter = RewardFit(
         model,
-        RewardData.load(config["data_file"]),
-        lr=cfg.lr,
+        RewardData.load(inputs.data_file),
+        lr=cfg.optim.lr,
         lambda_r=cfg.lambda_r,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
         finetune_backbone=cfg.finetune_backbone,
         augment=cfg.augment,
-        weight_decay=cfg.weight_decay,
-        device=ray.train.torch.get_device(),
+        weight_decay=cfg.optim.weight_decay,
+        device=device,
         wrap=ray.train.torch.prepare_model,
     )
-    step = _restore_reward(fitter, ray.train.get_checkpoint())
-    mlflow_info = config.get("mlflow") if rank == 0 else None
-
-    losses: list[float] = []
-    while step < cfg.steps:
-        losses.append(fitter.step(step, rank, world))
-        step += 1
-        metrics = None
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = {"loss": sum(losses) / len(losses), "step": step}
-            losses = []
-        _report_reward(cfg, fitter, step, metrics, rank, mlflow_info)
+    save, load = reward_checkpoints(cfg, fitter)
+    step_until_done(
+        cfg,
+        restore(load),
+        lambda s, _batch: (fitter.step(s, rank, world), {}),
+        RankZeroLog(cfg, inputs.mlflow, rank),
+        save,
+        measure=fitter.evaluate,  # held-out AUC, accuracy at 0.5, ECE at each checkpoint
+    )
 
 
-def _restore_reward(fitter: Any, checkpoint: Any) -> int:
-    """Load head, backbone and optimizer from a Ray checkpoint; return its step (0 if none)."""
-    if checkpoint is None:
-        return 0
-    import torch
+def reward_checkpoints(cfg: RewardConfig, fitter: RewardFit) -> tuple[Save, Load]:
+    """``(save, load)`` of the reward job's checkpoint: a reward model dir (with the metrics
+    reported with it) plus the optimizer; ``load`` restores head, backbone and optimizer."""
 
-    pass
+    def save(tmp: str, step: int, metrics: dict) -> None:
+        config = cfg.model_dump(mode="json")
+        save_reward_model(
+            tmp, fitter.model, step=step, config=config, metrics=metrics, optimizer=fitter.opt
+        )
 
-    with checkpoint.as_directory() as d:
+    def load(d: str) -> int:
         saved = load_reward_model(d)
         fitter.model.head.load_state_dict(saved.head.state_dict())
         fitter.model.backbone.load_state_dict(saved.backbone.state_dict())
         if (Path(d) / "optimizer.pt").exists():
             fitter.opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location="cpu"))
-        return int(json.loads((Path(d) / "state.json").read_text())["step"])
+        return int(json.loads((Path(d) / STATE).read_text())["step"])
 
-
-def _report_reward(
-    cfg: RewardConfig,
-    fitter: Any,
-    step: int,
-    metrics: dict | None,
-    rank: int,
-    mlflow_info: dict | None,
-) -> None:
-    """Report every log step; at checkpoints rank 0 also measures the held-out feedback and
-    writes the reward model dir. All ranks call ``ray.train.report`` together."""
-
-    from pathloop import tracking
-
-    pass
-
-    want_ckpt = step % cfg.checkpoint_every == 0 or step >= cfg.steps
-    if metrics is None and not want_ckpt:
-        return
-    metrics = dict(metrics or {"step": step})
-    if rank == 0 and want_ckpt:
-        metrics.update(fitter.evaluate())  # held-out AUC, accuracy at 0.5, ECE
-    if rank == 0:
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
-        say(f"[{cfg.name}] step {step}/{cfg.steps} {shown}")
-    if mlflow_info:
-        tracking.log_metrics(
-            mlflow_info["uri"],
-            mlflow_info["run_id"],
-            {k: v for k, v in metrics.items() if k != "step"},
-            step,
-        )
-    report_step(
-        metrics,
-        want_ckpt,
-        rank,
-        lambda tmp: save_reward_model(
-            tmp,
-            fitter.model,
-            step=step,
-            config=cfg.model_dump(mode="json"),
-            metrics=metrics,
-            optimizer=fitter.opt,
-        ),
-    )
+    return save, load
 
 
 # ----------------------------------------------------------------------------- driver
@@ -687,11 +639,11 @@ def _report_reward(
 
 def _reward_arithmetic(cfg: RewardConfig, data: Any, n_feedback: int) -> dict[str, Any]:
     """State the numbers before the loop and check that they divide."""
-    w = cfg.scaling.num_workers
-    if cfg.batch_size % w:
+    w, b, steps = cfg.scaling.num_workers, cfg.train.batch_size, cfg.train.steps
+    if b % w:
         raise ValueError(
-            f"batch_size={cfg.batch_size} must divide by scaling.num_workers={w}; "
-            f"use e.g. batch_size={cfg.batch_size // w * w or w}"
+            f"train.batch_size={b} must divide by scaling.num_workers={w}; "
+            f"use e.g. train.batch_size={b // w * w or w}"
         )
     n_syn = len(data.syn_x)
     return {
@@ -701,10 +653,10 @@ def _reward_arithmetic(cfg: RewardConfig, data: Any, n_feedback: int) -> dict[st
         "fraction": cfg.fraction,
         "real_images": len(data.real_x),
         "workers": w,
-        "global_batch": f"{cfg.batch_size} feedback + {cfg.batch_size} real",
-        "per_worker_batch": cfg.batch_size // w,
-        "steps": cfg.steps,
-        "epochs_over_feedback": round(cfg.steps * cfg.batch_size / n_syn, 2) if n_syn else 0,
+        "global_batch": f"{b} feedback + {b} real",
+        "per_worker_batch": b // w,
+        "steps": steps,
+        "epochs_over_feedback": round(steps * b / n_syn, 2) if n_syn else 0,
     }
 
 
@@ -712,16 +664,15 @@ def _reward_backbone(cfg: RewardConfig, uri: str, run_id: str) -> str:
     """The backbone dir: resolve ``cfg.backbone``, or train one on the real shards (logged as
     this run's ``backbone`` artifact; reused when resuming)."""
     from pathloop import tracking
-    from pathloop.classifiers import BackboneConfig, train_backbone
-    from pathloop.sampling import resolve_model_ref
+    from pathloop.classifiers import train_backbone
+    from pathloop.tracking import resolve_model_ref
 
     if cfg.backbone:
-        return str(resolve_model_ref(cfg.backbone, cfg.tracking)[0].resolve())
+        return str(resolve_model_ref(cfg.backbone, cfg.tracking)[0])
     out = Path(cfg.workdir) / "backbone"
     if cfg.resume and (out / "config.json").exists():
         return str(out)
-    bcfg = BackboneConfig(name=cfg.backbone_arch, steps=cfg.backbone_steps, seed=cfg.seed)
-    m = train_backbone(cfg.real_shards, out, bcfg, split=cfg.real_split)
+    m = train_backbone(cfg.real_shards, out, cfg.backbone_train, split=cfg.real_split)
     tracking.log_metrics(uri, run_id, {f"backbone_{k}": v for k, v in m.items() if k != "path"}, 0)
     tracking.log_artifact(uri, run_id, out, "backbone")
     return str(out)
@@ -732,17 +683,16 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
     held-out metrics, register the model; result.json has its URI, AUC, accuracy and ECE."""
     from rich import print as rprint
 
+    from pathloop import storage
     from pathloop.data import load_arrays, read_vocab
 
-    pass
-
-    # Workers do not share the driver's cwd: every local path crosses as an absolute one.
+    # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
     local = {
-        k: str(Path(v).resolve())
+        k: storage.absolute(v)
         for k in ("feedback", "real_shards", "backbone")
-        if (v := getattr(cfg, k)) and ":/" not in v
+        if (v := getattr(cfg, k))
     }
-    cfg = cfg.model_copy(update=local)
+    cfg = updated(cfg, **local)
     vocab = read_vocab(cfg.real_shards)
     images, class_ids, targets, fb_vocab = load_feedback(cfg.feedback)
     if fb_vocab is not None and fb_vocab.names != vocab.names:
@@ -757,7 +707,7 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
             f"{real[0].shape[1:3]} px; use real shards of the sampled size"
         )
     data = split_feedback(
-        images, class_ids, targets, real, cfg.holdout_frac, cfg.fraction, cfg.seed
+        images, class_ids, targets, real, cfg.holdout_frac, cfg.fraction, cfg.train.seed
     )
     arith = _reward_arithmetic(cfg, data, len(images))
     tags = {
@@ -770,17 +720,14 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
     data_file = Path(cfg.workdir) / "reward_data.npz"
     data.save(data_file)
     rprint({"config": cfg.model_dump(mode="json"), "arithmetic": arith})
-    ckpt = fit(
-        reward_loop,
-        cfg,
-        {
-            "cfg": cfg.model_dump(mode="json"),
-            "vocab": vocab.model_dump(mode="json"),
-            "backbone_dir": backbone_dir,
-            "data_file": str(data_file),
-            "mlflow": {"uri": uri, "run_id": run_id},
-        },
+    inputs = RewardInputs(
+        cfg=cfg,
+        vocab=vocab,
+        mlflow=MlflowRun(uri=uri, run_id=run_id),
+        backbone_dir=backbone_dir,
+        data_file=str(data_file),
     )
+    ckpt = fit(reward_loop, inputs)
     metrics = json.loads((ckpt / "config.json").read_text())["metrics"]
     keys = ("auc", "auc_lo", "auc_hi", "accuracy", "ece")
     held_out = {k: metrics[k] for k in keys if k in metrics}

@@ -10,7 +10,6 @@ share a disk with the driver.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,32 +46,6 @@ class SampleConfig(Frozen):
     use_gpu: bool = Field(False, description="One GPU per actor.")
     bf16: bool = Field(True, description="bf16 autocast in the UNet on CUDA (ignored on CPU).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-
-# Schemes MLflow resolves itself; any other ``scheme://`` is a pyarrow.fs location.
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-
-
-def resolve_model_ref(
-    ref: str, tracking: TrackingConfig | None = None, tracking_uri: str | None = None
-) -> tuple[Path, str]:
-    """(local checkpoint dir, URI recorded in provenance) for any model reference: a directory,
-    a training result.json, an MLflow URI, or a directory/result.json at a pyarrow.fs URI.
-    MLflow URIs resolve in ``tracking_uri`` when given, else in ``tracking``'s store."""
-    from pathloop import storage
-    from pathloop import tracking as trk
-
-    if ref.endswith(".json") and storage.is_file(ref):
-        info = json.loads(storage.read_text(ref))
-        return trk.resolve_model(info["model_uri"], info.get("tracking_uri")), info["model_uri"]
-    if storage.is_uri(ref) and not ref.startswith(MLFLOW_SCHEMES):
-        local = Path(tempfile.mkdtemp(prefix="pathloop-model-"))  # lives as long as the process
-        storage.copy_to_local(ref, local)
-        return trk.resolve_model(local), ref
-    uri = tracking_uri
-    if uri is None and tracking is not None and "://" not in ref and ":/" in ref:
-        uri = trk.resolve_uri(tracking, ".")
-    return trk.resolve_model(ref, uri), ref
 
 
 class _Sampler:
@@ -162,6 +135,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     from pathloop import storage
     from pathloop.data import ShardWriter
     from pathloop.diffusion import load_checkpoint
+    from pathloop.tracking import resolve_model_ref
 
     ckpt_dir, model_uri = resolve_model_ref(cfg.model, cfg.tracking)
     ck = load_checkpoint(ckpt_dir)

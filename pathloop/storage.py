@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,9 +20,14 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 
+# ``scheme:/`` with a scheme of two or more letters: ``s3://b/k``, ``file:///x``, ``models:/m/1``.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
 def is_uri(path: str | Path) -> bool:
-    """True for ``scheme://...``; a plain path (relative or absolute) is local."""
-    return "://" in str(path)
+    """True for a URI (``s3://...``, ``file://...``, MLflow's ``models:/...``); a plain path,
+    relative or absolute, is local."""
+    return bool(_URI.match(str(path)))
 
 
 def resolve(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -50,7 +56,8 @@ def resolve(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 def absolute(path: str | Path) -> str:
-    """The location as a string every process can use: URIs unchanged, local paths absolute."""
+    """The location as a string every process can use: URIs unchanged, local paths absolute
+    (workers do not share the driver's working directory)."""
     return str(path) if is_uri(path) else os.path.abspath(str(path))
 
 

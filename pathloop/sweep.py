@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pathloop.config import Frozen, SamplerConfig, TrackingConfig
+from pathloop.config import Frozen, SamplerConfig, TrackingConfig, updated
+from pathloop.jobs import Step, get_step
 
 REWARD_PREFIX = "reward."  # step reward_finetune: keys of the reward-model job
 
@@ -185,27 +186,12 @@ class SweepConfig(Frozen):
 # ----------------------------------------------------------------------------- jobs
 
 
-@dataclass(frozen=True)
-class Job:
-    """How a step is built and run: its config model, its driver and its step-count key."""
-
-    config_cls: type
-    run: Callable[[Any], dict]
-    steps_key: str
+def jobs() -> dict[str, Step]:
+    """The steps a trial can run: the registered steps that train in segments."""
+    return {name: get_step(name) for name in ("pretrain", "reward", "finetune")}
 
 
-def jobs() -> dict[str, Job]:
-    """The steps a trial can run (imported here: they pull in the training stack)."""
-    from pathloop import finetune, pretrain, reward
-
-    return {
-        "pretrain": Job(pretrain.PretrainConfig, pretrain.run_pretrain, "train.steps"),
-        "reward": Job(reward.RewardConfig, reward.run_reward, "steps"),
-        "finetune": Job(finetune.FinetuneConfig, finetune.run_finetune, "train.steps"),
-    }
-
-
-def _job(cfg: SweepConfig) -> Job:
+def _job(cfg: SweepConfig) -> Step:
     return jobs()["finetune" if cfg.step == "reward_finetune" else cfg.step]
 
 
@@ -378,18 +364,19 @@ def prepare_fidelity(cfg: SweepConfig, job_cfg: Any, workdir: Path) -> dict[str,
     here, not in every trial)."""
     if "fidelity" not in cfg.measure_names:
         return {}
-    from pathloop.metrics import ClassifierConfig, train_feature_model
+    from pathloop import storage
+    from pathloop.metrics import FeatureConfig, train_feature_model
 
     real = cfg.fidelity.real or getattr(job_cfg, "real", None) or job_cfg.data.shards
-    real = str(Path(real).resolve())
+    real = storage.absolute(real)
     features = cfg.fidelity.features
     if features is None:  # trained here once; reused while its data and settings are the same
-        features, fm_cfg = workdir / "features", ClassifierConfig(steps=cfg.fidelity.feature_steps)
+        features, fm_cfg = workdir / "features", FeatureConfig(steps=cfg.fidelity.feature_steps)
         meta = features / "config.json"
         same = meta.is_file() and json.loads(meta.read_text()).get("shards") == real
         if not same or json.loads(meta.read_text()).get("train") != fm_cfg.model_dump():
             train_feature_model(real, features, fm_cfg)
-    return {"real": real, "features": str(Path(features).resolve())}
+    return {"real": real, "features": storage.absolute(features)}
 
 
 def measure(seg: Segment) -> dict[str, float]:
@@ -454,7 +441,7 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
         tune.report({**metrics, "step": n, "segment": k, "mlflow_run_id": result["run_id"]})
 
 
-def _steps_of(job_cfg: Any, job: Job) -> int:
+def _steps_of(job_cfg: Any, job: Step) -> int:
     node = job_cfg
     for part in job.steps_key.split("."):
         node = getattr(node, part)
@@ -512,6 +499,10 @@ def best_job_config(cfg: SweepConfig, params: dict, trial_dir: Path) -> tuple[An
     return job, rcfg
 
 
+class NoTrialReported(ValueError):
+    """Every trial of a sweep failed before reporting its metric (the CLI prints one line)."""
+
+
 def _summarise(cfg: SweepConfig, grid: Any, workdir: Path) -> dict[str, Any]:
     """Best trial, best.yaml (+ best-reward.yaml), trials.csv; how many ASHA stopped early."""
     from pathloop.config import dump_config
@@ -519,7 +510,7 @@ def _summarise(cfg: SweepConfig, grid: Any, workdir: Path) -> dict[str, Any]:
     ok = [r for r in grid if r.error is None and cfg.metric in (r.metrics or {})]
     if not ok:
         errors = [str(r.error).splitlines()[-1] for r in grid if r.error is not None]
-        raise RuntimeError(
+        raise NoTrialReported(
             f"no trial reported {cfg.metric!r}; {len(errors)} failed: {errors[:3]}; "
             f"see {workdir / 'tune'}"
         )
@@ -566,11 +557,11 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     import ray
     from rich import print as rprint
 
-    from pathloop import tracking
+    from pathloop import storage, tracking
     from pathloop.config import dump_config
 
-    workdir = Path(cfg.workdir).resolve()
-    cfg = cfg.model_copy(update={"workdir": str(workdir)})
+    workdir = Path(storage.absolute(cfg.workdir))
+    cfg = updated(cfg, workdir=str(workdir))
     if not cfg.space:
         raise ValueError("space is empty: give at least one key, e.g. beta_r: {grid: [0, 1]}")
     job_cfg = check_space(cfg)
@@ -675,7 +666,7 @@ def _save_curve(
 def measure_pretrained(sweep: SweepConfig) -> dict[str, float]:
     """The starting point of every fraction: the pretrained model under the same sample-based
     measures (judge, fidelity; ``train`` has no run to read)."""
-    from pathloop.sampling import resolve_model_ref
+    from pathloop.tracking import resolve_model_ref
 
     names = [m for m in sweep.measure_names if m != "train"]
     if not names:
@@ -687,7 +678,7 @@ def measure_pretrained(sweep: SweepConfig) -> dict[str, float]:
     shared = prepare_fidelity(sweep, job, Path(sweep.workdir))
     seg = Segment(
         sweep,
-        job.model_copy(update={"workdir": str(out)}),
+        updated(job, workdir=str(out)),
         {"checkpoint": str(ckpt), "step": 0},
         None,
         shared,
@@ -700,11 +691,11 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     JSON, plot each metric against the fraction and log it all to the ablation's MLflow run."""
     import csv
 
-    from pathloop import tracking
+    from pathloop import storage, tracking
     from pathloop.report import BOOKKEEPING
 
-    workdir = Path(cfg.workdir).resolve()
-    sweep = cfg.model_copy(update={"workdir": str(workdir)}).as_sweep()
+    workdir = Path(storage.absolute(cfg.workdir))
+    sweep = updated(cfg, workdir=str(workdir)).as_sweep()
     res = run_sweep(sweep)
     uri, run_id = res["tracking_uri"], res["sweep_id"]
     reference = measure_pretrained(sweep)

@@ -7,6 +7,7 @@ Only the driver or rank 0 calls these.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -220,23 +221,64 @@ def log_checkpoint_model(
     return model_uri
 
 
-def resolve_model(ref: str | Path, tracking_uri: str | None = None) -> Path:
-    """A local checkpoint directory for a path, ``runs:/...`` or ``models:/name/version`` URI."""
+# Schemes MLflow resolves itself; any other ``scheme://`` is a pyarrow.fs location.
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def resolve_model_ref(
+    ref: str | Path, tracking: TrackingConfig | None = None, tracking_uri: str | None = None
+) -> tuple[Path, str]:
+    """(absolute local model dir, URI recorded in provenance) for any model reference: a
+    directory, a job's result.json, an MLflow URI (``models:/name/version``, ``runs:/id/model``),
+    or a directory/result.json at a pyarrow.fs URI (``s3://...``).
+
+    An MLflow URI resolves in the store of the result.json that names it, else in
+    ``tracking_uri``, else in ``tracking``'s store, else in MLflow's default."""
+    from pathloop import storage
+
     ref = str(ref)
-    if "://" not in ref and ":/" not in ref:
-        p = Path(ref)
-        if not p.exists():
-            raise FileNotFoundError(
-                f"model {ref!r} is neither an existing checkpoint directory nor an MLflow URI "
-                "(models:/<name>/<version> or runs:/<run_id>/model)"
-            )
-        return p
+    if ref.endswith(".json") and storage.is_file(ref):
+        info = json.loads(storage.read_text(ref))
+        uri = info.get("tracking_uri") or tracking_uri
+        return resolve_model_ref(info["model_uri"], tracking, uri)[0], info["model_uri"]
+    if ref.startswith(MLFLOW_SCHEMES):
+        if tracking_uri is None and tracking is not None:
+            tracking_uri = resolve_uri(tracking, ".")
+        return _download_model(ref, tracking_uri), ref
+    if storage.is_uri(ref):
+        local = Path(tempfile.mkdtemp(prefix="pathloop-model-"))  # lives as long as the process
+        return storage.copy_to_local(ref, local), ref
+    p = Path(ref)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model {ref!r} is neither an existing model directory, a result.json nor an MLflow "
+            "URI (models:/<name>/<version> or runs:/<run_id>/model)"
+        )
+    return Path(storage.absolute(p)), ref
+
+
+def resolve_model(ref: str | Path, tracking_uri: str | None = None) -> Path:
+    """The local model dir of any reference ``resolve_model_ref`` takes."""
+    return resolve_model_ref(ref, tracking_uri=tracking_uri)[0]
+
+
+def _download_model(ref: str, tracking_uri: str | None) -> Path:
+    """An MLflow model URI downloaded; the pathloop checkpoint (``state.json``) inside it."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise FileNotFoundError(
+            f"model {ref!r} is not in the MLflow store {mlflow.get_tracking_uri()} "
+            f"({err.message}); check the name, version or run id, or the tracking URI"
+        ) from None
     found = sorted(p.parent for p in local.glob("**/state.json"))
     if not found:
         raise FileNotFoundError(f"{ref} holds no pathloop checkpoint (no state.json under {local})")
-    return found[0]
+    return found[0].resolve()

@@ -45,8 +45,8 @@ class ServeArgs(Frozen):
     )
     reward_model: str | None = Field(
         None,
-        description="Reward model ref for /v1/score; None = no reward. Needs "
-        "pathloop.reward.load_scorer (the Scorer replica fails to start without it).",
+        description="Reward model for /v1/score (a model dir, its job's result.json or an MLflow "
+        "URI); None = no reward.",
     )
     judge: bool = Field(False, description="Score with the phantom judge (per-criterion results).")
     tracking_uri: str | None = Field(None, description="MLflow URI for models:/ and runs:/ refs.")

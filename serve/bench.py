@@ -221,7 +221,7 @@ def bench_serve(
             "unit": "images/s",
             "peer_name": "direct batched sample(), alternating with Serve",
             "peer_value": direct_rate,
-            "target": ">= 0.9x direct batched sample() (issue #8)",
+            "target": ">= 0.9x direct batched sample()",
             "note": f"{rounds} rounds of {images // rounds} images each way; batches formed: "
             f"mean {np.mean(formed):.2f} images (max_batch_size {clients}) over {len(formed)} "
             f"sample() calls of median {statistics.median(in_replica) * 1e3:.0f} ms in the "

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from pathloop.config import ConfigError, load_config
+from pathloop.config import ConfigError, ModelConfig, load_config, updated
 from pathloop.pretrain import PretrainConfig
 
 
@@ -59,3 +59,50 @@ def test_string_fields_keep_override_text():
 
     cfg = load_config(FinetuneConfig, None, ["feedback_round=7", "name=1e3", "reward_model=null"])
     assert cfg.feedback_round == "7" and cfg.name == "1e3" and cfg.reward_model is None
+
+
+def test_updated_revalidates():
+    cfg = PretrainConfig()
+    with pytest.raises(ConfigError, match=r"train\.steps.*greater than 0"):
+        updated(cfg, train={"steps": -5})
+    with pytest.raises(ConfigError, match="max_failures"):
+        updated(cfg, max_failures="many")
+    with pytest.raises(ConfigError, match=r"model\.block_out_channels"):
+        updated(cfg, model={"block_out_channels": "wide"})
+
+
+def test_updated_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        updated(PretrainConfig(), stepz=3)
+    assert "stepz" in str(e.value) and "valid keys" in str(e.value) and "workdir" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        updated(PretrainConfig(), optim={"lrr": 1})
+    assert "optim.lrr" in str(e.value) and "ema_decay" in str(e.value)
+
+
+def test_updated_merges_nested_and_replaces_models():
+    from pathloop.pipeline import LoopConfig
+
+    cfg = load_config(PretrainConfig, None, ["data.split=test", "model.block_out_channels=[8,16]"])
+    new = updated(cfg, workdir="w", data={"shards": "s"}, optim={"lr": 2e-4})
+    assert (new.workdir, new.data.shards, new.data.split) == ("w", "s", "test")  # merged
+    assert new.optim.lr == pytest.approx(2e-4) and new.optim.grad_clip == cfg.optim.grad_clip
+    assert new.model.block_out_channels == (8, 16)  # a tuple stays a tuple
+    assert cfg.workdir != "w" and cfg.data.shards != "s"  # the original is untouched
+    assert updated(new, model=ModelConfig()).model.block_out_channels is None  # a model replaces
+    loop = updated(LoopConfig(), pretrain={"train": {"steps": 3}})
+    assert loop.pretrain.train.steps == 3 and loop.pretrain.train == updated(
+        LoopConfig().pretrain.train, steps=3
+    )
+    assert PretrainConfig.model_validate(new.model_dump(mode="json")) == new
+
+
+def test_updated_same_class_and_frozen():
+    from pathloop.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig()
+    new = updated(cfg, resume=True)
+    assert type(new) is FinetuneConfig and new.resume and not cfg.resume
+    assert updated(cfg) == cfg
+    with pytest.raises(ValidationError):
+        new.resume = False

@@ -64,7 +64,7 @@ def test_job_entry_runs_the_cli_command(phantom_shards, tmp_path):
     and loads back from its result."""
     from pathloop.classifiers import load_guidance_classifier
     from pathloop.jobs import main
-    from pathloop.sampling import resolve_model_ref
+    from pathloop.tracking import resolve_model_ref
 
     argv = [
         "--config",
@@ -72,8 +72,8 @@ def test_job_entry_runs_the_cli_command(phantom_shards, tmp_path):
         f"workdir={tmp_path / 'g'}",
         f"shards={phantom_shards}",
         "pretrained=null",
-        "steps=4",
-        "batch_size=8",
+        "classifier.steps=4",
+        "classifier.batch_size=8",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
     with pytest.raises(SystemExit) as exit_:

@@ -26,9 +26,9 @@ MINIMAL = [
     "round.review_per_class=3",
     "round.pool_per_class=2",
     "round.sampler.steps=2",
-    "reward.backbone_steps=5",
-    "reward.steps=6",
-    "reward.checkpoint_every=6",
+    "reward.backbone_train.steps=5",
+    "reward.train.steps=6",
+    "reward.train.checkpoint_every=6",
     "reward.tracking.register_as=null",
     "finetune.train.steps=6",
     "finetune.train.batch_size=8",
@@ -124,7 +124,7 @@ def test_loop_presets_load(preset):
     cfg = load_config(LoopConfig, ROOT / f"jobs/configs/loop.{preset}.yaml", [])
     assert cfg.pretrain.noise.prediction_type == "v_prediction"
     if preset == "paper":
-        assert cfg.pretrain.model.preset == "paper" and cfg.reward.backbone_arch == "paper"
+        assert cfg.pretrain.model.preset == "paper" and cfg.reward.backbone_train.arch == "paper"
         assert cfg.pretrain.scaling.use_gpu and cfg.round.use_gpu
 
 

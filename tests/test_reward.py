@@ -60,7 +60,7 @@ def extra_shards(tmp_path_factory) -> Path:
 def backbone_dir(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("backbone") / "bb"
     torch.manual_seed(0)
-    C.train_backbone(shards, out, C.BackboneConfig(steps=100))
+    C.train_backbone(shards, out, C.ClassifierConfig(steps=100))
     return out
 
 
@@ -214,7 +214,7 @@ def test_finetuned_backbone_and_real_term_only_paths(backbone_dir, shards, feedb
 
 def test_subtype_classifier_beats_chance_on_m5(extra_shards, tmp_path):
     clf, m = C.train_subtype_classifier(
-        extra_shards, "M5", tmp_path / "sub", C.BackboneConfig(steps=60)
+        extra_shards, "M5", tmp_path / "sub", C.ClassifierConfig(steps=60)
     )
     assert clf.subtypes == ("band", "segmented") and m["n_test"] == 16
     assert m["accuracy"] >= max(0.75, m["chance"] + 0.1), m
@@ -239,7 +239,7 @@ def test_guidance_classifier_gradients_and_accuracy(extra_shards, tmp_path):
 
     noise = NoiseConfig()
     clf, m = C.train_guidance_classifier(
-        extra_shards, noise, tmp_path / "g", C.BackboneConfig(steps=60), classes=[ER6, M1]
+        extra_shards, noise, tmp_path / "g", C.ClassifierConfig(steps=60), classes=[ER6, M1]
     )
     assert m["accuracy_t0.05"] >= 0.8, m  # two classes: chance is 0.5
     loaded = C.load_guidance_classifier(tmp_path / "g")
@@ -289,7 +289,7 @@ def test_run_backbone_registers_loadable_dir(shards, mlflow_uri, tmp_path):
         BackboneJobConfig(
             workdir=str(tmp_path),
             shards=str(shards),
-            steps=20,
+            classifier={"steps": 20},
             tracking={"tracking_uri": mlflow_uri, "register_as": "test-backbone"},
         )
     )
@@ -318,11 +318,11 @@ def test_run_reward_on_ray_registers_loadable_model(
             f"real_shards={shards}",
             f"tracking.tracking_uri={mlflow_uri}",
             "tracking.register_as=test-reward",
-            "backbone_steps=20",
-            "steps=10",
-            "log_every=5",
-            "checkpoint_every=10",
-            "batch_size=8",
+            "backbone_train.steps=20",
+            "train.steps=10",
+            "train.log_every=5",
+            "train.checkpoint_every=10",
+            "train.batch_size=8",
             "scaling.torch_threads=1",
         ],
     )
@@ -339,3 +339,13 @@ def test_run_reward_on_ray_registers_loadable_model(
     assert r.shape == (4,) and ((r >= 0) & (r <= 1)).all()
     by_result = R.load_reward_model(Path(cfg.workdir) / "result.json")
     assert np.allclose(by_result.score(x[:4], c[:4]), r, atol=1e-6)
+
+
+def test_to_float_images_takes_a_list_of_images():
+    """Serve's scorer hands the reward model a list of (H, W, 3) images."""
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    stacked = C.to_float_images(images)
+    assert stacked.shape == (3, 3, 8, 8)
+    assert (C.to_float_images(list(images)) == stacked).all()

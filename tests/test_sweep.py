@@ -137,10 +137,10 @@ def mlflow_db(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def backbone(phantom_shards, tmp_path_factory) -> Path:
-    from pathloop.classifiers import BackboneConfig, train_backbone
+    from pathloop.classifiers import ClassifierConfig, train_backbone
 
     out = tmp_path_factory.mktemp("backbone") / "bb"
-    train_backbone(phantom_shards, out, BackboneConfig(steps=20))
+    train_backbone(phantom_shards, out, ClassifierConfig(steps=20))
     return out
 
 
@@ -152,10 +152,10 @@ def _stage_overrides(tiny_ckpt, judged_round, phantom_shards, backbone) -> dict:
             f"feedback={judged_round}",
             f"real_shards={phantom_shards}",
             f"backbone={backbone}",
-            "steps=2",
-            "log_every=1",
-            "checkpoint_every=2",
-            "batch_size=8",
+            "train.steps=2",
+            "train.log_every=1",
+            "train.checkpoint_every=2",
+            "train.batch_size=8",
             "scaling.torch_threads=1",
         ],
         "overrides": [
