@@ -251,8 +251,8 @@ def resolve_model_ref(
     p = Path(ref)
     if not p.exists():
         raise FileNotFoundError(
-            f"model {ref!r} is neither an existing model directory, a result.json nor an MLflow "
-            "URI (models:/<name>/<version> or runs:/<run_id>/model)"
+            f"model {ref!r} is neither an existing checkpoint directory, a result.json nor an "
+            "MLflow URI (models:/<name>/<version> or runs:/<run_id>/model)"
         )
     return Path(storage.absolute(p)), ref
 

@@ -146,8 +146,8 @@ def test_presets_load_and_resolve():
     assert cfg.tstr.synthetic_per_class == 128 and cfg.features.seed != 0
     assert yaml.safe_load(TINY.read_text())["per_class"] == 16
     paper = load_config(EvaluateConfig, TINY.with_name("evaluate.paper.yaml"))
-    assert _resolved(paper.tstr, CLASSIFIER_PRESETS).name == "resnext50_32x4d"
-    assert _resolved(paper.features, FEATURE_PRESETS).name == "resnet50"
+    assert _resolved(paper.tstr, CLASSIFIER_PRESETS).arch == "resnext50_32x4d"
+    assert _resolved(paper.features, FEATURE_PRESETS).arch == "resnet50"
 
 
 def test_baseline_labels_name_the_columns():
