@@ -536,7 +536,7 @@ class ClassifierJobConfig(Frozen):
 
     workdir: str = Field("runs/classifier", description="The model dir, result.json, MLflow db.")
     name: str = Field("classifier", description="MLflow run name.")
-    shards: str = Field("runs/demo/phantoms", description="Real (or phantom) shard set.")
+    shards: str = Field("runs/demo/data", description="Real (or phantom) shard set.")
     classifier: ClassifierConfig = Field(
         default_factory=ClassifierConfig, description="The network and how it trains."
     )

@@ -91,7 +91,7 @@ class ConceptsConfig(Frozen):
         description="Model to extend: checkpoint dir, result.json, models:/ or runs:/ URI.",
     )
     shards: str = Field(
-        "runs/demo/phantoms",
+        "runs/demo/data",
         description="Shard set the model was trained on, with the parent's subtype labels.",
     )
     split: str = Field(

@@ -78,7 +78,7 @@ class EvaluateConfig(Frozen):
 
     workdir: str = Field("runs/evaluate", description="Samples, feature model, report, MLflow db.")
     name: str = Field("evaluate", description="MLflow run name.")
-    real: str = Field("runs/demo/phantoms", description="Real (or phantom) shards: train + test.")
+    real: str = Field("runs/demo/data", description="Real (or phantom) shards: train + test.")
     model: str | None = Field(
         None, description="Model to evaluate: dir, result.json, models:/ URI, or a shard set."
     )

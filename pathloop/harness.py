@@ -36,7 +36,7 @@ from pathloop.vocab import Vocabulary
 class DataConfig(Frozen):
     """Which shards feed training."""
 
-    shards: str = Field("runs/demo/phantoms", description="Shard-set directory (train split used).")
+    shards: str = Field("runs/demo/data", description="Shard-set directory (train split used).")
     split: str | None = Field("train", description="Split to train on; None = all rows.")
     classes: list[str] | None = Field(None, description="Subset of classes (names or codes).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations.")

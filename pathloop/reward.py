@@ -515,7 +515,7 @@ class RewardConfig(Frozen):
         description="export_round's feedback.parquet, or the folder holding it.",
     )
     real_shards: str = Field(
-        "runs/demo/phantoms",
+        "runs/demo/data",
         description=(
             "Real shard set: the λr term and, when backbone is None, the backbone's training data."
         ),
