@@ -74,13 +74,17 @@ class JudgeEvaluator:
     """The pixel-level phantom judge (``judge.judge_batch``) as an evaluator.
 
     The judge knows the classes of BONE_MARROW_16; other vocabularies are matched by class code,
-    and images of classes it does not know come back unscored.
+    and images of classes it does not know come back unscored. ``expert`` names its profile
+    (``judge.EXPERTS``); the rater is "judge", or "judge:<expert>" for another profile.
     """
 
     kind = "judge"
 
-    def __init__(self, rater_name: str = "judge") -> None:
-        self.rater_name = rater_name
+    def __init__(self, rater_name: str | None = None, expert: str = "default") -> None:
+        from pathloop.judge import check_expert
+
+        self.expert = check_expert(expert)
+        self.rater_name = rater_name or ("judge" if expert == "default" else f"judge:{expert}")
 
     def __call__(
         self, images: list[np.ndarray], class_ids: list[int], vocab: Vocabulary
@@ -91,7 +95,9 @@ class JudgeEvaluator:
         infos = [vocab.lookup(int(c)) for c in class_ids]
         known = [i for i, info in enumerate(infos) if info.code in codes]
         judged = judge_batch(
-            [images[i] for i in known], [BONE_MARROW_16.lookup(infos[i].code).id for i in known]
+            [images[i] for i in known],
+            [BONE_MARROW_16.lookup(infos[i].code).id for i in known],
+            self.expert,
         )
         out = [
             EvalVerdict(plausible=None, reason=f"the judge knows no class {info.code!r}")

@@ -5,19 +5,24 @@ class spec (``SPECS``): signed-distance shapes on a supersampled grid (cell, nuc
 nucleoli, vacuoles), random pose, stain and background jitter and 0-3 neighbouring red cells,
 then an antialiased downsample. ``write_phantoms`` renders a shard set. The simulated expert that
 grades these cells (and diffusion samples of them) is ``judge.py``.
+
+Scenarios (``SCENARIOS``) make that expert know what the data do not: slide artifacts on part of
+the training cells (``ARTIFACTS``), a stricter expert than the annotation (``STRICT_SPECS``,
+the judge's "strict" profile), or wrong training labels.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from pathloop.data import ShardWriter
 from pathloop.vocab import BONE_MARROW_16
 
 Range = tuple[float, float]
@@ -37,7 +42,9 @@ class CellSpec:
 
     code: str
     diameter: Range  # cell diameter, fraction of the image side (sampled uniformly)
-    nucleus: str  # round | oval | kidney | indented | band_or_segmented | bilobed | lobed | absent
+    # round | oval | kidney | indented | bilobed | lobed | absent, or for M5 band_or_segmented
+    # (about half each) or only band or segmented
+    nucleus: str
     nc_ratio: Range  # target nucleus/cell area for compact nuclei (lobed shapes set their own)
     cytoplasm: RGB  # cytoplasm colour at the reference stain: blue (basophilic) to pink
     chromatin: str  # fine | coarse | clumped | pyknotic | none
@@ -100,6 +107,19 @@ SPECS: dict[str, CellSpec] = {
     "MO2": _spec("MO2", diameter=(0.74, 0.82), nucleus="indented", nc_ratio=(0.26, 0.32),
                         cytoplasm=(172, 180, 204), chromatin="fine", vacuoles=(3, 6),
                         eccentric=0.15),
+}
+# fmt: on
+
+# What the strict expert (``judge`` profile "strict") calls typical of a class, where it
+# accepts less than the annotation covers: the data stay drawn from ``SPECS``. The narrowed
+# ranges are chosen so that about half the cells ``SPECS`` draws fall outside them.
+# fmt: off
+STRICT_SPECS: dict[str, CellSpec] = {
+    "ER1": replace(SPECS["ER1"], diameter=(0.729, 0.76)),  # proerythroblasts: large cells only
+    "E1": replace(SPECS["E1"], nc_ratio=(0.30, 0.318)),  # eosinophil myelocytes: ample cytoplasm
+    "M1": replace(SPECS["M1"], diameter=(0.561, 0.58)),  # myeloblasts: large cells only
+    "M3": replace(SPECS["M3"], diameter=(0.56, 0.579)),  # myelocytes: smaller than promyelocytes
+    "M5": replace(SPECS["M5"], nucleus="segmented"),  # neutrophils: bands are another stage
 }
 # fmt: on
 
@@ -222,9 +242,13 @@ def _lobes_sdf(
     return sdf, extent
 
 
-def _band_or_segmented(rng: np.random.Generator, radius: float) -> tuple[SDF, float, str]:
-    """M5: a C/U-shaped band or 2-5 segments, about 50/50."""
-    if rng.random() < 0.5:
+def _band_or_segmented(
+    rng: np.random.Generator, radius: float, kind: str = "band_or_segmented"
+) -> tuple[SDF, float, str]:
+    """M5: a C/U-shaped band or 2-5 segments, about 50/50 (or only the ``kind`` asked for)."""
+    if kind == "band_or_segmented":
+        kind = "band" if rng.random() < 0.5 else "segmented"
+    if kind == "band":
         rho, half = radius * rng.uniform(0.5, 0.58), rng.uniform(1.25, 1.75)
         thick = radius * rng.uniform(0.34, 0.38)
         return (lambda x, y: _sd_arc(x, y, rho, half, thick)), rho + thick, "band"
@@ -269,8 +293,8 @@ def _make_nucleus(
 ) -> tuple[SDF, float, str | None]:
     """The nucleus of a cell of ``radius`` (image units), in its own frame."""
     kind = spec.nucleus
-    if kind == "band_or_segmented":
-        return _band_or_segmented(rng, radius)
+    if kind in ("band_or_segmented", "band", "segmented"):
+        return _band_or_segmented(rng, radius, kind)
     if kind == "bilobed":
         r_lobe = radius * rng.uniform(0.27, 0.3)
         sdf, ext = _lobes_sdf(rng, 2, r_lobe, 2 * r_lobe + 0.2 * radius, radius * 0.6, 0.008)
@@ -467,8 +491,11 @@ def _draw_main_cell(
     cell: _Cell,
     rng: np.random.Generator,
     px: float,
-) -> str | None:
-    """Cytoplasm (or red-cell disc) and contents of the main cell; returns the subtype."""
+) -> tuple[str | None, SDF | None]:
+    """Cytoplasm (or red-cell disc) and contents of the main cell.
+
+    Returns the subtype and the nucleus SDF in the cell frame (None for red cells).
+    """
     n = img.shape[0]
     u, v = cell.local(x, y)
     cell_d = cell.sdf(u, v)
@@ -478,7 +505,7 @@ def _draw_main_cell(
         paper = np.median(img.reshape(-1, 3), axis=0)  # the smear, whatever red cells lie on it
         _, col = _red_cell_alpha_colour(u, v, 0.0, 0.0, cell.radius, pallor, colour, paper, px)
         _paint(img, _coverage(cell_d, px), col)
-        return None
+        return None, None
     _paint(img, _coverage(cell_d, px), _cyto_colour(spec, rng, cell_d, n))
     nuc_sdf, extent, subtype = _make_nucleus(spec, rng, cell.radius)
     room = max(0.0, min(spec.eccentric * cell.radius, 0.9 * cell.radius - extent))
@@ -490,7 +517,7 @@ def _draw_main_cell(
         return nuc_sdf(*_rotate(uu - ox, vv - oy, rot))
 
     _draw_contents(img, x, y, u, v, cell, nuc, spec, rng, px)
-    return subtype
+    return subtype, nuc
 
 
 def _draw_contents(
@@ -559,38 +586,197 @@ def _canvas(n: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+# ---------------------------------------------------------------------------------------------
+# Slide artifacts: what the expert rejects and the class label does not mention
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A slide artifact, aimed to fail one criterion of the judge on any class it applies to."""
+
+    criterion: str  # the ``vocab.CRITERIA`` entry it is aimed to fail
+    looks: str  # what a pathologist would see
+    applies: Callable[[CellSpec], bool]  # which class specs it can be drawn on
+
+
+def _rim(spec: CellSpec) -> float:
+    """Least width of cytoplasm around the nucleus (image fraction); lobed nuclei (no N:C
+    target) and red cells count as all cytoplasm."""
+    return 0.5 * spec.diameter[0] * (1.0 - math.sqrt(spec.nc_ratio[1]))
+
+
+ARTIFACTS: dict[str, Artifact] = {
+    # Not on red cells (their pallor reads as pale holes) nor on monocytes (vacuoles are theirs).
+    "vacuoles": Artifact(
+        "inclusions",
+        "large clear vacuoles in the cell (a degenerating cell, or blood stored too long)",
+        lambda s: s.nucleus != "absent" and s.vacuoles == (0, 0),
+    ),
+    # Not where the cell's own granules are dark specks (the two look alike at 32 px), nor
+    # where the rim of cytoplasm is too thin for a speck to lie clear of the nucleus.
+    "precipitate": Artifact(
+        "granules",
+        "near-black specks of stain precipitate lying on the cell",
+        lambda s: s.granules not in ("few_dark", "dark_large", "azurophilic") and _rim(s) >= 0.075,
+    ),
+    # Only on cells big enough to reach the centre of the crop while the edge cuts them.
+    "cut_off": Artifact(
+        "cell_size", "the cell is cut off by the edge of the field", lambda s: s.diameter[0] >= 0.45
+    ),
+    "overlap": Artifact(
+        "cell_size", "a red cell overlaps the cell and merges with its outline", lambda s: True
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Debris:
+    """Vacuoles or stain specks painted on the cell; lengths are image fractions."""
+
+    colour: RGB
+    radius: Range
+    count: tuple[int, int]
+    inset: float  # clearance inside the membrane (negative: may overhang it)
+    spacing: float  # least centre spacing
+    clear: float | None  # clearance from the nucleus; None: may lie over it
+
+
+_DEBRIS: dict[str, _Debris] = {
+    # Vacuoles may lie over the nucleus: most cells have too thin a rim of cytoplasm for them.
+    "vacuoles": _Debris(_VACUOLE, (0.05, 0.065), (2, 3), 0.035, 0.13, None),
+    # Specks under 3 px at 32 px, kept apart and off the nucleus: the judge must not read them
+    # as nuclear lobes, and on the nucleus they would not show.
+    "precipitate": _Debris((34, 22, 44), (0.018, 0.023), (10, 16), -0.01, 0.075, 0.045),
+}
+
+
+def artifact_kinds(code: str) -> list[str]:
+    """The ``ARTIFACTS`` that can be drawn on class ``code``, in ``ARTIFACTS`` order."""
+    return [name for name, a in ARTIFACTS.items() if a.applies(SPECS[code])]
+
+
+def _artifact_rng(
+    spec: CellSpec, artifact: str | None, rng: np.random.Generator
+) -> np.random.Generator | None:
+    """A child stream for the artifact's own draws; None without an artifact."""
+    if artifact is None:
+        return None
+    if artifact not in ARTIFACTS:
+        raise ValueError(f"unknown artifact {artifact!r}; valid artifacts: {', '.join(ARTIFACTS)}")
+    if artifact not in artifact_kinds(spec.code):
+        raise ValueError(
+            f"artifact {artifact!r} is not drawn on class {spec.code}; "
+            f"valid there: {', '.join(artifact_kinds(spec.code))}"
+        )
+    return rng.spawn(1)[0]
+
+
+def _cut_off(cell: _Cell, rng: np.random.Generator) -> None:
+    """Move the cell towards one side of the frame so that the edge cuts up to 30-60 % of its
+    radius off, as far as it still covers the centre of the crop."""
+    depth = cell.radius * rng.uniform(0.3, 0.6)
+    c = min(0.5 - cell.radius + depth, cell.radius + 0.08)  # reach 0.08 into the centre
+    side = int(rng.integers(4))
+    if side < 2:
+        cell.cx = c if side == 0 else -c
+    else:
+        cell.cy = c if side == 2 else -c
+
+
+def _paint_overlap(
+    img: np.ndarray, x: np.ndarray, y: np.ndarray, cell: _Cell, rng: np.random.Generator, px: float
+) -> None:
+    """A red cell under the main cell, its disc overlapping 50-80 % of its radius."""
+    r = rng.uniform(0.12, 0.155)
+    th = rng.uniform(0, 2 * math.pi)
+    d = cell.radius + r * rng.uniform(0.5, 0.85)
+    colour = _rgb(_RED_CELL) + rng.normal(0, 4, 3).astype(np.float32) / 255.0
+    cx, cy = cell.cx + d * math.cos(th), cell.cy + d * math.sin(th)
+    bg = img.mean(axis=(0, 1))
+    alpha, col = _red_cell_alpha_colour(x, y, cx, cy, r, rng.uniform(0.5, 0.8), colour, bg, px)
+    _paint(img, alpha, col)
+
+
+def _paint_debris(
+    img: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    cell: _Cell,
+    nuc: SDF | None,
+    kind: str,
+    rng: np.random.Generator,
+    px: float,
+) -> None:
+    """Vacuoles or precipitate specks on the cell (see ``_DEBRIS``)."""
+    d = _DEBRIS[kind]
+
+    def keep(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        inside = cell.sdf(a, b) < -(d.inset + d.radius[1])
+        if nuc is None or d.clear is None:
+            return inside
+        return inside & (nuc(a, b) > d.clear + d.radius[1])
+
+    n = int(rng.integers(*d.count, endpoint=True))
+    pts = _scatter(rng, n, 1.1 * cell.radius, keep, spacing=d.spacing)
+    _paint_dots(img, x, y, cell, pts, d.radius, _rgb(d.colour), 1.0, px, rng)
+
+
 def render_cell(
-    class_id: int, rng: np.random.Generator, size: int = 32
+    class_id: int,
+    rng: np.random.Generator,
+    size: int = 32,
+    artifact: str | None = None,
+    spec: CellSpec | None = None,
 ) -> tuple[np.ndarray, str | None]:
     """Render one phantom cell of ``class_id``: (uint8 size x size x 3 image, subtype or None).
 
     The subtype is "band"/"segmented" for M5 (about 50/50) and None for every other class.
+    ``artifact`` (an ``ARTIFACTS`` name) adds that slide artifact; ``spec`` replaces the class's
+    ``SPECS`` entry (e.g. a ``STRICT_SPECS`` one).
     """
-    spec = SPECS[class_code(class_id)]
+    spec = spec or SPECS[class_code(class_id)]
+    # Artifact draws come from a child stream, so the cell itself is drawn as it would be clean.
+    arng = _artifact_rng(spec, artifact, rng)
     ss = max(2, math.ceil(_HI_RES / size))  # supersampling factor
     n = size * ss
     x, y = _canvas(n)
     px = 1.0 / n
     img = _background(rng, n)
     cell = _random_cell(spec, rng)
+    if artifact == "cut_off":
+        _cut_off(cell, arng)
     _paint_red_cells(img, x, y, cell, rng, px)  # first: the main cell is painted over them
-    subtype = _draw_main_cell(img, x, y, spec, cell, rng, px)
+    if artifact == "overlap":
+        _paint_overlap(img, x, y, cell, arng, px)
+    subtype, nuc = _draw_main_cell(img, x, y, spec, cell, rng, px)
+    if artifact in ("vacuoles", "precipitate"):
+        _paint_debris(img, x, y, cell, nuc, artifact, arng, px)
     return _finish(img, rng, ss, size), subtype
 
 
 def generate(
-    per_class: int, size: int = 32, seed: int = 0, classes: list[int] | None = None
+    per_class: int,
+    size: int = 32,
+    seed: int = 0,
+    classes: list[int] | None = None,
+    artifacts: Mapping[tuple[int, int], str] | None = None,
+    specs: Mapping[str, CellSpec] | None = None,
 ) -> Iterator[tuple[np.ndarray, int, str | None]]:
     """Yield (image, class_id, subtype) for ``per_class`` phantoms of each class, class by class.
 
     Image i of class c depends only on (seed, c, i), so a larger ``per_class`` extends a smaller
-    one and a class subset gives the same images as the full set.
+    one and a class subset gives the same images as the full set. ``artifacts`` maps (class id,
+    index) to the artifact that image carries (``artifact_plan``); ``specs`` replaces the
+    ``SPECS`` entries of some class codes.
     """
     ids = list(range(len(BONE_MARROW_16))) if classes is None else [int(c) for c in classes]
+    artifacts, specs = artifacts or {}, specs or {}
     for cid in ids:
+        spec = specs.get(class_code(cid))
         for i in range(per_class):
             rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(cid, i)))
-            image, subtype = render_cell(cid, rng, size)
+            image, subtype = render_cell(cid, rng, size, artifacts.get((cid, i)), spec)
             yield image, cid, subtype
 
 
@@ -608,6 +794,99 @@ def shuffle_classes(
 # ---------------------------------------------------------------------------------------------
 
 
+SCENARIOS: tuple[str, ...] = ("artifacts", "strict-expert", "label-noise")
+
+# Spawn keys of the scenario streams: disjoint from the (class id, index) keys of the cells.
+_LABEL_NOISE_KEY = 1_000_003
+_ARTIFACT_KEY = 2_000_003
+
+
+def check_scenario(scenario: str | None, fraction: float) -> None:
+    """A one-line ValueError unless ``scenario`` is None or one of ``SCENARIOS`` and
+    ``fraction`` lies in [0, 1)."""
+    if scenario is not None and scenario not in SCENARIOS:
+        raise ValueError(
+            f"unknown scenario {scenario!r}; valid scenarios: {', '.join(SCENARIOS)} (or none)"
+        )
+    if not 0 <= fraction < 1:
+        raise ValueError(f"the scenario fraction is a fraction in [0, 1), got {fraction}")
+
+
+def artifact_plan(
+    per_class: int, seed: int, fraction: float, classes: list[int] | None = None
+) -> dict[tuple[int, int], str]:
+    """Which cells carry which artifact: (class id, index) -> ``ARTIFACTS`` name.
+
+    ``fraction * per_class`` cells (rounded) of each class, each with a kind drawn uniformly from
+    ``artifact_kinds`` of its class; the choice depends only on (seed, class).
+    """
+    ids = list(range(len(BONE_MARROW_16))) if classes is None else [int(c) for c in classes]
+    plan: dict[tuple[int, int], str] = {}
+    for cid in ids:
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_ARTIFACT_KEY, cid)))
+        kinds = artifact_kinds(class_code(cid))
+        chosen = rng.choice(per_class, size=int(fraction * per_class + 0.5), replace=False)
+        for i in sorted(int(i) for i in chosen):
+            plan[(cid, i)] = kinds[int(rng.integers(len(kinds)))]
+    return plan
+
+
+def _resolve_scenario(
+    scenario: str | None, fraction: float, label_noise: float
+) -> tuple[str | None, float]:
+    """(scenario, fraction), with the older ``label_noise`` argument as the label-noise one."""
+    if not 0 <= label_noise < 1:
+        raise ValueError(f"label_noise is a fraction in [0, 1), got {label_noise}")
+    if label_noise:
+        if scenario not in (None, "label-noise"):
+            raise ValueError(
+                f"label_noise is the label-noise scenario; it does not combine with {scenario!r}"
+            )
+        scenario, fraction = "label-noise", label_noise
+    check_scenario(scenario, fraction)
+    return scenario, fraction
+
+
+def _rows(
+    per_class: int, test_per_class: int, size: int, seed: int, plan: dict[tuple[int, int], str]
+) -> Iterator[tuple[str, np.ndarray, int, str | None, str | None]]:
+    """(split, image, class id, subtype, artifact) of the training, then the test cells.
+
+    Test cells come from a disjoint seed and never carry artifacts.
+    """
+    for k, (img, cid, sub) in enumerate(generate(per_class, size, seed, artifacts=plan)):
+        yield "train", img, cid, sub, plan.get((cid, k % per_class))
+    for img, cid, sub in generate(test_per_class, size, seed + 7919):
+        yield "test", img, cid, sub, None
+
+
+def _scenario_record(
+    scenario: str | None, fraction: float, seed: int, ids: dict[str, list[str]]
+) -> dict | None:
+    """The manifest's ``scenario`` entry: what was done to which rows (ids per kind)."""
+    if scenario is None:
+        return None
+    if scenario == "strict-expert":
+        return {"name": scenario, "expert": "strict", "classes": list(STRICT_SPECS)}
+    kinds = list(ARTIFACTS) if scenario == "artifacts" else ["relabelled"]
+    record = {"name": scenario, "fraction": fraction, "seed": seed}
+    record["counts"] = {k: len(ids.get(k, [])) for k in kinds}
+    if scenario == "artifacts":
+        record["criteria"] = {k: a.criterion for k, a in ARTIFACTS.items()}
+    record["ids"] = {k: ids.get(k, []) for k in kinds}
+    return record
+
+
+class _ScenarioWriter(ShardWriter):
+    """A ShardWriter whose manifest also records the scenario (set before it closes), so the
+    manifest is still written once, last."""
+
+    scenario: dict | None = None
+
+    def _manifest(self, shards: list[dict]) -> dict:
+        return {**super()._manifest(shards), "scenario": self.scenario}
+
+
 def write_phantoms(
     out: str | Path,
     per_class: int,
@@ -615,30 +894,43 @@ def write_phantoms(
     size: int = 32,
     seed: int = 0,
     label_noise: float = 0.0,
+    scenario: str | None = None,
+    scenario_fraction: float = 0.3,
 ) -> dict:
     """Render phantoms into a shard set (train, then test from a disjoint seed); the manifest.
 
-    ``label_noise`` redraws that fraction of the *training* labels as a different class, as
-    annotation errors in a real data set would (test labels stay clean). The images are those
-    of ``label_noise=0``; which labels change depends only on ``seed``.
+    ``scenario`` (``SCENARIOS``) makes the expert know what the training data do not; test
+    cells are always clean and every label but label-noise's is correct:
+
+    - "artifacts": ``scenario_fraction`` of the training cells carry a slide artifact
+      (``ARTIFACTS``) that the judge rejects on one named criterion;
+    - "strict-expert": the data are drawn as without a scenario; the manifest names the judge's
+      "strict" profile, which rejects about half the cells of the ``STRICT_SPECS`` classes;
+    - "label-noise" (or ``label_noise`` > 0, its older spelling): that fraction of the
+      training labels is redrawn as a different class, from the images of no scenario.
+
+    The manifest's ``scenario`` entry records it, with the ids of the rows each kind touched.
+    The same seed gives the same images, artifacts and labels.
     """
     from rich.progress import track
 
-    from pathloop.data import ShardWriter
-
-    if not 0 <= label_noise < 1:
-        raise ValueError(f"label_noise is a fraction in [0, 1), got {label_noise}")
+    scenario, fraction = _resolve_scenario(scenario, scenario_fraction, label_noise)
+    plan = artifact_plan(per_class, seed, fraction) if scenario == "artifacts" else {}
+    noise = fraction if scenario == "label-noise" else 0.0
+    note = f"phantoms seed={seed} size={size}" + (f" scenario={scenario}" if scenario else "")
+    if scenario in ("artifacts", "label-noise"):
+        note += f" fraction={fraction}"
+    flip = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_LABEL_NOISE_KEY,)))
+    ids: dict[str, list[str]] = {}
     total = 16 * (per_class + test_per_class)
-    note = f"phantoms seed={seed} size={size}" + (
-        f" label_noise={label_noise}" if label_noise else ""
-    )
-    flip = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1_000_003,)))
-    with ShardWriter(out, BONE_MARROW_16, source_note=note) as w:
-        parts = [("train", per_class, seed), ("test", test_per_class, seed + 7919)]
-        stream = ((split, item) for split, n, s in parts if n for item in generate(n, size, s))
-        for split, (img, cid, subtype) in track(stream, total=total, description="phantoms"):
-            if split == "train" and label_noise and flip.random() < label_noise:
+    with _ScenarioWriter(out, BONE_MARROW_16, source_note=note) as w:
+        rows = _rows(per_class, test_per_class, size, seed, plan)
+        for split, img, cid, subtype, tag in track(rows, total=total, description="phantoms"):
+            if split == "train" and noise and flip.random() < noise:
                 cid = int(shuffle_classes([cid], int(flip.integers(2**31)))[0])
-                subtype = None  # the new class's sub-types do not apply to this cell
-            w.add(img, cid, split=split, source="phantom", subtype=subtype)
+                subtype, tag = None, "relabelled"  # the new class's sub-types do not apply
+            rid = w.add(img, cid, split=split, source="phantom", subtype=subtype)
+            if tag and rid:
+                ids.setdefault(tag, []).append(rid)
+        w.scenario = _scenario_record(scenario, fraction, seed, ids)
     return w.manifest

@@ -112,3 +112,113 @@ def test_judge_accepts_float_images(fresh32: tuple) -> None:
         b = J.judge_image(image, int(cid))
         assert a.plausible == b.plausible and a.criteria == b.criteria
         np.testing.assert_allclose(list(a.measures.values()), list(b.measures.values()))
+
+
+# --- scenarios: artifacts the judge rejects ---------------------------------------------------
+
+
+def test_judge_passes_clean_cells_overall(fresh32: tuple, fresh64: tuple) -> None:
+    for images, ids, _ in (fresh32, fresh64):
+        assert J.judge_report(J.judge_batch(images, ids), ids)["plausible_rate"] >= 0.98
+
+
+def _artifact_verdicts(per_pair: int, size: int, seed: int) -> dict[str, list]:
+    """Verdicts on ``per_pair`` cells of every (class, artifact) pair: kind -> verdicts."""
+    out: dict[str, list] = {kind: [] for kind in P.ARTIFACTS}
+    for cid in range(K):
+        for kind in P.artifact_kinds(P.class_code(cid)):
+            plan = {(cid, i): kind for i in range(per_pair)}
+            cells = P.generate(per_pair, size, seed, [cid], artifacts=plan)
+            out[kind] += [J.judge_image(image, cid) for image, _, _ in cells]
+    return out
+
+
+@pytest.mark.parametrize("size, per_pair, seed", [(32, 6, 24680), (64, 3, 13579)])
+def test_judge_rejects_each_artifact_on_its_criterion(size: int, per_pair: int, seed: int) -> None:
+    for kind, verdicts in _artifact_verdicts(per_pair, size, seed).items():
+        criterion = P.ARTIFACTS[kind].criterion
+        assert np.mean([v.plausible for v in verdicts]) <= 0.02, kind
+        assert np.mean([not v.criteria[criterion] for v in verdicts]) >= 0.9, kind
+
+
+def test_cut_off_and_overlap_are_read_from_the_outline() -> None:
+    cid = BONE_MARROW_16.lookup("B1").id
+    for kind, measure in (("cut_off", "cell_edge"), ("overlap", "cell_notch")):
+        cells = P.generate(8, 32, 777, [cid], artifacts={(cid, i): kind for i in range(8)})
+        hi = J.ACCEPT["B1"][measure][1]
+        assert all(J.measure_image(image)[measure] > hi for image, _, _ in cells), kind
+
+
+# --- scenarios: the strict expert ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_classes() -> list[int]:
+    return [BONE_MARROW_16.lookup(code).id for code in P.STRICT_SPECS]
+
+
+def test_default_profile_is_unchanged_and_strict_only_narrows() -> None:
+    assert J.accept_table() is J.ACCEPT and J.accept_table("default") is J.ACCEPT
+    strict = J.accept_table("strict")
+    assert set(J.ACCEPT_STRICT) == set(P.STRICT_SPECS) and len(J.ACCEPT_STRICT) >= 4
+    for code, accept in J.ACCEPT.items():
+        narrowed = {k for k in accept if strict[code][k] != accept[k]}
+        assert narrowed == set(J.ACCEPT_STRICT.get(code, {})), code
+        for name in narrowed:
+            (lo, hi), (slo, shi) = accept[name], strict[code][name]
+            assert lo <= slo <= shi <= hi and (slo, shi) != (lo, hi), (code, name)
+
+
+def test_unknown_expert_profile_lists_the_valid_ones(fresh32: tuple) -> None:
+    images, ids, _ = fresh32
+    with pytest.raises(ValueError, match="unknown expert profile 'lenient'; valid profiles: def"):
+        J.judge_batch(images[:1], ids[:1], expert="lenient")
+
+
+def test_strict_expert_rejects_about_half_of_the_strict_classes(strict_classes) -> None:
+    images, ids, _ = _batch(100, 32, seed=97531, classes=strict_classes)
+    default = J.judge_batch(images, ids)
+    strict = J.judge_batch(images, ids, expert="strict")
+    assert np.mean([v.plausible for v in default]) >= 0.98  # the data are what the labels say
+    for cid in strict_classes:
+        code = P.class_code(cid)
+        rows = [v for v, c in zip(strict, ids, strict=True) if c == cid]
+        fail = 1.0 - np.mean([v.plausible for v in rows])
+        assert 0.35 <= fail <= 0.65, (code, fail)
+        criteria = {J.MEASURE_CRITERION[name] for name in J.ACCEPT_STRICT[code]}
+        assert all(set(v.failed) <= criteria for v in rows if not v.plausible), code
+
+
+@pytest.mark.parametrize("size, n", [(32, 50), (64, 20)])
+def test_strict_expert_passes_cells_inside_the_narrowed_range(size, n, strict_classes) -> None:
+    images, ids, _ = zip(
+        *P.generate(n, size, seed=86420 + size, classes=strict_classes, specs=P.STRICT_SPECS),
+        strict=True,
+    )
+    verdicts = J.judge_batch(images, ids, expert="strict")
+    assert np.mean([v.plausible for v in verdicts]) >= 0.98
+
+
+def test_strict_profile_leaves_other_classes_alone(fresh32: tuple) -> None:
+    images, ids, _ = fresh32
+    others = ~np.isin(ids, [BONE_MARROW_16.lookup(c).id for c in P.STRICT_SPECS])
+    strict = J.judge_batch(images[others], ids[others], expert="strict")
+    default = J.judge_batch(images[others], ids[others])
+    assert [v.criteria for v in strict] == [v.criteria for v in default]
+
+
+def test_expert_profile_reaches_the_evaluator_and_shard_reports(tmp_path) -> None:
+    from pathloop.experts import get_evaluator
+
+    P.write_phantoms(tmp_path / "s", per_class=6, seed=3, scenario="strict-expert")
+    images, ids, _ = _batch(6, 32, seed=3)
+    evaluator = get_evaluator("judge", expert="strict")
+    assert evaluator.rater_name == "judge:strict" and get_evaluator("judge").rater_name == "judge"
+    verdicts = evaluator(list(images), list(ids), BONE_MARROW_16)
+    direct = J.judge_batch(images, ids, expert="strict")
+    assert [v.plausible for v in verdicts] == [v.plausible for v in direct]
+    strict, default = (J.judge_shards(tmp_path / "s", expert=e) for e in ("strict", "default"))
+    assert strict["expert"] == "strict" and default["expert"] == "default"
+    assert strict["plausible_rate"] < default["plausible_rate"]
+    with pytest.raises(ValueError, match="valid profiles: default, strict"):
+        get_evaluator("judge", expert="lenient")

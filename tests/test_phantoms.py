@@ -101,3 +101,122 @@ def test_label_noise_redraws_only_training_labels(tmp_path) -> None:
     assert 0.25 < changed[split == "train"].mean() < 0.55  # 0.4 of 192 training labels
     with pytest.raises(ValueError, match="label_noise is a fraction"):
         P.write_phantoms(tmp_path / "bad", per_class=1, label_noise=1.0)
+
+
+# --- scenarios -------------------------------------------------------------------------------
+
+
+def _table(path) -> tuple:
+    """Images, class ids, ids and splits of a shard set, in write order."""
+    from pathloop.data import load_image_table
+
+    images, class_ids, cols = load_image_table(path)
+    return images, class_ids, cols["id"], cols["split"]
+
+
+@pytest.fixture(scope="module")
+def scenario_sets(tmp_path_factory) -> dict:
+    """The same seed written clean and under each scenario: {name: (manifest, table)}."""
+    root = tmp_path_factory.mktemp("scenarios")
+    out = {}
+    for name in (None, *P.SCENARIOS):
+        m = P.write_phantoms(
+            root / str(name), per_class=10, test_per_class=2, seed=4, scenario=name
+        )
+        out[name] = (m, _table(root / str(name)))
+    return out
+
+
+def test_artifact_plan_is_seeded_and_exact() -> None:
+    plan = P.artifact_plan(per_class=20, seed=9, fraction=0.3)
+    assert plan == P.artifact_plan(per_class=20, seed=9, fraction=0.3)
+    assert plan != P.artifact_plan(per_class=20, seed=10, fraction=0.3)
+    for cid in range(K):
+        mine = {i: kind for (c, i), kind in plan.items() if c == cid}
+        assert len(mine) == 6 and all(0 <= i < 20 for i in mine)
+        assert set(mine.values()) <= set(P.artifact_kinds(P.class_code(cid)))
+    assert {kind for kind in plan.values()} == set(P.ARTIFACTS)  # every kind is drawn
+    assert all(len(P.artifact_kinds(code)) >= 2 for code in P.SPECS)
+
+
+def test_render_cell_refuses_unknown_or_inapplicable_artifacts() -> None:
+    with pytest.raises(ValueError, match="valid artifacts: vacuoles, precipitate"):
+        P.render_cell(0, np.random.default_rng(0), artifact="smudge")
+    er6 = BONE_MARROW_16.lookup("ER6").id
+    with pytest.raises(ValueError, match="not drawn on class ER6; valid there: precipitate"):
+        P.render_cell(er6, np.random.default_rng(0), artifact="vacuoles")
+
+
+def test_artifacts_touch_only_the_planned_training_rows(scenario_sets) -> None:
+    manifest, (images, class_ids, ids, split) = scenario_sets["artifacts"]
+    _, (clean_images, clean_ids, _, clean_split) = scenario_sets[None]
+    record = manifest["scenario"]
+    assert record["name"] == "artifacts" and record["fraction"] == 0.3 and record["seed"] == 4
+    assert record["criteria"] == {k: a.criterion for k, a in P.ARTIFACTS.items()}
+    tagged = {i: kind for kind, rows in record["ids"].items() for i in rows}
+    assert {k: len(v) for k, v in record["ids"].items()} == record["counts"]
+    assert sum(record["counts"].values()) == 16 * 3  # round(0.3 * 10) per class
+    carries = np.array([i in tagged for i in ids])
+    assert not carries[split == "test"].any()  # the test split is always clean
+    assert np.array_equal(class_ids, clean_ids) and np.array_equal(split, clean_split)
+    same = np.array([np.array_equal(a, b) for a, b in zip(images, clean_images, strict=True)])
+    assert np.array_equal(same, ~carries)  # only the artifact rows differ from the clean set
+
+
+def test_scenarios_are_deterministic(scenario_sets, tmp_path) -> None:
+    for name in ("artifacts", "label-noise"):
+        manifest, table = scenario_sets[name]
+        again = P.write_phantoms(tmp_path / name, 10, test_per_class=2, seed=4, scenario=name)
+        assert again["scenario"] == manifest["scenario"]
+        again_table = _table(tmp_path / name)
+        assert all(np.array_equal(a, b) for a, b in zip(table, again_table, strict=True))
+
+
+def test_manifest_records_each_scenario(scenario_sets) -> None:
+    assert scenario_sets[None][0]["scenario"] is None
+    strict, (images, _, _, _) = scenario_sets["strict-expert"]
+    assert strict["scenario"] == {
+        "name": "strict-expert",
+        "expert": "strict",
+        "classes": list(P.STRICT_SPECS),
+    }
+    assert np.array_equal(images, scenario_sets[None][1][0])  # the data are drawn as without
+    noisy, (_, noisy_ids, ids, split) = scenario_sets["label-noise"]
+    changed = set(ids[noisy_ids != scenario_sets[None][1][1]])
+    assert set(noisy["scenario"]["ids"]["relabelled"]) == changed
+    assert noisy["scenario"]["counts"] == {"relabelled": len(changed)} and changed
+    assert not changed & set(ids[split == "test"])
+    assert "scenario=label-noise fraction=0.3" in noisy["source_note"]
+
+
+def test_label_noise_is_the_label_noise_scenario(tmp_path) -> None:
+    old = P.write_phantoms(tmp_path / "old", per_class=4, seed=2, label_noise=0.25)
+    new = P.write_phantoms(
+        tmp_path / "new", per_class=4, seed=2, scenario="label-noise", scenario_fraction=0.25
+    )
+    assert old["scenario"] == new["scenario"] and old["scenario"]["name"] == "label-noise"
+    assert old["shards"][0]["sha256"] == new["shards"][0]["sha256"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scenario": "artefacts"}, "unknown scenario 'artefacts'; valid scenarios: artifacts"),
+        ({"scenario": "artifacts", "scenario_fraction": 1.0}, "fraction in \\[0, 1\\)"),
+        ({"scenario": "artifacts", "label_noise": 0.2}, "does not combine with 'artifacts'"),
+    ],
+)
+def test_bad_scenarios_are_one_line_errors(kwargs, message, tmp_path) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        P.write_phantoms(tmp_path / "bad", per_class=1, **kwargs)
+    assert "\n" not in str(err.value) and not (tmp_path / "bad").exists()
+
+
+def test_the_loop_offers_the_same_scenarios() -> None:
+    from typing import get_args
+
+    from pathloop.pipeline import LoopDataConfig
+
+    literal, _none = get_args(LoopDataConfig.model_fields["scenario"].annotation)
+    assert get_args(literal) == P.SCENARIOS
+    assert LoopDataConfig().scenario is None and LoopDataConfig().scenario_fraction == 0.3
