@@ -20,6 +20,16 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage reporting from CI
 REAL_CELLS = Path(__file__).resolve().parents[1].parent / "shared/data/real_cells"
 
 
+def phantom_batch(per_class: int, size: int, seed: int, classes: list[int] | None = None) -> tuple:
+    """Freshly rendered phantoms: images (N, H, W, 3), class ids (N,), subtypes (N,)."""
+    import numpy as np
+
+    from pathloop.phantoms import generate
+
+    images, ids, subtypes = zip(*generate(per_class, size, seed, classes), strict=True)
+    return np.stack(images), np.array(ids), list(subtypes)
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[object]:
     """One local Ray instance for the whole test session (starting Ray costs seconds)."""

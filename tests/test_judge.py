@@ -8,30 +8,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import phantom_batch
 
 from pathloop import judge as J
 from pathloop import phantoms as P
 from pathloop.vocab import BONE_MARROW_16, CRITERIA
 
 K = len(BONE_MARROW_16)
-
-
 M5 = BONE_MARROW_16.lookup("M5").id
-
-
-def _batch(per_class: int, size: int, seed: int, classes: list[int] | None = None) -> tuple:
-    images, ids, subtypes = zip(*P.generate(per_class, size, seed, classes), strict=True)
-    return np.stack(images), np.array(ids), list(subtypes)
 
 
 @pytest.fixture(scope="module")
 def fresh32() -> tuple:
-    return _batch(40, 32, seed=12345)
+    return phantom_batch(40, 32, seed=12345)
 
 
 @pytest.fixture(scope="module")
 def fresh64() -> tuple:
-    return _batch(12, 64, seed=4321)
+    return phantom_batch(12, 64, seed=4321)
 
 
 def _per_class_rates(images: np.ndarray, ids: np.ndarray) -> dict[str, float]:
@@ -61,7 +55,7 @@ def test_wrong_declared_class_is_implausible(fixture: str, request: pytest.Fixtu
 
 
 def test_m5_subtype_is_read_from_pixels() -> None:
-    images, ids, subtypes = _batch(80, 32, seed=2718, classes=[M5])
+    images, ids, subtypes = phantom_batch(80, 32, seed=2718, classes=[M5])
     report = J.judge_report(J.judge_batch(images, ids), ids, true_subtypes=subtypes)
     assert report["subtype_n"] == 80
     assert report["subtype_accuracy"] >= 0.9
@@ -176,7 +170,7 @@ def test_unknown_expert_profile_lists_the_valid_ones(fresh32: tuple) -> None:
 
 
 def test_strict_expert_rejects_about_half_of_the_strict_classes(strict_classes) -> None:
-    images, ids, _ = _batch(100, 32, seed=97531, classes=strict_classes)
+    images, ids, _ = phantom_batch(100, 32, seed=97531, classes=strict_classes)
     default = J.judge_batch(images, ids)
     strict = J.judge_batch(images, ids, expert="strict")
     assert np.mean([v.plausible for v in default]) >= 0.98  # the data are what the labels say
@@ -211,7 +205,7 @@ def test_expert_profile_reaches_the_evaluator_and_shard_reports(tmp_path) -> Non
     from pathloop.experts import get_evaluator
 
     P.write_phantoms(tmp_path / "s", per_class=6, seed=3, scenario="strict-expert")
-    images, ids, _ = _batch(6, 32, seed=3)
+    images, ids, _ = phantom_batch(6, 32, seed=3)
     evaluator = get_evaluator("judge", expert="strict")
     assert evaluator.rater_name == "judge:strict" and get_evaluator("judge").rater_name == "judge"
     verdicts = evaluator(list(images), list(ids), BONE_MARROW_16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import phantom_batch
 
 from pathloop import judge as J
 from pathloop import phantoms as P
@@ -11,21 +12,6 @@ from pathloop.vocab import BONE_MARROW_16, CRITERIA
 
 K = len(BONE_MARROW_16)
 M5 = BONE_MARROW_16.lookup("M5").id
-
-
-def _batch(per_class: int, size: int, seed: int, classes: list[int] | None = None) -> tuple:
-    images, ids, subtypes = zip(*P.generate(per_class, size, seed, classes), strict=True)
-    return np.stack(images), np.array(ids), list(subtypes)
-
-
-@pytest.fixture(scope="module")
-def fresh32() -> tuple:
-    return _batch(40, 32, seed=12345)
-
-
-@pytest.fixture(scope="module")
-def fresh64() -> tuple:
-    return _batch(12, 64, seed=4321)
 
 
 # --- renderer --------------------------------------------------------------------------------
@@ -50,13 +36,13 @@ def test_generate_shapes_and_subtypes(size: int) -> None:
 
 
 def test_generate_is_deterministic_and_prefix_stable() -> None:
-    a, ids_a, sub_a = _batch(3, 32, seed=7, classes=[0, M5])
-    b, ids_b, sub_b = _batch(3, 32, seed=7, classes=[0, M5])
+    a, ids_a, sub_a = phantom_batch(3, 32, seed=7, classes=[0, M5])
+    b, ids_b, sub_b = phantom_batch(3, 32, seed=7, classes=[0, M5])
     assert np.array_equal(a, b) and np.array_equal(ids_a, ids_b) and sub_a == sub_b
     # Image i of class c depends only on (seed, c, i): a subset or a longer run repeats it.
-    only_m5, _, _ = _batch(2, 32, seed=7, classes=[M5])
+    only_m5, _, _ = phantom_batch(2, 32, seed=7, classes=[M5])
     assert np.array_equal(only_m5, a[3:5])
-    other, _, _ = _batch(3, 32, seed=8, classes=[0, M5])
+    other, _, _ = phantom_batch(3, 32, seed=8, classes=[0, M5])
     assert not np.array_equal(a, other)
 
 
