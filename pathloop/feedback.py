@@ -5,14 +5,8 @@ bearer token, or machine evaluators) give each image at most one *current label*
 change is a new *revision* kept in ``label_history``, so ``undo`` can step back. ``export_round``
 turns the labels into the Parquet table the reward model trains on, plus inter-rater agreement.
 
-Tables (SQLAlchemy 2 ORM; SQLite file by default, PostgreSQL by URL):
-
-- ``rounds``: id, name, samples_dir, created, vocabulary (JSON), status (open/closed)
-- ``images``: round_id, image_id (the shard ``id``), class_id, class_name, position
-- ``raters``: id, name, token_hash (sha256 of the bearer token; never the token), kind, created
-- ``labels``: the current label per (round, image, rater): plausible (None = unscored),
-  failed_criteria (JSON list), subtype, comment, source, created, updated, revision
-- ``label_history``: every revision's values and time; ``undone`` marks revisions undo removed
+The tables, the records the store returns and the engine live in ``feedback_db``; Label
+Studio interop in ``labelstudio``; agreement statistics in ``metrics``.
 
 Every write is one transaction; SQLite runs in WAL mode with a busy timeout, writes take the lock
 up front (``BEGIN IMMEDIATE``) and "database is locked" is retried, so several threads and
