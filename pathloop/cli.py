@@ -131,6 +131,13 @@ def phantoms(
     label_noise: float = typer.Option(
         0.0, help="Fraction of training labels redrawn as another class (annotation errors)."
     ),
+    scenario: str | None = typer.Option(
+        None,
+        help="What the expert knows that the data do not: artifacts (slide artifacts on "
+        "--fraction of the training cells), strict-expert (a stricter judge profile) or "
+        "label-noise (--fraction of training labels wrong).",
+    ),
+    fraction: float = typer.Option(0.3, help="The scenario's fraction of training cells."),
 ) -> None:
     """Render procedural bone-marrow phantom cells (16 classes) into a shard set."""
     from pathloop.phantoms import write_phantoms
@@ -139,9 +146,17 @@ def phantoms(
         raise ValueError(f"--size must be 32 or 64, got {size}")
     n_test = per_class // 4 if test_per_class is None else test_per_class
     manifest = write_phantoms(
-        out, per_class, test_per_class=n_test, size=size, seed=seed, label_noise=label_noise
+        out,
+        per_class,
+        test_per_class=n_test,
+        size=size,
+        seed=seed,
+        label_noise=label_noise,
+        scenario=scenario,
+        scenario_fraction=fraction,
     )
-    console.print(f"wrote {manifest['num_records']} phantom cells to {out}")
+    note = f" (scenario {manifest['scenario']['name']})" if manifest.get("scenario") else ""
+    console.print(f"wrote {manifest['num_records']} phantom cells to {out}{note}")
 
 
 @app.command()
@@ -152,12 +167,15 @@ def judge(
         None, help="Seed: replace each declared class with a different random class first."
     ),
     split: str | None = typer.Option(None, help="Only this split."),
+    expert: str = typer.Option(
+        "default", help="Judge profile: default, or strict (a strict-expert set's expert)."
+    ),
 ) -> None:
     """Judge images against their declared class from pixels alone; write report.json."""
     from pathloop.judge import judge_shards
     from pathloop.viz import print_rate_table
 
-    report = judge_shards(shards, shuffle_seed=shuffle_classes, split=split)
+    report = judge_shards(shards, shuffle_seed=shuffle_classes, split=split, expert=expert)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print_rate_table(report, title=f"judge: {shards}")
@@ -418,6 +436,15 @@ def loop(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) 
     from pathloop.pipeline import print_summary
 
     print_summary(_run("loop", config, overrides))
+
+
+@app.command()
+def experiment(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
+    """Does feedback beat the data alone? Arms (control, feedback, oracle, self-training) x
+    seeds from one pretrained model, paired on the same images; rerun to resume."""
+    from pathloop.experiment import print_results
+
+    print_results(_run("experiment", config, overrides))
 
 
 @app.command()

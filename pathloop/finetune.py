@@ -59,15 +59,24 @@ class FinetuneConfig(Frozen):
         ),
     )
     reward_model: str | None = Field(None, description="Reward model ref (path or MLflow URI).")
+    rewards: str | None = Field(
+        None,
+        description=(
+            "Precomputed rewards of the synthetic images instead of a reward model: a CSV or "
+            "Parquet table with columns id and reward (>= 0), one row per synthetic image, e.g. "
+            "the expert's own verdicts (the oracle arm of `pathloop experiment`)."
+        ),
+    )
     real: str | None = Field(None, description="Real shard set for the beta_r term.")
     real_split: str | None = Field("train", description="Split of the real shards.")
     beta_r: float = Field(1.0, ge=0, description="Weight of the plain loss on real images.")
-    reward_mode: Literal["raw", "threshold", "class_norm", "none"] = Field(
+    reward_mode: Literal["raw", "threshold", "class_norm", "none", "ones"] = Field(
         "raw",
         description=(
             "raw r; threshold: 1[r >= reward_threshold]; class_norm: r / mean_class(r); "
             "none: weights 0, the control arm (only the beta_r real term trains, so what the "
-            "feedback adds is the difference to a run with it)."
+            "feedback adds is the difference to a run with it); ones: weights 1, self-training "
+            "on the synthetic images without feedback. none and ones need no rewards."
         ),
     )
     reward_threshold: float = Field(0.5, ge=0, le=1, description="For reward_mode=threshold.")
@@ -101,6 +110,8 @@ class FinetuneInputs(WorkerInputs):
 
 # --------------------------------------------------------------------- rewards and preference pairs
 
+REWARD_FREE = ("none", "ones")  # reward modes whose weights need no rewards
+
 
 def shape_rewards(r: Any, class_ids: Any, mode: str, threshold: float) -> Any:
     """Turn cached rewards (N,) into finetuning weights (N,) per ``reward_mode``."""
@@ -109,6 +120,8 @@ def shape_rewards(r: Any, class_ids: Any, mode: str, threshold: float) -> Any:
     r = np.asarray(r, dtype=np.float64)
     if mode == "none":  # the no-feedback control: the synthetic term weighs nothing
         return np.zeros_like(r)
+    if mode == "ones":  # self-training: every synthetic image counts, whatever its reward
+        return np.ones_like(r)
     if mode == "threshold":
         return (r >= threshold).astype(np.float64)
     if mode == "class_norm":  # every class keeps the same total weight, whatever its reward level
@@ -273,17 +286,7 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
     from pathloop.data import load_arrays, load_image_table
 
     images, class_ids, cols = load_image_table(cfg.synthetic)
-    scores = None
-    if cfg.reward_model:
-        scores = _cached_rewards(cfg, images, class_ids, out.parent / "rewards.npz")
-    else:
-        fails = [k for k in cols if k.startswith("fail_")]
-        if not fails:
-            raise ValueError(
-                f"{cfg.synthetic} has no fail_* checklist columns and no "
-                "reward_model is set; pass a feedback export or a reward model"
-            )
-        scores = 1.0 - np.mean([cols[k].astype(float) for k in fails], axis=0)  # (N,)
+    scores = _scores(cfg, images, class_ids, cols, out.parent / "rewards.npz")  # (N,)
     weights = shape_rewards(scores, class_ids, cfg.reward_mode, cfg.reward_threshold)
     pairs = (
         preference_pairs(scores, class_ids, cfg.dpo_bar, cfg.train.seed)
@@ -311,8 +314,60 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
         "pairs": len(pairs),
         "real_images": len(real_x),
         "mean_weight": float(np.mean(weights)),
-        "mean_score": float(np.mean(scores)),
+        "mean_score": None if np.isnan(scores).all() else float(np.nanmean(scores)),
     }
+
+
+def _scores(cfg: FinetuneConfig, images, class_ids, cols: dict, cache: Path) -> np.ndarray:
+    """Reward of each synthetic image (N,): given (``rewards``), from the reward model (cached),
+    NaN where the weights need none (reward_mode none or ones), else checklist scores from the
+    fail_* columns of a feedback export."""
+    if cfg.rewards:
+        return given_rewards(cfg.rewards, cols["id"])
+    if cfg.reward_model:
+        return _cached_rewards(cfg, images, class_ids, cache)
+    if cfg.method == "reward" and cfg.reward_mode in REWARD_FREE:
+        return np.full(len(images), np.nan)
+    fails = [k for k in cols if k.startswith("fail_")]
+    if not fails:
+        raise ValueError(
+            f"{cfg.synthetic} has no fail_* checklist columns and no "
+            "reward_model is set; pass a feedback export or a reward model"
+        )
+    return 1.0 - np.mean([cols[k].astype(float) for k in fails], axis=0)  # (N,)
+
+
+def given_rewards(path: str, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Rewards (N,) of the synthetic images ``ids`` from a CSV or Parquet table (id, reward)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from pathloop import storage
+
+    hint = "pass a CSV or Parquet table with columns id and reward, one row per synthetic image"
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"rewards={path}: no such file; {hint}")
+    fs, inner = storage.resolve(path)
+    if path.endswith(".csv"):
+        opts = pacsv.ConvertOptions(column_types={"id": pa.string()})
+        with fs.open_input_stream(inner) as f:
+            table = pacsv.read_csv(f, convert_options=opts)
+    else:
+        table = pq.read_table(inner, filesystem=fs)
+    if missing := sorted({"id", "reward"} - set(table.column_names)):
+        raise ValueError(f"rewards={path} lacks columns {missing}; {hint}")
+    given = dict(zip(table["id"].to_pylist(), table["reward"].to_pylist(), strict=True))
+    absent = [i for i in ids if i not in given]
+    if absent:
+        raise ValueError(
+            f"rewards={path} has no reward for {len(absent)} of the {len(ids)} synthetic "
+            f"images (e.g. id {absent[0]}); {hint}"
+        )
+    r = np.array([given[i] for i in ids], dtype=np.float64)  # (N,) in the synthetic set's order
+    if not (np.isfinite(r) & (r >= 0)).all():
+        raise ValueError(f"rewards={path}: every reward must be a finite number >= 0")
+    return r
 
 
 def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path):
@@ -333,6 +388,27 @@ def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path):
     return rewards
 
 
+def check_reward_source(cfg: FinetuneConfig) -> None:
+    """Refuse a config whose synthetic images would get no weights, or two sources of them."""
+    if cfg.rewards and cfg.reward_model:
+        raise ValueError(
+            f"set rewards= or reward_model=, not both (got rewards={cfg.rewards}, "
+            f"reward_model={cfg.reward_model}): each gives the synthetic images their rewards"
+        )
+    if cfg.method == "reward" and cfg.reward_mode not in REWARD_FREE:
+        if not (cfg.reward_model or cfg.rewards):
+            raise ValueError(
+                f"method=reward with reward_mode={cfg.reward_mode} needs reward_model=<path or "
+                "MLflow URI> (Eq. 3 weights each synthetic image by its reward) or "
+                "rewards=<table of id, reward>; or use method=dpo with a feedback export"
+            )
+    if cfg.method == "reward" and cfg.reward_mode == "none" and (cfg.beta_r == 0 or not cfg.real):
+        raise ValueError(
+            "reward_mode=none weighs the synthetic images 0, so only the beta_r term on real "
+            "images trains: set beta_r > 0 and real=<shard set>, or pick another reward_mode"
+        )
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Driver: resolve the pretrained model, cache rewards or build pairs, fit, register."""
     from rich import print as rprint
@@ -341,21 +417,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from pathloop.diffusion import load_checkpoint
     from pathloop.tracking import resolve_model_ref
 
-    if cfg.method == "reward" and not cfg.reward_model:
-        raise ValueError(
-            "method=reward needs reward_model=<path or MLflow URI> (Eq. 3 weights "
-            "each synthetic image by its reward); or use method=dpo with a "
-            "feedback export"
-        )
-    if cfg.method == "reward" and cfg.reward_mode == "none" and (cfg.beta_r == 0 or not cfg.real):
-        raise ValueError(
-            "reward_mode=none weighs the synthetic images 0, so only the beta_r term on real "
-            "images trains: set beta_r > 0 and real=<shard set>, or pick another reward_mode"
-        )
+    check_reward_source(cfg)
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)
     # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
-    abs_ = {k: storage.absolute(v) for k in ("synthetic", "real") if (v := getattr(cfg, k))}
+    paths = ("synthetic", "real", "rewards")
+    abs_ = {k: storage.absolute(v) for k in paths if (v := getattr(cfg, k))}
     cfg = updated(
         cfg,
         **abs_,
@@ -370,6 +437,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     tags = {
         "pathloop.pretrained": pre_uri,
         "pathloop.reward_model": str(cfg.reward_model),
+        "pathloop.rewards": str(cfg.rewards),
+        "pathloop.reward_mode": cfg.reward_mode,
         "pathloop.feedback_round": str(cfg.feedback_round),
         "pathloop.method": cfg.method,
         "pathloop.feedback_fraction": str(cfg.feedback_fraction),

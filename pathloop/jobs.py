@@ -72,6 +72,9 @@ STEPS: dict[str, Step] = {
     "sweep": Step("pathloop.sweep:SweepConfig", "pathloop.sweep:run_sweep"),
     "ablation": Step("pathloop.sweep:AblationConfig", "pathloop.sweep:run_ablation"),
     "loop": Step("pathloop.pipeline:LoopConfig", "pathloop.pipeline:run_loop"),
+    "experiment": Step(
+        "pathloop.experiment:ExperimentConfig", "pathloop.experiment:run_experiment"
+    ),
 }
 
 

@@ -47,8 +47,18 @@ class LoopDataConfig(Frozen):
         lt=1,
         description=(
             "phantoms: fraction of training labels redrawn as another class (annotation "
-            "errors that the real-image term keeps teaching; test labels stay clean)."
+            "errors that the real-image term keeps teaching; test labels stay clean). The "
+            "older spelling of scenario=label-noise."
         ),
+    )
+    scenario: Literal["artifacts", "strict-expert", "label-noise"] | None = Field(
+        None,
+        description="phantoms: what the expert knows that the data do not (phantoms.SCENARIOS): "
+        "artifacts on scenario_fraction of the training cells, a strict judge profile named in "
+        "the manifest, or wrong labels on scenario_fraction of them; None = clean data.",
+    )
+    scenario_fraction: float = Field(
+        0.3, ge=0, lt=1, description="phantoms: the scenario's fraction of training cells."
     )
 
 
@@ -172,6 +182,11 @@ def make_data(cfg: LoopConfig, wd: Path) -> Path:
             f"data.label_noise applies to generated phantoms, not data.source={d.source}; "
             "set data.source=phantoms or data.label_noise=0"
         )
+    if d.scenario and d.source != "phantoms":
+        raise ValueError(
+            f"data.scenario applies to generated phantoms, not data.source={d.source}; "
+            "set data.source=phantoms or data.scenario=null"
+        )
     if d.source == "shards":
         if not d.path:
             raise ValueError("data.source=shards needs data.path=<shard set>")
@@ -189,6 +204,8 @@ def make_data(cfg: LoopConfig, wd: Path) -> Path:
             size=d.size,
             seed=d.seed,
             label_noise=d.label_noise,
+            scenario=d.scenario,
+            scenario_fraction=d.scenario_fraction,
         )
         return out
     if not d.path:
@@ -201,8 +218,11 @@ def make_data(cfg: LoopConfig, wd: Path) -> Path:
     return out
 
 
-def collect_feedback(cfg: LoopConfig, samples: Path, export_dir: Path, round_name: str) -> Path:
-    """Create (or reopen) the round in the store, label it with the chosen source, export it."""
+def collect_feedback(
+    cfg: LoopConfig, samples: Path, export_dir: Path, round_name: str, **judge: Any
+) -> Path:
+    """Create (or reopen) the round in the store, label it with the chosen source, export it.
+    ``judge``: options of the judge evaluator (e.g. an expert profile)."""
     from pathloop.experts import evaluate_round
     from pathloop.feedback import FeedbackStore
 
@@ -212,7 +232,7 @@ def collect_feedback(cfg: LoopConfig, samples: Path, export_dir: Path, round_nam
         existing = [r.id for r in store.rounds() if r.name == round_name]
         rid = existing[0] if existing else store.create_round(samples, name=round_name)
         if fb.source == "judge":
-            evaluate_round(store, rid, "judge")
+            evaluate_round(store, rid, "judge", **judge)
         elif fb.source == "mllm":
             if not fb.mllm_model:
                 raise ValueError("feedback.source=mllm needs feedback.mllm_model=<model name>")
@@ -384,6 +404,30 @@ def given_model(ref: str, uri: str) -> dict[str, str]:
     return {"checkpoint": str(local), "model_uri": shown}
 
 
+def pretrained_model(steps: _Steps, shards: Path) -> dict[str, Any]:
+    """The model every round (or arm) starts from: ``pretrained`` when given, else the pretrain
+    step on ``shards`` into <workdir>/pretrain, run once. Its ``result.json``-style dict."""
+    from pathloop.pretrain import run_pretrain
+
+    cfg = steps.cfg
+    if cfg.pretrained:
+        return given_model(cfg.pretrained, steps.uri)
+    pre_wd = Path(cfg.workdir) / "pretrain"
+    steps.run(
+        "pretrain the diffusion model",
+        pre_wd / "result.json",
+        lambda: run_pretrain(
+            _training(
+                cfg.pretrain,
+                pre_wd,
+                data={"shards": str(shards)},
+                tracking=steps.tracking(cfg.pretrain.tracking, "pretrain"),
+            )
+        ),
+    )
+    return _result(pre_wd)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str))
@@ -392,11 +436,11 @@ def _write_json(path: Path, obj: Any) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _parent_run(cfg: LoopConfig, wd: Path) -> tuple[str, str]:
-    """(tracking URI, parent run id): reopened from ``loop.json`` when resuming."""
+def _parent_run(cfg: LoopConfig, wd: Path, step: str = "loop") -> tuple[str, str]:
+    """(tracking URI, parent run id): reopened from ``<step>.json`` when resuming."""
     from pathloop import tracking
 
-    state = wd / "loop.json"
+    state = wd / f"{step}.json"
     uri = tracking.resolve_uri(cfg.tracking, wd)
     if state.exists():
         return uri, json.loads(state.read_text())["run_id"]
@@ -404,7 +448,7 @@ def _parent_run(cfg: LoopConfig, wd: Path) -> tuple[str, str]:
         cfg.tracking,
         wd,
         params=cfg.model_dump(mode="json"),
-        tags={"pathloop.step": "loop"},
+        tags={"pathloop.step": step},
         run_name=cfg.name,
     )
     _write_json(state, {"run_id": run_id, "tracking_uri": uri})
@@ -415,7 +459,6 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     """Data → pretrain → R rounds of feedback, reward, finetuning and evaluation."""
     from pathloop import storage, tracking
     from pathloop.config import dump_config
-    from pathloop.pretrain import run_pretrain
 
     wd = Path(storage.absolute(cfg.workdir))
     cfg = updated(cfg, workdir=str(wd))
@@ -425,23 +468,7 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     steps = _Steps(cfg, uri, parent)
     shards = Path(storage.absolute(make_data(cfg, wd)))
 
-    pre_wd = wd / "pretrain"
-    if cfg.pretrained:
-        pretrained = given_model(cfg.pretrained, uri)
-    else:
-        steps.run(
-            "pretrain the diffusion model",
-            pre_wd / "result.json",
-            lambda: run_pretrain(
-                _training(
-                    cfg.pretrain,
-                    pre_wd,
-                    data={"shards": str(shards)},
-                    tracking=steps.tracking(cfg.pretrain.tracking, "pretrain"),
-                )
-            ),
-        )
-        pretrained = _result(pre_wd)
+    pretrained = pretrained_model(steps, shards)
     model = pretrained["checkpoint"]
     rounds = []
     for r in range(1, cfg.rounds + 1):

@@ -235,6 +235,56 @@ def plot_metric_curve(
     return fig
 
 
+def _paired_err(cells: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(diff (n,), error bars (2, n)) of ``stats`` cells {diff, lo, hi}; NaN where None."""
+    d, lo, hi = (np.array([c[k] if c[k] is not None else np.nan for c in cells]) for k in "dlh")
+    return d, np.clip(np.nan_to_num(np.vstack([d - lo, hi - d])), 0, None)
+
+
+def plot_paired_arms(rows: Sequence[dict[str, Any]], title: str = "arms vs control") -> Any:
+    """Rows of ``stats.compare_arms``: left, each arm's rate with its per-seed rates as dots;
+    right, its paired difference to the control with the 95 % interval."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    x, names = np.arange(len(rows)), [r["arm"] for r in rows]
+    a1.bar(x, [r["rate"] or 0 for r in rows], color="lightgrey")
+    for i, r in enumerate(rows):
+        a1.scatter([i] * len(r["rate_per_seed"]), r["rate_per_seed"], color="black", s=10)
+    a1.set_ylabel("plausible rate")
+    d, err = _paired_err([{"d": r["diff"], "l": r["lo"], "h": r["hi"]} for r in rows])
+    a2.errorbar(x, d, yerr=err, fmt="o", capsize=3)
+    a2.axhline(0, color="grey", lw=0.8)
+    a2.set_ylabel("paired difference to control")
+    for ax in (a1, a2):
+        ax.set_xticks(x, names, rotation=30, ha="right")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_paired_classes(
+    rows: Sequence[dict[str, Any]], control: str = "control", down_by: float = 0.05
+) -> Any:
+    """Per class, each arm's paired difference to the control with its 95 % interval (rows of
+    ``stats.compare_arms`` with ``per_class``); the dashed line is -``down_by``."""
+    plt = _pyplot()
+    others = [r for r in rows if r["arm"] != control]
+    codes = list(rows[0]["per_class"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(codes)), 3.6))
+    x = np.arange(len(codes))
+    for i, r in enumerate(others):
+        cells = [r["per_class"][c] for c in codes]
+        d, err = _paired_err([{"d": c["diff"], "l": c["lo"], "h": c["hi"]} for c in cells])
+        shift = (i - (len(others) - 1) / 2) * 0.8 / max(len(others), 1)
+        ax.errorbar(x + shift, d, yerr=err, fmt="o", ms=3, capsize=2, label=r["arm"])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axhline(-down_by, color="red", lw=0.6, ls="--")
+    ax.set_xticks(x, codes, rotation=45, ha="right")
+    ax.set_ylabel(f"paired difference to {control}")
+    ax.set_title("per class, 95 % interval over images and seeds")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def _is_number(v: Any) -> bool:
     try:
         float(v)

@@ -47,6 +47,8 @@ def _assert_user_error(res, needle: str) -> str:
         (["pretrain", "data.shards=/no/dir"], "/no/dir is not a shard set"),
         (["ingest", "/no/src", "--out", "o"], "source '/no/src' does not exist"),
         (["phantoms", "--out", "o", "--size", "48"], "--size must be 32 or 64, got 48"),
+        (["phantoms", "--out", "o", "--scenario", "x"], "unknown scenario 'x'; valid scenarios"),
+        (["judge", ".", "--expert", "x"], "unknown expert profile 'x'; valid profiles: default"),
         (["review", "stats", "1", "--store", "foo://x"], "cannot open feedback store 'foo://x'"),
     ],
 )

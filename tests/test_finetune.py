@@ -17,6 +17,32 @@ def test_shape_rewards_modes():
     # class_norm: each class's weights average to 1
     assert np.allclose(shape_rewards(r, c, "class_norm", 0.5), [0.5, 1.5, 1.5, 0.5])
     assert np.array_equal(shape_rewards(r, c, "none", 0.5), [0, 0, 0, 0])  # the control arm
+    assert np.array_equal(shape_rewards(r, c, "ones", 0.5), [1, 1, 1, 1])  # self-training
+
+
+def test_given_rewards_match_images_by_id(tmp_path):
+    import re
+
+    from pathloop.finetune import check_reward_source, given_rewards
+
+    csv = tmp_path / "r.csv"
+    csv.write_text("id,reward\n007,0.5\nb,1\na,0\n")
+    assert given_rewards(str(csv), ["a", "007", "b"]).tolist() == [0.0, 0.5, 1.0]
+    pq.write_table(pa.table({"id": ["a"], "score": [1.0]}), tmp_path / "r.parquet")
+    for path, ids, needle in [
+        (csv, ["a", "zz"], "no reward for 1 of the 2 synthetic images (e.g. id zz)"),
+        (tmp_path / "r.parquet", ["a"], "lacks columns ['reward']"),
+        (tmp_path / "none.csv", ["a"], "no such file"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(needle)):
+            given_rewards(str(path), ids)
+    csv.write_text("id,reward\na,-1\n")
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        given_rewards(str(csv), ["a"])
+    with pytest.raises(ValueError, match="not both"):
+        check_reward_source(FinetuneConfig(rewards="r.csv", reward_model="m"))
+    check_reward_source(FinetuneConfig(reward_mode="ones"))  # self-training needs no rewards
+    check_reward_source(FinetuneConfig(rewards="r.csv"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,798 @@
+"""``pathloop experiment``: does expert feedback make samples more plausible than the data alone?
+
+One frozen pretrained model, and what every arm shares: the review set the expert labels, the
+reward model trained on it (Eq. 2), and the finetuning pool drawn once from the pretrained model at
+the review set's sampler settings. Each arm finetunes the same model on that pool (Eq. 3) with its
+own weights:
+
+- ``control``: no feedback; the pool weighs 0 and only the beta_r term on real images trains;
+- ``feedback``: the method under test, the reward model's rewards on the pool;
+- ``oracle``: the expert's own verdicts on the pool (what perfect feedback can give);
+- ``self-training``: every pool image weight 1 (the pool without feedback).
+
+Every arm runs with every finetuning seed, and then samples the SAME evaluation images (image i has
+the same sampling seed and class in every arm, seed and the pretrained model), which the scenario's
+expert judges. ``stats.compare_arms`` pairs each arm with the control image by image (paired
+difference over images and seeds, McNemar, per class and per criterion); PRDC against the held-out
+test split and train-on-synthetic/test-on-real sit beside it. Every step leaves a result file and
+is skipped on rerun; every run is an MLflow child of one parent ``experiment`` run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+from rich.console import Console
+
+from pathloop.config import Frozen, TrackingConfig, updated
+from pathloop.evaluate import FeatureModelConfig
+from pathloop.finetune import FinetuneConfig
+from pathloop.harness import TrainConfig
+from pathloop.metrics import TSTRConfig
+from pathloop.pipeline import (
+    FeedbackSourceConfig,
+    LoopConfig,
+    LoopDataConfig,
+    RoundConfig,
+    _parent_run,
+    _result,
+    _Steps,
+    _training,
+    _write_json,
+    collect_feedback,
+    make_data,
+    pretrained_model,
+    sample_set,
+)
+from pathloop.pretrain import PretrainConfig
+from pathloop.reward import RewardConfig
+
+console = Console()
+
+Arm = Literal["control", "feedback", "oracle", "self-training"]
+ARMS: tuple[str, ...] = ("control", "feedback", "oracle", "self-training")
+CONTROL = "control"
+BASE = "base"  # the pretrained model itself, judged on the same images: a reference row
+REAL = "real"  # the real test split: the reference of PRDC and TSTR
+REVIEW_SEED, POOL_SEED = 10_000, 15_000  # sampling seeds of the review set and the pool
+MAX_POOL_PASSES = 4.0  # past this the arms mostly re-fit the same pool images
+
+
+# ----------------------------------------------------------------------------- config
+
+
+class ExperimentEvalConfig(Frozen):
+    """How every model (each arm x seed, and the pretrained one) is evaluated."""
+
+    per_class: int = Field(
+        128,
+        gt=0,
+        description="Evaluation images per class and model, judged by the expert; one image "
+        "moves a class rate by 1/per_class.",
+    )
+    seed: int = Field(
+        100_000,
+        ge=0,
+        description="Base sampling seed: image i gets seed + i in every arm, finetuning seed and "
+        "the pretrained model, so verdicts pair image by image. Keep it clear of the review "
+        f"({REVIEW_SEED} + i) and pool ({POOL_SEED} + i) seeds.",
+    )
+    guidance: float | None = Field(
+        None, ge=0, description="CFG scale of the evaluation images; None = round.sampler's."
+    )
+    prdc: bool = Field(
+        True,
+        description="PRDC against the real test split, at equal counts per class (min of "
+        "per_class and the test split's); off for speed.",
+    )
+    k: int = Field(5, gt=0, description="PRDC nearest neighbours (Naeem et al. 2020: 5).")
+    features: FeatureModelConfig = Field(
+        default_factory=FeatureModelConfig,
+        description="The evaluation classifier whose features PRDC uses (trained once).",
+    )
+    tstr: bool = Field(
+        True, description="Train on synthetic, test on the real test split; off for speed."
+    )
+    tstr_classifier: TSTRConfig = Field(
+        default_factory=TSTRConfig,
+        description="TSTR classifier; it trains on synthetic_per_class (paper: 128) of the "
+        "evaluation images per class, so per_class must be at least that.",
+    )
+    device: str = Field("auto", description="PRDC and TSTR device: auto, cpu, cuda.")
+    n_boot: int = Field(2000, ge=100, description="Bootstrap draws of each paired interval.")
+    down_by: float = Field(
+        0.05, ge=0, description="A class is down when its paired difference is below -down_by."
+    )
+
+
+class SharedRoundConfig(RoundConfig):
+    """The one feedback round every arm shares: the review set the expert labels and the pool
+    the arms finetune on, both drawn from the pretrained model with ``sampler`` (the experiment
+    fixes their seeds; pool_guidance must stay None: the pool is drawn where the reward model
+    was trained)."""
+
+    pool_per_class: int = Field(
+        64, gt=0, description="Images per class every arm finetunes on, drawn once."
+    )
+
+
+class ExperimentConfig(Frozen):
+    """Arms x finetuning seeds from one pretrained model, judged on the same images; the data,
+    pretrain, round, reward and finetune sections are those of ``pathloop loop``."""
+
+    workdir: str = Field("runs/experiment", description="Every step's outputs live under here.")
+    name: str = Field("experiment", description="Parent MLflow run name.")
+    data: LoopDataConfig = Field(
+        default_factory=LoopDataConfig,
+        description="The real images (phantoms with a scenario, a folder, or shards); the "
+        "expert profile comes from the shard manifest's scenario.",
+    )
+    pretrained: str | None = Field(
+        None,
+        description="Start every arm from this model instead of pretraining: a checkpoint dir, "
+        "a training job's result.json, or a models:/ URI in the experiment's MLflow store.",
+    )
+    pretrain: PretrainConfig = Field(
+        default_factory=PretrainConfig,
+        description="Pretraining when pretrained is None: run once into <workdir>/pretrain.",
+    )
+    round: SharedRoundConfig = Field(
+        default_factory=SharedRoundConfig, description="The review set and pool all arms share."
+    )
+    reward: RewardConfig = Field(
+        default_factory=RewardConfig,
+        description="The reward model (Eq. 2), trained once on the review set; lambda_r = 0 "
+        "drops its real-image term (for wrong labels in the real data).",
+    )
+    finetune: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(
+            train=TrainConfig(steps=96, batch_size=32, sample_every=0, checkpoint_every=48),
+            tracking=TrackingConfig(register_as=None),
+        ),
+        description="Settings every arm shares (Eq. 3); the arms set the weights, the pool, "
+        "the real images and train.seed. reward_mode shapes the feedback and oracle rewards.",
+    )
+    arms: tuple[Arm, ...] = Field(ARMS, min_length=1, description=f"Arms: {', '.join(ARMS)}.")
+    seeds: tuple[int, ...] = Field(
+        (0, 1, 2), min_length=1, description="Finetuning seeds (train.seed) of every arm."
+    )
+    evaluation: ExperimentEvalConfig = Field(
+        default_factory=ExperimentEvalConfig,
+        description="The same images for every model, the expert's verdicts, PRDC and TSTR.",
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(experiment="pathloop-experiment"),
+        description="The one MLflow store and experiment of the parent run and its children.",
+    )
+
+    @field_validator("arms")
+    @classmethod
+    def _arms_have_a_control(cls, arms: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(arms)) != len(arms):
+            raise ValueError(f"arms must be distinct, got {list(arms)}")
+        if CONTROL not in arms:
+            raise ValueError(
+                f"arms need {CONTROL}: every arm is compared with it on the same images"
+            )
+        return arms
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_distinct(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+        return seeds
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """What no single field can check: the pool's guidance, the arms' weights, TSTR's images."""
+    from pathloop.finetune import REWARD_FREE
+
+    r, ft, ev = cfg.round, cfg.finetune, cfg.evaluation
+    if r.pool_guidance not in (None, r.sampler.guidance):
+        raise ValueError(
+            f"round.pool_guidance={r.pool_guidance} differs from round.sampler.guidance="
+            f"{r.sampler.guidance}: the pool is drawn at the guidance the reward model was "
+            "trained on; leave round.pool_guidance unset"
+        )
+    if ft.method != "reward":
+        raise ValueError(f"finetune.method must be reward (Eq. 3), got {ft.method}")
+    if ft.reward_mode in REWARD_FREE:
+        raise ValueError(
+            f"finetune.reward_mode={ft.reward_mode} would give the feedback and oracle arms "
+            "fixed weights; use raw, threshold or class_norm (the control and self-training "
+            "arms set none and ones themselves)"
+        )
+    if ft.beta_r == 0:
+        raise ValueError("finetune.beta_r must be > 0: the control arm trains only that term")
+    if ev.tstr and ev.per_class < ev.tstr_classifier.synthetic_per_class:
+        raise ValueError(
+            f"evaluation.per_class={ev.per_class} is below evaluation.tstr_classifier."
+            f"synthetic_per_class={ev.tstr_classifier.synthetic_per_class}; raise the one or "
+            "lower the other (or evaluation.tstr=false)"
+        )
+
+
+def check_seed_ranges(cfg: ExperimentConfig, n_classes: int) -> None:
+    """Review, pool and evaluation images must not share sampling seeds (image i of a set of
+    n images gets seed start + i), or the evaluation would judge images the arms trained on."""
+    r, ev = cfg.round, cfg.evaluation
+    ranges = {
+        "review": (REVIEW_SEED, r.review_per_class * n_classes),
+        "pool": (POOL_SEED, r.pool_per_class * n_classes),
+        "evaluation": (ev.seed, ev.per_class * n_classes),
+    }
+    names = list(ranges)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (sa, na), (sb, nb) = ranges[a], ranges[b]
+            if sa < sb + nb and sb < sa + na:
+                raise ValueError(
+                    f"the {a} seeds [{sa}, {sa + na}) overlap the {b} seeds [{sb}, {sb + nb}); "
+                    f"set evaluation.seed past {max(s + n for s, n in ranges.values())} or use "
+                    "fewer images"
+                )
+
+
+def judge_options(expert: str | None) -> dict[str, str]:
+    """Options of the judge evaluator for an expert profile (None: the default expert)."""
+    return {"expert": expert} if expert else {}
+
+
+def scenario_expert(shards: str | Path) -> str | None:
+    """The expert profile the shard set's scenario names (``manifest["scenario"]["expert"]``)."""
+    from pathloop.data import read_manifest
+
+    return (read_manifest(shards).get("scenario") or {}).get("expert")
+
+
+# ----------------------------------------------------------------------------- the expert
+
+
+def judge_set(shards: Path, expert: str | None, split: str | None = None) -> dict[str, Any]:
+    """The expert's verdicts on a shard set, rows in sampling-seed order (file order for real
+    images): {id, seed, class_id (N,), plausible (N,) 1/0/NaN, fails (N, 7) 1/0/NaN, images}."""
+    from pathloop.data import iter_records, read_vocab
+    from pathloop.experts import get_evaluator
+    from pathloop.vocab import CRITERIA
+
+    cols = ["id", "image", "class_id", "provenance"]
+    rows = list(iter_records(shards, split=split, columns=cols))
+    if not rows:
+        raise ValueError(f"{shards} holds no images to judge")
+    seeds = np.array([_seed(r["provenance"]) for r in rows], dtype=np.int64)  # (N,)
+    order = np.argsort(seeds, kind="stable")  # the same image index in every arm
+    rows = [rows[i] for i in order]
+    images = np.stack([r["image"] for r in rows])  # (N, H, W, 3)
+    ids = np.array([r["class_id"] for r in rows], dtype=np.int64)  # (N,)
+    judge = get_evaluator("judge", **judge_options(expert))
+    verdicts = judge(list(images), ids.tolist(), read_vocab(shards))
+    plausible = np.array([np.nan if v.plausible is None else float(v.plausible) for v in verdicts])
+    fails = np.array(  # (N, 7): 1 - the criterion's pass score
+        [[np.nan if v.plausible is None else 1 - v.scores[c] for c in CRITERIA] for v in verdicts]
+    ).reshape(len(rows), len(CRITERIA))
+    return {
+        "id": np.array([r["id"] for r in rows]),
+        "seed": seeds[order],
+        "class_id": ids,
+        "plausible": plausible,
+        "fails": fails,
+        "images": images,
+    }
+
+
+def _seed(provenance: dict | None) -> int:
+    """The sampling seed of a synthetic row; -1 for a real image (no provenance)."""
+    seed = (provenance or {}).get("seed")
+    return -1 if seed is None else int(seed)
+
+
+def write_oracle_rewards(pool: Path, out: Path, expert: str | None) -> dict[str, float]:
+    """The oracle arm's rewards: the expert's verdict on each pool image (1 plausible, 0 not or
+    unscored) as a table of id, reward for ``finetune.rewards``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    j = judge_set(pool, expert)
+    reward = np.nan_to_num(j["plausible"], nan=0.0)  # (N,) an unscored image earns nothing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": j["id"], "class_id": j["class_id"], "reward": reward}), out)
+    return {"n": len(reward), "rate": float(reward.mean())}
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every arm shares."""
+
+    shards: Path  # the real images (train: beta_r term; test: PRDC and TSTR)
+    model: str  # the frozen pretrained checkpoint every arm starts from
+    expert: str | None  # the judge's expert profile (from the shard manifest)
+    pool: Path  # the finetuning pool, drawn once from the pretrained model
+    reward: str | None  # the reward model's checkpoint (feedback arm)
+    oracle: Path | None  # the expert's verdicts on the pool as a rewards table (oracle arm)
+
+
+def _judge_feedback(cfg: ExperimentConfig, review: Path, export: Path, expert: str | None) -> Path:
+    """The expert (the judge with the scenario's profile) labels the review set in the store."""
+    loop = LoopConfig(workdir=cfg.workdir, feedback=FeedbackSourceConfig(source="judge"))
+    return collect_feedback(loop, review, export, "experiment-review", **judge_options(expert))
+
+
+def train_reward_model(steps: _Steps, shards: Path, model: str, expert: str | None) -> str:
+    """Review set → the expert's feedback → the reward model (Eq. 2); its checkpoint."""
+    from pathloop.reward import run_reward
+
+    cfg, wd = steps.cfg, Path(steps.cfg.workdir)
+    review, export, reward_wd = wd / "review", wd / "feedback", wd / "reward"
+    title = "review set: sample"
+    sample_set(steps, title, model, review, cfg.round.review_per_class, REVIEW_SEED)
+    steps.run(
+        "review set: the expert's feedback",
+        export / "feedback.parquet",
+        lambda: _judge_feedback(cfg, review, export, expert),
+    )
+    steps.run(
+        "reward model (Eq. 2)",
+        reward_wd / "result.json",
+        lambda: run_reward(
+            _training(
+                cfg.reward,
+                reward_wd,
+                feedback=str(export / "feedback.parquet"),
+                real_shards=str(shards),
+                tracking=steps.tracking(cfg.reward.tracking, "reward"),
+            )
+        ),
+    )
+    return _result(reward_wd)["checkpoint"]
+
+
+def shared_steps(steps: _Steps, shards: Path) -> Shared:
+    """Pretrained model, pool, and (for the arms that need them) reward model and oracle."""
+    cfg, wd = steps.cfg, Path(steps.cfg.workdir)
+    model = pretrained_model(steps, shards)["checkpoint"]
+    expert = scenario_expert(shards)
+    console.print(f"expert: judge ({expert or 'default'} profile)")
+    pool = wd / "pool"
+    sample_set(steps, "pool: sample", model, pool, cfg.round.pool_per_class, POOL_SEED)
+    reward = train_reward_model(steps, shards, model, expert) if "feedback" in cfg.arms else None
+    oracle = wd / "oracle" / "rewards.parquet" if "oracle" in cfg.arms else None
+    if oracle is not None:
+        title = "oracle: the expert judges the pool"
+        steps.run(title, oracle, lambda: write_oracle_rewards(pool, oracle, expert))
+    return Shared(shards, model, expert, pool, reward, oracle)
+
+
+# ----------------------------------------------------------------------------- arms
+
+
+def arm_finetune(
+    cfg: ExperimentConfig, arm: str, seed: int, shared: Shared, workdir: Path
+) -> FinetuneConfig:
+    """The finetuning config of one arm and seed: the shared section on the pool and the real
+    images, with the arm's weights (Eq. 3)."""
+    weights = {
+        "control": {"reward_mode": "none"},  # only the beta_r real term trains
+        "feedback": {"reward_model": shared.reward},
+        "oracle": {"rewards": str(shared.oracle)},
+        "self-training": {"reward_mode": "ones"},
+    }[arm]
+    return _training(
+        cfg.finetune,
+        workdir,
+        **{"reward_model": None, "rewards": None, **weights},
+        method="reward",
+        pretrained=shared.model,
+        synthetic=str(shared.pool),
+        real=str(shared.shards),
+        train={"seed": seed},
+    )
+
+
+def run_arms(steps: _Steps, shared: Shared) -> dict[str, dict[str, Any]]:
+    """Finetune every arm with every seed; {"<arm>-seed<s>": finetune result}."""
+    from pathloop.finetune import run_finetune
+
+    cfg, out = steps.cfg, {}
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            label, ft_wd = f"{arm}-seed{seed}", Path(cfg.workdir) / "arms" / arm / f"seed{seed}"
+            ft = arm_finetune(cfg, arm, seed, shared, ft_wd)
+            ft = updated(ft, tracking=steps.tracking(cfg.finetune.tracking, label))
+            steps.run(f"{label}: finetune", ft_wd / "result.json", lambda ft=ft: run_finetune(ft))
+            out[label] = _result(ft_wd)
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@lru_cache(maxsize=2)
+def _real(shards: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The real train and test splits (images, class ids), read once per process."""
+    from pathloop.data import load_arrays
+
+    return {s: load_arrays(shards, split=s) for s in ("train", "test")}
+
+
+def _first_per_class(ids: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the first ``m`` rows of each class (seed order: the same images per arm)."""
+    return np.sort(np.concatenate([np.flatnonzero(ids == c)[:m] for c in np.unique(ids)]))
+
+
+def _feature_cfg(cfg: ExperimentConfig, shards: Path) -> Any:
+    from pathloop.evaluate import EvaluateConfig
+
+    ev, wd = cfg.evaluation, Path(cfg.workdir) / "eval"
+    return EvaluateConfig(workdir=str(wd), real=str(shards), features=ev.features, device=ev.device)
+
+
+def prdc_vs_test(cfg: ExperimentConfig, shards: Path, images: np.ndarray, ids: np.ndarray) -> dict:
+    """PRDC of ``images`` against the real test split, the same count per class on both sides
+    (the smaller of the two sets' least per-class count)."""
+    from pathloop.evaluate import feature_model
+    from pathloop.metrics import embed, prdc
+
+    ev = cfg.evaluation
+    tx, ty = _real(str(shards))["test"]
+    m = int(
+        min(np.unique(ids, return_counts=True)[1].min(), np.unique(ty, return_counts=True)[1].min())
+    )
+    fm, _ = feature_model(_feature_cfg(cfg, shards))
+    real = embed(fm, tx[_first_per_class(ty, m)], device=ev.device)
+    fake = embed(fm, images[_first_per_class(ids, m)], device=ev.device)
+    return {**prdc(real, fake, ev.k, device=ev.device), "per_class": m}
+
+
+def tstr_on_test(cfg: ExperimentConfig, shards: Path, images: Any, ids: Any) -> dict:
+    """TSTR macro F1 and accuracy on the real test split of a classifier trained on ``images``
+    (synthetic_per_class of each class); ``images`` None trains on the real train split."""
+    from pathloop.data import read_vocab
+    from pathloop.metrics import as_input, tstr
+
+    ev, real = cfg.evaluation, _real(str(shards))
+    tc = ev.tstr_classifier
+    px = tc.in_px or real["test"][0].shape[1]
+    train, test = ((as_input(x, px), y) for x, y in (real["train"], real["test"]))
+    syn = None if images is None else (as_input(images, px), ids)
+    setting = "real" if images is None else "synthetic"
+    m = tstr(setting, train, test, len(read_vocab(shards)), tc, syn, ev.device)
+    return {k: m[k] for k in ("macro_f1", "accuracy", "n_train")}
+
+
+def measure(cfg: ExperimentConfig, d: Path, shared: Shared, log_to: tuple[str, str] | None) -> dict:
+    """The expert's verdicts (``verdicts.npz``) and PRDC/TSTR of a model's evaluation set in
+    ``d``; ``log_to`` (tracking URI, run id): the arm x seed run that gets the metrics."""
+    from pathloop import tracking
+    from pathloop.data import read_vocab
+    from pathloop.metrics import remap_ids
+
+    ev, j = cfg.evaluation, judge_set(d / "samples", shared.expert)
+    np.savez(d / "verdicts.npz", **{k: j[k] for k in ("seed", "class_id", "plausible", "fails")})
+    ids = remap_ids(j["class_id"], read_vocab(d / "samples"), read_vocab(shared.shards))
+    out: dict[str, Any] = {"n": len(ids), "rate": float(np.nanmean(j["plausible"]))}
+    if ev.prdc:
+        out["prdc"] = prdc_vs_test(cfg, shared.shards, j["images"], ids)
+    if ev.tstr:
+        out["tstr"] = tstr_on_test(cfg, shared.shards, j["images"], ids)
+    if log_to:
+        flat = {"eval/judge_rate": out["rate"]}
+        for group in ("prdc", "tstr"):
+            flat.update({f"eval/{group}/{k}": v for k, v in out.get(group, {}).items()})
+        tracking.log_metrics(*log_to, flat, step=0)
+    _write_json(d / "eval.json", out)
+    return out
+
+
+def measure_real(cfg: ExperimentConfig, d: Path, shared: Shared) -> dict:
+    """The real test split as a reference: the expert's rate on it, PRDC of the real train
+    split against it, and TSTR trained on the real train split."""
+    ev, p = cfg.evaluation, judge_set(shared.shards, shared.expert, split="test")["plausible"]
+    x, y = _real(str(shared.shards))["train"]
+    out: dict[str, Any] = {"n": len(p), "rate": float(np.nanmean(p))}
+    if ev.prdc:
+        out["prdc"] = prdc_vs_test(cfg, shared.shards, x, y)
+    if ev.tstr:
+        out["tstr"] = tstr_on_test(cfg, shared.shards, None, None)
+    _write_json(d / "eval.json", out)
+    return out
+
+
+def evaluate_all(
+    steps: _Steps, shared: Shared, finetuned: dict[str, dict]
+) -> dict[str, dict[str, Any]]:
+    """Evaluation set of the pretrained model and of every arm x seed (the same seeds and
+    classes), judged and measured, and the real reference; {label: its eval.json}."""
+    from pathloop.evaluate import feature_model
+
+    cfg, ev = steps.cfg, steps.cfg.evaluation
+    root = Path(cfg.workdir) / "eval"
+    if ev.prdc:
+        fcfg = _feature_cfg(cfg, shared.shards)
+        title = "evaluation: feature model (PRDC)"
+        steps.run(title, root / "features" / "config.json", lambda: feature_model(fcfg))
+    labels = {REAL: (None, None), BASE: (shared.model, None)}
+    labels.update({k: (v["checkpoint"], v["run_id"]) for k, v in finetuned.items()})
+    out = {}
+    for label, (model, run_id) in labels.items():
+        d = root / label
+        d.mkdir(parents=True, exist_ok=True)
+        if label == REAL:
+            fn = lambda d=d: measure_real(cfg, d, shared)  # noqa: E731
+        else:
+            n, seed = ev.per_class, ev.seed
+            title = f"{label}: sample the evaluation set"
+            sample_set(steps, title, model, d / "samples", n, seed, ev.guidance)
+            log_to = (steps.uri, run_id) if run_id else None
+            fn = lambda d=d, log_to=log_to: measure(cfg, d, shared, log_to)  # noqa: E731
+        steps.run(f"{label}: the expert, PRDC, TSTR", d / "eval.json", fn)
+        out[label] = json.loads((d / "eval.json").read_text())
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def paired_table(cfg: ExperimentConfig, evals: dict[str, dict]) -> list[dict[str, Any]]:
+    """``stats.compare_arms`` of the arms (S seeds x N images) and the pretrained model (1 x N)
+    against the control, with each arm's PRDC and TSTR averaged over its seeds."""
+    from pathloop.data import read_vocab
+    from pathloop.stats import compare_arms
+
+    root = Path(cfg.workdir) / "eval"
+    v = {lab: dict(np.load(root / lab / "verdicts.npz")) for lab in evals if lab != REAL}
+    ref = v[BASE]
+    for lab, z in v.items():
+        if not all(np.array_equal(z[k], ref[k]) for k in ("seed", "class_id")):
+            raise ValueError(
+                f"the evaluation images of {lab} differ from the base model's (seeds or classes); "
+                f"the evaluation settings changed between runs: delete {root} and rerun"
+            )
+    labels = {arm: [f"{arm}-seed{s}" for s in cfg.seeds] for arm in cfg.arms} | {BASE: [BASE]}
+    verdicts = {a: np.stack([v[lab]["plausible"] for lab in ls]) for a, ls in labels.items()}
+    fails = {a: np.stack([v[lab]["fails"] for lab in ls]) for a, ls in labels.items()}
+    vocab = read_vocab(root / BASE / "samples")
+    ev = cfg.evaluation
+    rows = compare_arms(
+        verdicts, CONTROL, ref["class_id"], vocab, fails, ev.down_by, n_boot=ev.n_boot
+    )
+    for row in rows:
+        row.update(_mean_fidelity([evals[lab] for lab in labels[row["arm"]]]))
+    return rows
+
+
+def _mean_fidelity(evals: list[dict]) -> dict[str, float | None]:
+    """precision, coverage, TSTR macro F1 and accuracy averaged over seeds (None: not run)."""
+    keys = {"precision": "prdc", "coverage": "prdc", "macro_f1": "tstr", "accuracy": "tstr"}
+    out = {}
+    for k, group in keys.items():
+        vals = [e[group][k] for e in evals if group in e]
+        out[f"{group}_{k}"] = float(np.mean(vals)) if vals else None
+    return out
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def arithmetic(cfg: ExperimentConfig, shards: Path) -> dict[str, Any]:
+    """The derived numbers, printed before anything trains: images, runs, pool passes."""
+    from pathloop.data import iter_records
+
+    rows = list(iter_records(shards, columns=["class_id", "split"]))
+    n_cls = len({r["class_id"] for r in rows})
+    n_train = sum(r["split"] == "train" for r in rows)
+    n_test = sum(r["split"] == "test" for r in rows)
+    r, ft, ev = cfg.round, cfg.finetune.train, cfg.evaluation
+    drawn, runs = ft.steps * ft.batch_size, len(cfg.arms) * len(cfg.seeds)
+    n_eval = ev.per_class * n_cls
+    return {
+        "classes": n_cls,
+        "real_train_images": n_train,
+        "real_test_images": n_test,
+        "review_images": r.review_per_class * n_cls if "feedback" in cfg.arms else 0,
+        "pool_images": r.pool_per_class * n_cls,
+        "finetune_runs": runs,
+        "synthetic_rows_drawn_per_run": drawn,
+        "pool_passes_per_run": round(drawn / (r.pool_per_class * n_cls), 2),
+        "real_passes_per_run": round(drawn / max(n_train, 1), 2),
+        "eval_images_per_model": n_eval,
+        "eval_images_sampled": n_eval * (runs + 1),
+        "paired_verdicts_per_arm": n_eval * len(cfg.seeds),
+        "prdc_images_per_class": min(ev.per_class, n_test // max(n_cls, 1)) if ev.prdc else None,
+        "tstr_images_per_class": ev.tstr_classifier.synthetic_per_class if ev.tstr else None,
+    }
+
+
+def _print_arithmetic(a: dict[str, Any]) -> None:
+    console.print({k: v for k, v in a.items() if v is not None})
+    if a["pool_passes_per_run"] > MAX_POOL_PASSES:
+        console.print(
+            f"[yellow]warning:[/] each finetuning run visits the pool "
+            f"{a['pool_passes_per_run']} times (> {MAX_POOL_PASSES}); lower finetune.train.steps "
+            "or raise round.pool_per_class"
+        )
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Data → pretrained model → review, reward, pool, oracle (shared) → arms x seeds →
+    evaluation on the same images → paired statistics, results.md/json and plots."""
+    from pathloop import storage, tracking
+    from pathloop.config import dump_config
+
+    check_config(cfg)
+    wd = Path(storage.absolute(cfg.workdir))
+    cfg = updated(cfg, workdir=str(wd))
+    wd.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, wd / "config.yaml")
+    uri, parent = _parent_run(cfg, wd, step="experiment")
+    steps = _Steps(cfg, uri, parent)
+    shards = Path(storage.absolute(make_data(cfg, wd)))
+    arith = arithmetic(cfg, shards)
+    _print_arithmetic(arith)
+    check_seed_ranges(cfg, arith["classes"])
+    shared = shared_steps(steps, shards)
+    finetuned = run_arms(steps, shared)
+    evals = evaluate_all(steps, shared, finetuned)
+    rows = paired_table(cfg, evals)
+    results = {
+        "config": cfg.model_dump(mode="json"),
+        "workdir": str(wd),
+        "tracking_uri": uri,
+        "parent_run_id": parent,
+        "expert": shared.expert or "default",
+        "arithmetic": arith,
+        "rows": rows,
+        "real": evals[REAL],
+        "evaluations": {k: v for k, v in evals.items() if k != REAL},
+        "step_seconds": steps.timings,
+    }
+    results["files"] = write_outputs(results, wd)
+    tracking.log_metrics(uri, parent, headline_metrics(rows), step=0)
+    for f in results["files"].values():
+        tracking.log_artifact(uri, parent, f)
+    tracking.end_run(uri, parent)
+    return results
+
+
+def headline_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The parent run's metrics: ``<arm>/<name>`` of every row (None and NaN left out)."""
+    keys = ("rate", "diff", "lo", "hi", "mcnemar_p", "prdc_precision", "prdc_coverage")
+    out = {}
+    for row in rows:
+        vals = {k: row.get(k) for k in (*keys, "tstr_macro_f1")}
+        vals["classes_down"] = len(row["classes_down"])
+        out.update({f"{row['arm']}/{k}": float(v) for k, v in vals.items() if v is not None})
+    return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def _diff(row: dict[str, Any]) -> str:
+    if row.get("diff") is None:
+        return "–"
+    return f"{row['diff']:+.3f} [{row['lo']:+.3f}, {row['hi']:+.3f}]"
+
+
+MAIN_COLUMNS = (
+    "arm|judge rate|paired diff to control [95 % CI]|McNemar p|classes down|PRDC precision|"
+    "PRDC coverage|TSTR macro F1"
+).split("|")
+NAMES = {BASE: "base (pretrained)", REAL: "real (test split)"}
+
+
+def main_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The headline table: one row per arm, the pretrained model, and the real test split."""
+    real = {"arm": REAL, "rate": results["real"]["rate"], **_mean_fidelity([results["real"]])}
+    out = []
+    for r in [*results["rows"], real]:
+        down = "–" if r["arm"] in (CONTROL, REAL) else ", ".join(r["classes_down"]) or "none"
+        keys = ("rate", "prdc_precision", "prdc_coverage", "tstr_macro_f1")
+        rate, prec, cov, f1 = (_f(r[k]) for k in keys)
+        p = _f(r.get("mcnemar_p"), 4)
+        out.append([NAMES.get(r["arm"], r["arm"]), rate, _diff(r), p, down, prec, cov, f1])
+    return out
+
+
+def class_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per class: the control's rate, then each other arm's paired difference [95 % CI]."""
+    others = [r for r in rows if r["arm"] != CONTROL]
+    ctl = rows[0]
+    head = ["class", "control rate", *(f"{r['arm']} diff" for r in others)]
+    body = [
+        [code, _f(cell["rate"]), *(_diff(r["per_class"][code]) for r in others)]
+        for code, cell in ctl["per_class"].items()
+    ]
+    return head, body
+
+
+def criteria_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per criterion: each arm's fail rate, and its paired difference to the control."""
+    head = ["criterion", *(f"{r['arm']} fail rate" for r in rows)]
+    body = []
+    for crit in rows[0]["criteria"]:
+        cells = []
+        for r in rows:
+            c = r["criteria"][crit]
+            cells.append(_f(c["rate"]) + (f" ({c['diff']:+.3f})" if c["diff"] is not None else ""))
+        body.append([crit, *cells])
+    return head, body
+
+
+def _markdown(head: list[str] | tuple[str, ...], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
+    """results.json, results.md, and the plots; {name: path}."""
+    from pathloop import report
+
+    a = results["arithmetic"]
+    md = [
+        "# Experiment: does expert feedback make samples more plausible than the data alone?",
+        "",
+        f"Expert: the judge ({results['expert']} profile). Every arm is paired with the control "
+        f"on the same {a['eval_images_per_model']} evaluation images (same seed and class) over "
+        f"{results['rows'][0]['n_seeds']} finetuning seeds; intervals: two-way bootstrap over "
+        "images and seeds; McNemar: exact, seeds pooled.",
+        "",
+        _markdown(MAIN_COLUMNS, main_rows(results)),
+        "",
+        "## Per class: paired difference to the control [95 % CI]",
+        "",
+        _markdown(*class_rows(results["rows"])),
+        "",
+        "## Per criterion: fail rate (paired difference to the control)",
+        "",
+        _markdown(*criteria_rows(results["rows"])),
+        "",
+        "## Arithmetic",
+        "",
+        _markdown(["quantity", "value"], [[k, str(v)] for k, v in a.items()]),
+        "",
+    ]
+    files = {"json": wd / "results.json", "md": wd / "results.md"}
+    files["md"].write_text("\n".join(md))
+    rows, down_by = results["rows"], results["config"]["evaluation"]["down_by"]
+    title = "arms on the same evaluation images (95 % interval over images and seeds)"
+    figs = {
+        "plot_arms": report.plot_paired_arms(rows, title),
+        "plot_classes": report.plot_paired_classes(rows, CONTROL, down_by),
+    }
+    for name, fig in figs.items():
+        files[name] = wd / f"{name}.png"
+        files[name].write_bytes(report.figure_png(fig))
+    out = {k: str(v) for k, v in files.items()}
+    files["json"].write_text(json.dumps({**results, "files": out}, indent=2, default=str))
+    return out
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """The headline and per-criterion tables, where the outputs and the MLflow store are."""
+    from pathloop.report import print_tables
+
+    head, body = criteria_rows(results["rows"])
+    main = {"title": "arms against the control, on the same images", "columns": MAIN_COLUMNS}
+    criteria = {"title": "fail rate per criterion (paired difference to the control)"}
+    print_tables([main | {"rows": main_rows(results)}, criteria | {"columns": head, "rows": body}])
+    uri, files = results["tracking_uri"], results["files"]
+    console.print(
+        f"results: {files['md']}, {files['json']}\nplots: {files['plot_arms']}, "
+        f"{files['plot_classes']}\nMLflow store: {uri} (parent run {results['parent_run_id']})\n"
+        f"  open it:   mlflow ui --backend-store-uri {uri}\n"
+        f"step times (s): {results['step_seconds']}"
+    )

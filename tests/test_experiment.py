@@ -1,0 +1,210 @@
+"""`pathloop experiment` with minimal settings on local Ray: two arms x two seeds end to end on the
+same evaluation images, a rerun that skips every finished step, the weights each arm finetunes
+with, and config mistakes as one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pathloop.config import load_config
+from pathloop.experiment import ARMS, ExperimentConfig, run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINIMAL = [
+    "round.review_per_class=1",
+    "round.pool_per_class=2",
+    "round.sampler.steps=2",
+    "reward.backbone_train.steps=5",
+    "reward.train.steps=6",
+    "reward.train.checkpoint_every=6",
+    "reward.tracking.register_as=null",
+    "finetune.train.steps=3",
+    "finetune.train.batch_size=8",
+    "finetune.train.checkpoint_every=3",
+    "finetune.train.preview_per_class=1",
+    "finetune.preview.steps=2",
+    "finetune.tracking.register_as=null",
+    "arms=[control,feedback]",
+    "seeds=[0,1]",
+    "evaluation.per_class=2",
+    "evaluation.k=3",
+    "evaluation.n_boot=200",
+    "evaluation.features.steps=5",
+    "evaluation.tstr_classifier.steps=5",
+    "evaluation.tstr_classifier.synthetic_per_class=2",
+]
+
+
+def _mtimes(wd: Path) -> dict[Path, int]:
+    done = [*wd.glob("**/result.json"), *wd.glob("**/eval.json"), *wd.glob("**/manifest.json")]
+    return {p: p.stat().st_mtime_ns for p in done}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tmp_path, capsys):
+    import mlflow
+
+    from pathloop.experiment import print_results
+
+    wd = tmp_path / "exp"
+    over = [f"workdir={wd}", "data.source=shards", f"data.path={phantom_shards}"]
+    cfg = load_config(ExperimentConfig, None, [*over, f"pretrained={tiny_ckpt}", *MINIMAL])
+    res = run_experiment(cfg)
+
+    # every arm x seed and the pretrained model judged on the same 32 images (seed, class)
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert list(rows) == ["control", "feedback", "base"]
+    assert [rows[a]["n_seeds"] for a in rows] == [2, 2, 1]
+    assert {r["n_images"] for r in rows.values()} == {32}
+    labels = ["base", "control-seed0", "control-seed1", "feedback-seed0", "feedback-seed1"]
+    z = {lab: np.load(wd / "eval" / lab / "verdicts.npz") for lab in labels}
+    for lab in labels:
+        assert z[lab]["seed"].tolist() == list(range(100_000, 100_032))
+        assert np.array_equal(z[lab]["class_id"], np.repeat(np.arange(16), 2))
+    assert rows["feedback"]["diff"] is not None and rows["feedback"]["mcnemar_p"] is not None
+    assert set(rows["feedback"]["per_class"]) and len(rows["feedback"]["criteria"]) == 7
+    assert rows["feedback"]["prdc_precision"] is not None
+    assert rows["feedback"]["tstr_macro_f1"] is not None
+    # the arms' weights: control 0; feedback the reward model's rewards on the pool
+    ft = {a: np.load(wd / f"arms/{a}/seed0/finetune_data.npz") for a in ("control", "feedback")}
+    assert len(ft["feedback"]["weights"]) == 32 and not ft["control"]["weights"].any()
+    assert 0 < ft["feedback"]["weights"].mean() < 1
+    # outputs: tables, plots, one parent run with a child per arm x seed and the reward model
+    assert "| control |" in (wd / "results.md").read_text()
+    for name in ("plot_arms", "plot_classes"):
+        assert Path(res["files"][name]).read_bytes()[:4] == b"\x89PNG"
+    print_results(json.loads((wd / "results.json").read_text()))
+    printed = capsys.readouterr().out
+    assert "McNemar" in printed and "MLflow store" in printed
+    client = mlflow.MlflowClient(res["tracking_uri"])
+    parent = client.get_run(res["parent_run_id"])
+    assert "feedback/diff" in parent.data.metrics
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    runs = {r.info.run_name: r for r in children}
+    assert {"reward", *labels[1:]} <= set(runs)
+    assert "eval/judge_rate" in runs["feedback-seed1"].data.metrics
+
+    # rerun after an interruption: only the missing step runs again
+    before = _mtimes(wd)
+    (wd / "eval/feedback-seed1/eval.json").unlink()
+    again = run_experiment(cfg)
+    assert list(again["step_seconds"]) == ["feedback-seed1: the expert, PRDC, TSTR"]
+    after = _mtimes(wd)
+    redone = {p for p in before if after.get(p) != before[p]}
+    assert redone == {wd / "eval/feedback-seed1/eval.json"}
+    assert [r["rate"] for r in again["rows"]] == [r["rate"] for r in res["rows"]]
+
+
+@pytest.fixture
+def mixed_pool(phantom_shards, tmp_path) -> Path:
+    """A pool of phantom cells, every other one declared as the wrong class (expert: no)."""
+    from pathloop.data import ShardWriter, iter_records
+    from pathloop.vocab import BONE_MARROW_16
+
+    out = tmp_path / "pool"
+    prov = {"model_uri": "test", "checkpoint_step": 0, "sampler": "ddim", "steps": 2}
+    with ShardWriter(out, BONE_MARROW_16, source_note="test pool") as w:
+        for i, r in enumerate(iter_records(phantom_shards, split="train")):
+            cid = r["class_id"] if i % 2 == 0 else (r["class_id"] + 1) % 16
+            p = {**prov, "guidance": 2.0, "seed": i}
+            w.add(r["image"], cid, split="none", source="synthetic", provenance=p)
+    return out
+
+
+def test_each_arm_finetunes_with_its_own_weights(mixed_pool, phantom_shards, tiny_ckpt, tmp_path):
+    from pathloop.experiment import Shared, arm_finetune, judge_set, write_oracle_rewards
+    from pathloop.finetune import _finetune_data
+
+    oracle = tmp_path / "oracle.parquet"
+    write_oracle_rewards(mixed_pool, oracle, None)
+    shared = Shared(phantom_shards, str(tiny_ckpt), None, mixed_pool, "reward-model", oracle)
+    cfg = ExperimentConfig(workdir=str(tmp_path))
+    verdict = dict(zip(*(judge_set(mixed_pool, None)[k] for k in ("id", "plausible")), strict=True))
+    assert 0.3 < np.mean(list(verdict.values())) < 0.7  # the wrong-class half fails
+    weights = {}
+    for arm in ARMS:
+        ft = arm_finetune(cfg, arm, 7, shared, tmp_path / arm)
+        assert (ft.train.seed, ft.synthetic, ft.real) == (7, str(mixed_pool), str(phantom_shards))
+        assert ft.pretrained == str(tiny_ckpt) and ft.method == "reward"
+        if arm == "feedback":  # scored by the reward model inside the finetune job
+            assert (ft.reward_model, ft.rewards, ft.reward_mode) == ("reward-model", None, "raw")
+            continue
+        (tmp_path / arm).mkdir()
+        _finetune_data(ft, None, tmp_path / arm / "data.npz")
+        weights[arm] = np.load(tmp_path / arm / "data.npz")["weights"]
+    from pathloop.data import load_image_table
+
+    ids = load_image_table(mixed_pool)[2]["id"]  # the order finetuning reads the pool in
+    assert np.array_equal(weights["oracle"], [verdict[i] for i in ids])  # the expert's verdicts
+    assert np.array_equal(weights["control"], np.zeros(len(ids)))
+    assert np.array_equal(weights["self-training"], np.ones(len(ids)))
+
+
+def test_the_scenario_expert_labels_the_review_set(mixed_pool, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pathloop.experiment import _judge_feedback, judge_set
+
+    cfg = ExperimentConfig(workdir=str(tmp_path))
+    export = pq.read_table(_judge_feedback(cfg, mixed_pool, tmp_path / "fb", "strict")).to_pydict()
+    j = judge_set(mixed_pool, "strict")
+    strict = dict(zip(j["id"], j["plausible"], strict=True))
+    assert export["plausible"] == [strict[i] for i in export["id"]]
+    default = judge_set(mixed_pool, None)["plausible"]
+    assert np.mean(list(strict.values())) <= default.mean()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["arms=[feedback,oracle]"], "arms need control"),
+        (["arms=[control,bogus]"], "arms.1: Input should be 'control'"),
+        (["seeds=[1,1]"], "seeds must be distinct"),
+        (["round.pool_guidance=1.0"], "round.pool_guidance=1.0 differs from"),
+        (["finetune.reward_mode=ones"], "finetune.reward_mode=ones would give"),
+        (["finetune.beta_r=0"], "finetune.beta_r must be > 0"),
+        (["evaluation.per_class=8"], "evaluation.per_class=8 is below"),
+    ],
+)
+def test_config_mistakes_are_one_line(args, needle, tmp_path, monkeypatch):
+    from pathloop.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["experiment", *args])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], res.output
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
+
+
+def test_evaluation_seeds_stay_clear_of_the_training_images():
+    from pathloop.experiment import check_seed_ranges
+
+    check_seed_ranges(ExperimentConfig(), 16)  # review 10000+, pool 15000+, evaluation 100000+
+    cfg = load_config(ExperimentConfig, None, ["evaluation.seed=15500"])
+    with pytest.raises(ValueError, match=r"the pool seeds \[15000, 16024\) overlap the evaluation"):
+        check_seed_ranges(cfg, 16)
+
+
+@pytest.mark.parametrize("scenario", ["artifacts", "strict-expert", "label-noise"])
+def test_presets_load(scenario):
+    from pathloop.experiment import check_config
+    from pathloop.pipeline import LoopDataConfig
+
+    if "scenario" not in LoopDataConfig.model_fields:
+        pytest.skip("the data section has no scenario yet")
+    cfg = load_config(ExperimentConfig, ROOT / f"jobs/configs/experiment.{scenario}.yaml")
+    check_config(cfg)
+    assert cfg.data.scenario == scenario and cfg.arms == ARMS and cfg.seeds == (0, 1, 2)
+    assert 1500 <= cfg.pretrain.train.steps <= 3000
+    pool = cfg.round.pool_per_class * 16
+    assert cfg.finetune.train.steps * cfg.finetune.train.batch_size / pool <= 4  # pool passes
+    assert cfg.reward.lambda_r == (0 if scenario == "label-noise" else 0.3)
