@@ -40,15 +40,17 @@ from pathloop.pipeline import (
     LoopConfig,
     LoopDataConfig,
     RoundConfig,
-    _parent_run,
-    _result,
-    _Steps,
-    _training,
-    _write_json,
+    Steps,
     collect_feedback,
+    judge_options,
     make_data,
+    parent_run,
     pretrained_model,
+    read_result,
     sample_set,
+    scenario_expert,
+    training_config,
+    write_json,
 )
 from pathloop.pretrain import PretrainConfig
 from pathloop.reward import RewardConfig
@@ -240,18 +242,6 @@ def check_seed_ranges(cfg: ExperimentConfig, n_classes: int) -> None:
                 )
 
 
-def judge_options(expert: str | None) -> dict[str, str]:
-    """Options of the judge evaluator for an expert profile (None: the default expert)."""
-    return {"expert": expert} if expert else {}
-
-
-def scenario_expert(shards: str | Path) -> str | None:
-    """The expert profile the shard set's scenario names (``manifest["scenario"]["expert"]``)."""
-    from pathloop.data import read_manifest
-
-    return (read_manifest(shards).get("scenario") or {}).get("expert")
-
-
 # ----------------------------------------------------------------------------- the expert
 
 
@@ -327,7 +317,7 @@ def _judge_feedback(cfg: ExperimentConfig, review: Path, export: Path, expert: s
     return collect_feedback(loop, review, export, "experiment-review", **judge_options(expert))
 
 
-def train_reward_model(steps: _Steps, shards: Path, model: str, expert: str | None) -> str:
+def train_reward_model(steps: Steps, shards: Path, model: str, expert: str | None) -> str:
     """Review set → the expert's feedback → the reward model (Eq. 2); its checkpoint."""
     from pathloop.reward import run_reward
 
@@ -344,7 +334,7 @@ def train_reward_model(steps: _Steps, shards: Path, model: str, expert: str | No
         "reward model (Eq. 2)",
         reward_wd / "result.json",
         lambda: run_reward(
-            _training(
+            training_config(
                 cfg.reward,
                 reward_wd,
                 feedback=str(export / "feedback.parquet"),
@@ -353,10 +343,10 @@ def train_reward_model(steps: _Steps, shards: Path, model: str, expert: str | No
             )
         ),
     )
-    return _result(reward_wd)["checkpoint"]
+    return read_result(reward_wd)["checkpoint"]
 
 
-def shared_steps(steps: _Steps, shards: Path) -> Shared:
+def shared_steps(steps: Steps, shards: Path) -> Shared:
     """Pretrained model, pool, and (for the arms that need them) reward model and oracle."""
     cfg, wd = steps.cfg, Path(steps.cfg.workdir)
     model = pretrained_model(steps, shards)["checkpoint"]
@@ -386,7 +376,7 @@ def arm_finetune(
         "oracle": {"rewards": str(shared.oracle)},
         "self-training": {"reward_mode": "ones"},
     }[arm]
-    return _training(
+    return training_config(
         cfg.finetune,
         workdir,
         **{"reward_model": None, "rewards": None, **weights},
@@ -398,7 +388,7 @@ def arm_finetune(
     )
 
 
-def run_arms(steps: _Steps, shared: Shared) -> dict[str, dict[str, Any]]:
+def run_arms(steps: Steps, shared: Shared) -> dict[str, dict[str, Any]]:
     """Finetune every arm with every seed; {"<arm>-seed<s>": finetune result}."""
     from pathloop.finetune import run_finetune
 
@@ -409,7 +399,7 @@ def run_arms(steps: _Steps, shared: Shared) -> dict[str, dict[str, Any]]:
             ft = arm_finetune(cfg, arm, seed, shared, ft_wd)
             ft = updated(ft, tracking=steps.tracking(cfg.finetune.tracking, label))
             steps.run(f"{label}: finetune", ft_wd / "result.json", lambda ft=ft: run_finetune(ft))
-            out[label] = _result(ft_wd)
+            out[label] = read_result(ft_wd)
     return out
 
 
@@ -489,7 +479,7 @@ def measure(cfg: ExperimentConfig, d: Path, shared: Shared, log_to: tuple[str, s
         for group in ("prdc", "tstr"):
             flat.update({f"eval/{group}/{k}": v for k, v in out.get(group, {}).items()})
         tracking.log_metrics(*log_to, flat, step=0)
-    _write_json(d / "eval.json", out)
+    write_json(d / "eval.json", out)
     return out
 
 
@@ -503,12 +493,12 @@ def measure_real(cfg: ExperimentConfig, d: Path, shared: Shared) -> dict:
         out["prdc"] = prdc_vs_test(cfg, shared.shards, x, y)
     if ev.tstr:
         out["tstr"] = tstr_on_test(cfg, shared.shards, None, None)
-    _write_json(d / "eval.json", out)
+    write_json(d / "eval.json", out)
     return out
 
 
 def evaluate_all(
-    steps: _Steps, shared: Shared, finetuned: dict[str, dict]
+    steps: Steps, shared: Shared, finetuned: dict[str, dict]
 ) -> dict[str, dict[str, Any]]:
     """Evaluation set of the pretrained model and of every arm x seed (the same seeds and
     classes), judged and measured, and the real reference; {label: its eval.json}."""
@@ -633,8 +623,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     cfg = updated(cfg, workdir=str(wd))
     wd.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, wd / "config.yaml")
-    uri, parent = _parent_run(cfg, wd, step="experiment")
-    steps = _Steps(cfg, uri, parent)
+    uri, parent = parent_run(cfg, wd, step="experiment")
+    steps = Steps(cfg, uri, parent)
     shards = Path(storage.absolute(make_data(cfg, wd)))
     arith = arithmetic(cfg, shards)
     _print_arithmetic(arith)

@@ -133,7 +133,7 @@ class LoopConfig(Frozen):
 # ----------------------------------------------------------------------------- step plumbing
 
 
-class _Steps:
+class Steps:
     """Runs a step unless its output exists; every step a child of the parent MLflow run."""
 
     def __init__(self, cfg: LoopConfig, uri: str, parent: str) -> None:
@@ -162,12 +162,12 @@ class _Steps:
         return True
 
 
-def _training(sub: Any, workdir: Path, **update: Any) -> Any:
+def training_config(sub: Any, workdir: Path, **update: Any) -> Any:
     """A training step's config at ``workdir``, resuming when a killed run left checkpoints."""
     return updated(sub, workdir=str(workdir), resume=(workdir / "ray").exists(), **update)
 
 
-def _result(workdir: Path) -> dict:
+def read_result(workdir: Path) -> dict:
     return json.loads((workdir / "result.json").read_text())
 
 
@@ -245,6 +245,18 @@ def collect_feedback(
         return store.export_round(rid, export_dir, min_raters=fb.min_raters)
 
 
+def judge_options(expert: str | None) -> dict[str, str]:
+    """Options of the judge evaluator for an expert profile (None: the default expert)."""
+    return {"expert": expert} if expert else {}
+
+
+def scenario_expert(shards: str | Path) -> str | None:
+    """The expert profile the shard set's scenario names (``manifest["scenario"]["expert"]``)."""
+    from pathloop.data import read_manifest
+
+    return (read_manifest(shards).get("scenario") or {}).get("expert")
+
+
 def wait_for_labels(store: Any, rid: int, fb: FeedbackSourceConfig) -> None:
     """Block until every image of round ``rid`` has ``min_raters`` labels (the review UI)."""
     t0 = time.monotonic()
@@ -267,7 +279,7 @@ def wait_for_labels(store: Any, rid: int, fb: FeedbackSourceConfig) -> None:
 
 
 def sample_set(
-    steps: _Steps,
+    steps: Steps,
     title: str,
     model: str,
     out: Path,
@@ -298,7 +310,7 @@ def sample_set(
     )
 
 
-def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
+def run_round(steps: Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
     """One feedback round from ``model``; returns the finetuned model's result and evaluation."""
     from pathloop.evaluate import evaluate_models
     from pathloop.finetune import run_finetune
@@ -314,14 +326,16 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
     steps.run(
         f"round {r}: feedback ({cfg.feedback.source})",
         export / "feedback.parquet",
-        lambda: collect_feedback(cfg, review, export, f"loop-round{r}"),
+        lambda: collect_feedback(
+            cfg, review, export, f"loop-round{r}", **judge_options(scenario_expert(shards))
+        ),
     )
     reward_wd = wd / "reward"
     steps.run(
         f"round {r}: reward model (Eq. 2)",
         reward_wd / "result.json",
         lambda: run_reward(
-            _training(
+            training_config(
                 cfg.reward,
                 reward_wd,
                 feedback=str(export / "feedback.parquet"),
@@ -330,7 +344,7 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
             )
         ),
     )
-    reward = _result(reward_wd)
+    reward = read_result(reward_wd)
     synthetic = export / "feedback.parquet"
     if cfg.round.pool_per_class:
         pool = wd / "pool"
@@ -349,7 +363,7 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
         f"round {r}: finetune (Eq. 3)",
         ft_wd / "result.json",
         lambda: run_finetune(
-            _training(
+            training_config(
                 cfg.finetune,
                 ft_wd,
                 method="reward",
@@ -362,7 +376,7 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
             )
         ),
     )
-    finetuned = _result(ft_wd)
+    finetuned = read_result(ft_wd)
     ev_wd = wd / "evaluate"
     # One evaluation classifier for all rounds (trained in round 1), so rounds are comparable;
     # later rounds also show the pretrained model. Earlier models enter through the samples
@@ -370,7 +384,7 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
     features = cfg.evaluate.features
     baselines, names = (model,), ()
     if r > 1:
-        first, last = (_result(wd.parent / f"round{k}/evaluate") for k in (1, r - 1))
+        first, last = (read_result(wd.parent / f"round{k}/evaluate") for k in (1, r - 1))
         if not features.path:
             features = updated(features, path=str(wd.parent / "round1/evaluate/features"))
         baselines = (first["samples"]["baseline"], last["samples"]["model"])
@@ -391,7 +405,7 @@ def run_round(steps: _Steps, r: int, shards: Path, model: str) -> dict[str, Any]
             )
         ),
     )
-    return {"reward": reward, "finetune": finetuned, "evaluate": _result(ev_wd)}
+    return {"reward": reward, "finetune": finetuned, "evaluate": read_result(ev_wd)}
 
 
 def given_model(ref: str, uri: str) -> dict[str, str]:
@@ -404,7 +418,7 @@ def given_model(ref: str, uri: str) -> dict[str, str]:
     return {"checkpoint": str(local), "model_uri": shown}
 
 
-def pretrained_model(steps: _Steps, shards: Path) -> dict[str, Any]:
+def pretrained_model(steps: Steps, shards: Path) -> dict[str, Any]:
     """The model every round (or arm) starts from: ``pretrained`` when given, else the pretrain
     step on ``shards`` into <workdir>/pretrain, run once. Its ``result.json``-style dict."""
     from pathloop.pretrain import run_pretrain
@@ -417,7 +431,7 @@ def pretrained_model(steps: _Steps, shards: Path) -> dict[str, Any]:
         "pretrain the diffusion model",
         pre_wd / "result.json",
         lambda: run_pretrain(
-            _training(
+            training_config(
                 cfg.pretrain,
                 pre_wd,
                 data={"shards": str(shards)},
@@ -425,10 +439,10 @@ def pretrained_model(steps: _Steps, shards: Path) -> dict[str, Any]:
             )
         ),
     )
-    return _result(pre_wd)
+    return read_result(pre_wd)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str))
 
@@ -436,7 +450,7 @@ def _write_json(path: Path, obj: Any) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _parent_run(cfg: LoopConfig, wd: Path, step: str = "loop") -> tuple[str, str]:
+def parent_run(cfg: LoopConfig, wd: Path, step: str = "loop") -> tuple[str, str]:
     """(tracking URI, parent run id): reopened from ``<step>.json`` when resuming."""
     from pathloop import tracking
 
@@ -451,7 +465,7 @@ def _parent_run(cfg: LoopConfig, wd: Path, step: str = "loop") -> tuple[str, str
         tags={"pathloop.step": step},
         run_name=cfg.name,
     )
-    _write_json(state, {"run_id": run_id, "tracking_uri": uri})
+    write_json(state, {"run_id": run_id, "tracking_uri": uri})
     return uri, run_id
 
 
@@ -464,8 +478,8 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     cfg = updated(cfg, workdir=str(wd))
     wd.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, wd / "config.yaml")
-    uri, parent = _parent_run(cfg, wd)
-    steps = _Steps(cfg, uri, parent)
+    uri, parent = parent_run(cfg, wd)
+    steps = Steps(cfg, uri, parent)
     shards = Path(storage.absolute(make_data(cfg, wd)))
 
     pretrained = pretrained_model(steps, shards)
@@ -482,7 +496,7 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
         "rounds": rounds,
         "step_seconds": steps.timings,
     }
-    _write_json(wd / "summary.json", summary)
+    write_json(wd / "summary.json", summary)
     tracking.end_run(uri, parent)
     return summary
 
