@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
-    from pathloop.phantoms import write_phantoms
+    from pathloop.scenarios import write_phantoms
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

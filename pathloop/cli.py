@@ -140,7 +140,7 @@ def phantoms(
     fraction: float = typer.Option(0.3, help="The scenario's fraction of training cells."),
 ) -> None:
     """Render procedural bone-marrow phantom cells (16 classes) into a shard set."""
-    from pathloop.phantoms import write_phantoms
+    from pathloop.scenarios import write_phantoms
 
     if size not in (32, 64):
         raise ValueError(f"--size must be 32 or 64, got {size}")

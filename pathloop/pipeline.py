@@ -53,7 +53,7 @@ class LoopDataConfig(Frozen):
     )
     scenario: Literal["artifacts", "strict-expert", "label-noise"] | None = Field(
         None,
-        description="phantoms: what the expert knows that the data do not (phantoms.SCENARIOS): "
+        description="phantoms: what the expert knows that the data do not (scenarios.SCENARIOS): "
         "artifacts on scenario_fraction of the training cells, a strict judge profile named in "
         "the manifest, or wrong labels on scenario_fraction of them; None = clean data.",
     )
@@ -195,7 +195,7 @@ def make_data(cfg: LoopConfig, wd: Path) -> Path:
     if (out / "manifest.json").exists():
         return out
     if d.source == "phantoms":
-        from pathloop.phantoms import write_phantoms
+        from pathloop.scenarios import write_phantoms
 
         write_phantoms(
             out,

@@ -52,7 +52,7 @@ def real_cells() -> Path:
 @pytest.fixture(scope="session")
 def phantom_shards(tmp_path_factory) -> Path:
     """A small phantom shard set: 16 classes × (8 train + 2 test) at 32 px, seed 11."""
-    from pathloop.phantoms import write_phantoms
+    from pathloop.scenarios import write_phantoms
 
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, per_class=8, test_per_class=2, size=32, seed=11)

@@ -12,6 +12,7 @@ from conftest import phantom_batch
 
 from pathloop import judge as J
 from pathloop import phantoms as P
+from pathloop import scenarios as S
 from pathloop.vocab import BONE_MARROW_16, CRITERIA
 
 K = len(BONE_MARROW_16)
@@ -204,7 +205,7 @@ def test_strict_profile_leaves_other_classes_alone(fresh32: tuple) -> None:
 def test_expert_profile_reaches_the_evaluator_and_shard_reports(tmp_path) -> None:
     from pathloop.experts import get_evaluator
 
-    P.write_phantoms(tmp_path / "s", per_class=6, seed=3, scenario="strict-expert")
+    S.write_phantoms(tmp_path / "s", per_class=6, seed=3, scenario="strict-expert")
     images, ids, _ = phantom_batch(6, 32, seed=3)
     evaluator = get_evaluator("judge", expert="strict")
     assert evaluator.rater_name == "judge:strict" and get_evaluator("judge").rater_name == "judge"

@@ -8,6 +8,7 @@ from conftest import phantom_batch
 
 from pathloop import judge as J
 from pathloop import phantoms as P
+from pathloop import scenarios as S
 from pathloop.vocab import BONE_MARROW_16, CRITERIA
 
 K = len(BONE_MARROW_16)
@@ -74,7 +75,7 @@ def test_label_noise_redraws_only_training_labels(tmp_path) -> None:
     from pathloop.data import load_image_table
 
     def table(name: str, noise: float) -> tuple:
-        P.write_phantoms(tmp_path / name, per_class=12, test_per_class=3, seed=5, label_noise=noise)
+        S.write_phantoms(tmp_path / name, per_class=12, test_per_class=3, seed=5, label_noise=noise)
         images, ids, cols = load_image_table(tmp_path / name)
         order = np.argsort(cols["id"])  # rows by image id: the same pixels line up
         return images[order], ids[order], cols["split"][order]
@@ -86,7 +87,7 @@ def test_label_noise_redraws_only_training_labels(tmp_path) -> None:
     assert not changed[split == "test"].any()  # test labels stay clean
     assert 0.25 < changed[split == "train"].mean() < 0.55  # 0.4 of 192 training labels
     with pytest.raises(ValueError, match="label_noise is a fraction"):
-        P.write_phantoms(tmp_path / "bad", per_class=1, label_noise=1.0)
+        S.write_phantoms(tmp_path / "bad", per_class=1, label_noise=1.0)
 
 
 # --- scenarios -------------------------------------------------------------------------------
@@ -105,8 +106,8 @@ def scenario_sets(tmp_path_factory) -> dict:
     """The same seed written clean and under each scenario: {name: (manifest, table)}."""
     root = tmp_path_factory.mktemp("scenarios")
     out = {}
-    for name in (None, *P.SCENARIOS):
-        m = P.write_phantoms(
+    for name in (None, *S.SCENARIOS):
+        m = S.write_phantoms(
             root / str(name), per_class=10, test_per_class=2, seed=4, scenario=name
         )
         out[name] = (m, _table(root / str(name)))
@@ -114,9 +115,9 @@ def scenario_sets(tmp_path_factory) -> dict:
 
 
 def test_artifact_plan_is_seeded_and_exact() -> None:
-    plan = P.artifact_plan(per_class=20, seed=9, fraction=0.3)
-    assert plan == P.artifact_plan(per_class=20, seed=9, fraction=0.3)
-    assert plan != P.artifact_plan(per_class=20, seed=10, fraction=0.3)
+    plan = S.artifact_plan(per_class=20, seed=9, fraction=0.3)
+    assert plan == S.artifact_plan(per_class=20, seed=9, fraction=0.3)
+    assert plan != S.artifact_plan(per_class=20, seed=10, fraction=0.3)
     for cid in range(K):
         mine = {i: kind for (c, i), kind in plan.items() if c == cid}
         assert len(mine) == 6 and all(0 <= i < 20 for i in mine)
@@ -152,7 +153,7 @@ def test_artifacts_touch_only_the_planned_training_rows(scenario_sets) -> None:
 def test_scenarios_are_deterministic(scenario_sets, tmp_path) -> None:
     for name in ("artifacts", "label-noise"):
         manifest, table = scenario_sets[name]
-        again = P.write_phantoms(tmp_path / name, 10, test_per_class=2, seed=4, scenario=name)
+        again = S.write_phantoms(tmp_path / name, 10, test_per_class=2, seed=4, scenario=name)
         assert again["scenario"] == manifest["scenario"]
         again_table = _table(tmp_path / name)
         assert all(np.array_equal(a, b) for a, b in zip(table, again_table, strict=True))
@@ -176,8 +177,8 @@ def test_manifest_records_each_scenario(scenario_sets) -> None:
 
 
 def test_label_noise_is_the_label_noise_scenario(tmp_path) -> None:
-    old = P.write_phantoms(tmp_path / "old", per_class=4, seed=2, label_noise=0.25)
-    new = P.write_phantoms(
+    old = S.write_phantoms(tmp_path / "old", per_class=4, seed=2, label_noise=0.25)
+    new = S.write_phantoms(
         tmp_path / "new", per_class=4, seed=2, scenario="label-noise", scenario_fraction=0.25
     )
     assert old["scenario"] == new["scenario"] and old["scenario"]["name"] == "label-noise"
@@ -194,7 +195,7 @@ def test_label_noise_is_the_label_noise_scenario(tmp_path) -> None:
 )
 def test_bad_scenarios_are_one_line_errors(kwargs, message, tmp_path) -> None:
     with pytest.raises(ValueError, match=message) as err:
-        P.write_phantoms(tmp_path / "bad", per_class=1, **kwargs)
+        S.write_phantoms(tmp_path / "bad", per_class=1, **kwargs)
     assert "\n" not in str(err.value) and not (tmp_path / "bad").exists()
 
 
@@ -204,5 +205,5 @@ def test_the_loop_offers_the_same_scenarios() -> None:
     from pathloop.pipeline import LoopDataConfig
 
     literal, _none = get_args(LoopDataConfig.model_fields["scenario"].annotation)
-    assert get_args(literal) == P.SCENARIOS
+    assert get_args(literal) == S.SCENARIOS
     assert LoopDataConfig().scenario is None and LoopDataConfig().scenario_fraction == 0.3
