@@ -47,6 +47,7 @@ from pathloop.pipeline import (
     parent_run,
     pretrained_model,
     read_result,
+    reward_step,
     sample_set,
     scenario_expert,
     training_config,
@@ -319,8 +320,6 @@ def _judge_feedback(cfg: ExperimentConfig, review: Path, export: Path, expert: s
 
 def train_reward_model(steps: Steps, shards: Path, model: str, expert: str | None) -> str:
     """Review set → the expert's feedback → the reward model (Eq. 2); its checkpoint."""
-    from pathloop.reward import run_reward
-
     cfg, wd = steps.cfg, Path(steps.cfg.workdir)
     review, export, reward_wd = wd / "review", wd / "feedback", wd / "reward"
     title = "review set: sample"
@@ -330,20 +329,7 @@ def train_reward_model(steps: Steps, shards: Path, model: str, expert: str | Non
         export / "feedback.parquet",
         lambda: _judge_feedback(cfg, review, export, expert),
     )
-    steps.run(
-        "reward model (Eq. 2)",
-        reward_wd / "result.json",
-        lambda: run_reward(
-            training_config(
-                cfg.reward,
-                reward_wd,
-                feedback=str(export / "feedback.parquet"),
-                real_shards=str(shards),
-                tracking=steps.tracking(cfg.reward.tracking, "reward"),
-            )
-        ),
-    )
-    return read_result(reward_wd)["checkpoint"]
+    return reward_step(steps, "", reward_wd, export, shards, "reward")["checkpoint"]
 
 
 def shared_steps(steps: Steps, shards: Path) -> Shared:

@@ -310,11 +310,32 @@ def sample_set(
     )
 
 
+def reward_step(
+    steps: Steps, title: str, reward_wd: Path, export: Path, shards: Path, run_name: str
+) -> dict[str, Any]:
+    """The reward model (Eq. 2) on a feedback export and the real shards; its result."""
+    from pathloop.reward import run_reward
+
+    steps.run(
+        f"{title}reward model (Eq. 2)",
+        reward_wd / "result.json",
+        lambda: run_reward(
+            training_config(
+                steps.cfg.reward,
+                reward_wd,
+                feedback=str(export / "feedback.parquet"),
+                real_shards=str(shards),
+                tracking=steps.tracking(steps.cfg.reward.tracking, run_name),
+            )
+        ),
+    )
+    return read_result(reward_wd)
+
+
 def run_round(steps: Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
     """One feedback round from ``model``; returns the finetuned model's result and evaluation."""
     from pathloop.evaluate import evaluate_models
     from pathloop.finetune import run_finetune
-    from pathloop.reward import run_reward
 
     cfg, wd = steps.cfg, Path(steps.cfg.workdir) / f"round{r}"
     seed = 10_000 * r  # each round reviews new images
@@ -331,20 +352,7 @@ def run_round(steps: Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
         ),
     )
     reward_wd = wd / "reward"
-    steps.run(
-        f"round {r}: reward model (Eq. 2)",
-        reward_wd / "result.json",
-        lambda: run_reward(
-            training_config(
-                cfg.reward,
-                reward_wd,
-                feedback=str(export / "feedback.parquet"),
-                real_shards=str(shards),
-                tracking=steps.tracking(cfg.reward.tracking, f"round{r}-reward"),
-            )
-        ),
-    )
-    reward = read_result(reward_wd)
+    reward = reward_step(steps, f"round {r}: ", reward_wd, export, shards, f"round{r}-reward")
     synthetic = export / "feedback.parquet"
     if cfg.round.pool_per_class:
         pool = wd / "pool"
