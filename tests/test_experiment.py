@@ -197,10 +197,7 @@ def test_evaluation_seeds_stay_clear_of_the_training_images():
 @pytest.mark.parametrize("scenario", ["artifacts", "strict-expert", "label-noise"])
 def test_presets_load(scenario):
     from pathloop.experiment import check_config
-    from pathloop.pipeline import LoopDataConfig
 
-    if "scenario" not in LoopDataConfig.model_fields:
-        pytest.skip("the data section has no scenario yet")
     cfg = load_config(ExperimentConfig, ROOT / f"jobs/configs/experiment.{scenario}.yaml")
     check_config(cfg)
     assert cfg.data.scenario == scenario and cfg.arms == ARMS and cfg.seeds == (0, 1, 2)

@@ -30,7 +30,10 @@ SCREENSHOT = Path("/tmp/review_ui.png")
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} missing: run `make browsers`"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"{CHROMIUM} missing; `make test` installs it",
+    ),
 ]
 
 
