@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from pathloop.config import ClassifierConfig, Frozen, NoiseConfig, TrackingConfig, updated
-from pathloop.harness import start_tracked_run
+from pathloop.harness import finish_run, start_tracked_run
 from pathloop.vocab import ClassInfo, Vocabulary
 
 # Backbone presets; any other timm model name is accepted as is (never with hub weights).
@@ -573,17 +573,7 @@ def run_classifier_job(cfg: ClassifierJobConfig, step: str, train: Any, tags: di
         tracking.end_run(uri, run_id, "FAILED")
         raise
     tracking.log_metrics(uri, run_id, metrics, cfg.classifier.steps)
-    model_uri = tracking.log_checkpoint_model(uri, run_id, model_dir, cfg.tracking.register_as)
-    tracking.end_run(uri, run_id)
-    out = {
-        "run_id": run_id,
-        "tracking_uri": uri,
-        "model_uri": model_uri,
-        "checkpoint": str(model_dir),
-        **metrics,
-    }
-    (workdir / "result.json").write_text(json.dumps(out, indent=2))
-    return out
+    return finish_run(cfg, uri, run_id, model_dir, metrics)
 
 
 def run_backbone(cfg: BackboneJobConfig) -> dict[str, Any]:

@@ -631,17 +631,19 @@ def fit(loop: Any, inputs: WorkerInputs, datasets: dict | None = None) -> Path:
 
 
 def finish_run(cfg: Any, uri: str, run_id: str, ckpt_dir: Path, extra: dict) -> dict[str, Any]:
-    """Log and register the final checkpoint from the driver; write result.json."""
+    """Log and register the final checkpoint from the driver; write result.json (with the
+    checkpoint's step when it records one)."""
     from pathloop import tracking
 
     model_uri = tracking.log_checkpoint_model(uri, run_id, ckpt_dir, cfg.tracking.register_as)
     tracking.end_run(uri, run_id)
+    state = ckpt_dir / "state.json"
     out = {
         "run_id": run_id,
         "tracking_uri": uri,
         "model_uri": model_uri,
         "checkpoint": str(ckpt_dir),
-        "step": json.loads((ckpt_dir / "state.json").read_text())["step"],
+        **({"step": json.loads(state.read_text())["step"]} if state.exists() else {}),
         **extra,
     }
     (Path(cfg.workdir) / "result.json").write_text(json.dumps(out, indent=2))
