@@ -3,7 +3,8 @@
 ``build_api(args, backend)`` builds the app inside a running process: in a Ray Serve ingress
 replica (``serve.app``) the backend forwards to the Generator and Scorer deployments; behind plain
 uvicorn (``LocalBackend``) it calls the same cores in-process. The routes are the same code.
-The review routes and UI are ``serve.review``'s; error bodies and codes are ``serve.errors``'.
+The review routes and UI are ``serve.review``'s; error bodies and codes are ``serve.errors``';
+what a request may contain is ``serve.inputs``', how much a client may ask ``serve.limits``'.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.parser
-import email.policy
+import hashlib
 import hmac
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -33,7 +36,9 @@ from serve.errors import (
     input_errors,
     install_error_handlers,
 )
-from serve.models import ImageTooLarge, decode_image, default_vocab
+from serve.inputs import IMAGE_TYPES, GenerateRequest, ScoreRequest, json_only, upload_image
+from serve.limits import ClientSlots, check_generate, client_key
+from serve.models import ImageTooLarge, decode_image, default_vocab, fit_size
 from serve.review import Review, criteria_info, review_routes, ui_routes
 
 JSON_SLACK = 64 * 1024  # JSON/multipart framing allowed on top of the image's base64
@@ -144,6 +149,12 @@ class _State:
         self.vocab = Vocabulary.model_validate(info["vocab"]) if info else default_vocab()
         self.tokens = args.tokens()
         self.review = Review(args) if args.feedback_url else None
+        from pathloop.judge import JUDGE_SIZE
+
+        self.slots = ClientSlots(args.limits.max_concurrent_per_client)
+        self.model_ref = public_ref(info["model_uri"]) if info else None
+        self.image_size = args.image_size or (int(info["sample_size"]) if info else JUDGE_SIZE)
+        self.docs = args.docs if args.docs != "auto" else ("token" if self.tokens else "open")
 
     def lookup(self, class_name: str) -> ClassInfo:
         with input_errors():
@@ -156,11 +167,15 @@ _api_bearer = HTTPBearer(auto_error=False, scheme_name="api_token")
 def build_api(args: ServeArgs, backend: Backend, info: dict | None) -> FastAPI:
     """The FastAPI app over ``backend``; opens the feedback store and review round now."""
     st = _State(args, backend, info)
+    docs = st.docs == "open"  # "token": /openapi.json behind the API token (_ops_routes)
     app = FastAPI(
         title="pathloop",
         version="1",
         description="Class-conditional diffusion of cell images with expert feedback: generate, "
         "score, and review (pathologist-in-the-loop). Review UI at /review.",
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     install_error_handlers(app)
     _ops_routes(app, st)
@@ -179,10 +194,42 @@ def _api_auth(st: _State) -> Any:
             return
         token = cred.credentials if cred else ""
         if not any(hmac.compare_digest(token.encode(), t.encode()) for t in st.tokens):
-            detail = "wrong API token" if token else "missing API token: send Authorization: Bearer"
+            detail = (
+                "wrong API token: send one of the server's api_tokens"
+                if token
+                else "missing API token: send Authorization: Bearer <token>"
+            )
             raise HTTPException(401, detail, headers=UNAUTH)
 
     return check
+
+
+def _client_slot(st: _State) -> Any:
+    """Dependency of the model routes: one of the client's in-flight slots (429 when none)."""
+
+    async def hold(request: Request) -> AsyncIterator[None]:
+        with st.slots.hold(client_key(request, st.tokens)):
+            yield
+
+    return hold
+
+
+def public_ref(ref: str) -> str:
+    """A model reference fit for clients, without the server's absolute paths: URIs as given,
+    paths relative to the working directory, else the last name and a hash of the whole path."""
+    parts = urlsplit(ref)
+    if parts.scheme and parts.scheme != "file" and len(parts.scheme) > 1:  # C: is a drive
+        return ref  # models:/name/1, runs:/id/model, s3://bucket/key
+    path = Path(parts.path if parts.scheme == "file" else ref).expanduser()
+    if path.is_absolute():
+        try:
+            path = path.relative_to(Path.cwd())
+        except ValueError:
+            digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+            return f"{path.name}@{digest}"
+    if ".." in path.parts:
+        return f"{path.name}@{hashlib.sha256(ref.encode()).hexdigest()[:12]}"
+    return path.as_posix()
 
 
 # ----------------------------------------------------------------------------- ops routes
@@ -203,6 +250,13 @@ def _ops_routes(app: FastAPI, st: _State) -> None:
         body = S.ReadyResponse(ready=all(models.values()), models=models)
         return body if body.ready else JSONResponse(body.model_dump(), status_code=503)
 
+    if st.docs == "token":
+
+        @app.get("/openapi.json", name="openapi", include_in_schema=False)
+        def openapi(_: None = Depends(_api_auth(st))) -> JSONResponse:
+            """The OpenAPI schema, for holders of an API token (ServeArgs.docs)."""
+            return JSONResponse(app.openapi())
+
 
 # ----------------------------------------------------------------------------- model routes
 
@@ -214,7 +268,7 @@ def class_out(c: ClassInfo) -> S.ClassOut:
 
 
 def _model_routes(app: FastAPI, st: _State) -> None:
-    auth = Depends(_api_auth(st))
+    auth, slot = Depends(_api_auth(st)), Depends(_client_slot(st))
 
     @app.get(
         "/v1/classes",
@@ -237,25 +291,21 @@ def _model_routes(app: FastAPI, st: _State) -> None:
         response_model=S.GenerateResponse,
         name="generate_images",
         tags=["model"],
-        dependencies=[auth],
+        dependencies=[auth, slot, Depends(json_only)],
         responses={**ERRORS, 200: png},
     )
-    async def generate(req: S.GenerateRequest) -> Any:
+    async def generate(req: GenerateRequest) -> Any:
         """Draw ``n`` images of a class. ``format: png`` with ``n == 1`` answers ``image/png``
         (provenance in ``X-Pathloop-*`` headers); otherwise JSON with base64 PNGs.
         Concurrent requests with equal sampler/steps/guidance share one batched sampling call."""
         if not st.backend.has_generator or st.info is None:
-            raise HTTPException(503, "no diffusion model is configured (ServeArgs.model)")
-        lim = st.args.limits
-        if req.n > lim.max_n:
-            raise InputError(f"n={req.n} is over the limit: 1..{lim.max_n}")
-        if req.steps > lim.max_steps:
-            raise InputError(f"steps={req.steps} is over the limit: 1..{lim.max_steps}")
+            raise HTTPException(503, "no diffusion model is served: set model in the Serve config")
+        check_generate(req.n, req.steps, st.args.limits)
         cls = st.lookup(req.class_name)
         job = req.model_dump(include={"n", "sampler", "steps", "guidance", "seed"})
         pngs = await st.backend.generate({**job, "class_id": cls.id})
         prov = {k: job[k] for k in ("sampler", "steps", "guidance")}
-        prov.update(model_uri=st.info["model_uri"], checkpoint_step=st.info["checkpoint_step"])
+        prov.update(model_uri=st.model_ref, checkpoint_step=st.info["checkpoint_step"])
         if req.format == "png" and req.n == 1:
             head = {f"X-Pathloop-{k.replace('_', '-')}": str(v) for k, v in prov.items()}
             head.update({"X-Pathloop-Seed": str(req.seed), "X-Pathloop-Class": cls.name})
@@ -273,14 +323,17 @@ def _model_routes(app: FastAPI, st: _State) -> None:
 
 
 def _score_routes(app: FastAPI, st: _State) -> None:
-    auth = Depends(_api_auth(st))
+    auth, slot = Depends(_api_auth(st)), Depends(_client_slot(st))
 
-    async def score(raw: bytes, class_name: str) -> S.ScoreResponse:
+    async def score(raw: bytes, class_name: str, resize: bool) -> S.ScoreResponse:
         if not st.backend.has_scorer:
-            raise HTTPException(503, "no scorer is configured (ServeArgs.reward_model or judge)")
+            raise HTTPException(
+                503, "no scorer is served: set reward_model or judge: true in the Serve config"
+            )
         cls = st.lookup(class_name)
         lim = st.args.limits
         image = decode_image(raw, lim.max_image_bytes, lim.max_side)  # (H, W, 3) uint8
+        image = fit_size(image, st.image_size, resize)  # (S, S, 3)
         out = await st.backend.score(image, cls.id, cls.code)
         return S.ScoreResponse(class_name=cls.name, **out)
 
@@ -289,18 +342,20 @@ def _score_routes(app: FastAPI, st: _State) -> None:
         response_model=S.ScoreResponse,
         name="score_image",
         tags=["model"],
-        dependencies=[auth],
+        dependencies=[auth, slot, Depends(json_only)],
         responses=ERRORS,
     )
-    async def score_json(req: S.ScoreRequest) -> S.ScoreResponse:
-        """Score one image (base64 PNG/JPEG) for its declared class: reward and/or judge."""
-        if len(req.image_b64) > st.args.limits.max_image_bytes * 4 // 3 + 4:
-            raise ImageTooLarge(f"image is over {st.args.limits.max_image_bytes} bytes")
+    async def score_json(req: ScoreRequest) -> S.ScoreResponse:
+        """Score one image (base64 PNG/JPEG of the scorer's size, or any size with ``resize``)
+        for its declared class: reward and/or judge."""
+        limit = st.args.limits.max_image_bytes
+        if len(req.image_b64) > limit * 4 // 3 + 4:
+            raise ImageTooLarge(f"image is over {limit} bytes: send a smaller PNG or JPEG")
         try:
             raw = base64.b64decode(req.image_b64, validate=True)
         except (binascii.Error, ValueError):
-            raise InputError("image_b64 is not valid base64") from None
-        return await score(raw, req.class_name)
+            raise InputError("image_b64 is not valid base64: send the image bytes base64") from None
+        return await score(raw, req.class_name, req.resize)
 
     upload_body = {
         "required": True,
@@ -313,7 +368,8 @@ def _score_routes(app: FastAPI, st: _State) -> None:
                         "file": {"type": "string", "format": "binary"},
                         "class_name": {"type": "string"},
                     },
-                }
+                },
+                "encoding": {"file": {"contentType": ", ".join(IMAGE_TYPES)}},
             },
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
@@ -325,46 +381,25 @@ def _score_routes(app: FastAPI, st: _State) -> None:
         response_model=S.ScoreResponse,
         name="score_upload",
         tags=["model"],
-        dependencies=[auth],
+        dependencies=[auth, slot],
         responses=ERRORS,
         openapi_extra={"requestBody": upload_body},
     )
     async def score_upload(
         request: Request,
         class_name: str | None = Query(None, max_length=200, description="Declared class."),
+        resize: bool = Query(False, description="Centre-crop and resize to the scorer's size."),
     ) -> S.ScoreResponse:
-        """Score a raw PNG/JPEG body, or a multipart form with ``file`` (and ``class_name``)."""
+        """Score a raw PNG/JPEG body, or a multipart form with an image ``file`` (and
+        ``class_name``); other content types are 415."""
         body = await request.body()  # BodyLimit has capped it
-        ctype = request.headers.get("content-type", "")
-        if ctype.lower().startswith("multipart/form-data"):
-            form = parse_multipart(ctype, body)
-            body, class_name = form.get("file", b""), class_name or _text(form.get("class_name"))
+        image, form_class = upload_image(request.headers.get("content-type", ""), body)
+        class_name = class_name or form_class
         if not class_name:
-            raise InputError("class_name is required (query parameter or form field)")
-        if not body:
-            raise InputError("no image: send PNG/JPEG bytes or a multipart 'file' field")
-        return await score(body, class_name)
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("utf-8", "replace").strip()
-
-
-def parse_multipart(content_type: str, body: bytes) -> dict[str, bytes]:
-    """{field name: bytes} of a multipart/form-data body (stdlib email parser; no extra deps)."""
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
-    try:
-        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-        if not msg.is_multipart():
-            raise ValueError("not a multipart body")
-        out = {}
-        for part in msg.iter_parts():
-            name = part.get_param("name", header="content-disposition")
-            if name:
-                out[str(name)] = part.get_payload(decode=True) or b""
-        return out
-    except Exception as err:  # the parser raises many kinds on malformed input
-        raise InputError(f"malformed multipart/form-data body: {err}") from None
+            raise InputError("class_name is required: add ?class_name=... or a form field")
+        if not image:
+            raise InputError("no image: send PNG/JPEG bytes or a multipart 'file' part")
+        return await score(image, class_name, resize)
 
 
 # ----------------------------------------------------------------------------- local backend

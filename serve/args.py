@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tempfile
 from pathlib import Path
@@ -21,10 +22,23 @@ APP_NAME = "pathloop"
 
 
 class Limits(Frozen):
-    """Bounds on what one request may ask for; past them the answer is 422 or 413."""
+    """Bounds on what one request, or one client, may ask for; past them 422, 413 or 429."""
 
     max_n: int = Field(16, ge=1, le=1024, description="Images per /v1/generate request.")
     max_steps: int = Field(250, ge=1, le=1000, description="Denoising steps per request.")
+    max_image_steps: int = Field(
+        1000,
+        ge=1,
+        description="Denoising work of one /v1/generate request: n x steps (422 above). One "
+        "request holds the generator for all of it (16 x 250 took 72 s on 2 CPU cores).",
+    )
+    max_concurrent_per_client: int = Field(
+        4,
+        ge=1,
+        description="Requests one client may have in flight on /v1/generate and /v1/score* "
+        "(429 above). A client is its API token, else its IP address (behind a proxy without "
+        "tokens, every client shares the proxy's). Per ingress replica.",
+    )
     max_image_bytes: int = Field(
         4 * 2**20,
         ge=1024,
@@ -63,6 +77,23 @@ class ServeArgs(Frozen):
     route_prefix: str = Field("/", description="Serve route prefix of the application.")
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to expose).")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    open_on_network: bool = Field(
+        False,
+        description="Allow a host other than loopback with no API tokens, i.e. /v1/generate and "
+        "/v1/score open to anyone who reaches the port. Off: such a config is an error.",
+    )
+    docs: Literal["auto", "open", "token", "off"] = Field(
+        "auto",
+        description="/docs, /redoc and /openapi.json. open: to anyone; token: /openapi.json "
+        "with an API token, no /docs (a browser page cannot send one); off: none; auto: open "
+        "without API tokens, token with them.",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        description="Side (px) of the square images /v1/score accepts (422 otherwise, unless the "
+        "request asks resize); None = the diffusion model's sample_size, else 32 (the judge's).",
+    )
     request_timeout_s: float = Field(
         120.0, gt=0, description="Per request wait for a model; past it the answer is 504."
     )
@@ -123,6 +154,12 @@ class ServeArgs(Frozen):
             raise ValueError("set review_round or review_samples_dir, not both")
         if (self.review_round or self.review_samples_dir) and not self.feedback_url:
             raise ValueError("review_round/review_samples_dir need feedback_url")
+        tokens = self.api_tokens or self.api_tokens_env
+        if not (_loopback(self.host) or tokens or self.open_on_network):
+            raise ValueError(
+                f"host {self.host} exposes /v1/generate and /v1/score with no API token: set "
+                "api_tokens or api_tokens_env, or open_on_network: true to mean it"
+            )
         return self
 
     def tokens(self) -> list[str]:
@@ -138,6 +175,15 @@ class ServeArgs(Frozen):
         d["api_tokens"] = self.tokens() or None
         d["api_tokens_env"] = None  # resolved here, where the environment is
         return d
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def app_args(serve_config: dict, app_name: str = APP_NAME) -> dict:

@@ -158,7 +158,8 @@ def bench_serve(
         judge=True,
         port=port,
         max_batch_size=clients,
-        limits={"max_n": clients},
+        # 2 * clients load clients from one address: the per-client cap must let them all in.
+        limits={"max_n": clients, "max_concurrent_per_client": 2 * clients},
         batch_wait_timeout_s=0.05,
         torch_threads=torch_threads,
     )

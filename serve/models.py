@@ -54,6 +54,26 @@ def decode_image(raw: bytes, max_bytes: int, max_side: int) -> np.ndarray:
         raise BadImage(f"cannot decode the image as PNG or JPEG ({type(err).__name__})") from None
 
 
+def fit_size(image: np.ndarray, size: int, resize: bool) -> np.ndarray:
+    """``image`` (H, W, 3) as the (size, size, 3) the scorer takes: as it is when it already is,
+    else centre-cropped to a square and resized when ``resize``, else BadImage (HTTP 422)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    if not resize:
+        raise BadImage(
+            f"image is {w}x{h} px; the scorer takes {size}x{size} px: send that size, or "
+            f"resize: true (resize=true on /v1/score/upload) to centre-crop and resize it"
+        )
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(image[top : top + side, left : left + side])  # (side, side, 3)
+    how = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC  # area down, smooth up
+    return np.asarray(square.resize((size, size), how), dtype=np.uint8)  # (size, size, 3)
+
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 

@@ -22,6 +22,7 @@ from pathloop import schemas as S
 from pathloop.vocab import CRITERIA, CRITERIA_TEXT, Vocabulary
 from serve.args import ServeArgs
 from serve.errors import ERRORS, UNAUTH, InputError
+from serve.inputs import LabelRequest, UndoRequest, json_only
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -175,7 +176,12 @@ def _rater_auth(review: Review | None) -> Any:
             )
         rater = rv.store.rater_for_token(cred.credentials)
         if rater is None:
-            raise HTTPException(401, "rater token not recognised", headers=UNAUTH)
+            raise HTTPException(
+                401,
+                "rater token not recognised, expired or revoked: ask the round's organiser for "
+                "a new one (pathloop review rater NAME --new-token)",
+                headers=UNAUTH,
+            )
         return rater
 
     return check
@@ -183,7 +189,9 @@ def _rater_auth(review: Review | None) -> Any:
 
 def _review_of(review: Review | None) -> Review:
     if review is None:
-        raise HTTPException(503, "review is not configured: set feedback_url and a round")
+        raise HTTPException(
+            503, "review is not configured: set feedback_url and review_samples_dir (or round)"
+        )
     return review
 
 
@@ -261,9 +269,10 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
         response_model=S.LabelResponse,
         name="review_post_label",
         tags=tags,
+        dependencies=[Depends(json_only)],
         responses=ERRORS,
     )
-    def post_label(req: S.LabelRequest, rater: Any = rater_dep) -> S.LabelResponse:
+    def post_label(req: LabelRequest, rater: Any = rater_dep) -> S.LabelResponse:
         """Store (upsert) this rater's label; resending the same label changes nothing."""
         rv = _review_of(review)
         lab = rv.store.put_label(
@@ -287,9 +296,10 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
         response_model=S.UndoResponse,
         name="review_undo",
         tags=tags,
+        dependencies=[Depends(json_only)],
         responses=ERRORS,
     )
-    def undo(req: S.UndoRequest, rater: Any = rater_dep) -> S.UndoResponse:
+    def undo(req: UndoRequest, rater: Any = rater_dep) -> S.UndoResponse:
         """Step this rater's label of an image back one revision (none left: no label)."""
         rv = _review_of(review)
         lab = rv.store.undo(rv.round_id, req.image_id, rater.id)
@@ -331,7 +341,8 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
         rv = _review_of(review)
         png = rv.pngs.get(image_id)
         if png is None:
-            raise HTTPException(404, f"image {image_id!r} is not in round {rv.round_id}")
+            msg = f"image {image_id!r} is not in round {rv.round_id}: take ids from /v1/review/next"
+            raise HTTPException(404, msg)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
 
 

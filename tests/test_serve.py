@@ -106,6 +106,7 @@ def url(ray_session, world) -> str:
         batch_wait_timeout_s=0.2,
         request_timeout_s=60,
         api_tokens=[API_TOKEN],
+        docs="open",  # the test reads /docs and /openapi.json without a token
         feedback_url=str(world["db"]),
         review_samples_dir=str(world["samples"]),
         real_examples=str(world["samples"]),
@@ -278,7 +279,7 @@ def test_score_json_upload_and_multipart(api):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (180, 120, 200)).save(buf, format="JPEG")
+    Image.new("RGB", (16, 16), (180, 120, 200)).save(buf, format="JPEG")  # the model's size
     jpg = api.post(
         "/v1/score/upload",
         params={"class_name": "E4"},
