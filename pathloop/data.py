@@ -137,6 +137,21 @@ def image_id(image: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- writer
 
 
+# Control characters would break a line of quarantine.csv or a terminal; show them as escapes.
+_CONTROL_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(32), 127)}
+
+
+def printable(text: str | Path) -> str:
+    """``text`` safe to write as UTF-8 and to print: the raw bytes of a file name that is not
+    UTF-8 (``os.fsdecode``'s surrogate escapes) become ``\\xff``, control characters ``\\x0a``."""
+    text = str(text)
+    try:
+        text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeError:  # a lone surrogate that did not come from a file name
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{what} {value!r} is not one of: {', '.join(valid)}")
@@ -247,8 +262,8 @@ class ShardWriter:
         return rid
 
     def quarantine(self, path: str | Path, reason: str) -> None:
-        """Record an input that was not written, and why."""
-        self.quarantined.append((str(path), reason))
+        """Record an input that was not written, and why (both kept as ``printable`` text)."""
+        self.quarantined.append((printable(path), printable(reason)))
 
     def _flush(self) -> None:
         import pyarrow as pa

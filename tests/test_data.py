@@ -155,7 +155,7 @@ def test_ingest_quarantines_each_broken_file(messy_src: Path, tmp_path: Path) ->
     assert set(reasons) == set(EXPECTED_REASONS)
     for path, expected in EXPECTED_REASONS.items():
         assert expected in reasons[path], (path, reasons[path])
-    assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
+    assert report.exit_code() == 0 and report.exit_code(strict=True) == 3  # EXIT_QUARANTINED
     manifest = read_manifest(out)
     assert manifest["quarantined"] == 5 and manifest["duplicates"] == 1
     assert read_vocab(out).names == ["basophil", "ig", "neutrophil"]
@@ -206,7 +206,7 @@ def test_ingest_csv_source_and_pixel_limit(real_cells: Path, tmp_path: Path) -> 
     assert read_vocab(tmp_path / "out").lookup("monocyte").subtypes == ("x",)
 
     over = ingest(table, tmp_path / "tiny_limit", pixel_limit=1000, progress=False)
-    assert over.num_ingested == 0 and over.exit_code() == 1
+    assert over.num_ingested == 0 and over.exit_code() == 4  # EXIT_NOTHING_INGESTED
     assert all(r.startswith("over pixel limit") for p, r in over.quarantined if "cell" in p)
 
     table.write_text("file,label\nimgs/cell0.png,eosinophil\n")
