@@ -118,7 +118,9 @@ class SharedRoundConfig(RoundConfig):
     """The one feedback round every arm shares: the review set the expert labels and the pool
     the arms finetune on, both drawn from the pretrained model with ``sampler`` (the experiment
     fixes their seeds; pool_guidance must stay None: the pool is drawn where the reward model
-    was trained)."""
+    was trained). Draw both at guidance 1.0 and set ``evaluation.guidance``: finetuning on
+    guided images and sampling with guidance again compounds it, and on the artifacts phantoms
+    that alone took every arm below the control (docs/experiments.md)."""
 
     pool_per_class: int = Field(
         64, gt=0, description="Images per class every arm finetunes on, drawn once."
