@@ -145,7 +145,7 @@ def load_backbone(path: str | Path, kind: str = "backbone") -> Backbone:
     """Load a directory written by ``save_backbone`` (eval mode, CPU); ``.vocab`` is set."""
     config = read_model_config(path, kind)
     bb = build_backbone(**config["build"])
-    bb.net.load_state_dict(torch.load(Path(path) / WEIGHTS, map_location="cpu"))
+    bb.net.load_state_dict(torch.load(Path(path) / WEIGHTS, map_location="cpu", weights_only=True))
     bb.vocab = Vocabulary.load(Path(path) / CLASSES)
     return bb.eval()
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -187,9 +186,17 @@ class MLLMConfig(Frozen):
     base_url: str | None = Field(
         None,
         description=f"OpenAI-compatible API root (e.g. http://host:8000/v1); None = "
-        f"${BASE_URL_ENV}, read when the evaluator runs; unset too = the OpenAI default.",
+        f"${BASE_URL_ENV}, read when the evaluator runs; unset too = refused, unless "
+        "allow_public_api.",
     )
-    model: str = Field("gpt-4o", description="Model name sent to the API.")
+    allow_public_api: bool = Field(
+        False,
+        description="With no base URL, send the images to the OpenAI client's default public "
+        "API; off, the evaluator refuses to run rather than let images leave the machine.",
+    )
+    model: str | None = Field(
+        None, description="Model name sent to the API; required (or `models`)."
+    )
     models: tuple[str, ...] | None = Field(
         None,
         description="Several models asked the same checklist, averaged like raters; "
@@ -206,10 +213,11 @@ class MLLMConfig(Frozen):
     max_retries: int = Field(
         3,
         ge=0,
-        description="Retries after the first try, on timeouts, 429/5xx and malformed "
-        "replies; then the query counts as unanswered.",
+        description="Retries after the first try: the OpenAI client's own (timeouts, "
+        "connection errors, 408/409/429/5xx, exponential back-off from 0.5 s with jitter, "
+        "Retry-After honoured), and as many re-asks on a malformed reply; then the query "
+        "counts as unanswered.",
     )
-    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per retry.")
     repeats: int = Field(1, ge=1, description="Times each model is asked per image (votes).")
     threshold: float = Field(
         1.0,
@@ -340,7 +348,7 @@ class _Answer:
 
 
 def _error_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(errors worth a retry, errors that stop the whole run)."""
+    """(errors left once the client's retries are spent, errors that stop the whole run)."""
     import openai
 
     retry = (
@@ -361,13 +369,30 @@ def _add_usage(total: Counter, usage: Any) -> None:
         total["completion_tokens"] += int(getattr(usage, "completion_tokens", 0) or 0)
 
 
+def endpoint(cfg: MLLMConfig) -> str | None:
+    """The API root the images go to: ``base_url``, else $PATHLOOP_MLLM_BASE_URL, else None
+    (the client's public default) only with ``allow_public_api``. Raises ``MLLMError`` without
+    a model name, or without an endpoint and the opt-in."""
+    if not cfg.model_list or not all(cfg.model_list):
+        raise MLLMError("the mllm evaluator needs a model name: set model= (--model)")
+    url = cfg.base_url or os.environ.get(BASE_URL_ENV) or None
+    if url is None and not cfg.allow_public_api:
+        raise MLLMError(
+            f"the mllm evaluator has no base URL (base_url=, --base-url or ${BASE_URL_ENV}) and "
+            "would send the images off this machine to the public OpenAI API; name your "
+            "endpoint, or pass allow_public_api=True (--allow-public-api) to send them there"
+        )
+    return url
+
+
 class MLLMEvaluator:
     """Ask an OpenAI-compatible multimodal model the class's checklist about each image.
 
     Each (image, model, repeat) is one chat completion, at most ``concurrency`` in flight.
-    Timeouts, 429/5xx and malformed replies are retried with exponential back-off (the client's
-    own retries are off so malformed replies count too); a query still unanswered after
-    ``max_retries`` is dropped, and an image with no answered query is unscored with the reason.
+    Timeouts, connection errors and 429/5xx are retried by the OpenAI client (``max_retries``,
+    its exponential back-off); a malformed reply is asked again, up to ``max_retries`` times. A
+    query still unanswered then is dropped, and an image with no answered query is unscored with
+    the reason.
     ``last_usage`` holds the token totals of the latest call.
     """
 
@@ -376,6 +401,7 @@ class MLLMEvaluator:
     def __init__(self, config: MLLMConfig | dict | None = None, **overrides: Any) -> None:
         base = config.model_dump() if isinstance(config, MLLMConfig) else dict(config or {})
         self.config = MLLMConfig.model_validate({**base, **overrides})
+        endpoint(self.config)  # refuse now, before any round is touched
         self.checklist = load_checklist(self.config.checklist)
         self.rater_name = "mllm:" + "+".join(self.config.model_list)
         self.last_usage: dict[str, int] = {}
@@ -387,9 +413,12 @@ class MLLMEvaluator:
         key = os.environ.get(cfg.api_key_env)
         if not key:
             log.info("$%s is unset; sending a placeholder API key", cfg.api_key_env)
-        base_url = cfg.base_url or os.environ.get(BASE_URL_ENV) or None
+        base_url = endpoint(cfg)  # checked again: the env var is read when the evaluator runs
         client = OpenAI(
-            base_url=base_url, api_key=key or "EMPTY", timeout=cfg.timeout_s, max_retries=0
+            base_url=base_url,
+            api_key=key or "EMPTY",
+            timeout=cfg.timeout_s,
+            max_retries=cfg.max_retries,  # timeouts, connection errors, 408/409/429/5xx
         )
         return client, key
 
@@ -397,10 +426,8 @@ class MLLMEvaluator:
         self, client: OpenAI, key: str | None, model: str, messages: list[dict], n: int
     ) -> _Answer:
         cfg, usage, reason = self.config, Counter(), ""
-        retry, fatal = _error_kinds()
-        for attempt in range(cfg.max_retries + 1):
-            if attempt:
-                time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+        spent, fatal = _error_kinds()
+        for attempt in range(cfg.max_retries + 1):  # re-asks on malformed replies only
             try:
                 reply = client.chat.completions.create(
                     model=model,
@@ -411,8 +438,10 @@ class MLLMEvaluator:
                 _add_usage(usage, reply.usage)
                 text = reply.choices[0].message.content if reply.choices else None
                 return _Answer(parse_answers(text, n), "", usage)
-            except retry as err:
+            except spent as err:  # the client has retried it max_retries times already
+                tries = cfg.max_retries + 1
                 reason = f"{type(err).__name__}: {_redact(str(err), key)}"
+                return _Answer(None, f"no usable reply after {tries} tries; last: {reason}", usage)
             except MalformedReply as err:
                 reason = f"malformed reply: {_redact(str(err), key)}"
             except fatal as err:

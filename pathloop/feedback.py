@@ -1,9 +1,11 @@
 """The feedback store: rounds of images, raters, labels with history, aggregation and exports.
 
 A *round* is one shard set of samples put up for review (``create_round``). Raters (people with a
-bearer token, or machine evaluators) give each image at most one *current label* per rater; every
-change is a new *revision* kept in ``label_history``, so ``undo`` can step back. ``export_round``
-turns the labels into the Parquet table the reward model trains on, plus inter-rater agreement.
+bearer token, which expires and can be revoked, or machine evaluators) give each image at most one
+*current label* per rater; every change is a new *revision* kept in ``label_history``, so
+``undo`` can step back. ``export_round`` turns the labels into the Parquet table the reward model
+trains on, plus inter-rater agreement. A round's mode says what raters answer: plausible or not
+(or unsure, or skip), real or synthetic (``blinded``), or which of two images (``pairwise``).
 
 The tables, the records the store returns and the engine live in ``feedback_db``; Label
 Studio interop in ``labelstudio``; agreement statistics in ``metrics``.
@@ -38,10 +40,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pathloop.feedback_db import (
     AGGREGATIONS,
+    LABEL_VALUES,
     ORDERS,
     RATER_KINDS,
+    ROUND_MODES,
     ROUND_STATUSES,
     SOURCES,
+    TOKEN_DAYS,
     WRITE_ATTEMPTS,
     Base,
     FeedbackError,
@@ -55,11 +60,15 @@ from pathloop.feedback_db import (
     RoundImage,
     RoundInfo,
     RoundRow,
+    TokenInfo,
+    add_missing_columns,
     as_utc,
+    check_answer,
     check_choice,
     check_criteria,
     check_plausible,
     check_subtype,
+    find_token,
     hash_token,
     is_retryable,
     label_record,
@@ -67,6 +76,8 @@ from pathloop.feedback_db import (
     normalise_url,
     rater_record,
     some_of,
+    token_expiry,
+    token_record,
     utc_now,
 )
 from pathloop.metrics import agreement_of
@@ -79,22 +90,6 @@ FEEDBACK_FILE = "feedback.parquet"
 AGREEMENT_FILE = "agreement.json"
 
 T = TypeVar("T")
-
-
-# ----------------------------------------------------------------------------- schema (ORM)
-
-
-# ----------------------------------------------------------------------------- returned records
-
-
-# ----------------------------------------------------------------------------- engine
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-# ----------------------------------------------------------------------------- agreement
-
 
 # ----------------------------------------------------------------------------- aggregation
 
@@ -128,9 +123,6 @@ def aggregate_labels(labels: Sequence[Label], how: str = "majority") -> dict:
     return row
 
 
-# ----------------------------------------------------------------------------- Label Studio
-
-
 # ----------------------------------------------------------------------------- the store
 
 
@@ -155,6 +147,17 @@ class FeedbackStore:
         self._vocabs: dict[int, Vocabulary] = {}
         # Several processes may open a new database at once; CREATE TABLE races are retried.
         self._retry(lambda: Base.metadata.create_all(self.engine))
+        self._retry(lambda: add_missing_columns(self.engine))  # a database from older pathloop
+        self._write(self._date_old_tokens)
+
+    @staticmethod
+    def _date_old_tokens(s: Session) -> None:
+        """Tokens issued before tokens expired get the default lifetime from now (once)."""
+        now = utc_now()
+        undated = RaterRow.token_hash.is_not(None), RaterRow.token_expires.is_(None)
+        for row in s.scalars(select(RaterRow).where(*undated)):
+            row.token_created = row.token_created or row.created
+            row.token_expires = token_expiry(now, TOKEN_DAYS)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -194,22 +197,33 @@ class FeedbackStore:
 
     # ------------------------------------------------------------------ rounds
 
-    def create_round(self, samples_dir: str | Path, name: str | None = None) -> int:
-        """Open a round on a shard set: every image in it, in shard order, awaits labels."""
+    def create_round(
+        self,
+        samples_dir: str | Path,
+        name: str | None = None,
+        mode: str = "plausibility",
+        settings: dict | None = None,
+        items: Sequence[dict] | None = None,
+    ) -> int:
+        """Open a round on a shard set: every image in it, in shard order, awaits labels.
+
+        ``mode`` is what raters answer (ROUND_MODES; ``pathloop.blinded`` and
+        ``pathloop.pairwise`` make those rounds), ``settings`` its options (require_criteria);
+        ``items`` (dicts of image_id, class_id, class_name, truth) replace the shard set's images.
+        """
         from pathloop.data import iter_records, read_manifest
 
+        check_choice("round mode", mode, ROUND_MODES)
         d = Path(samples_dir).resolve()
         manifest = read_manifest(d)
         vocab = Vocabulary.model_validate({"classes": manifest["classes"]})
-        rows = [
-            {
-                "image_id": r["id"],
-                "class_id": r["class_id"],
-                "class_name": r["class_name"],
-                "position": i,
-            }
-            for i, r in enumerate(iter_records(d, columns=["id", "class_id", "class_name"]))
-        ]
+        if items is None:
+            columns = ["id", "class_id", "class_name"]
+            items = [
+                {"image_id": r["id"], "class_id": r["class_id"], "class_name": r["class_name"]}
+                for r in iter_records(d, columns=columns)
+            ]
+        rows = [{**r, "position": i} for i, r in enumerate(items)]
 
         def work(s: Session) -> int:
             rnd = RoundRow(
@@ -217,6 +231,8 @@ class FeedbackStore:
                 samples_dir=str(d),
                 status="open",
                 vocabulary=vocab.model_dump(mode="json"),
+                mode=mode,
+                settings=dict(settings or {}),
             )
             s.add(rnd)
             s.flush()
@@ -248,6 +264,8 @@ class FeedbackStore:
                 created=as_utc(r.created),
                 status=r.status,
                 n_images=n,
+                mode=r.mode or "plausibility",
+                settings=dict(r.settings or {}),
             )
 
     def rounds(self) -> list[RoundInfo]:
@@ -279,36 +297,66 @@ class FeedbackStore:
             rows = s.scalars(
                 select(ImageRow).where(ImageRow.round_id == round_id).order_by(ImageRow.position)
             ).all()
-            return [RoundImage(r.image_id, r.class_id, r.class_name, r.position) for r in rows]
+            return [
+                RoundImage(r.image_id, r.class_id, r.class_name, r.position, r.truth) for r in rows
+            ]
 
     # ------------------------------------------------------------------ raters
 
-    def add_rater(self, name: str, kind: str = "human") -> tuple[int, str]:
-        """Register a rater; returns (rater_id, bearer token). The token is shown only here."""
+    def add_rater(
+        self, name: str, kind: str = "human", expires_days: float = TOKEN_DAYS
+    ) -> tuple[int, str]:
+        """Register a rater; returns (rater_id, bearer token). The token is shown only here and
+        works for ``expires_days`` days, unless revoked (``revoke_token``)."""
         check_choice("rater kind", kind, RATER_KINDS)
         if not name.strip():
             raise FeedbackError("rater name must not be empty")
-        token = secrets.token_urlsafe(32)
+        token, now = secrets.token_urlsafe(32), utc_now()
+        expires = token_expiry(now, expires_days)
 
         def work(s: Session) -> int:
             if s.scalar(select(RaterRow.id).where(RaterRow.name == name)) is not None:
                 raise FeedbackError(f"rater {name!r} exists; pick another name or issue_token()")
             row = RaterRow(name=name, kind=kind, token_hash=hash_token(token))
+            row.token_created, row.token_expires = now, expires
             s.add(row)
             s.flush()
             return row.id
 
         return self._write(work), token
 
-    def issue_token(self, rater_id: int) -> str:
-        """A new bearer token for a rater (the old one stops working)."""
-        token = secrets.token_urlsafe(32)
+    def issue_token(self, rater_id: int, expires_days: float = TOKEN_DAYS) -> str:
+        """A new bearer token for a rater, working for ``expires_days`` days (the old one stops
+        working; a revoked rater signs in again with the new one)."""
+        token, now = secrets.token_urlsafe(32), utc_now()
+        expires = token_expiry(now, expires_days)
 
         def work(s: Session) -> None:
-            self._rater(s, rater_id).token_hash = hash_token(token)
+            row = self._rater(s, rater_id)
+            row.token_hash, row.token_created, row.token_expires = hash_token(token), now, expires
+            row.token_revoked = None
 
         self._write(work)
         return token
+
+    def tokens(self) -> list[TokenInfo]:
+        """Every rater token on record: issued, expires, revoked; never the token itself."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(RaterRow).where(RaterRow.token_hash.is_not(None)).order_by(RaterRow.id)
+            )
+            return [token_record(r) for r in rows]
+
+    def revoke_token(self, who: str) -> TokenInfo:
+        """Revoke the token named by its rater's name or its ``token_id``; it stops working at
+        once (revoking twice keeps the first time)."""
+
+        def work(s: Session) -> TokenInfo:
+            row = find_token(s, who)
+            row.token_revoked = row.token_revoked or utc_now()
+            return token_record(row)
+
+        return self._write(work)
 
     def ensure_rater(self, name: str, kind: str = "human") -> int:
         """The id of rater ``name``, created without a token if new (machines, imports)."""
@@ -327,7 +375,7 @@ class FeedbackStore:
         return self._write(work)
 
     def rater_for_token(self, token: str) -> Rater | None:
-        """The rater holding ``token``, or None."""
+        """The rater holding ``token`` while it is neither expired nor revoked, else None."""
         if not token:
             return None
         digest = hash_token(token)
@@ -337,6 +385,8 @@ class FeedbackStore:
         # compare_digest keeps the final check constant-time anyway.
         if row is None or not hmac.compare_digest(row.token_hash or "", digest):
             return None
+        if token_record(row).status(utc_now()) != "active":
+            return None  # expired or revoked
         return rater_record(row)
 
     def raters(self) -> list[Rater]:
@@ -393,24 +443,29 @@ class FeedbackStore:
         subtype: str | None = None,
         comment: str = "",
         source: str = "human",
+        answer: str | None = None,
     ) -> Label:
         """Set a rater's label of an image (upsert); identical values add no revision.
 
+        ``answer`` instead of a verdict: unsure, skip, or the round mode's answer (ANSWERS).
         Raises FeedbackError, writing nothing, for an unknown round/image/rater/criterion/source,
-        a subtype the class does not have, or a closed round.
+        an answer the round does not take, a subtype the class does not have, or a closed round.
         """
         values = {
             "plausible": check_plausible(plausible),
             "failed_criteria": list(check_criteria(failed_criteria)),
             "comment": comment or "",
             "source": source,
+            "answer": answer,
         }
         check_choice("source", source, SOURCES)
         vocab = self.vocabulary(round_id)
 
         def work(s: Session) -> Label:
-            if self._round(s, round_id).status != "open":
+            rnd = self._round(s, round_id)
+            if rnd.status != "open":
                 raise FeedbackError(f"round {round_id} is closed; reopen it to add labels")
+            check_answer(rnd.mode, values["plausible"], answer)
             img = self._image(s, round_id, image_id)
             self._rater(s, rater_id)
             vals = {**values, "subtype": check_subtype(vocab.lookup(img.class_id), subtype)}
@@ -478,7 +533,7 @@ class FeedbackStore:
                 s.delete(row)
                 return None
             prev = live[1]
-            for k in ("plausible", "failed_criteria", "subtype", "comment", "source", "revision"):
+            for k in (*LABEL_VALUES, "revision"):
                 setattr(row, k, getattr(prev, k))
             row.updated = utc_now()
             s.flush()
@@ -508,6 +563,7 @@ class FeedbackStore:
                     r.source,
                     as_utc(r.time),
                     r.undone,
+                    r.answer,
                 )
                 for r in rows
             ]
@@ -533,14 +589,13 @@ class FeedbackStore:
     # ------------------------------------------------------------------ review queue
 
     def _scored_ids(self, round_id: int, rater_id: int) -> set[str]:
-        return {
-            lab.image_id for lab in self.labels(round_id, rater_id) if lab.plausible is not None
-        }
+        return {lab.image_id for lab in self.labels(round_id, rater_id) if lab.state == "done"}
 
     def progress(self, round_id: int, rater_id: int) -> tuple[int, int, str | None]:
         """(scored by this rater, images in round, first unscored image id in order or None).
 
-        An unscored label (plausible None) does not count as done: the image comes back.
+        An unscored label (plausible None) or a skipped one does not count as done: the image
+        comes back. An answer (unsure, or a blinded/pairwise round's) does.
         """
         images = self.images(round_id)
         done = self._scored_ids(round_id, rater_id)
@@ -603,52 +658,11 @@ class FeedbackStore:
         }
 
     def round_stats(self, round_id: int) -> dict:
-        """Per class: images, labelled images, plausible rate; per rater: counts; agreement."""
-        info, images = self.round_info(round_id), self.images(round_id)
-        labels = self.labels(round_id)
-        raters = {r.id: r for r in self.raters()}
-        class_of = {im.image_id: im.class_name for im in images}
-        classes = {
-            c.name: {"n_images": 0, "n_labelled": 0, "plausible_rate": None}
-            for c in self.vocabulary(round_id).classes
-        }
-        for im in images:
-            classes[im.class_name]["n_images"] += 1
-        by_class: dict[str, list[bool]] = defaultdict(list)
-        labelled: dict[str, set[str]] = defaultdict(set)
-        per_rater: dict[str, Counter] = defaultdict(Counter)
-        for lab in labels:
-            who = per_rater[raters[lab.rater_id].name]
-            who["n_labels"] += 1
-            if lab.plausible is not None:
-                by_class[class_of[lab.image_id]].append(lab.plausible)
-                labelled[class_of[lab.image_id]].add(lab.image_id)
-                who["n_scored"] += 1
-                who["n_plausible"] += int(lab.plausible)
-        for name, votes in by_class.items():
-            classes[name].update(
-                n_labelled=len(labelled[name]), plausible_rate=float(np.mean(votes))
-            )
-        return {
-            "round": {
-                "id": info.id,
-                "name": info.name,
-                "status": info.status,
-                "n_images": info.n_images,
-                "n_labels": len(labels),
-            },
-            "classes": classes,
-            "raters": {
-                n: {
-                    "kind": next(r.kind for r in raters.values() if r.name == n),
-                    "n_labels": c["n_labels"],
-                    "n_scored": c["n_scored"],
-                    "n_plausible": c["n_plausible"],
-                }
-                for n, c in per_rater.items()
-            },
-            "agreement": self.agreement(round_id),
-        }
+        """Per class, per rater, answers, agreement, and the mode's own statistics (e.g. the
+        blinded test's accuracy); see ``pathloop.review_stats``."""
+        from pathloop.review_stats import round_stats
+
+        return round_stats(self, round_id)
 
     # ------------------------------------------------------------------ export
 
@@ -660,7 +674,13 @@ class FeedbackStore:
 
         from pathloop.data import read_manifest
 
-        d = Path(self.round_info(round_id).samples_dir)
+        info = self.round_info(round_id)
+        if info.mode == "pairwise":
+            raise FeedbackError(
+                f"round {round_id} is pairwise: its items are pairs of images, not shard rows; "
+                "`pathloop review pairs` writes its preference pairs"
+            )
+        d = Path(info.samples_dir)
         files = [d / s["file"] for s in read_manifest(d)["shards"]]
         images = self.images(round_id)
         want = [im.image_id for im in images]
@@ -751,6 +771,3 @@ def _agg_columns() -> tuple[tuple[str, Any], ...]:
         ("subtype", pa.string()),
     ]
     return tuple(cols + [(f"fail_{c}", pa.float64()) for c in CRITERIA])
-
-
-# ----------------------------------------------------------------------------- preference pairs

@@ -2,15 +2,20 @@
 
 Tables (SQLAlchemy 2 ORM; SQLite file by default, PostgreSQL by URL):
 
-- ``rounds``: id, name, samples_dir, created, vocabulary (JSON), status (open/closed)
-- ``images``: round_id, image_id (the shard ``id``), class_id, class_name, position
-- ``raters``: id, name, token_hash (sha256 of the bearer token; never the token), kind, created
+- ``rounds``: id, name, samples_dir, created, vocabulary (JSON), status (open/closed), mode
+  (what raters answer: ROUND_MODES; None = plausibility), settings (JSON, e.g. require_criteria)
+- ``images``: round_id, image_id (the shard ``id``; a pairwise round's item is ``<id a>|<id b>``),
+  class_id, class_name, position, truth (blinded rounds: real or synthetic; never shown to raters)
+- ``raters``: id, name, token_hash (sha256 of the bearer token; never the token), kind, created,
+  token_created, token_expires, token_revoked (a token works until it expires or is revoked)
 - ``labels``: the current label per (round, image, rater): plausible (None = unscored),
-  failed_criteria (JSON list), subtype, comment, source, created, updated, revision
+  failed_criteria (JSON list), subtype, comment, source, created, updated, revision, answer (an
+  answer other than a verdict: unsure, skip, or the mode's own, ANSWERS; plausible is then None)
 - ``label_history``: every revision's values and time; ``undone`` marks revisions undo removed
 
 SQLite runs in WAL mode with a busy timeout, and writes take the lock up front
-(``BEGIN IMMEDIATE``), so several threads and processes can label at once.
+(``BEGIN IMMEDIATE``), so several threads and processes can label at once. A database made by an
+older pathloop gets the columns it lacks when opened (``add_missing_columns``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +42,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    select,
 )
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pathloop.vocab import CRITERIA, ClassInfo
 
@@ -58,10 +65,31 @@ AGGREGATIONS: tuple[str, ...] = ("majority", "mean")
 ORDERS: tuple[str, ...] = ("random", "active", "sequential")
 
 
+# What a rater may answer in each round mode besides a plausible/implausible verdict. "unsure" is
+# final (the item is done, with no verdict); "skip" puts it back at the end of the rater's queue.
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "plausibility": ("unsure", "skip"),
+    "blinded": ("real", "synthetic", "unsure", "skip"),  # real-vs-synthetic test
+    "pairwise": ("a", "b", "both", "neither", "unsure", "skip"),  # which is more plausible
+}
+
+
+ROUND_MODES: tuple[str, ...] = tuple(ANSWERS)
+
+
+LABEL_VALUES = ("plausible", "failed_criteria", "subtype", "comment", "source", "answer")
+
+
 BUSY_TIMEOUT_MS = 30_000  # SQLite waits this long for a lock before "database is locked"
 
 
 WRITE_ATTEMPTS = 8  # retries of a whole write transaction on lock/race errors
+
+
+TOKEN_DAYS = 30.0  # a rater token's default lifetime; `pathloop review rater --expires-days`
+
+
+TOKEN_ID_HEX = 8  # a token's id: this many hex digits of its sha256 (never the token itself)
 
 
 _RETRYABLE = (
@@ -97,6 +125,8 @@ class RoundRow(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     vocabulary: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="open")
+    mode: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: plausibility
+    settings: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class ImageRow(Base):
@@ -109,6 +139,7 @@ class ImageRow(Base):
     class_id: Mapped[int] = mapped_column(Integer)
     class_name: Mapped[str] = mapped_column(String(200))
     position: Mapped[int] = mapped_column(Integer)  # order in the shard set: review order
+    truth: Mapped[str | None] = mapped_column(String(16), nullable=True)  # blinded: real/synthetic
 
 
 class RaterRow(Base):
@@ -120,6 +151,10 @@ class RaterRow(Base):
     token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     kind: Mapped[str] = mapped_column(String(16))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    # The current token's issue time, end of life and revocation (None: not revoked).
+    token_created: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    token_expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    token_revoked: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 _IMAGE_FK = ForeignKeyConstraint(
@@ -140,6 +175,7 @@ class LabelRow(Base):
     subtype: Mapped[str | None] = mapped_column(String(100), nullable=True)
     comment: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(String(16))
+    answer: Mapped[str | None] = mapped_column(String(16), nullable=True)  # see ANSWERS
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     revision: Mapped[int] = mapped_column(Integer)
@@ -164,6 +200,7 @@ class LabelHistoryRow(Base):
     subtype: Mapped[str | None] = mapped_column(String(100), nullable=True)
     comment: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(String(16))
+    answer: Mapped[str | None] = mapped_column(String(16), nullable=True)
     time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     undone: Mapped[bool] = mapped_column(Boolean, default=False)
 
@@ -185,6 +222,26 @@ class Rater:
 
 
 @dataclass(frozen=True)
+class TokenInfo:
+    """A rater's sign-in token as listed: when it was issued, expires, was revoked; never the
+    token, and ``token_id`` is only the first hex digits of its hash."""
+
+    token_id: str
+    rater_id: int
+    rater: str
+    kind: str
+    created: datetime
+    expires: datetime
+    revoked: datetime | None
+
+    def status(self, now: datetime) -> str:
+        """active, expired or revoked at ``now``."""
+        if self.revoked is not None:
+            return "revoked"
+        return "expired" if self.expires <= now else "active"
+
+
+@dataclass(frozen=True)
 class RoundInfo:
     id: int
     name: str
@@ -192,6 +249,8 @@ class RoundInfo:
     created: datetime
     status: str
     n_images: int
+    mode: str = "plausibility"  # ROUND_MODES
+    settings: dict | None = None  # e.g. {"require_criteria": true}
 
 
 @dataclass(frozen=True)
@@ -200,6 +259,7 @@ class RoundImage:
     class_id: int
     class_name: str
     position: int
+    truth: str | None = None  # blinded rounds: real or synthetic (never sent to raters)
 
 
 @dataclass(frozen=True)
@@ -217,6 +277,15 @@ class Label:
     created: datetime
     updated: datetime
     revision: int
+    answer: str | None = None  # unsure, skip or the mode's answer (ANSWERS); plausible is None
+
+    @property
+    def state(self) -> str | None:
+        """done (a verdict or a final answer), skip (asked again at the end) or None (unscored:
+        the item comes back)."""
+        if self.answer == "skip":
+            return "skip"
+        return "done" if self.plausible is not None or self.answer is not None else None
 
 
 @dataclass(frozen=True)
@@ -231,10 +300,42 @@ class Revision:
     source: str
     time: datetime
     undone: bool
+    answer: str | None = None
 
 
 def rater_record(r: RaterRow) -> Rater:
     return Rater(id=r.id, name=r.name, kind=r.kind, created=as_utc(r.created))
+
+
+def token_record(r: RaterRow) -> TokenInfo:
+    return TokenInfo(
+        token_id=(r.token_hash or "")[:TOKEN_ID_HEX],
+        rater_id=r.id,
+        rater=r.name,
+        kind=r.kind,
+        created=as_utc(r.token_created or r.created),
+        expires=as_utc(r.token_expires or r.created),  # none recorded: treated as expired
+        revoked=as_utc(r.token_revoked) if r.token_revoked else None,
+    )
+
+
+def find_token(s: Session, who: str) -> RaterRow:
+    """The rater row holding the token that ``who`` names: its rater's name or its token id."""
+    rows = s.scalars(select(RaterRow).where(RaterRow.token_hash.is_not(None))).all()
+    hits = [r for r in rows if r.name == who]
+    hits = hits or [r for r in rows if r.token_hash[:TOKEN_ID_HEX] == who.strip().lower()]
+    if len(hits) != 1:
+        known = [f"{r.name} ({r.token_hash[:TOKEN_ID_HEX]})" for r in rows]
+        problem = "names several tokens" if hits else "names no token"
+        raise FeedbackError(f"{who!r} {problem}; tokens by rater (id): {some_of(known) or 'none'}")
+    return hits[0]
+
+
+def token_expiry(now: datetime, days: float) -> datetime:
+    """When a token issued at ``now`` stops working; ``days`` must be positive."""
+    if not (isinstance(days, int | float) and 0 < days <= 3650):
+        raise FeedbackError(f"a token's lifetime must be in (0, 3650] days, got {days!r}")
+    return now + timedelta(days=days)
 
 
 def label_record(r: LabelRow) -> Label:
@@ -250,6 +351,7 @@ def label_record(r: LabelRow) -> Label:
         created=as_utc(r.created),
         updated=as_utc(r.updated),
         revision=r.revision,
+        answer=r.answer,
     )
 
 
@@ -304,6 +406,34 @@ def make_engine(url: str | Path) -> Engine:
     return engine
 
 
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the nullable columns this schema has and an older database's tables lack
+    (``create_all`` makes missing tables, never missing columns); returns "table.column" added.
+    Two processes may race to add one: the loser finds it there and moves on."""
+    added = []
+    for table in Base.metadata.sorted_tables:
+        have = inspect(engine)
+        if not have.has_table(table.name):
+            continue
+        present = {c["name"] for c in have.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in present:
+                continue
+            if not col.nullable:
+                raise RuntimeError(f"cannot add NOT NULL column {table.name}.{col.name} in place")
+            kind = col.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {kind}")
+            except (OperationalError, ProgrammingError):
+                cols = {c["name"] for c in inspect(engine).get_columns(table.name)}
+                if col.name not in cols:
+                    raise
+                continue  # another process added it first
+            added.append(f"{table.name}.{col.name}")
+    return added
+
+
 def is_retryable(err: Exception) -> bool:
     if isinstance(err, IntegrityError):
         return True  # a concurrent writer inserted the same key between our read and write
@@ -351,6 +481,19 @@ def check_subtype(info: ClassInfo, subtype: str | None) -> str | None:
             f"valid subtypes: {', '.join(info.subtypes)}"
         )
     return subtype
+
+
+def check_answer(mode: str | None, plausible: bool | None, answer: str | None) -> None:
+    """An answer valid in the round's mode, never with a verdict; blinded and pairwise rounds take
+    answers only (their question is not plausible/implausible)."""
+    mode = mode or "plausibility"
+    if answer is not None:
+        check_choice(f"answer in a {mode} round", answer, ANSWERS[mode])
+        if plausible is not None:
+            raise FeedbackError(f"send a verdict (plausible) or an answer ({answer!r}), not both")
+    elif plausible is not None and mode != "plausibility":
+        valid = ", ".join(ANSWERS[mode])
+        raise FeedbackError(f"a {mode} round takes answers, not plausible: valid: {valid}")
 
 
 def check_plausible(value: Any) -> bool | None:

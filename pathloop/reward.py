@@ -479,7 +479,7 @@ def load_reward_model(
         hidden=meta["hidden"],
         dropout=meta.get("dropout", 0.1),
     )
-    model.head.load_state_dict(torch.load(path / "head.pt", map_location="cpu"))
+    model.head.load_state_dict(torch.load(path / "head.pt", map_location="cpu", weights_only=True))
     model.meta = meta
     return model.to(device).eval()
 
@@ -628,7 +628,9 @@ def reward_checkpoints(cfg: RewardConfig, fitter: RewardFit) -> tuple[Save, Load
         fitter.model.head.load_state_dict(saved.head.state_dict())
         fitter.model.backbone.load_state_dict(saved.backbone.state_dict())
         if (Path(d) / "optimizer.pt").exists():
-            fitter.opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", map_location="cpu"))
+            fitter.opt.load_state_dict(
+                torch.load(Path(d) / "optimizer.pt", map_location="cpu", weights_only=True)
+            )
         return int(json.loads((Path(d) / STATE).read_text())["step"])
 
     return save, load

@@ -98,6 +98,8 @@ class _Sampler:
             strength=self.strength if init is not None else 1.0,
             device=self.device,
             dtype=self.dtype,
+            channels_last=self.cfg.channels_last,
+            compile=self.cfg.compile,
         )
         out = {k: v for k, v in batch.items() if k != "init_png"}
         out["pixels"] = to_uint8(x)  # (B, H, W, 3)
@@ -141,7 +143,9 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     ck = load_checkpoint(ckpt_dir)
     vocab, step = ck.vocab, ck.step
     rows = _work_table(cfg, vocab)
-    ray.init(ignore_reinit_error=True)
+    from pathloop.reaper import init_ray
+
+    init_ray(ignore_reinit_error=True)  # a local Ray goes with this process, even on kill -9
     ds = ray.data.from_items(rows).map_batches(
         _Sampler,
         fn_constructor_kwargs={

@@ -554,7 +554,6 @@ def trial_row(result: Any) -> dict[str, Any]:
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Driver: check the space, open the sweep's MLflow run, run the Tuner, write best.yaml."""
-    import ray
     from rich import print as rprint
 
     from pathloop import storage, tracking
@@ -576,7 +575,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         run_name=cfg.tracking.run_name or cfg.name,
     )
     tracking.set_tags(uri, sweep_id, {"pathloop.sweep_id": sweep_id})
-    ray.init(ignore_reinit_error=True)
+    from pathloop.reaper import init_ray
+
+    init_ray(ignore_reinit_error=True)  # a local Ray goes with this process, even on kill -9
     shared = {"cwd": os.getcwd(), "workdir": str(workdir), "uri": uri, "sweep_id": sweep_id}
     try:
         shared.update(prepare_fidelity(cfg, job_cfg, workdir))

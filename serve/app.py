@@ -5,9 +5,16 @@
     run(config_path)                           start Ray and Serve, deploy, optionally block
 
 Generator requests are merged with ``@serve.batch``: requests waiting together (up to
-``max_batch_size`` images, ``batch_wait_timeout_s``) that share sampler/steps/guidance go into one
-``sample()`` call whatever their classes and seeds; batches Serve forms while the model is busy
-wait together and are joined into one call (``MergingRunner``). Models load when a replica starts.
+``max_batch_size`` images, ``batch_wait_timeout_s``) that share model/sampler/steps/guidance go
+into one ``sample()`` call whatever their classes and seeds; batches Serve forms while the model
+is busy wait together and are joined into one call (``MergingRunner``).
+
+One Generator deployment serves every model of ``ServeArgs.models`` and the registered versions
+it allows, by Ray Serve model multiplexing: the ingress sends each request with its model id
+(``multiplexed_model_id``), Serve routes it to a replica that has that model loaded when there is
+one, and a replica loads a model on first use, keeping at most ``max_models_per_replica`` (LRU).
+The default model loads when the ingress starts. The Scorer takes single images (batched by
+Serve) and whole batches (``score_many``: one call).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve.args import ServeArgs, load_args
+from serve.args import DEFAULT_MODEL, ServeArgs, load_args
 
 __all__ = ["ServeArgs", "app_builder", "build_app", "load_args", "run"]
 
@@ -109,22 +116,44 @@ class MergingRunner:
 
 @serve.deployment(name="Generator")
 class Generator:
-    """One loaded diffusion model; merges concurrent requests into batched sample() calls."""
+    """The served diffusion models (multiplexed, loaded on demand); merges concurrent requests
+    into batched sample() calls."""
 
     def __init__(self, args: dict) -> None:
-        from serve.models import GeneratorCore
+        from serve.models import images_in, run_jobs
 
         cfg = ServeArgs.model_validate(args)
-        self.core = GeneratorCore(cfg)
-        self.runner = MergingRunner(self.core.run, cfg.max_batch_size, "generator", _images_in)
+        self.cfg, self.calls = cfg, []  # every model's sample() calls (stats)
+
+        # Made per instance so that the cache size comes from the config; a plain function,
+        # since Serve keeps its cache as an attribute of the function it wraps.
+        async def load(model_id: str) -> Any:
+            return await self._load(model_id)
+
+        multiplexed = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)
+        self.model = multiplexed(load)
+        self.runner = MergingRunner(run_jobs, cfg.max_batch_size, "generator", images_in)
         self.generate.set_max_batch_size(cfg.max_batch_size)
         self.generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-    def info(self) -> dict:
-        return self.core.info()
+    async def _load(self, model_id: str) -> Any:
+        """A ``GeneratorCore`` for a served model id (checked against the config again), loaded
+        off the event loop, so the replica keeps answering health checks, in the thread that
+        samples, so torch's thread settings are that thread's."""
+        from serve.models import GeneratorCore
+
+        log.info("loading model %s", model_id)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.runner.pool, GeneratorCore, self.cfg, model_id, self.calls
+        )
+
+    async def info(self) -> dict:
+        """Vocabulary, reference and step of the request's model (loaded if it is not)."""
+        return (await self.model(serve.get_multiplexed_model_id())).info()
 
     def stats(self) -> list[dict]:
-        return self.core.stats()
+        return list(self.calls)
 
     def ready(self) -> bool:
         return True
@@ -136,8 +165,11 @@ class Generator:
         batch_size_fn=_images_in,
     )
     async def generate(self, jobs: list[dict]) -> list[list[bytes]]:
+        # Each job names its model (Ray >= 2.50 also splits batches by model id); the runner
+        # may merge batches of several models: run_jobs makes one run per model.
+        cores = {m: await self.model(m) for m in dict.fromkeys(j["model"] for j in jobs)}
         # Off the event loop, so this replica keeps answering health checks while sampling.
-        return await self.runner.run(jobs)
+        return await self.runner.run([(cores[j["model"]], j) for j in jobs])
 
 
 @serve.deployment(name="Scorer")
@@ -161,6 +193,10 @@ class Scorer:
     async def score(self, items: list[tuple[np.ndarray, int, str]]) -> list[dict]:
         return await self.runner.run(items)
 
+    async def score_many(self, items: list[tuple[np.ndarray, int, str]]) -> list[dict]:
+        """One request's batch: one model call (with single images waiting at the time)."""
+        return await self.runner.run(items)
+
 
 class ServeBackend:
     """The API's backend inside the ingress: calls through deployment handles, with timeouts."""
@@ -181,16 +217,21 @@ class ServeBackend:
             response.cancel()
             raise TimeoutError(f"{what} did not answer within {self.timeout:g} s") from None
 
-    async def info(self) -> dict | None:
-        if self.generator is None:
-            return None
-        return await self.generator.info.remote()
+    def _model(self, model: str) -> DeploymentHandle:
+        return self.generator.options(multiplexed_model_id=model)
 
-    async def generate(self, job: dict) -> list[bytes]:
-        return await self._call(self.generator.generate.remote(job), "the generator")
+    async def info(self, model: str) -> dict:
+        return await self._call(self._model(model).info.remote(), f"the generator ({model})")
+
+    async def generate(self, job: dict, model: str) -> list[bytes]:
+        call = self._model(model).generate.remote({**job, "model": model})
+        return await self._call(call, "the generator")
 
     async def score(self, image: np.ndarray, class_id: int, code: str) -> dict:
         return await self._call(self.scorer.score.remote((image, class_id, code)), "the scorer")
+
+    async def score_many(self, items: list[tuple[np.ndarray, int, str]]) -> list[dict]:
+        return await self._call(self.scorer.score_many.remote(items), "the scorer")
 
     async def ready(self) -> dict[str, bool]:
         out = {}
@@ -220,7 +261,11 @@ class Ingress:
     ) -> None:
         self.args = ServeArgs.model_validate(args)
         self.backend = ServeBackend(generator, scorer, self.args.request_timeout_s)
-        self.model_info = await self.backend.info()  # waits for the Generator to load
+        self.model_info = None
+        if generator is not None:  # waits for the Generator to load the default model
+            self.model_info = await _await(
+                generator.options(multiplexed_model_id=DEFAULT_MODEL).info.remote()
+            )
 
     def __serve_build_asgi_app__(self) -> Any:
         from serve.api import build_api
@@ -271,9 +316,12 @@ def run(
     """Start Ray (if needed) and Serve on args.host:args.port, deploy, and optionally block."""
     import ray
 
+    from pathloop import reaper
+
     args = load_args(config_path, overrides)
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False)
+        # through the reaper: a SIGKILLed `pathloop serve` leaves no Ray process behind
+        reaper.init_ray(ignore_reinit_error=True, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     log.info("serving %s on http://%s:%d%s", args.app_name, args.host, args.port, args.route_prefix)
     return serve.run(

@@ -40,7 +40,7 @@ ITEMS = [
     {"criterion": "granules", "question": "Are the granules fine and pink?"},
 ]
 # The fake API behaves by class name (found in the prompt): see FakeAPI.reply.
-NAMES = ("good", "perfect", "flaky", "broken", "slow", "paced", "unlisted")
+NAMES = ("good", "perfect", "flaky", "broken", "slow", "paced", "unlisted", "throttled")
 VOCAB = Vocabulary(
     classes=tuple(
         ClassInfo(id=i, name=n, code=n.upper(), description=f"A {n} cell.")
@@ -106,6 +106,12 @@ def _handler(api: FakeAPI) -> type[BaseHTTPRequestHandler]:
                 return self._send(404, {"error": {"message": f"no route {self.path}"}})
             if self.headers.get("Authorization") != f"Bearer {KEY}":
                 return self._send(401, {"error": {"message": "bad key", "type": "auth"}})
+            if "one throttled " in body["messages"][1]["content"][0]["text"]:
+                with api.lock:
+                    api.calls["429"] += 1
+                    first = api.calls["429"] == 1
+                if first:  # a 429: the OpenAI client retries it itself, after its back-off
+                    return self._send(429, {"error": {"message": "slow down", "type": "rate"}})
             with api.lock:
                 api.bodies.append(body)
                 api.in_flight += 1
@@ -170,7 +176,6 @@ def _mllm(checklist: Path, **kw: object) -> object:
         "model": "fake-vl",
         "api_key_env": KEY_ENV,
         "checklist": str(checklist),
-        "backoff_s": 0.01,
         "timeout_s": 5.0,
         **kw,
     }
@@ -265,6 +270,18 @@ def test_always_malformed_is_unscored(api: FakeAPI, checklist: Path) -> None:
     assert api.calls["broken"] == 3
     assert v.plausible is None and v.failed_criteria == ()
     assert "no usable reply after 3 tries" in v.reason and "malformed reply" in v.reason
+
+
+def test_rate_limited_reply_is_retried_by_the_client(api: FakeAPI, checklist: Path) -> None:
+    ev = _mllm(checklist, max_retries=1)
+    assert ev._client()[0].max_retries == 1  # the OpenAI client retries, not a loop of ours
+    (v,) = ev(_images(1), _ids("throttled"), VOCAB)
+    assert (api.calls["429"], api.calls["throttled"]) == (2, 1)
+    assert v.plausible is True and v.usage["requests"] == 1
+    api.reset()
+    (v,) = _mllm(checklist, max_retries=0)(_images(1), _ids("throttled"), VOCAB)
+    assert (api.calls["429"], api.calls["throttled"]) == (1, 0)
+    assert v.plausible is None and "RateLimitError" in v.reason
 
 
 def test_slow_replies_time_out_and_are_unscored(api: FakeAPI, checklist: Path) -> None:
@@ -382,7 +399,6 @@ def test_evaluate_round_with_the_mllm_and_human(
         model="fake-vl",
         api_key_env=KEY_ENV,
         checklist=str(checklist),
-        backoff_s=0.01,
         max_retries=1,
     )
     assert (result["n_scored"], result["n_unscored"], result["n_plausible"]) == (2, 1, 1)
