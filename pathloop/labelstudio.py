@@ -1,8 +1,13 @@
-"""Label Studio interop: a labeling config for the 7 criteria, task export, annotation import.
+"""Label Studio interop: a labeling config per round mode, task export, annotation import.
 
 ``export_tasks`` writes a round as Label Studio ``tasks.json`` plus ``labeling_config.xml``;
 ``import_annotations`` stores a Label Studio JSON export's annotations as human labels in the
 feedback store (one rater per annotator), listing every annotation it could not use and why.
+
+The config follows the round's mode: plausible / implausible / unsure with the 7 criteria and the
+subtype; real / synthetic / unsure for a blinded round (the tasks carry no hint of the truth); and
+for a pairwise round Label Studio's ``Pairwise`` tag over the two images (click the more plausible
+one), or a choice of both equally plausible / neither plausible / unsure instead.
 """
 
 from __future__ import annotations
@@ -17,14 +22,62 @@ from pydantic import BaseModel, Field
 
 from pathloop.feedback import FeedbackStore
 from pathloop.feedback_db import FeedbackError
+from pathloop.pairwise import pair_ids
 from pathloop.vocab import CRITERIA, CRITERIA_TEXT, Vocabulary
 
 # ----------------------------------------------------------------------------- labeling config
 
+# Pairwise rounds: what a rater picks instead of clicking one image (text shown, alias stored).
+NO_PREFERENCE = {
+    "both": "Both equally plausible",
+    "neither": "Neither is plausible",
+    "unsure": "Unsure",
+}
 
-def labeling_config(vocab: Vocabulary) -> str:
-    """Label Studio labeling config: plausible or not, failed criteria, subtype, comment."""
+
+def labeling_config(vocab: Vocabulary, mode: str = "plausibility") -> str:
+    """Label Studio labeling config for a round of ``mode`` (see the module docstring)."""
     view = ET.Element("View")
+    if mode == "pairwise":
+        _pairwise_config(view)
+    elif mode == "blinded":
+        ET.SubElement(view, "Image", name="image", value="$image", zoom="true")
+        ET.SubElement(view, "Header", value="$class_name: a real cell or a synthetic one?")
+        origin = ET.SubElement(
+            view, "Choices", name="origin", toName="image", choice="single", required="true"
+        )
+        for v in ("real", "synthetic", "unsure"):
+            ET.SubElement(origin, "Choice", value=v)
+    else:
+        _plausibility_config(view, vocab)
+    ET.SubElement(
+        view,
+        "TextArea",
+        name="comment",
+        toName="left" if mode == "pairwise" else "image",
+        editable="true",
+        maxSubmissions="1",
+        placeholder="Comment (optional)",
+    )
+    ET.indent(view)
+    return ET.tostring(view, encoding="unicode") + "\n"
+
+
+def _pairwise_config(view: ET.Element) -> None:
+    ET.SubElement(view, "Header", value="$class_name: click the more plausible cell")
+    ET.SubElement(view, "Text", name="description", value="$description")
+    ET.SubElement(view, "Pairwise", name="pairwise", toName="left,right")
+    row = ET.SubElement(view, "View", style="display: flex; gap: 1em;")
+    for side in ("left", "right"):
+        ET.SubElement(row, "Image", name=side, value=f"${side}", zoom="true")
+    other = ET.SubElement(
+        view, "Choices", name="no_preference", toName="left", choice="single", showInline="true"
+    )
+    for alias, text in NO_PREFERENCE.items():
+        ET.SubElement(other, "Choice", value=text, alias=alias)
+
+
+def _plausibility_config(view: ET.Element, vocab: Vocabulary) -> None:
     ET.SubElement(view, "Image", name="image", value="$image", zoom="true")
     ET.SubElement(view, "Header", value="$class_name")
     ET.SubElement(view, "Text", name="description", value="$description")
@@ -37,7 +90,7 @@ def labeling_config(vocab: Vocabulary) -> str:
         required="true",
         showInline="true",
     )
-    for v in ("plausible", "implausible"):
+    for v in ("plausible", "implausible", "unsure"):
         ET.SubElement(verdict, "Choice", value=v)
     crit = ET.SubElement(view, "Choices", name="failed_criteria", toName="image", choice="multiple")
     for c in CRITERIA:  # alias: the result stores the criterion key, the UI shows the text
@@ -47,23 +100,20 @@ def labeling_config(vocab: Vocabulary) -> str:
         sub = ET.SubElement(view, "Choices", name="subtype", toName="image", choice="single")
         for s in subtypes:
             ET.SubElement(sub, "Choice", value=s)
-    ET.SubElement(
-        view,
-        "TextArea",
-        name="comment",
-        toName="image",
-        editable="true",
-        maxSubmissions="1",
-        placeholder="Comment (optional)",
-    )
-    ET.indent(view)
-    return ET.tostring(view, encoding="unicode") + "\n"
 
 
 _CRITERION_BY_TEXT = {**{v: k for k, v in CRITERIA_TEXT.items()}, **{c: c for c in CRITERIA}}
 
 
-_LS_CONTROLS = ("plausible", "failed_criteria", "subtype", "comment")
+_LS_CONTROLS = {
+    "plausibility": ("plausible", "failed_criteria", "subtype", "comment"),
+    "blinded": ("origin", "comment"),
+    "pairwise": ("pairwise", "no_preference", "comment"),
+}
+_NO_PREFERENCE_BY_TEXT = {
+    **{v: k for k, v in NO_PREFERENCE.items()},
+    **{k: k for k in NO_PREFERENCE},
+}
 
 
 def _annotator_name(annotation: dict, prefix: str) -> str | None:
@@ -73,23 +123,45 @@ def _annotator_name(annotation: dict, prefix: str) -> str | None:
     return None if who in (None, "") else f"{prefix}{who}"
 
 
-def parse_ls_result(result: list) -> dict:
-    """put_label keywords from one Label Studio annotation's ``result`` list."""
+def _one_choice(name: str, choices: list, valid: dict[str, str] | tuple[str, ...]) -> str:
+    """The one choice of control ``name``, mapped by ``valid`` (shown text or alias -> value)."""
+    valid = valid if isinstance(valid, dict) else {v: v for v in valid}
+    if len(choices) != 1 or choices[0] not in valid:
+        raise FeedbackError(f"{name} choice must be one of {sorted(set(valid))}, got {choices}")
+    return valid[choices[0]]
+
+
+def parse_ls_result(result: list, mode: str = "plausibility") -> dict:
+    """put_label keywords from one Label Studio annotation's ``result`` list in a round of
+    ``mode``: plausible or an answer (unsure; real/synthetic; a/b/both/neither), and the rest."""
     out: dict[str, Any] = {"failed_criteria": [], "subtype": None, "comment": ""}
+    out.update(plausible=None, answer=None)
+    controls = _LS_CONTROLS[mode]
     for item in result or []:
         name, value = item.get("from_name"), item.get("value") or {}
-        if name not in _LS_CONTROLS:
-            raise FeedbackError(f"unknown control {name!r}; valid: {', '.join(_LS_CONTROLS)}")
+        if name not in controls:
+            raise FeedbackError(f"unknown control {name!r}; valid: {', '.join(controls)}")
         if name == "comment":
             out["comment"] = "\n".join(value.get("text") or [])
             continue
         choices = value.get("choices") or []
-        if name == "plausible":
-            if len(choices) != 1 or choices[0] not in ("plausible", "implausible"):
-                raise FeedbackError(
-                    f"plausible choice must be 'plausible' or 'implausible', got {choices}"
-                )
-            out["plausible"] = choices[0] == "plausible"
+        if name == "pairwise":
+            side = value.get("selected")
+            if side not in ("left", "right") or out["answer"]:
+                raise FeedbackError(f"pick one image (left or right) or one other choice: {side}")
+            out["answer"] = "a" if side == "left" else "b"
+        elif name == "no_preference":
+            if out["answer"]:
+                raise FeedbackError("an annotation picked an image and a no-preference choice")
+            out["answer"] = _one_choice(name, choices, _NO_PREFERENCE_BY_TEXT)
+        elif name == "origin":
+            out["answer"] = _one_choice(name, choices, ("real", "synthetic", "unsure"))
+        elif name == "plausible":
+            verdict = _one_choice(name, choices, ("plausible", "implausible", "unsure"))
+            if verdict == "unsure":
+                out["answer"] = "unsure"
+            else:
+                out["plausible"] = verdict == "plausible"
         elif name == "failed_criteria":
             bad = [c for c in choices if c not in _CRITERION_BY_TEXT]
             if bad:
@@ -97,8 +169,9 @@ def parse_ls_result(result: list) -> dict:
             out["failed_criteria"] = [_CRITERION_BY_TEXT[c] for c in choices]
         else:
             out["subtype"] = choices[0] if choices else None
-    if "plausible" not in out:
-        raise FeedbackError("annotation has no 'plausible' choice")
+    if out["plausible"] is None and out["answer"] is None:
+        first = {"plausibility": "plausible", "blinded": "origin", "pairwise": "pairwise"}[mode]
+        raise FeedbackError(f"annotation has no '{first}' choice")
     return out
 
 
@@ -134,40 +207,58 @@ def export_tasks(
     """Write Label Studio ``tasks.json`` and ``labeling_config.xml``; returns tasks.json.
 
     Images are inlined as PNG data URIs, or, with ``image_url_prefix``, written to
-    ``out_dir/images/<id>.png`` and referenced as ``<prefix>/<id>.png`` (serve that folder).
+    ``out_dir/images/<id>.png`` and referenced as ``<prefix>/<id>.png`` (serve that folder). A
+    pairwise task holds its two images as ``left`` and ``right``, a task of another round as
+    ``image``.
     """
-    vocab = store.vocabulary(round_id)
-    table = store.shard_table(round_id, columns=["id", "image", "class_id"])
+    info, vocab = store.round_info(round_id), store.vocabulary(round_id)
+    images = store.images(round_id)
+    pngs = _round_pngs(info, images)
     out = Path(out_dir)
     (out / "images" if image_url_prefix else out).mkdir(parents=True, exist_ok=True)
-    tasks = []
-    for rid, png, cid in zip(
-        table["id"].to_pylist(),
-        table["image"].to_pylist(),
-        table["class_id"].to_pylist(),
-        strict=True,
-    ):
-        info = vocab.lookup(int(cid))
+
+    def ref(rid: str) -> str:
         if image_url_prefix:
-            (out / "images" / f"{rid}.png").write_bytes(png)
-            url = f"{image_url_prefix.rstrip('/')}/{rid}.png"
+            (out / "images" / f"{rid}.png").write_bytes(pngs[rid])
+            return f"{image_url_prefix.rstrip('/')}/{rid}.png"
+        return "data:image/png;base64," + base64.b64encode(pngs[rid]).decode("ascii")
+
+    tasks = []
+    for im in images:
+        c = vocab.lookup(im.class_id)
+        if info.mode == "pairwise":
+            left, right = pair_ids(im.image_id)
+            data = {"left": ref(left), "right": ref(right)}
         else:
-            url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        tasks.append(
-            {
-                "data": {
-                    "image": url,
-                    "image_id": rid,
-                    "round_id": round_id,
-                    "class_name": info.name,
-                    "class_code": info.code,
-                    "description": info.description,
-                }
-            }
-        )
+            data = {"image": ref(im.image_id)}
+        data.update(image_id=im.image_id, round_id=round_id, class_name=c.name)
+        data.update(class_code=c.code, description=c.description)
+        tasks.append({"data": data})
     (out / "tasks.json").write_text(json.dumps(tasks, indent=1) + "\n")
-    (out / "labeling_config.xml").write_text(labeling_config(vocab))
+    (out / "labeling_config.xml").write_text(labeling_config(vocab, info.mode))
     return out / "tasks.json"
+
+
+def _round_pngs(info: Any, images: list) -> dict[str, bytes]:
+    """{shard id: PNG bytes} of every image a round shows (both of each pair)."""
+    import pyarrow.parquet as pq
+
+    from pathloop.data import read_manifest
+
+    need = set()
+    for im in images:
+        need.update(pair_ids(im.image_id) if info.mode == "pairwise" else (im.image_id,))
+    d, pngs = Path(info.samples_dir), {}
+    for shard in read_manifest(d)["shards"]:
+        table = pq.read_table(d / shard["file"], columns=["id", "image"])
+        for rid, png in zip(table["id"].to_pylist(), table["image"].to_pylist(), strict=True):
+            if rid in need:
+                pngs[rid] = png
+    if missing := sorted(need - pngs.keys()):
+        raise FeedbackError(
+            f"round {info.id}: {len(missing)} images are gone from {d}, e.g. {missing[0]}"
+        )
+    return pngs
 
 
 def import_annotations(
@@ -190,13 +281,20 @@ def import_annotations(
     report = ImportReport(
         n_tasks=len(tasks), n_annotations=0, n_stored=0, n_unchanged=0, raters=[], bad=[]
     )
+    mode = store.round_info(round_id).mode
     for index, task in enumerate(tasks):
-        _import_task(store, round_id, task, index, rater_name_prefix, report)
+        _import_task(store, round_id, mode, task, index, rater_name_prefix, report)
     return report
 
 
 def _import_task(
-    store: FeedbackStore, round_id: int, task: Any, index: int, prefix: str, report: ImportReport
+    store: FeedbackStore,
+    round_id: int,
+    mode: str,
+    task: Any,
+    index: int,
+    prefix: str,
+    report: ImportReport,
 ) -> None:
     task = task if isinstance(task, dict) else {}
     task_id = task.get("id", index)
@@ -211,7 +309,7 @@ def _import_task(
                 raise FeedbackError("task has no data.image_id")
             if ann.get("was_cancelled"):
                 raise FeedbackError("annotation was cancelled (skipped)")
-            kw = parse_ls_result(ann.get("result"))
+            kw = parse_ls_result(ann.get("result"), mode)
             rater_id = store.ensure_rater(who, "human")
             before = store.current_label(round_id, image_id, rater_id)
             lab = store.put_label(round_id, image_id, rater_id, source="human", **kw)

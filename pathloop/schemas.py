@@ -78,10 +78,18 @@ class GenerateRequest(_Model):
         "base64",
         description="png: raw image/png when n == 1 (JSON base64 otherwise); base64: always JSON.",
     )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=300,
+        description="Which served model draws: a name or models:/<name>/<version> URI that "
+        "GET /v1/models lists; None = the server's default model.",
+    )
 
 
 class Provenance(_Model):
-    model_uri: str = Field(description="The model reference the server was started with.")
+    model: str | None = Field(None, description="The served model's id (GET /v1/models).")
+    model_uri: str = Field(description="The reference that model was loaded from.")
     checkpoint_step: int = Field(description="Training step of the checkpoint.")
     sampler: str = Field(description="Scheduler used.")
     steps: int = Field(description="Denoising steps used.")
@@ -98,6 +106,25 @@ class GeneratedImage(_Model):
 
 class GenerateResponse(_Model):
     images: list[GeneratedImage]
+
+
+class ModelOut(_Model):
+    id: str = Field(description="What a request sends as `model`.")
+    kind: Literal["named", "registered"] = Field(
+        description="named: in the server's config; registered: a version in its MLflow store."
+    )
+    reference: str = Field(description="Where it loads from (server paths shortened).")
+    default: bool = Field(False, description="Used when a request names no model.")
+
+
+class ModelsResponse(_Model):
+    models: list[ModelOut]
+    registered_names: list[str] = Field(
+        description="Registered model names whose versions may be requested."
+    )
+    max_loaded_per_replica: int = Field(
+        description="Models a generator replica keeps loaded; others load on demand (LRU)."
+    )
 
 
 # ----------------------------------------------------------------------------- score
@@ -121,7 +148,13 @@ class ScoreResponse(_Model):
     )
 
 
+class ScoreBatchResponse(_Model):
+    results: list[ScoreResponse] = Field(description="One result per image, in request order.")
+
+
 # ----------------------------------------------------------------------------- review
+
+Answer = Literal["unsure", "skip", "real", "synthetic", "a", "b", "both", "neither"]
 
 
 class LabelOut(_Model):
@@ -130,13 +163,27 @@ class LabelOut(_Model):
     subtype: str | None = Field(description="Subtype the rater recorded.")
     comment: str = Field(description="Free-text comment.")
     revision: int = Field(description="Revision number of this label.")
+    answer: Answer | None = Field(
+        None, description="An answer instead of a verdict (plausible is then None); see answer."
+    )
 
 
 class LabelRequest(_Model):
-    """The signed-in rater's label for one image of the review round (an upsert)."""
+    """The signed-in rater's label for one image of the review round (an upsert): a verdict
+    (plausible) or an answer, never both."""
 
-    image_id: str = Field(min_length=1, max_length=64, description="Shard id of the image.")
-    plausible: bool = Field(description="Is this a plausible cell of its declared class?")
+    image_id: str = Field(
+        min_length=1, max_length=129, description="Shard id of the image (pairwise: '<a>|<b>')."
+    )
+    plausible: bool | None = Field(
+        None, description="Plausibility rounds: is this a plausible cell of its declared class?"
+    )
+    answer: Answer | None = Field(
+        None,
+        description="Instead of a verdict: unsure (final, no verdict) or skip (asked again at "
+        "the end); blinded rounds: real or synthetic; pairwise rounds: a (left more plausible), "
+        "b (right), both (equally plausible) or neither (neither is plausible).",
+    )
     failed_criteria: list[str] = Field(
         default_factory=list, max_length=7, description="Criteria that failed (keys of criteria)."
     )
@@ -153,7 +200,7 @@ class LabelResponse(_Model):
 
 
 class UndoRequest(_Model):
-    image_id: str = Field(min_length=1, max_length=64, description="Image whose label to undo.")
+    image_id: str = Field(min_length=1, max_length=129, description="Image whose label to undo.")
 
 
 class UndoResponse(_Model):
@@ -190,6 +237,21 @@ class ReviewMetaResponse(_Model):
     rater: str = Field(description="Name of the signed-in rater.")
     criteria: list[CriterionInfo]
     classes: list[ReviewClass]
+    mode: Literal["plausibility", "blinded", "pairwise"] = Field(
+        "plausibility",
+        description="What raters answer: plausible or not; real or synthetic (blinded); which "
+        "of two images of one class is more plausible (pairwise).",
+    )
+    require_criteria: bool = Field(
+        False, description="An implausible verdict must name at least one failed criterion."
+    )
+
+
+class ClassProgress(_Model):
+    name: str
+    code: str
+    done: int = Field(description="Items of this class the rater has answered.")
+    total: int = Field(description="Items of this class in the round.")
 
 
 class NextResponse(_Model):
@@ -203,9 +265,19 @@ class NextResponse(_Model):
     subtypes: list[SubtypeKey] = Field(description="Subtype keys of this class.")
     image_b64: str | None = Field(description="The image, PNG base64.")
     url: str | None = Field(description="The same image at GET /v1/review/image/{image_id}.png.")
-    prev_id: str | None = Field(description="Previous image in review order.")
+    prev_id: str | None = Field(
+        description="Previous item in review order; when every item is done, the last one."
+    )
     next_id: str | None = Field(description="Following image in review order.")
     label: LabelOut | None = Field(description="This rater's current label of the image.")
     done: int
     total: int
     real_examples: list[str] = Field(description="Real images of the class, PNG base64.")
+    image_b_b64: str | None = Field(
+        None, description="Pairwise rounds: the right image, PNG base64 (image_b64 the left)."
+    )
+    pair: list[str] | None = Field(None, description="Pairwise rounds: [left id, right id].")
+    skipped: int = Field(0, description="Items this rater skipped (asked again at the end).")
+    class_progress: list[ClassProgress] = Field(
+        default_factory=list, description="Per class: items answered by this rater and in all."
+    )

@@ -18,15 +18,17 @@ def image_grid(
 ) -> Any:
     """Tile uint8 (H, W, 3) images row-major into a PIL image, upscaled without smoothing.
 
-    ``labels`` (one per row) are drawn in a left margin so a per-class grid reads at a glance.
+    ``labels`` (one per row) are drawn whole in a left margin as wide as the longest, in a font
+    sized to the row, so a per-class grid reads at a glance.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     if not images:
         raise ValueError("image_grid needs at least one image")
     h, w = images[0].shape[:2]
     hs, ws = h * scale, w * scale
-    margin = 0 if not labels else 8 + 7 * max(len(s) for s in labels)
+    font = ImageFont.load_default(size=max(10, min(16, hs // 3)))  # scalable since Pillow 10.1
+    margin = 0 if not labels else 12 + int(max(font.getlength(s) for s in labels))
     grid = Image.new("RGB", (margin + cols * (ws + pad) + pad, rows * (hs + pad) + pad), "white")
     for i, img in enumerate(images[: rows * cols]):
         r, c = divmod(i, cols)
@@ -35,7 +37,8 @@ def image_grid(
     if labels:
         draw = ImageDraw.Draw(grid)
         for r, text in enumerate(labels[:rows]):
-            draw.text((4, pad + r * (hs + pad) + hs // 2 - 5), text, fill=(0, 0, 0))
+            y = pad + r * (hs + pad) + hs // 2  # the row's middle: anchor "lm" centres the text
+            draw.text((4, y), text, fill=(0, 0, 0), font=font, anchor="lm")
     return grid
 
 
@@ -67,7 +70,7 @@ def samples_grid(images: list[np.ndarray], vocab: Any, per_class: int, scale: in
         len(vocab),
         per_class,
         scale,
-        labels=[f"{c.code} {c.name}"[:22] for c in vocab.classes],
+        labels=[f"{c.code} {c.name}" for c in vocab.classes],
     )
 
 
@@ -92,7 +95,7 @@ def shard_grid(shard_dir: Any, per_class: int = 8, scale: int = 2, split: str | 
     blank = np.full_like(next(iter(rows[present[0].id])), 255)
     tiles = [(rows[c.id] + [blank] * per_class)[i] for c in present for i in range(per_class)]
     return image_grid(
-        tiles, len(present), per_class, scale, labels=[f"{c.code} {c.name}"[:22] for c in present]
+        tiles, len(present), per_class, scale, labels=[f"{c.code} {c.name}" for c in present]
     )
 
 
@@ -135,3 +138,28 @@ def print_comparison(a: dict, b: dict, name_a: str, name_b: str, title: str = ""
     ra, rb = a["plausible_rate"], b["plausible_rate"]
     t.add_row("[bold]all", f"{ra:.3f}", f"[bold]{rb:.3f}", f"[bold]{rb - ra:+.3f}")
     Console().print(t)
+
+
+def print_blinded(stats: dict) -> None:
+    """A rich table of a blinded real-vs-synthetic round (``review_stats.blinded_stats``): per
+    rater and pooled accuracy with its interval, the test against guessing, agreement."""
+    from rich.console import Console
+    from rich.table import Table
+
+    level = round(100 * stats["confidence"])
+    t = Table(title=f"real vs synthetic: accuracy ({level} % interval, chance {stats['chance']})")
+    for col in ("rater", "answers", "accuracy", f"{level} % CI", "p vs chance", "unsure", "skip"):
+        t.add_column(col, justify="left" if col == "rater" else "right")
+    rows = [(n, r) for n, r in stats["raters"].items()] + [("[bold]pooled", stats["pooled"])]
+    for name, r in rows:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        ci = "-" if r["ci"] is None else f"{r['ci'][0]:.3f}-{r['ci'][1]:.3f}"
+        p = "-" if r["p_value"] is None else f"{r['p_value']:.3g}"
+        extra = (str(r.get("n_unsure", "")), str(r.get("n_skipped", "")))
+        t.add_row(name, str(r["n"]), acc, ci, p, *extra)
+    Console(stderr=True).print(t)
+    a = stats["agreement"]
+    kappa = "-" if a["kappa"] is None else f"{a['kappa']:.3f}"
+    Console(stderr=True).print(
+        f"agreement between raters: {a['method'] or 'n/a'} kappa {kappa} over {a['n_items']} images"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,8 @@ from pydantic import Field, SecretStr, model_validator
 from pathloop.config import ConfigError, Frozen, load_config
 
 APP_NAME = "pathloop"
+DEFAULT_MODEL = "default"  # the id of ServeArgs.model among the served models
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class Limits(Frozen):
@@ -46,6 +49,19 @@ class Limits(Frozen):
         "be 4/3 of this plus 64 KiB for base64.",
     )
     max_side: int = Field(2048, ge=8, description="Width or height of an uploaded image, px (413).")
+    max_score_batch: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Images per /v1/score/batch request (422 above); a batch is scored in one "
+        "model call (merged with other waiting requests up to score_batch_size).",
+    )
+    max_batch_bytes: int = Field(
+        32 * 2**20,
+        ge=1024,
+        description="Body bytes of a /v1/score/batch request (413 above); each image is still "
+        "held to max_image_bytes and max_side.",
+    )
 
 
 class ServeArgs(Frozen):
@@ -61,6 +77,24 @@ class ServeArgs(Frozen):
         None,
         description="Reward model for /v1/score (a model dir, its job's result.json or an MLflow "
         "URI); None = no reward.",
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="More diffusion models the same Generator serves, {name: dir, result.json "
+        "or MLflow URI}, e.g. every round of a loop; a request picks one with `model` "
+        "(None: `model`, listed as 'default'). Loaded on first use (max_models_per_replica).",
+    )
+    registered_models: tuple[str, ...] = Field(
+        (),
+        description="Registered model names in the tracking_uri store whose versions a request "
+        "may name as models:/<name>/<version> (e.g. the loop's pathloop-finetune).",
+    )
+    max_models_per_replica: int = Field(
+        3,
+        ge=1,
+        description="Diffusion models one Generator replica keeps loaded; a request for another "
+        "loads it and unloads the least recently used (Ray Serve model multiplexing). "
+        "In-process (--no-ray) the same bound holds for the one process.",
     )
     judge: bool = Field(False, description="Score with the phantom judge (per-criterion results).")
     tracking_uri: str | None = Field(None, description="MLflow URI for models:/ and runs:/ refs.")
@@ -142,9 +176,23 @@ class ServeArgs(Frozen):
         None, description="Shard set of real cells shown beside each image (matched by class)."
     )
     real_examples_per_class: int = Field(6, ge=0, le=32, description="Real examples per class.")
+    review_require_criteria: bool | None = Field(
+        None,
+        description="An implausible verdict must name at least one failed criterion (422 "
+        "otherwise; the page asks for one); None = the round's own setting "
+        "(`pathloop review create --require-criteria`).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeArgs:
+        if (self.models or self.registered_models) and not self.model:
+            raise ValueError("models and registered_models add to the default model: set model too")
+        bad = [k for k in self.models if not MODEL_NAME.fullmatch(k) or k == DEFAULT_MODEL]
+        if bad:
+            raise ValueError(
+                f"models names {bad}: use letters, digits, '.', '_' or '-' (at most 64), "
+                f"not {DEFAULT_MODEL!r} (the name of `model`)"
+            )
         if self.limits.max_n > self.max_batch_size:
             raise ValueError(
                 f"limits.max_n ({self.limits.max_n}) must be <= max_batch_size "

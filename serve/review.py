@@ -1,8 +1,13 @@
 """Expert review over HTTP: the round one ingress serves, its routes and the browser UI.
 
-``Review`` holds the round: its images in review order, their PNGs, real examples per class and
-what each rater has scored. ``review_routes`` adds ``/v1/review/*`` over it (rater bearer tokens,
-labels stored in the FeedbackStore); ``ui_routes`` serves the review page at ``/review``.
+``Review`` holds the round: its items in review order, their PNGs, real examples per class and
+what each rater has answered. ``review_routes`` adds ``/v1/review/*`` over it (rater bearer
+tokens, labels stored in the FeedbackStore); ``ui_routes`` serves the review page at ``/review``.
+
+The round's mode decides the question: plausible or not (with failed criteria and subtype), real
+or synthetic (a blinded round: no real examples are shown and the truth is never sent), or which
+of two images of one class is more plausible (a pairwise round: an item is a pair). Every mode
+takes "unsure" (final, no verdict) and "skip" (the item comes back after the others).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from pathloop import schemas as S
+from pathloop.pairwise import pair_ids
 from pathloop.vocab import CRITERIA, CRITERIA_TEXT, Vocabulary
 from serve.args import ServeArgs
 from serve.errors import ERRORS, UNAUTH, InputError
@@ -26,7 +33,9 @@ from serve.inputs import LabelRequest, UndoRequest, json_only
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
-RESERVED_KEYS = set("PIU")  # review UI: plausible, implausible, undo
+# Review UI keys no subtype may take: plausible, implausible, undo, not sure, skip, comment,
+# high contrast (review.js).
+RESERVED_KEYS = set("PIUNKCH")
 
 
 # ----------------------------------------------------------------------------- review state
@@ -81,6 +90,16 @@ def _real_examples(shard_dir: str | None, vocab: Vocabulary, k: int) -> dict[str
     return out
 
 
+@dataclass(frozen=True)
+class Progress:
+    """One rater's progress through the round."""
+
+    done: int  # items answered (a verdict, unsure, or the mode's answer)
+    skipped: int  # items skipped: asked again once the others are done
+    total: int
+    next_id: str | None  # the first item neither done nor skipped, else the first skipped
+
+
 def _round_for(store: Any, samples_dir: str) -> int:
     """The newest open round on ``samples_dir``, else a new one (so restarts resume)."""
     want = str(Path(samples_dir).resolve())
@@ -97,16 +116,23 @@ class Review:
         self.store = FeedbackStore(args.feedback_url)
         self.round_id = args.review_round or _round_for(self.store, args.review_samples_dir)
         info = self.store.round_info(self.round_id)
-        self.round_name = info.name
+        self.round_name, self.mode = info.name, info.mode
+        self.require_criteria = bool(
+            (info.settings or {}).get("require_criteria", False)
+            if args.review_require_criteria is None
+            else args.review_require_criteria
+        )
         self.vocab = self.store.vocabulary(self.round_id)
         self.images = self.store.images(self.round_id)  # review order; fixed for a round
         self.index = {im.image_id: i for i, im in enumerate(self.images)}
         self.pngs = _read_pngs(info.samples_dir)
-        self.real = _real_examples(args.real_examples, self.vocab, args.real_examples_per_class)
+        # A blinded round shows no real examples: they would be the answer to compare against.
+        k = 0 if self.mode == "blinded" else args.real_examples_per_class
+        self.real = _real_examples(args.real_examples, self.vocab, k)
         self.keys = {c.name: subtype_keys(c.subtypes) for c in self.vocab.classes}
-        self._scored: dict[int, set[str]] = {}  # rater id -> scored image ids (see refresh)
+        self._state: dict[int, dict[str, str]] = {}  # rater id -> {item: done/skip} (refresh)
         self._lock = threading.Lock()
-        log.info("review: round %d (%d images)", self.round_id, len(self.images))
+        log.info("review: %s round %d (%d items)", self.mode, self.round_id, len(self.images))
 
     def position(self, image_id: str) -> int:
         if image_id not in self.index:
@@ -118,31 +144,57 @@ class Review:
         return self.index[image_id]
 
     # FeedbackStore.progress loads every image and label of the round (~0.1 s at 500 images),
-    # too slow for each POST under load. Each replica keeps the set of image ids each rater has
-    # scored: read from the store on every GET (so it is never stale for long, even with several
+    # too slow for each POST under load. Each replica keeps, per rater, the items answered or
+    # skipped: read from the store on every GET (so it is never stale for long, even with several
     # replicas) and updated from the store's answer on every write.
 
     def refresh(self, rater_id: int) -> dict[str, Any]:
         """This rater's current labels by image id (from the store); updates the cache."""
         labels = {lab.image_id: lab for lab in self.store.labels(self.round_id, rater_id)}
         with self._lock:
-            self._scored[rater_id] = {i for i, lab in labels.items() if lab.plausible is not None}
+            self._state[rater_id] = {i: lab.state for i, lab in labels.items() if lab.state}
         return labels
 
-    def update(self, rater_id: int, image_id: str, scored: bool) -> None:
-        if rater_id not in self._scored:
+    def update(self, rater_id: int, image_id: str, lab: Any) -> None:
+        """Record the label now in force (None: no label left) of one item."""
+        if rater_id not in self._state:
             self.refresh(rater_id)
         with self._lock:
-            (self._scored[rater_id].add if scored else self._scored[rater_id].discard)(image_id)
+            if lab is not None and lab.state:
+                self._state[rater_id][image_id] = lab.state
+            else:
+                self._state[rater_id].pop(image_id, None)
 
-    def progress(self, rater_id: int) -> tuple[int, int, str | None]:
-        """(scored, images, first unscored id in review order) as FeedbackStore.progress."""
-        if rater_id not in self._scored:
+    def _states(self, rater_id: int) -> dict[str, str]:
+        if rater_id not in self._state:
             self.refresh(rater_id)
         with self._lock:
-            done = set(self._scored[rater_id])
-        first = next((im.image_id for im in self.images if im.image_id not in done), None)
-        return len(done & self.index.keys()), len(self.images), first
+            return dict(self._state[rater_id])
+
+    def progress(self, rater_id: int) -> Progress:
+        """Items done and skipped, and where to go next: unanswered items first, in review
+        order, then the skipped ones."""
+        state = self._states(rater_id)
+        ids = [im.image_id for im in self.images]
+        first = next((i for i in ids if i not in state), None)
+        first = first or next((i for i in ids if state.get(i) == "skip"), None)
+        done = sum(state.get(i) == "done" for i in ids)
+        skipped = sum(state.get(i) == "skip" for i in ids)
+        return Progress(done, skipped, len(ids), first)
+
+    def class_progress(self, rater_id: int) -> list[S.ClassProgress]:
+        """Items answered by this rater and in all, per class with items, in vocabulary order."""
+        state = self._states(rater_id)
+        done: dict[int, int] = {}
+        total: dict[int, int] = {}
+        for im in self.images:
+            total[im.class_id] = total.get(im.class_id, 0) + 1
+            done[im.class_id] = done.get(im.class_id, 0) + (state.get(im.image_id) == "done")
+        return [
+            S.ClassProgress(name=c.name, code=c.code, done=done[c.id], total=total[c.id])
+            for c in self.vocab.classes
+            if c.id in total
+        ]
 
 
 def label_out(lab: Any) -> S.LabelOut:
@@ -152,6 +204,7 @@ def label_out(lab: Any) -> S.LabelOut:
         subtype=lab.subtype,
         comment=lab.comment,
         revision=lab.revision,
+        answer=lab.answer,
     )
 
 
@@ -225,6 +278,8 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
             rater=rater.name,
             criteria=criteria_info(),
             classes=classes,
+            mode=rv.mode,
+            require_criteria=rv.require_criteria,
         )
 
     @app.get(
@@ -238,11 +293,12 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
         image_id: str | None = Query(None, max_length=64, description="Show this image instead."),
         rater: Any = rater_dep,
     ) -> S.NextResponse:
-        """The asked image, else the first this rater has not scored (resume point)."""
+        """The asked item, else the first this rater has not answered (resume point), else the
+        first skipped one."""
         rv = _review_of(review)
         labels = rv.refresh(rater.id)
-        done, total, first = rv.progress(rater.id)
-        target = image_id or first
+        prog = rv.progress(rater.id)
+        target = image_id or prog.next_id
         if target is None:
             return S.NextResponse(
                 image_id=None,
@@ -253,16 +309,18 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
                 subtypes=[],
                 image_b64=None,
                 url=None,
-                prev_id=None,
+                prev_id=rv.images[-1].image_id if rv.images else None,  # look back from the end
                 next_id=None,
                 label=None,
-                done=done,
-                total=total,
+                done=prog.done,
+                total=prog.total,
                 real_examples=[],
+                skipped=prog.skipped,
+                class_progress=rv.class_progress(rater.id),
             )
         lab = labels.get(target)
         label = None if lab is None else label_out(lab)
-        return _next_response(rv, route_prefix, target, label, done, total)
+        return _next_response(rv, route_prefix, target, label, prog, rater.id)
 
     @app.post(
         "/v1/review/labels",
@@ -273,8 +331,10 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
         responses=ERRORS,
     )
     def post_label(req: LabelRequest, rater: Any = rater_dep) -> S.LabelResponse:
-        """Store (upsert) this rater's label; resending the same label changes nothing."""
+        """Store (upsert) this rater's label: a verdict (plausible) or an answer; resending the
+        same label changes nothing."""
         rv = _review_of(review)
+        _check_request(rv, req)
         lab = rv.store.put_label(
             rv.round_id,
             req.image_id,
@@ -284,11 +344,16 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
             subtype=req.subtype,
             comment=req.comment,
             source="human",
+            answer=req.answer,
         )
-        rv.update(rater.id, req.image_id, lab.plausible is not None)
-        done, total, nxt = rv.progress(rater.id)
+        rv.update(rater.id, req.image_id, lab)
+        prog = rv.progress(rater.id)
         return S.LabelResponse(
-            image_id=req.image_id, label=label_out(lab), done=done, total=total, next_id=nxt
+            image_id=req.image_id,
+            label=label_out(lab),
+            done=prog.done,
+            total=prog.total,
+            next_id=prog.next_id,
         )
 
     @app.post(
@@ -303,14 +368,14 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
         """Step this rater's label of an image back one revision (none left: no label)."""
         rv = _review_of(review)
         lab = rv.store.undo(rv.round_id, req.image_id, rater.id)
-        rv.update(rater.id, req.image_id, lab is not None and lab.plausible is not None)
-        done, total, nxt = rv.progress(rater.id)
+        rv.update(rater.id, req.image_id, lab)
+        prog = rv.progress(rater.id)
         return S.UndoResponse(
             image_id=req.image_id,
             label=None if lab is None else label_out(lab),
-            done=done,
-            total=total,
-            next_id=nxt,
+            done=prog.done,
+            total=prog.total,
+            next_id=prog.next_id,
         )
 
     @app.get(
@@ -321,12 +386,16 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
         responses=ERRORS,
     )
     def progress(rater: Any = rater_dep) -> S.ProgressResponse:
-        """Images scored by this rater, images in the round, and where to resume."""
+        """Items answered by this rater, items in the round, and where to resume."""
         rv = _review_of(review)
         rv.refresh(rater.id)
-        done, total, nxt = rv.progress(rater.id)
+        prog = rv.progress(rater.id)
         return S.ProgressResponse(
-            round_id=rv.round_id, rater=rater.name, done=done, total=total, next_id=nxt
+            round_id=rv.round_id,
+            rater=rater.name,
+            done=prog.done,
+            total=prog.total,
+            next_id=prog.next_id,
         )
 
     @app.get(
@@ -346,28 +415,57 @@ def review_routes(app: FastAPI, review: Review | None, route_prefix: str) -> Non
         return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
 
 
+def _check_request(rv: Review, req: LabelRequest) -> None:
+    """A verdict or an answer, and criteria for an implausible verdict where the round asks."""
+    if (req.plausible is None) == (req.answer is None):
+        raise InputError(
+            "send plausible (true/false) or answer (unsure, skip; real/synthetic in a blinded "
+            "round; a/b/both/neither in a pairwise round), exactly one of them"
+        )
+    if rv.require_criteria and req.plausible is False and not req.failed_criteria:
+        valid = ", ".join(c.key for c in criteria_info())
+        raise InputError(
+            f"this round asks which criteria an implausible cell fails: send at least one in "
+            f"failed_criteria ({valid})"
+        )
+
+
+def _b64(png: bytes | None) -> str | None:
+    return None if png is None else base64.b64encode(png).decode("ascii")
+
+
 def _next_response(
-    rv: Review, route_prefix: str, image_id: str, label: S.LabelOut | None, done: int, total: int
+    rv: Review,
+    route_prefix: str,
+    image_id: str,
+    label: S.LabelOut | None,
+    prog: Progress,
+    rater_id: int,
 ) -> S.NextResponse:
     pos = rv.position(image_id)
     img = rv.images[pos]
     info = rv.vocab.lookup(img.class_id)
-    png = rv.pngs.get(image_id)
+    pair = list(pair_ids(image_id)) if rv.mode == "pairwise" else None
+    left = pair[0] if pair else image_id
     return S.NextResponse(
         image_id=image_id,
         position=pos,
         class_name=info.name,
         class_code=info.code,
         description=info.description,
-        subtypes=rv.keys[info.name],
-        image_b64=None if png is None else base64.b64encode(png).decode("ascii"),
-        url=f"{route_prefix.rstrip('/')}/v1/review/image/{image_id}.png",
+        subtypes=rv.keys[info.name] if rv.mode == "plausibility" else [],
+        image_b64=_b64(rv.pngs.get(left)),
+        url=f"{route_prefix.rstrip('/')}/v1/review/image/{left}.png",
         prev_id=rv.images[pos - 1].image_id if pos > 0 else None,
         next_id=rv.images[pos + 1].image_id if pos + 1 < len(rv.images) else None,
         label=label,
-        done=done,
-        total=total,
+        done=prog.done,
+        total=prog.total,
         real_examples=rv.real.get(info.name, []),
+        image_b_b64=_b64(rv.pngs.get(pair[1])) if pair else None,
+        pair=pair,
+        skipped=prog.skipped,
+        class_progress=rv.class_progress(rater_id),
     )
 
 
