@@ -206,13 +206,16 @@ def check_config(cfg: ExperimentConfig) -> None:
             f"{r.sampler.guidance}: the pool is drawn at the guidance the reward model was "
             "trained on; leave round.pool_guidance unset"
         )
-    if ft.method != "reward":
-        raise ValueError(f"finetune.method must be reward (Eq. 3), got {ft.method}")
+    if ft.method == "dpo":
+        raise ValueError(
+            "finetune.method=dpo trains on pairs, which the experiment's pool does not have; "
+            "use reward (Eq. 3) or nft (negative-aware)"
+        )
     if ft.reward_mode in REWARD_FREE:
         raise ValueError(
             f"finetune.reward_mode={ft.reward_mode} would give the feedback and oracle arms "
-            "fixed weights; use raw, threshold or class_norm (the control and self-training "
-            "arms set none and ones themselves)"
+            "fixed weights; use raw, threshold, class_norm or class_z (the control and "
+            "self-training arms set none and ones themselves)"
         )
     if ft.beta_r == 0:
         raise ValueError("finetune.beta_r must be > 0: the control arm trains only that term")
@@ -368,7 +371,8 @@ def arm_finetune(
         cfg.finetune,
         workdir,
         **{"reward_model": None, "rewards": None, **weights},
-        method="reward",
+        # the arms without feedback train Eq. 3's way whatever the method under test
+        method=cfg.finetune.method if arm in ("feedback", "oracle") else "reward",
         pretrained=shared.model,
         synthetic=str(shared.pool),
         real=str(shared.shards),

@@ -43,13 +43,18 @@ from pathloop.harness import (
 
 
 class FinetuneConfig(Frozen):
-    """Step 3 of Sun et al. 2023 (method=reward) or MAGIC's preference route (method=dpo)."""
+    """Step 3 of Sun et al. 2023 (method=reward), negative-aware finetuning (method=nft) or
+    MAGIC's preference route (method=dpo)."""
 
     workdir: str = Field("runs/finetune", description="Checkpoints, Ray results, result.json.")
     name: str = Field("finetune", description="Run name (Ray run dir and MLflow run).")
     resume: bool = Field(False, description="Continue from the latest checkpoint in workdir.")
     max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from.")
-    method: Literal["reward", "dpo"] = Field("reward", description="Eq. 3 or Diffusion-DPO.")
+    method: Literal["reward", "nft", "dpo"] = Field(
+        "reward",
+        description="reward: Eq. 3 (re-weights plausible samples); nft: negative-aware "
+        "finetuning (DiffusionNFT: learns from implausible samples too); dpo: Diffusion-DPO.",
+    )
     pretrained: str = Field("runs/pretrain/result.json", description="Model to start from.")
     synthetic: str = Field(
         "runs/samples",
@@ -70,10 +75,13 @@ class FinetuneConfig(Frozen):
     real: str | None = Field(None, description="Real shard set for the beta_r term.")
     real_split: str | None = Field("train", description="Split of the real shards.")
     beta_r: float = Field(1.0, ge=0, description="Weight of the plain loss on real images.")
-    reward_mode: Literal["raw", "threshold", "class_norm", "none", "ones"] = Field(
+    reward_mode: Literal["raw", "threshold", "class_norm", "class_z", "none", "ones"] = Field(
         "raw",
         description=(
             "raw r; threshold: 1[r >= reward_threshold]; class_norm: r / mean_class(r); "
+            "class_z: 0.5 + 0.5 clip((r - mean_class) / std_class, -1, 1), in [0, 1] with 0.5 "
+            "for a class whose images all score alike (Flow-GRPO's group normalisation; what "
+            "nft expects); "
             "none: weights 0, the control arm (only the beta_r real term trains, so what the "
             "feedback adds is the difference to a run with it); ones: weights 1, self-training "
             "on the synthetic images without feedback. none and ones need no rewards."
@@ -83,10 +91,50 @@ class FinetuneConfig(Frozen):
     dpo_beta: float = Field(
         100.0, gt=0, description="Diffusion-DPO beta (errors are per-pixel MSE)."
     )
-    dpo_bar: float = Field(1.0, ge=0, le=1, description="MAGIC's bar on checklist scores.")
+    dpo_lose_bar: float = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description="method=dpo, pairs from scores: both images of a pair lose when neither "
+        "passes more than this fraction of the criteria (MAGIC: 2 of 5).",
+    )
+    dpo_win_bar: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="method=dpo, pairs from scores: both win when both pass at least this "
+        "fraction (MAGIC: all criteria); equal scores above dpo_lose_bar win too.",
+    )
+    dpo_ties: bool = Field(
+        False,
+        description="method=dpo: train on tied pairs (both win, both lose) too, each image "
+        "pushed on its own; False = only pairs with a winner train, as in MAGIC's released "
+        "code (D3PO), where a tie weighs 0.",
+    )
+    pairs: str | None = Field(
+        None,
+        description=(
+            "method=dpo: preference pairs an expert chose (`pathloop review pairs`), instead of "
+            "pairs drawn from checklist scores: a Parquet or CSV table id_a, id_b, sign_a, "
+            "sign_b (+1 win, -1 lose) over images of `synthetic` (the pairwise round's set)."
+        ),
+    )
     feedback_round: str | None = Field(None, description="Lineage: the feedback round id.")
     feedback_fraction: float | None = Field(None, description="Lineage: fraction of feedback used.")
     p_uncond: float = Field(0.1, ge=0, le=1, description="Class dropout kept during finetuning.")
+    nft_beta: float = Field(
+        1.0,
+        gt=0,
+        le=2,
+        description="method=nft: how far the two implicit policies sit from "
+        "the frozen model (DiffusionNFT's beta).",
+    )
+    nft_ref: float = Field(
+        0.0,
+        ge=0,
+        description="method=nft: weight of ||v - v_start||^2, which keeps the model "
+        "near the one it started from.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Set from `pretrained`.")
     noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Set from `pretrained`.")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0))
@@ -124,6 +172,14 @@ def shape_rewards(r: Any, class_ids: Any, mode: str, threshold: float) -> Any:
         return np.ones_like(r)
     if mode == "threshold":
         return (r >= threshold).astype(np.float64)
+    if mode == "class_z":  # each class centred and scaled, mapped into [0, 1] around 0.5
+        out = np.full_like(r, 0.5)
+        for c in np.unique(class_ids):
+            m = class_ids == c
+            sd = r[m].std()
+            if sd > 1e-8:
+                out[m] = 0.5 + 0.5 * np.clip((r[m] - r[m].mean()) / sd, -1.0, 1.0)
+        return out
     if mode == "class_norm":  # every class keeps the same total weight, whatever its reward level
         out = r.copy()
         for c in np.unique(class_ids):
@@ -133,19 +189,39 @@ def shape_rewards(r: Any, class_ids: Any, mode: str, threshold: float) -> Any:
     return r
 
 
+SCORE_EPS = 1e-9  # checklist scores are fractions k/n: equal up to rounding means equal
+
+
+def magic_pair_signs(
+    s_a: float, s_b: float, lose_bar: float = 0.4, win_bar: float = 1.0
+) -> tuple[int, int]:
+    """MAGIC's label of one pair (Wang et al. 2025, App. A.2): (sign a, sign b), +1 win, -1 lose.
+
+    ``s_a``, ``s_b`` are checklist scores as fractions of the criteria passed, so the rule holds
+    for any number n of criteria; MAGIC's (5 criteria, summed scores S) is lose_bar = 2/5,
+    win_bar = 1: max(S_a, S_b) <= 2 → both lose; min = 5 or S_a = S_b > 2 → both win; otherwise
+    the higher score wins. With 7 criteria, at most 2 passed (2/7 <= 0.4 < 3/7) is a losing score.
+    """
+    if max(s_a, s_b) <= lose_bar + SCORE_EPS:
+        return -1, -1
+    if min(s_a, s_b) >= win_bar - SCORE_EPS or abs(s_a - s_b) <= SCORE_EPS:
+        return 1, 1
+    return (1, -1) if s_a > s_b else (-1, 1)
+
+
 def preference_pairs(
     scores: Sequence[float] | np.ndarray,
     class_ids: Sequence[int] | np.ndarray,
-    bar: float = 1.0,
+    lose_bar: float = 0.4,
+    win_bar: float = 1.0,
     seed: int = 0,
 ) -> np.ndarray:
-    """MAGIC's rule (Wang et al. 2025): pair images of the same class at random, then label them.
+    """Pair images of the same class at random, then label each pair by ``magic_pair_signs``.
 
-    Both scores below ``bar`` → both lose; a tie at or above the bar → both win; otherwise the
-    higher score wins and the other loses. ``scores`` are checklist scores in [0, 1] (fraction of
-    criteria passed, from the MLLM or the judge). Returns an int array (P, 4): index a, index b,
-    sign a, sign b (+1 win, -1 lose), ready for ``losses.preference_loss``. An odd image out of a
-    class is left unpaired.
+    ``scores`` are checklist scores in [0, 1] (fraction of criteria passed, from the judge, the
+    MLLM or per-criterion human labels). Returns an int array (P, 4): index a, index b, sign a,
+    sign b (+1 win, -1 lose), ready for ``losses.preference_loss``. An odd image out of a class
+    is left unpaired.
     """
     s = np.asarray(scores, dtype=float)
     c = np.asarray(class_ids)
@@ -154,31 +230,47 @@ def preference_pairs(
     for cls in np.unique(c):
         idx = rng.permutation(np.flatnonzero(c == cls))
         for a, b in zip(idx[0::2], idx[1::2], strict=False):
-            if s[a] < bar and s[b] < bar:
-                sa = sb = -1
-            elif s[a] == s[b]:
-                sa = sb = 1
-            else:
-                sa, sb = (1, -1) if s[a] > s[b] else (-1, 1)
-            rows.append((int(a), int(b), sa, sb))
+            rows.append((int(a), int(b), *magic_pair_signs(s[a], s[b], lose_bar, win_bar)))
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def pair_kinds(pairs: np.ndarray) -> dict[str, int]:
+    """How many pairs (P, 4) have one winner, two winners, two losers."""
+    sa, sb = pairs[:, 2], pairs[:, 3]
+    return {
+        "one_wins": int((sa != sb).sum()),
+        "both_win": int(((sa == 1) & (sb == 1)).sum()),
+        "both_lose": int(((sa == -1) & (sb == -1)).sum()),
+    }
+
+
+def training_pairs(pairs: np.ndarray, ties: bool) -> np.ndarray:
+    """The pairs (P, 4) that train: all with ``ties``, else only those with one winner.
+
+    A tie (both win or both lose) pushes both errors the same way, with no contrast between the
+    two images: plain likelihood (or unlikelihood) training of each, not a preference. MAGIC's
+    released code (D3PO) gives ties weight 0; dropping them rather than weighing them 0 keeps
+    every row of a batch informative.
+    """
+    return pairs if ties else pairs[pairs[:, 2] != pairs[:, 3]]
 
 
 # ----------------------------------------------------------------------------- the loss of one step
 
 
 def _finetune_batch(cfg: FinetuneConfig, step: int, n_syn: int, n_real: int, shape, rank, world):
-    """This rank's slice of the step's global draw: synthetic/real indices, noise, t, dropout."""
+    """This rank's slice of the step's global draw: synthetic/real indices, noise, t, dropout.
+    Column 0 of ``noise`` and ``t`` serves a synthetic row, both images of a pair alike."""
     import torch
 
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     b = cfg.train.batch_size
     pick = torch.randint(0, n_syn, (b,), generator=g)  # (B,) synthetic rows (or pairs)
     pick_real = torch.randint(0, max(n_real, 1), (b,), generator=g)  # (B,)
-    k = 2 if cfg.method == "dpo" else 1  # a pair needs noise for both images
-    noise = torch.randn((b, k, *shape), generator=g)  # (B, k, C, H, W)
+    noise = torch.randn((b, 1, *shape), generator=g)  # (B, 1, C, H, W)
     noise_real = torch.randn((b, *shape), generator=g)  # (B, C, H, W)
-    t = torch.randint(0, cfg.noise.num_train_timesteps, (b, 2), generator=g)  # (B, 2)
+    # (B, 2): column 1 is unused; drawing it keeps the seeded stream (and so runs) unchanged
+    t = torch.randint(0, cfg.noise.num_train_timesteps, (b, 2), generator=g)
     drop = torch.rand(b, generator=g) < cfg.p_uncond
     drop_real = torch.rand(b, generator=g) < cfg.p_uncond
     sl = slice(rank * (b // world), (rank + 1) * (b // world))
@@ -193,14 +285,22 @@ def _to_x(images: Any, idx: Any) -> Any:
 
 
 def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
-    """Eq. 3 (reward) or the preference loss (dpo) for this rank's slice, plus beta_r * real."""
+    """Eq. 3 (reward), negative-aware finetuning (nft) or the preference loss (dpo) for this
+    rank's slice, plus beta_r * real."""
     import torch
 
     from pathloop.diffusion import null_class
-    from pathloop.losses import diffusion_loss, preference_loss, reward_weighted_loss
+    from pathloop.losses import (
+        denoising_target,
+        diffusion_loss,
+        nft_loss,
+        preference_loss,
+        reward_weighted_loss,
+    )
 
     syn, cls, w = data["images"], data["class_ids"], data["weights"]
-    n_syn = len(data["pairs"]) if cfg.method == "dpo" else len(syn)
+    pairs = training_pairs(data["pairs"], cfg.dpo_ties) if cfg.method == "dpo" else None
+    n_syn = len(syn) if pairs is None else len(pairs)
     shape = (3, syn.shape[1], syn.shape[2])
     pick, pick_real, noise, noise_real, t, drop, drop_real = _finetune_batch(
         cfg, step, n_syn, len(data["real_images"]), shape, rank, world
@@ -208,19 +308,33 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     null, dev = null_class(st.raw), st.device
     noise, noise_real = noise.to(dev), noise_real.to(dev)  # drawn on the CPU for every rank alike
 
-    def err(model, idx, k):  # per-sample denoising error of image set idx with noise k: (b,)
+    def err(model, idx):  # per-sample denoising error of images idx (row i: noise i, t i): (b,)
         y = torch.where(drop, null, torch.from_numpy(cls[idx.numpy()]))
         x0 = _to_x(syn, idx).to(dev)
-        return diffusion_loss(model, st.scheduler, x0, y, noise=noise[:, k], timesteps=t[:, k])
+        return diffusion_loss(model, st.scheduler, x0, y, noise=noise[:, 0], timesteps=t[:, 0])
 
     if cfg.method == "reward":
-        l_syn = err(st.model, pick, 0)  # (b,)
+        l_syn = err(st.model, pick)  # (b,)
         r = torch.from_numpy(w[pick.numpy()]).float()  # (b,) cached, shaped rewards
-    else:
-        p = torch.from_numpy(data["pairs"][pick.numpy()])  # (b, 4): a, b, sign a, sign b
-        ea, eb = err(st.model, p[:, 0], 0), err(st.model, p[:, 1], 1)
+    elif cfg.method == "nft":
+        y = torch.where(drop, null, torch.from_numpy(cls[pick.numpy()])).to(dev)
+        x0, ts = _to_x(syn, pick).to(dev), t[:, 0].to(dev).long()
+        x_t = st.scheduler.add_noise(x0, noise[:, 0], ts)  # (b, C, H, W)
+        pred = st.model(x_t, ts, class_labels=y).sample
         with torch.no_grad():
-            ra, rb = err(ref, p[:, 0], 0), err(ref, p[:, 1], 1)
+            old = ref(x_t, ts, class_labels=y).sample  # the frozen model that drew the pool
+        target = denoising_target(st.scheduler, x0, noise[:, 0], ts)
+        r = torch.from_numpy(w[pick.numpy()]).float().clamp(0, 1)  # (b,) optimality in [0, 1]
+        l_syn = nft_loss(pred, old, target, r, cfg.nft_beta)  # (b,)
+        if cfg.nft_ref > 0:
+            l_syn = l_syn + cfg.nft_ref * ((pred.float() - old.float()) ** 2).flatten(1).mean(1)
+    else:
+        p = torch.from_numpy(pairs[pick.numpy()])  # (b, 4): a, b, sign a, sign b
+        # Both images of a pair share noise, t and class dropout (Diffusion-DPO), so the
+        # contrast of their errors measures the images, not the draw.
+        ea, eb = err(st.model, p[:, 0]), err(st.model, p[:, 1])
+        with torch.no_grad():
+            ra, rb = err(ref, p[:, 0]), err(ref, p[:, 1])
         l_pref = preference_loss(ea, eb, ra, rb, p[:, 2], p[:, 3], cfg.dpo_beta).mean()
     l_real = None
     if cfg.beta_r > 0 and len(data["real_images"]):
@@ -240,6 +354,8 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
         )  # (b,)
     if cfg.method == "reward":
         return reward_weighted_loss(l_syn, r, l_real, cfg.beta_r)  # Eq. 3, Sun et al. 2023
+    if cfg.method == "nft":
+        return l_syn.mean() + (cfg.beta_r * l_real.mean() if l_real is not None else 0.0)
     return l_pref + (cfg.beta_r * l_real.mean() if l_real is not None else 0.0)
 
 
@@ -262,7 +378,8 @@ def finetune_loop(config: dict) -> None:
     cfg = inputs.cfg
     rank, world, device = worker_context(cfg)
     start = load_checkpoint(inputs.pretrained_dir)  # EMA weights of the pretrained model
-    ref = copy.deepcopy(start.unet).eval().requires_grad_(False) if cfg.method == "dpo" else None
+    frozen = cfg.method in ("dpo", "nft")  # the reference (dpo), the model that drew the pool (nft)
+    ref = copy.deepcopy(start.unet).eval().requires_grad_(False) if frozen else None
     ref = ref.to(device) if ref is not None else None  # the frozen reference beside the model
     st = build_state(
         cfg, len(inputs.vocab), device, wrap=ray.train.torch.prepare_model, init_unet=start.unet
@@ -288,13 +405,21 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
     images, class_ids, cols = load_image_table(cfg.synthetic)
     scores = _scores(cfg, images, class_ids, cols, out.parent / "rewards.npz")  # (N,)
     weights = shape_rewards(scores, class_ids, cfg.reward_mode, cfg.reward_threshold)
-    pairs = (
-        preference_pairs(scores, class_ids, cfg.dpo_bar, cfg.train.seed)
-        if cfg.method == "dpo"
-        else np.zeros((0, 4), np.int64)
-    )
+    if cfg.pairs:
+        pairs = given_pairs(cfg.pairs, cols["id"], class_ids)  # (P, 4)
+    elif cfg.method == "dpo":
+        bars = (cfg.dpo_lose_bar, cfg.dpo_win_bar)
+        pairs = preference_pairs(scores, class_ids, *bars, seed=cfg.train.seed)  # (P, 4)
+    else:
+        pairs = np.zeros((0, 4), np.int64)
     if cfg.method == "dpo" and len(pairs) == 0:
         raise ValueError("no preference pairs: each class needs at least 2 synthetic images")
+    kinds, trained = pair_kinds(pairs), len(training_pairs(pairs, cfg.dpo_ties))
+    if cfg.method == "dpo" and trained == 0:
+        raise ValueError(
+            f"no preference pair has a winner ({kinds}), and ties do not train "
+            "(dpo_ties=false): set dpo_ties=true, or get feedback that tells the images apart"
+        )
     real_x, real_y = (
         load_arrays(cfg.real, split=cfg.real_split)
         if cfg.real
@@ -312,6 +437,8 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
     return {
         "synthetic_images": len(images),
         "pairs": len(pairs),
+        "pair_kinds": kinds,
+        "pairs_trained": trained if cfg.method == "dpo" else 0,
         "real_images": len(real_x),
         "mean_weight": float(np.mean(weights)),
         "mean_score": None if np.isnan(scores).all() else float(np.nanmean(scores)),
@@ -326,8 +453,8 @@ def _scores(cfg: FinetuneConfig, images, class_ids, cols: dict, cache: Path) -> 
         return given_rewards(cfg.rewards, cols["id"])
     if cfg.reward_model:
         return _cached_rewards(cfg, images, class_ids, cache)
-    if cfg.method == "reward" and cfg.reward_mode in REWARD_FREE:
-        return np.full(len(images), np.nan)
+    if (cfg.method == "reward" and cfg.reward_mode in REWARD_FREE) or cfg.pairs:
+        return np.full(len(images), np.nan)  # no weights needed, or the pairs are given
     fails = [k for k in cols if k.startswith("fail_")]
     if not fails:
         raise ValueError(
@@ -337,26 +464,34 @@ def _scores(cfg: FinetuneConfig, images, class_ids, cols: dict, cache: Path) -> 
     return 1.0 - np.mean([cols[k].astype(float) for k in fails], axis=0)  # (N,)
 
 
-def given_rewards(path: str, ids: Sequence[str] | np.ndarray) -> np.ndarray:
-    """Rewards (N,) of the synthetic images ``ids`` from a CSV or Parquet table (id, reward)."""
+def _read_table(
+    key: str, path: str, columns: tuple[str, ...], id_columns: tuple[str, ...], hint: str
+) -> Any:
+    """A CSV or Parquet table with ``columns`` (ids read as strings) for config field ``key``."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     from pathloop import storage
 
-    hint = "pass a CSV or Parquet table with columns id and reward, one row per synthetic image"
     if not storage.is_file(path):
-        raise FileNotFoundError(f"rewards={path}: no such file; {hint}")
+        raise FileNotFoundError(f"{key}={path}: no such file; {hint}")
     fs, inner = storage.resolve(path)
     if path.endswith(".csv"):
-        opts = pacsv.ConvertOptions(column_types={"id": pa.string()})
+        opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in id_columns})
         with fs.open_input_stream(inner) as f:
             table = pacsv.read_csv(f, convert_options=opts)
     else:
         table = pq.read_table(inner, filesystem=fs)
-    if missing := sorted({"id", "reward"} - set(table.column_names)):
-        raise ValueError(f"rewards={path} lacks columns {missing}; {hint}")
+    if missing := sorted(set(columns) - set(table.column_names)):
+        raise ValueError(f"{key}={path} lacks columns {missing}; {hint}")
+    return table
+
+
+def given_rewards(path: str, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Rewards (N,) of the synthetic images ``ids`` from a CSV or Parquet table (id, reward)."""
+    hint = "pass a CSV or Parquet table with columns id and reward, one row per synthetic image"
+    table = _read_table("rewards", path, ("id", "reward"), ("id",), hint)
     given = dict(zip(table["id"].to_pylist(), table["reward"].to_pylist(), strict=True))
     absent = [i for i in ids if i not in given]
     if absent:
@@ -368,6 +503,31 @@ def given_rewards(path: str, ids: Sequence[str] | np.ndarray) -> np.ndarray:
     if not (np.isfinite(r) & (r >= 0)).all():
         raise ValueError(f"rewards={path}: every reward must be a finite number >= 0")
     return r
+
+
+def given_pairs(
+    path: str, ids: Sequence[str] | np.ndarray, class_ids: np.ndarray | None = None
+) -> np.ndarray:
+    """Preference pairs (P, 4) as ``preference_pairs`` returns them (index a, index b, sign a,
+    sign b) from a table of id_a, id_b, sign_a, sign_b over the synthetic images ``ids``."""
+    hint = "pass the table `pathloop review pairs` writes, over the images of synthetic="
+    cols = ("id_a", "id_b", "sign_a", "sign_b")
+    table = _read_table("pairs", path, cols, ("id_a", "id_b"), hint)
+    index = {str(i): k for k, i in enumerate(ids)}
+    a, b = table["id_a"].to_pylist(), table["id_b"].to_pylist()
+    absent = [i for i in a + b if i not in index]
+    if absent:
+        raise ValueError(
+            f"pairs={path}: {len(absent)} image ids are not in synthetic= (e.g. {absent[0]}); "
+            f"{hint}"
+        )
+    signs = np.array([table["sign_a"].to_pylist(), table["sign_b"].to_pylist()]).T  # (P, 2)
+    if not np.isin(signs, (-1, 1)).all():
+        raise ValueError(f"pairs={path}: every sign must be +1 (win) or -1 (lose)")
+    idx = np.array([[index[x] for x in a], [index[x] for x in b]], dtype=np.int64).T  # (P, 2)
+    if class_ids is not None and (class_ids[idx[:, 0]] != class_ids[idx[:, 1]]).any():
+        raise ValueError(f"pairs={path}: a pair must hold two images of one class")
+    return np.concatenate([idx, signs.astype(np.int64)], axis=1).reshape(-1, 4)
 
 
 def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path):
@@ -390,6 +550,8 @@ def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path):
 
 def check_reward_source(cfg: FinetuneConfig) -> None:
     """Refuse a config whose synthetic images would get no weights, or two sources of them."""
+    if cfg.pairs and cfg.method != "dpo":
+        raise ValueError(f"pairs={cfg.pairs} are preference pairs: set method=dpo to train on them")
     if cfg.rewards and cfg.reward_model:
         raise ValueError(
             f"set rewards= or reward_model=, not both (got rewards={cfg.rewards}, "
@@ -402,6 +564,12 @@ def check_reward_source(cfg: FinetuneConfig) -> None:
                 "MLflow URI> (Eq. 3 weights each synthetic image by its reward) or "
                 "rewards=<table of id, reward>; or use method=dpo with a feedback export"
             )
+    if cfg.method == "nft" and cfg.reward_mode in REWARD_FREE:
+        raise ValueError(
+            f"method=nft with reward_mode={cfg.reward_mode}: nft moves the model toward images "
+            "with reward above 0.5 and away from those below, so it needs rewards; use "
+            "reward_mode=raw or class_z with reward_model= or rewards=, or method=reward"
+        )
     if cfg.method == "reward" and cfg.reward_mode == "none" and (cfg.beta_r == 0 or not cfg.real):
         raise ValueError(
             "reward_mode=none weighs the synthetic images 0, so only the beta_r term on real "
@@ -415,13 +583,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     from pathloop import storage
     from pathloop.diffusion import load_checkpoint
-    from pathloop.tracking import resolve_model_ref
+    from pathloop.tracking import log_metrics, resolve_model_ref
 
     check_reward_source(cfg)
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)
     # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
-    paths = ("synthetic", "real", "rewards")
+    paths = ("synthetic", "real", "rewards", "pairs")
     abs_ = {k: storage.absolute(v) for k in paths if (v := getattr(cfg, k))}
     cfg = updated(
         cfg,
@@ -447,6 +615,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     data_file = Path(cfg.workdir) / "finetune_data.npz"
     stats = _finetune_data(cfg, start.vocab, data_file)
     rprint({"config": cfg.model_dump(mode="json"), "data": stats})
+    if cfg.method == "dpo":  # the pairs of each kind, and how many of them train
+        counts = {f"pairs_{k}": n for k, n in stats["pair_kinds"].items()}
+        log_metrics(uri, run_id, {**counts, "pairs_trained": stats["pairs_trained"]}, step=0)
     inputs = FinetuneInputs(
         cfg=cfg,
         vocab=start.vocab,

@@ -5,6 +5,7 @@ callers weight, reduce and backpropagate.
 - ``reward_weighted_loss``: Eq. 3 of Sun et al. 2023 (reward-weighted fine-tuning).
 - ``reward_mse_loss``: Eq. 2 of Sun et al. 2023 (the reward model's regression loss).
 - ``dpo_loss``: Diffusion-DPO (Wallace et al. 2023) on per-sample denoising errors.
+- ``nft_loss``: negative-aware finetuning (DiffusionNFT, Zheng et al. 2026) on predictions.
 """
 
 from __future__ import annotations
@@ -49,14 +50,52 @@ def diffusion_loss(
 
     x_t = scheduler.add_noise(x0, noise, timesteps)  # (B, C, H, W)
     pred = unet(x_t, timesteps, class_labels=labels).sample  # (B, C, H, W)
+    err = (pred.float() - denoising_target(scheduler, x0, noise, timesteps).float()) ** 2
+    return err.flatten(1).mean(dim=1)  # (B,)
+
+
+def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """What the UNet is trained to predict at (x0, noise, t): eps, or v = sqrt(ab) eps -
+    sqrt(1-ab) x0 for ``prediction_type="v_prediction"``; (B, C, H, W)."""
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    err = (pred.float() - target.float()) ** 2  # (B, C, H, W)
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def nft_loss(
+    pred: torch.Tensor,
+    old_pred: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """Negative-aware finetuning (DiffusionNFT, Zheng et al. 2026) on one noised image each: (B,).
+
+    pred: (B, C, H, W) the model's prediction; old_pred: the same from the frozen model that drew
+    the images (no gradient); target: ``denoising_target``; r: (B,) optimality in [0, 1] (1
+    plausible, 0 not, 0.5 no information). Two implicit policies share the model's parameters::
+
+        v+ = (1 - beta) v_old + beta v        (trained toward the images the expert accepts)
+        v- = (1 + beta) v_old - beta v        (trained toward the images the expert rejects)
+        L  = r ||v+ - target||^2 + (1 - r) ||v- - target||^2
+
+    Fitting v- to a rejected image moves v itself away from it, so implausible samples teach
+    too, which Eq. 3 (weight ~ 0) cannot. The derivation holds for any prediction that is linear
+    in the network output and whose loss is an MSE to a fixed target: DiffusionNFT writes it for
+    the flow-matching velocity; pathloop's UNet predicts v = sqrt(ab) eps - sqrt(1-ab) x0 (or eps),
+    and x_t, the target and v_old are the same for both policies, so v+ and v- are fitted to
+    this target unchanged. With r = 0.5 for every image the gradient is 2 beta^2 (v - v_old): the
+    model stays at the old one, so only the reward's deviation from 0.5 moves it.
+    """
+    old = old_pred.detach().float()
+    v, tgt = pred.float(), target.float()
+    pos = (1 - beta) * old + beta * v  # (B, C, H, W)
+    neg = (1 + beta) * old - beta * v
+    r = r.detach().to(v).view(-1, *([1] * (v.dim() - 1)))  # (B, 1, 1, 1)
+    err = r * (pos - tgt) ** 2 + (1 - r) * (neg - tgt) ** 2
     return err.flatten(1).mean(dim=1)  # (B,)
 
 
@@ -143,7 +182,8 @@ def preference_loss(
 
     Each image of a pair carries a sign: +1 wins (its denoising error should fall relative to the
     reference), -1 loses. MAGIC (Wang et al. 2025) labels a pair win/lose by the higher checklist
-    score, both-win when they tie above the bar, both-lose when both are below it:
+    score, both-win when they tie above the bar, both-lose when both are at or below it
+    (``finetune.magic_pair_signs``); ties train only with ``dpo_ties``:
 
         delta = s_a (e_model_a - e_ref_a) + s_b (e_model_b - e_ref_b)
         L     = -log sigmoid(-beta * delta)

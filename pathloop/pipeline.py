@@ -1,7 +1,8 @@
 """``pathloop loop``: the whole method in one command, for R feedback rounds.
 
 data → pretrain → [sample a review round → feedback (judge | MLLM | human) → reward model →
-reward-weighted finetuning (Eq. 3) → evaluate against the previous model] × R → report.
+finetuning (``finetune.method``: reward-weighted, Eq. 3; negative-aware; or preference pairs from
+the checklist scores) → evaluate against the previous model] × R → report.
 
 Every step is one library call whose stored output (a manifest, a ``result.json``, an export)
 marks it done, so a killed loop resumes where it stopped: finished steps are skipped and a
@@ -353,8 +354,10 @@ def run_round(steps: Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
     )
     reward_wd = wd / "reward"
     reward = reward_step(steps, f"round {r}: ", reward_wd, export, shards, f"round{r}-reward")
-    synthetic = export / "feedback.parquet"
-    if cfg.round.pool_per_class:
+    pool = None
+    if cfg.round.pool_per_class and cfg.finetune.method == "dpo":
+        console.print("round.pool_per_class is unused: method=dpo pairs the reviewed images")
+    elif cfg.round.pool_per_class:
         pool = wd / "pool"
         sample_set(
             steps,
@@ -365,24 +368,12 @@ def run_round(steps: Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
             seed + 5000,
             cfg.round.pool_guidance,
         )
-        synthetic = pool
     ft_wd = wd / "finetune"
+    ft = round_finetune(steps, r, model, shards, export, pool, reward["checkpoint"])
     steps.run(
-        f"round {r}: finetune (Eq. 3)",
+        f"round {r}: finetune ({METHOD_TITLES[ft.method]})",
         ft_wd / "result.json",
-        lambda: run_finetune(
-            training_config(
-                cfg.finetune,
-                ft_wd,
-                method="reward",
-                pretrained=model,
-                synthetic=str(synthetic),
-                reward_model=reward["checkpoint"],
-                real=str(shards),
-                feedback_round=f"loop-round{r}",
-                tracking=steps.tracking(cfg.finetune.tracking, f"round{r}-finetune"),
-            )
-        ),
+        lambda: run_finetune(ft),
     )
     finetuned = read_result(ft_wd)
     ev_wd = wd / "evaluate"
@@ -414,6 +405,43 @@ def run_round(steps: Steps, r: int, shards: Path, model: str) -> dict[str, Any]:
         ),
     )
     return {"reward": reward, "finetune": finetuned, "evaluate": read_result(ev_wd)}
+
+
+METHOD_TITLES = {"reward": "Eq. 3", "nft": "negative-aware", "dpo": "preference pairs"}
+
+
+def round_finetune(
+    steps: Steps,
+    r: int,
+    model: str,
+    shards: Path,
+    export: Path,
+    pool: Path | None,
+    reward_model: str,
+) -> FinetuneConfig:
+    """Round ``r``'s finetune job, by ``finetune.method``: reward (Eq. 3) and nft weigh the pool
+    (or, without one, the reviewed images) by the round's reward model; dpo pairs the reviewed
+    images of each class by their checklist scores (the export's fail_* columns: the judge's,
+    the MLLM's or the raters' failed criteria) and needs no reward model."""
+    return training_config(
+        steps.cfg.finetune,
+        Path(steps.cfg.workdir) / f"round{r}" / "finetune",
+        pretrained=model,
+        real=str(shards),
+        feedback_round=f"loop-round{r}",
+        tracking=steps.tracking(steps.cfg.finetune.tracking, f"round{r}-finetune"),
+        **finetune_inputs(steps.cfg.finetune.method, export, pool, reward_model),
+    )
+
+
+def finetune_inputs(
+    method: str, export: Path, pool: Path | None, reward_model: str
+) -> dict[str, str | None]:
+    """The synthetic images of a round's finetune job and what scores them (``round_finetune``)."""
+    feedback = str(export / "feedback.parquet")
+    if method == "dpo":
+        return {"synthetic": feedback, "reward_model": None}
+    return {"synthetic": str(pool or feedback), "reward_model": reward_model}
 
 
 def given_model(ref: str, uri: str) -> dict[str, str]:
@@ -481,9 +509,13 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     """Data → pretrain → R rounds of feedback, reward, finetuning and evaluation."""
     from pathloop import storage, tracking
     from pathloop.config import dump_config
+    from pathloop.finetune import check_reward_source
 
     wd = Path(storage.absolute(cfg.workdir))
     cfg = updated(cfg, workdir=str(wd))
+    # A finetune config the rounds cannot run fails now, not after pretraining and feedback.
+    ft_inputs = finetune_inputs(cfg.finetune.method, wd, None, "<the round's reward model>")
+    check_reward_source(updated(cfg.finetune, real="<the loop's shards>", **ft_inputs))
     wd.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, wd / "config.yaml")
     uri, parent = parent_run(cfg, wd)
@@ -495,6 +527,7 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     rounds = []
     for r in range(1, cfg.rounds + 1):
         rounds.append(run_round(steps, r, shards, model))
+        log_round(uri, parent, r, rounds[-1])
         model = rounds[-1]["finetune"]["checkpoint"]
     summary = {
         "workdir": str(wd),
@@ -509,6 +542,22 @@ def run_loop(cfg: LoopConfig) -> dict[str, Any]:
     return summary
 
 
+def log_round(uri: str, parent: str, r: int, rnd: dict[str, Any]) -> dict[str, float]:
+    """The round's headline metrics (``evaluate.headline_metrics``: plausibility per evaluator,
+    FID, PRDC, TSTR) on the parent run at step ``r``, under the names the evaluate child uses,
+    and in the description of the finetuned model's registered version."""
+    from pathloop import tracking
+    from pathloop.evaluate import headline_metrics
+
+    metrics = headline_metrics(rnd["evaluate"])
+    tracking.log_metrics(uri, parent, metrics, step=r)
+    model_uri = rnd["finetune"].get("model_uri") or ""
+    if model_uri.startswith("models:/"):
+        source = f"Evaluated in round {r} of the loop (run {rnd['evaluate']['run_id']})"
+        tracking.describe_model_version(uri, model_uri, metrics, source)
+    return metrics
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """Before/after tables of every round, where the report and MLflow store are, what next."""
     from pathloop import report
@@ -517,6 +566,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         ev = rnd["evaluate"]
         console.rule(f"[bold]round {r}: baseline (before) vs model (after)")
         report.print_tables(report.metric_tables(ev))
+        console.print("\n  ".join(report.verdict(ev)))
         console.print(reward_line(rnd["reward"]))
         console.print(f"report: [bold]{ev['report']}[/]")
     last = summary["rounds"][-1]["finetune"] if summary["rounds"] else summary["pretrained"]

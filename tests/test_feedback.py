@@ -472,7 +472,7 @@ def test_preference_pairs_follow_magic_rule():
 
     scores = [0.2, 0.4, 1.0, 1.0, 1.0, 0.6, 0.9, 0.5]
     classes = [0, 0, 1, 1, 2, 2, 3, 3]  # one pair per class
-    pairs = preference_pairs(scores, classes, bar=0.8, seed=0)
+    pairs = preference_pairs(scores, classes, seed=0)  # MAGIC's bars: lose <= 2/5, win = all
     got = {
         tuple(sorted((int(a), int(b)))): (
             int(sa) if a < b else int(sb),
@@ -480,8 +480,8 @@ def test_preference_pairs_follow_magic_rule():
         )
         for a, b, sa, sb in pairs
     }
-    assert got[(0, 1)] == (-1, -1)  # both below the bar: both lose
-    assert got[(2, 3)] == (1, 1)  # tie above the bar: both win
+    assert got[(0, 1)] == (-1, -1)  # both at or below the lose bar: both lose
+    assert got[(2, 3)] == (1, 1)  # both pass every criterion: both win
     assert got[(4, 5)] == (1, -1)  # otherwise the higher wins
     assert got[(6, 7)] == (1, -1)
     assert len(preference_pairs([1.0, 1.0, 1.0], [0, 0, 0])) == 1  # odd one out is unpaired

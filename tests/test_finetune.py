@@ -18,6 +18,37 @@ def test_shape_rewards_modes():
     assert np.allclose(shape_rewards(r, c, "class_norm", 0.5), [0.5, 1.5, 1.5, 0.5])
     assert np.array_equal(shape_rewards(r, c, "none", 0.5), [0, 0, 0, 0])  # the control arm
     assert np.array_equal(shape_rewards(r, c, "ones", 0.5), [1, 1, 1, 1])  # self-training
+    # class_z: centred and scaled within each class into [0, 1]; a class scored alike is 0.5
+    z = shape_rewards(
+        np.array([1.0, 0.0, 0.0, 0.0, 0.7, 0.7]), np.array([0, 0, 0, 0, 1, 1]), "class_z", 0.5
+    )
+    assert z[0] == 1.0 and np.allclose(z[1:4], 0.5 - 0.5 / np.sqrt(3)) and np.allclose(z[4:], 0.5)
+
+
+def _magic_rule(s1: int, s2: int, n: int) -> tuple[int, int]:
+    """MAGIC's App. A.2 on summed scores of n criteria, as written for n = 5 (bar 2 of 5)."""
+    lose = 2 / 5 * n
+    if max(s1, s2) <= lose:
+        return -1, -1
+    if min(s1, s2) == n or (s1 == s2 and s1 > lose):
+        return 1, 1
+    return (1, -1) if s1 > s2 else (-1, 1)
+
+
+def test_pair_rule_is_magics_for_5_and_7_criteria():
+    import itertools
+
+    from pathloop.finetune import magic_pair_signs
+
+    for n in (5, 7):
+        for s1, s2 in itertools.product(range(n + 1), repeat=2):
+            assert magic_pair_signs(s1 / n, s2 / n) == _magic_rule(s1, s2, n), (n, s1, s2)
+    kinds = [_magic_rule(a, b, 5) for a, b in itertools.product(range(6), repeat=2)]
+    assert (kinds.count((-1, -1)), kinds.count((1, 1))) == (9, 3)  # 0-2 x 0-2; 3-3, 4-4, 5-5
+    # 7 criteria: at most 2 passed loses, so 2 vs 2 both lose and 3 vs 3 both win
+    assert magic_pair_signs(2 / 7, 2 / 7) == (-1, -1) and magic_pair_signs(3 / 7, 3 / 7) == (1, 1)
+    assert magic_pair_signs(2 / 7, 3 / 7) == (-1, 1)
+    assert magic_pair_signs(0.6 + 0.1 + 0.2, 0.9) == (1, 1)  # averaged votes: equal to rounding
 
 
 def test_given_rewards_match_images_by_id(tmp_path):
@@ -98,6 +129,10 @@ def test_dpo_finetune_end_to_end(
     assert run.data.tags["pathloop.feedback_round"] == "7"
     assert run.data.tags["pathloop.pretrained"] == str(tiny_ckpt)
     assert np.isfinite(run.data.metrics["loss"])
+    kinds = res["data"]["pair_kinds"]  # ties do not train by default
+    assert sum(kinds.values()) == res["data"]["pairs"]
+    assert run.data.metrics["pairs_trained"] == res["data"]["pairs_trained"] == kinds["one_wins"]
+    assert run.data.metrics["pairs_both_lose"] == kinds["both_lose"]
 
 
 def test_reward_method_needs_a_reward_model(tiny_ckpt, checklist_feedback, tmp_path):

@@ -157,3 +157,160 @@ def test_preference_loss_generalises_dpo():
     assert lose[0].item() == pytest.approx(
         -torch.nn.functional.logsigmoid(torch.tensor(0.4)).item()
     )
+
+
+# ----------------------------------------------------------------------------- negative-aware
+
+
+def test_nft_loss_hand_values():
+    """r = 1 fits v+ = (1-b) v_old + b v, r = 0 fits v- = (1+b) v_old - b v, to the same target."""
+    from pathloop.losses import nft_loss
+
+    v, old, tgt = (
+        torch.full((2, 1, 1, 1), 2.0),
+        torch.full((2, 1, 1, 1), 1.0),
+        torch.zeros(2, 1, 1, 1),
+    )
+    out = nft_loss(v, old, tgt, torch.tensor([1.0, 0.0]), beta=0.5)
+    assert torch.allclose(out, torch.tensor([1.5**2, 0.5**2]))  # v+ = 1.5, v- = 0.5
+
+
+def test_nft_moves_toward_accepted_and_away_from_rejected_images():
+    """At v = v_old, a gradient step brings the prediction closer to an accepted image's target
+    and further from a rejected one's; r = 0.5 (no information) leaves it where it is."""
+    from pathloop.losses import nft_loss
+
+    g = torch.Generator().manual_seed(0)
+    old, tgt = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
+    v = old.clone().requires_grad_(True)
+    nft_loss(v, old, tgt, torch.tensor([1.0, 0.0, 0.5]), beta=1.0).sum().backward()
+    step = old - 0.1 * v.grad  # one plain gradient step from v_old
+    dist = lambda a: ((a - tgt) ** 2).flatten(1).sum(1)  # noqa: E731
+    before, after = dist(old), dist(step)
+    assert after[0] < before[0]  # accepted: toward its target
+    assert after[1] > before[1]  # rejected: away from its target
+    assert torch.all(v.grad[2] == 0)  # r = 0.5: no gradient at the old model
+
+
+def test_nft_finetune_loss_trains_the_model_and_not_the_frozen_one():
+    """method=nft in finetune_loss: finite loss, gradients in the model, none in the frozen copy,
+    and rewards of 0.5 everywhere give no gradient while the two models agree."""
+    import numpy as np
+
+    from pathloop.config import load_config
+    from pathloop.finetune import FinetuneConfig, finetune_loss
+    from pathloop.harness import build_state
+
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        ["model.block_out_channels=[16, 32]", "model.layers_per_block=1", "train.batch_size=4"]
+        + ["method=nft", "beta_r=0", "real=unused"],
+    )
+    st = build_state(cfg, 4, torch.device("cpu"))
+    ref = copy.deepcopy(st.raw).eval().requires_grad_(False)
+    rng = np.random.default_rng(0)
+    data = {
+        "images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        "class_ids": np.array([0, 1, 2, 3]),
+        "weights": np.array([1.0, 0.0, 1.0, 0.0], dtype=np.float32),
+        "pairs": np.zeros((0, 4), dtype=np.int64),
+        "real_images": np.zeros((0, 32, 32, 3), dtype=np.uint8),
+        "real_class_ids": np.zeros(0, dtype=np.int64),
+    }
+    loss = finetune_loss(cfg, st, ref, data, 0, 0, 1)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert sum(p.grad.abs().sum() for p in st.raw.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in ref.parameters())
+    st.opt.zero_grad(set_to_none=True)
+    data["weights"] = np.full(4, 0.5, dtype=np.float32)
+    finetune_loss(cfg, st, ref, data, 0, 0, 1).backward()
+    assert all(p.grad is None or p.grad.abs().max() < 1e-6 for p in st.raw.parameters())
+
+
+# ----------------------------------------------------------------------------- dpo in finetune_loss
+
+
+def _dpo_setup(ties: bool = False):
+    """A tiny model at its frozen reference and six images of three classes (two each)."""
+    import numpy as np
+
+    from pathloop.config import load_config
+    from pathloop.finetune import FinetuneConfig
+    from pathloop.harness import build_state
+
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        ["model.block_out_channels=[16, 32]", "model.layers_per_block=1", "train.batch_size=4"]
+        + ["method=dpo", "beta_r=0", "real=unused", f"dpo_ties={ties}"],
+    )
+    torch.manual_seed(0)
+    st = build_state(cfg, 4, torch.device("cpu"))
+    ref = copy.deepcopy(st.raw).eval().requires_grad_(False)
+    rng = np.random.default_rng(0)
+    data = {
+        "images": rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+        "class_ids": np.array([0, 0, 1, 1, 2, 2]),
+        "weights": np.zeros(6, dtype=np.float32),
+        "real_images": np.zeros((0, 32, 32, 3), dtype=np.uint8),
+        "real_class_ids": np.zeros(0, dtype=np.int64),
+    }
+    return cfg, st, ref, data
+
+
+def _dpo_grad(cfg, st, ref, data, pairs) -> torch.Tensor:
+    """The flattened gradient of finetune_loss (method=dpo) on ``pairs``."""
+    import numpy as np
+
+    from pathloop.finetune import finetune_loss
+
+    st.opt.zero_grad(set_to_none=True)
+    finetune_loss(cfg, st, ref, {**data, "pairs": np.array(pairs)}, 0, 0, 1).backward()
+    return torch.cat([p.grad.flatten() for p in st.raw.parameters() if p.grad is not None])
+
+
+def test_a_tied_pair_carries_no_gradient_unless_dpo_ties():
+    """Both win / both lose add nothing to the gradient by default (MAGIC's code weighs ties 0);
+    with dpo_ties they do, since at the reference a tie pushes each image on its own."""
+    won = [[4, 5, 1, -1]]
+    mixed = [[0, 1, 1, 1], [2, 3, -1, -1], *won]
+    cfg, st, ref, data = _dpo_setup(ties=False)
+    g_won = _dpo_grad(cfg, st, ref, data, won)
+    assert g_won.abs().max() > 1e-6  # a won pair trains
+    assert torch.equal(_dpo_grad(cfg, st, ref, data, mixed), g_won)  # the ties add nothing
+    cfg, st, ref, data = _dpo_setup(ties=True)
+    assert (_dpo_grad(cfg, st, ref, data, mixed) - g_won).abs().max() > 1e-6
+    g_tie = _dpo_grad(cfg, st, ref, data, [[0, 1, 1, 1]])
+    assert g_tie.abs().max() > 1e-6  # why ties are dropped: each alone is not zero
+
+
+def test_the_two_images_of_a_pair_share_noise_t_and_dropout(monkeypatch):
+    """Every denoising error of a dpo step (model and reference, image a and b) sees the same
+    noise, timesteps and labels, row by row; N ranks draw what one rank does."""
+    import numpy as np
+
+    import pathloop.losses as L
+    from pathloop.finetune import _finetune_batch, finetune_loss
+
+    cfg, st, ref, data = _dpo_setup()
+    cfg = cfg.model_copy(update={"p_uncond": 0.5})  # some labels dropped, alike in a pair
+    seen, real = [], L.diffusion_loss
+
+    def spy(unet, scheduler, x0, class_ids, **kw):
+        seen.append((kw["noise"], kw["timesteps"], class_ids))
+        return real(unet, scheduler, x0, class_ids, **kw)
+
+    monkeypatch.setattr(L, "diffusion_loss", spy)
+    pairs = np.array([[0, 1, 1, -1], [2, 3, -1, 1], [4, 5, 1, -1]])
+    finetune_loss(cfg, st, ref, {**data, "pairs": pairs}, 3, 0, 1)
+    assert len(seen) == 4  # model a, b; reference a, b
+    for noise, t, y in seen[1:]:
+        assert torch.equal(noise, seen[0][0]) and torch.equal(t, seen[0][1])
+        assert torch.equal(y, seen[0][2])
+    assert len(set(seen[0][1].tolist())) > 1  # rows differ; only the two images of a row agree
+    whole = _finetune_batch(cfg, 3, 3, 0, (3, 32, 32), 0, 1)
+    halves = [_finetune_batch(cfg, 3, 3, 0, (3, 32, 32), k, 2) for k in (0, 1)]
+    for w, a, b in zip(whole, *halves, strict=True):
+        assert torch.equal(w, torch.cat([a, b]))

@@ -48,18 +48,22 @@ def _params(ckpt: str) -> list[torch.Tensor]:
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_loop_resumes_after_a_kill_in_finetuning(tmp_path):
+@pytest.mark.timeout(1200)  # two loops; about 8 min on an idle 2-core machine
+def test_loop_resumes_after_a_kill_in_finetuning(tmp_path, monkeypatch):
     import ray.train
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store is the point
+    runs = tmp_path / "runs"  # the project's runs/: every loop under it shares runs/mlflow.db
+
     def cfg(*extra: str) -> LoopConfig:
-        over = [f"workdir={tmp_path / 'loop'}", *MINIMAL, *extra]
+        over = [f"workdir={runs / 'loop'}", *MINIMAL, *extra]
         return load_config(LoopConfig, ROOT / "jobs/configs/loop.tiny.yaml", over)
 
     # 1. killed at finetuning step 3 (after its step-2 checkpoint), no automatic recovery
     killed = cfg("finetune.train.fail_at_step=3", "finetune.max_failures=0")
     with pytest.raises(ray.train.TrainingFailedError):
         run_loop(killed)
-    wd = tmp_path / "loop"
+    wd = runs / "loop"
     assert (wd / "pretrain/result.json").exists()
     assert (wd / "round1/reward/result.json").exists()
     assert not (wd / "round1/finetune/result.json").exists()
@@ -117,6 +121,55 @@ def test_loop_resumes_after_a_kill_in_finetuning(tmp_path):
     )
     names = {r.info.run_name for r in children}
     assert {"pretrain", "round1-reward", "round1-finetune", "round1-evaluate"} <= names
+    # training previews and the evaluation name the judge's rate of the model alike
+    child = {r.info.run_name: r.data.metrics for r in children}
+    rate = "model/plausibility/judge/rate"
+    assert rate in child["round1-finetune"] and rate in child["round1-evaluate"]
+    assert not any(k.startswith("judge_plausible") for m in child.values() for k in m)
+    # the report: its run's name in the title, a verdict with directions, a link to the run
+    page = Path(ev["report"]).read_text()
+    assert "<h1>pathloop evaluation: loop-tiny / round1-evaluate</h1>" in page
+    assert "model vs baseline:" in page and "lower is better" in page
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{ev['run_id']}" in page
+
+    # 5. a second loop with other settings, from this loop's model: the same store by default,
+    # both parent runs with the headline metrics of their rounds, the experiment a training one
+    second = load_config(
+        LoopConfig,
+        ROOT / "jobs/configs/loop.tiny.yaml",
+        [
+            f"workdir={runs / 'loop-b'}",
+            "name=loop-b",
+            *MINIMAL,
+            f"pretrained={ft['checkpoint']}",
+            "round.pool_per_class=0",
+            "reward.backbone_train.steps=2",
+            "reward.train.steps=2",
+            "reward.train.checkpoint_every=2",
+            "finetune.train.steps=2",
+            "evaluate.tstr.settings=[synthetic]",
+            f"evaluate.features.path={wd / 'round1/evaluate/features'}",
+        ],
+    )
+    other = run_loop(second)
+    store = f"sqlite:///{runs / 'mlflow.db'}"
+    assert summary["tracking_uri"] == other["tracking_uri"] == store
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    loops = client.search_runs([exp.experiment_id], "tags.`pathloop.step` = 'loop'")
+    by_name = {r.info.run_name: r for r in loops}
+    assert set(by_name) == {"loop-tiny", "loop-b"}
+    assert by_name["loop-tiny"].data.params["finetune.train.steps"] == "6"
+    assert by_name["loop-b"].data.params["finetune.train.steps"] == "2"
+    for name, s in (("loop-tiny", summary), ("loop-b", other)):
+        m, evaluated = by_name[name].data.metrics, s["rounds"][0]["evaluate"]
+        assert m["model/fid"] == pytest.approx(evaluated["fidelity"]["model"]["fid"])
+        judge = evaluated["plausibility"]["judge"]["model"]["overall"]
+        assert m[rate] == pytest.approx(judge["rate"]) and m["model/plausibility/judge/hi"] > 0
+        assert {"model/prdc/precision", "model/prdc/coverage"} <= set(m)
+        assert "model/tstr/synthetic/macro_f1" in m
+        history = client.get_metric_history(by_name[name].info.run_id, "model/fid")
+        assert [h.step for h in history] == [1] * len(history)  # step = the round
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper", "real"])
@@ -163,3 +216,62 @@ def test_label_noise_is_refused_for_data_that_is_not_generated(tmp_path):
     )
     with pytest.raises(ValueError, match="set data.source=phantoms or data.label_noise=0"):
         make_data(cfg, tmp_path)
+
+
+def _checklist_export(path: Path, passed: list[int]) -> Path:
+    """A feedback export of len(passed) phantoms, two per class, image i passing passed[i] of
+    the 7 criteria (the fail_* columns a judge, MLLM or per-criterion rater leaves)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pathloop.data import encode_png
+    from pathloop.vocab import CRITERIA
+
+    n = len(passed)
+    cols = {
+        "id": [f"img{i}" for i in range(n)],
+        "image": [encode_png(np.full((32, 32, 3), 9 * i, np.uint8)) for i in range(n)],
+        "class_id": [i // 2 for i in range(n)],
+    }
+    for k, c in enumerate(CRITERIA):
+        cols[f"fail_{c}"] = [float(k >= p) for p in passed]
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path / "feedback.parquet")
+    return path
+
+
+@pytest.mark.parametrize("method", ["reward", "nft", "dpo"])
+def test_the_round_finetunes_with_the_chosen_method(method, tmp_path):
+    """finetune.method reaches the round's finetune job with the inputs it needs: the reward
+    model's scores of the pool (reward, nft), or pairs from the reviewed images' checklist
+    scores (dpo: no reward model, no pool)."""
+    import numpy as np
+
+    from pathloop.finetune import _finetune_data, check_reward_source
+    from pathloop.pipeline import Steps, round_finetune
+
+    cfg = load_config(
+        LoopConfig,
+        ROOT / "jobs/configs/loop.tiny.yaml",
+        [f"workdir={tmp_path}", f"finetune.method={method}"],
+    )
+    export = _checklist_export(tmp_path / "round1/feedback", [7, 3, 1, 2, 5, 5, 6, 0])
+    pool = tmp_path / "round1/pool"
+    steps = Steps(cfg, f"sqlite:///{tmp_path}/m.db", "parent")
+    ft = round_finetune(steps, 1, "model", tmp_path / "data", export, pool, "reward-model")
+    assert (ft.method, ft.pretrained, ft.real) == (method, "model", str(tmp_path / "data"))
+    assert ft.workdir == str(tmp_path / "round1/finetune")
+    assert ft.tracking.parent_run_id == "parent" and ft.feedback_round == "loop-round1"
+    check_reward_source(ft)  # run_finetune accepts it
+    if method != "dpo":
+        assert (ft.synthetic, ft.reward_model) == (str(pool), "reward-model")
+        return
+    assert (ft.synthetic, ft.reward_model) == (str(export / "feedback.parquet"), None)
+    stats = _finetune_data(ft.model_copy(update={"real": None}), None, tmp_path / "data.npz")
+    # 7 vs 3 and 6 vs 0: one wins; 1 vs 2: both lose (<= 2 of 7); 5 vs 5: both win
+    assert stats["pair_kinds"] == {"one_wins": 2, "both_win": 1, "both_lose": 1}
+    assert stats["pairs"] == 4 and stats["pairs_trained"] == 2
+    pairs = np.load(tmp_path / "data.npz")["pairs"]
+    winners = {int(row[0] if row[2] == 1 else row[1]) for row in pairs if row[2] != row[3]}
+    assert winners == {0, 6}

@@ -324,3 +324,14 @@ def test_cli_sweep_names_a_bad_key_before_starting_anything(tmp_path):
     assert not (tmp_path / "sw").exists()  # nothing written, no MLflow run, no Ray
     res = CliRunner().invoke(app, ["ablation", "fractions=[0, 2]"])
     assert res.exit_code == 2 and "fractions must be" in res.output
+
+
+def test_a_sweep_can_search_the_finetune_method():
+    from pathloop.sweep import build_configs
+
+    space = {"method": Param(grid=["reward", "nft", "dpo"])}
+    for step in ("finetune", "reward_finetune"):
+        cfg = SweepConfig(step=step, space=space)
+        check_space(cfg)  # every method builds a valid job config
+        methods = [build_configs(cfg, {"method": m})[1].method for m in ("reward", "nft", "dpo")]
+        assert methods == ["reward", "nft", "dpo"]
