@@ -1,23 +1,26 @@
-"""``make demo``: the whole loop on embedded defaults (local Ray, SQLite MLflow, phantom data).
+"""``make demo``: does expert feedback beat the data alone, on 2 CPU cores?
 
-It is ``pathloop loop --config jobs/configs/loop.tiny.yaml workdir=runs/demo``: phantoms →
-pretrain → one round of judge feedback → reward model → Eq. 3 finetuning → evaluation, sized for
-2 CPU cores. Rerun it after an interruption: finished steps are found by their outputs and skipped.
+It is ``pathloop experiment --config jobs/configs/experiment.demo.yaml workdir=runs/demo``:
+phantoms where 30 % of the training cells carry a slide artifact the expert rejects → a 1000-step
+pretrained model → one review round judged by the simulated expert → reward model → the control,
+feedback and oracle arms finetuned from the same model → the same evaluation images for each →
+the paired difference to the control with its 95 % interval. Rerun it after an interruption:
+finished steps are found by their outputs and skipped.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-LOOP_TINY = Path(__file__).resolve().parents[1] / "jobs/configs/loop.tiny.yaml"
+EXPERIMENT_DEMO = Path(__file__).resolve().parents[1] / "jobs/configs/experiment.demo.yaml"
 
 
 def run_demo(workdir: Path, overrides: list[str] | None = None) -> dict:
-    """The tiny loop into ``workdir``; prints the before/after tables and where things are."""
+    """The demo experiment into ``workdir``; prints the paired table and where things are."""
     from pathloop.config import load_config
-    from pathloop.pipeline import LoopConfig, print_summary, run_loop
+    from pathloop.experiment import ExperimentConfig, print_results, run_experiment
 
-    cfg = load_config(LoopConfig, LOOP_TINY, [f"workdir={workdir}", *(overrides or [])])
-    summary = run_loop(cfg)
-    print_summary(summary)
-    return summary
+    cfg = load_config(ExperimentConfig, EXPERIMENT_DEMO, [f"workdir={workdir}", *(overrides or [])])
+    results = run_experiment(cfg)
+    print_results(results)
+    return results

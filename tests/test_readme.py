@@ -2,9 +2,9 @@
 
 The HTTP section's shell blocks run under bash against ``pathloop serve --no-ray`` (plain uvicorn,
 the same routes as behind Ray Serve) on a free localhost port. The server starts from the README's
-own serve command, in a directory laid out like ``runs/demo`` after ``make demo``: a tiny untrained
-diffusion checkpoint and a phantom review round stand in for the demo's. Only the port changes
-(and ``--no-ray``); every client command runs verbatim otherwise.
+own serve command, in a directory laid out like ``runs/loop`` after the README's loop command: a
+tiny untrained diffusion checkpoint and a phantom review round stand in for the loop's. Only the
+port changes (and ``--no-ray``); every client command runs verbatim otherwise.
 """
 
 from __future__ import annotations
@@ -162,11 +162,11 @@ def test_documented_commands_have_valid_configs():
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory, tiny_ckpt, phantom_shards) -> Path:
-    """A directory laid out like the repo after ``make demo`` (the model untrained and tiny)."""
+    """A directory laid out like the repo after the README's loop (the model untrained and tiny)."""
     root = tmp_path_factory.mktemp("readme")
     (root / "serve").mkdir()
     shutil.copy(REPO / "serve/config.yaml", root / "serve/config.yaml")
-    r1 = root / "runs/demo/round1"
+    r1 = root / "runs/loop/round1"
     (r1 / "finetune").mkdir(parents=True)
     (r1 / "finetune/result.json").write_text(json.dumps({"checkpoint": str(tiny_ckpt)}))
     (r1 / "review").symlink_to(phantom_shards, target_is_directory=True)
