@@ -100,24 +100,41 @@ def ingest(
     src: Path = typer.Argument(..., help="Image-folder tree (one folder per class) or a CSV."),
     out: Path = typer.Option(..., "--out", "-o", help="Output shard-set directory."),
     labels: Path | None = typer.Option(None, help="LABELS.csv giving split and subtype."),
-    size: int = typer.Option(64, help="Output side in px (resize shorter side, centre-crop)."),
-    strict: bool = typer.Option(False, help="Exit non-zero if any file was quarantined."),
+    size: int = typer.Option(64, help="Output side in px, 8 to 1024 (shorter side, centre-crop)."),
+    strict: bool = typer.Option(False, help="Exit 3 if any input was quarantined."),
+    allow_outside_root: bool = typer.Option(
+        False, help="Read CSV paths and symlinks that lead outside the source folder."
+    ),
 ) -> None:
-    """Ingest real images into Parquet shards; bad files go to OUT/quarantine.csv with a reason."""
+    """Ingest real images into Parquet shards; bad files go to OUT/quarantine.csv with a reason.
+
+    Exit 0 done; 2 bad option or CSV (nothing written); 3 done, but --strict and something was
+    quarantined; 4 nothing usable (an existing set at OUT is kept).
+    """
+    from rich.markup import escape
+
+    from pathloop.data import printable
     from pathloop.ingest import ingest as run_ingest
 
     if not src.exists():
         raise FileNotFoundError(
-            f"source {str(src)!r} does not exist; pass an image folder or a CSV"
+            f"source {printable(src)!r} does not exist — pass an image folder or a CSV"
         )
-    report = run_ingest(src, out, labels=labels, size=size, strict=strict)
+    report = run_ingest(
+        src, out, labels=labels, size=size, strict=strict, allow_outside_root=allow_outside_root
+    )
+    shown = escape(printable(out))  # file names are data: no rich markup, no raw bytes
     console.print(
-        f"ingested [bold]{report.num_ingested}[/] images into {out} "
+        f"ingested [bold]{report.num_ingested}[/] images into {shown} "
         f"({report.num_duplicates} exact duplicates skipped, "
-        f"{report.num_quarantined} quarantined → {out / 'quarantine.csv'})"
+        f"{report.num_quarantined} quarantined → {shown}/quarantine.csv)"
     )
     for path, reason in report.quarantined[:20]:
-        console.print(f"  [yellow]quarantined[/] {path}: {reason}")
+        console.print(f"  [yellow]quarantined[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
+    if report.num_quarantined > 20:
+        console.print(f"  ... and {report.num_quarantined - 20} more in quarantine.csv")
+    for note in report.notes:
+        _say("note", "cyan", note)
     raise typer.Exit(report.exit_code(strict))
 
 
@@ -266,26 +283,107 @@ def _store(url: str, create: bool = False):
 def review_create(
     samples: Path = typer.Option(..., "--samples", help="Synthetic shard set to review."),
     name: str | None = typer.Option(None, help="Round name."),
+    blinded_real: Path | None = typer.Option(
+        None,
+        help="Blinded real-vs-synthetic round: mix these real cells (--real-split) with the "
+        "samples, the same number per class; raters answer real or synthetic.",
+    ),
+    real_split: str = typer.Option("test", help="Split of --blinded-real to draw from."),
+    out: Path | None = typer.Option(
+        None, help="Folder for the blinded round's mixed shard set (default SAMPLES-blinded)."
+    ),
+    pairwise: bool = typer.Option(
+        False, help="Pairwise round: two images of one class, which is more plausible."
+    ),
+    per_class: int | None = typer.Option(
+        None, help="Blinded: at most this many images of each source per class; pairwise: pairs."
+    ),
+    seed: int = typer.Option(0, help="Seed of the blinded draw and order, or of the pairing."),
+    require_criteria: bool = typer.Option(
+        False, help="An implausible verdict must name a failed criterion (review UI and API)."
+    ),
     store: str = STORE,
 ) -> None:
-    """Create a review round from a sample shard set (and the store, if new); prints the id."""
+    """Create a review round from a sample shard set (and the store, if new); prints the id.
+
+    Plausibility by default; --blinded-real for a blinded real-vs-synthetic test, --pairwise for
+    pairwise comparisons."""
     from pathloop.data import read_manifest
 
+    if blinded_real and pairwise:
+        raise ValueError("--blinded-real and --pairwise make different rounds: pick one")
     read_manifest(samples)  # a bad --samples fails before a new store is created
-    rid = _store(store, create=True).create_round(samples, name=name)
-    console.print(f"round [bold]{rid}[/] created from {samples}")
+    if blinded_real:
+        read_manifest(blinded_real)
+    fb = _store(store, create=True)
+    settings = {"require_criteria": True} if require_criteria else None
+    if blinded_real:
+        from pathloop.blinded import write_blinded_set
+
+        out = out or samples.with_name(samples.name + "-blinded")
+        made = write_blinded_set(samples, blinded_real, out, per_class, real_split, seed)
+        name = name or f"blinded {samples.name}"
+        rid = fb.create_round(out, name, "blinded", settings, items=made["items"])
+        left_out = ", ".join(made["classes_left_out"]) or "none"
+        console.print(
+            f"blinded round [bold]{rid}[/]: {made['n_real']} real + {made['n_synthetic']} "
+            f"synthetic images in {out} (classes without both left out: {left_out})"
+        )
+    elif pairwise:
+        from pathloop.pairwise import pair_items
+
+        items = pair_items(samples, seed, per_class)
+        name = name or f"pairwise {samples.name}"
+        rid = fb.create_round(samples, name, "pairwise", settings, items=items)
+        console.print(f"pairwise round [bold]{rid}[/]: {len(items)} pairs from {samples}")
+    else:
+        rid = fb.create_round(samples, name=name, settings=settings)
+        console.print(f"round [bold]{rid}[/] created from {samples}")
     typer.echo(rid)
 
 
 @review.command("rater")
 def review_rater(
     name: str = typer.Argument(..., help="Rater name (e.g. an e-mail)."),
+    expires_days: float = typer.Option(30.0, help="Days the token works, unless revoked."),
+    new_token: bool = typer.Option(
+        False, help="Issue an existing rater a new token (the old one stops working)."
+    ),
     store: str = STORE,
 ) -> None:
     """Add a human rater (creating the store, if new) and print their sign-in token (shown once)."""
-    rid, token = _store(store, create=True).add_rater(name)
-    console.print(f"rater {rid} ({name}); token (shown once):")
+    fb = _store(store, create=True)
+    if new_token:
+        rid = next((r.id for r in fb.raters() if r.name == name), None)
+        if rid is None:
+            raise ValueError(f"no rater {name!r}; add one with `pathloop review rater {name}`")
+        token = fb.issue_token(rid, expires_days=expires_days)
+    else:
+        rid, token = fb.add_rater(name, expires_days=expires_days)
+    expires = next(t.expires for t in fb.tokens() if t.rater_id == rid)
+    console.print(f"rater {rid} ({name}); token (shown once, expires {expires:%Y-%m-%d} UTC):")
     typer.echo(token)
+
+
+@review.command("tokens")
+def review_tokens(
+    revoke: str | None = typer.Option(
+        None, help="Revoke the token of this rater name or token id; it stops working at once."
+    ),
+    store: str = STORE,
+) -> None:
+    """List rater tokens: id, rater, issued, expires, status (never the token itself)."""
+    from datetime import datetime, timezone
+
+    fb = _store(store)
+    if revoke is not None:
+        t = fb.revoke_token(revoke)
+        console.print(f"revoked token {t.token_id} of rater {t.rater!r}")
+    now, when = datetime.now(timezone.utc), "{:%Y-%m-%d %H:%M}".format
+    typer.echo(f"{'token id':<9} {'rater':<24} {'issued (UTC)':<16} {'expires (UTC)':<16} status")
+    for t in fb.tokens():
+        line = f"{t.token_id:<9} {t.rater:<24} {when(t.created):<16} {when(t.expires):<16} "
+        typer.echo(line + t.status(now))
 
 
 @review.command("judge")
@@ -303,12 +401,16 @@ def review_mllm(
     base_url: str | None = typer.Option(None, help="Endpoint; default $PATHLOOP_MLLM_BASE_URL."),
     checklist: Path | None = typer.Option(None, help="Checklist YAML; default the packaged one."),
     repeats: int = typer.Option(1, help="Calls per image, averaged like raters."),
+    allow_public_api: bool = typer.Option(
+        False, help="With no base URL, send the images to the public OpenAI API."
+    ),
     store: str = STORE,
 ) -> None:
-    """Score a round with a multimodal LLM against the expert checklist (MAGIC)."""
+    """Score a round with a multimodal LLM against the expert checklist (MAGIC). Needs an
+    endpoint (--base-url or $PATHLOOP_MLLM_BASE_URL), or --allow-public-api."""
     from pathloop.experts import evaluate_round
 
-    opts = {"model": model, "repeats": repeats}
+    opts = {"model": model, "repeats": repeats, "allow_public_api": allow_public_api}
     if base_url:
         opts["base_url"] = base_url
     if checklist:
@@ -330,8 +432,29 @@ def review_export(
 
 @review.command("stats")
 def review_stats(round_id: int, store: str = STORE) -> None:
-    """Per-class progress, plausibility and inter-rater agreement of a round."""
-    _print_result(_store(store).round_stats(round_id))
+    """Per-class progress, plausibility and inter-rater agreement of a round; a blinded round's
+    accuracy at telling real from synthetic (95 % interval), a pairwise round's choices."""
+    stats = _store(store).round_stats(round_id)
+    _print_result(stats)
+    if "blinded" in stats:
+        from pathloop.viz import print_blinded
+
+        print_blinded(stats["blinded"])
+
+
+@review.command("pairs")
+def review_pairs(
+    round_id: int,
+    out: Path = typer.Option(..., "--out", "-o", help="Parquet file to write."),
+    store: str = STORE,
+) -> None:
+    """Write a pairwise round's decided pairs as preference pairs for `finetune method=dpo
+    pairs=OUT synthetic=<the round's shard set>`."""
+    from pathloop.pairwise import write_preference_pairs
+
+    fb = _store(store)
+    path = write_preference_pairs(fb, round_id, out)
+    console.print(f"wrote {path} (synthetic={fb.round_info(round_id).samples_dir})")
 
 
 @review.command("labelstudio-export")
@@ -452,7 +575,8 @@ def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything."),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """The whole loop on embedded defaults (phantoms, local Ray, SQLite MLflow), 2-CPU sized."""
+    """Does feedback beat the data alone? Control, feedback and oracle arms on phantoms with
+    slide artifacts (local Ray, SQLite MLflow), paired on the same images; 2-CPU sized."""
     from pathloop.demo import run_demo
 
     run_demo(workdir, overrides)
