@@ -233,18 +233,26 @@ def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Fi
     return figs
 
 
+def bench_gpu_section() -> list[Figure]:
+    """pathloop's training step beside a diffusers-example step, and sample(), with FLOP/s,
+    peak memory and compile time (``bench_gpu``: the paper preset on CUDA, tiny on CPU)."""
+    from pathloop.bench_gpu import bench_gpu
+
+    return bench_gpu()
+
+
 def bench_http(work: Path) -> list[Figure]:
-    """/v1/generate and /v1/score through Ray Serve vs direct calls, same model, one run; at
-    max_batch_size 4 and 8 (on CPU, a batch of 4 is about half a second of work, so the
-    per-request cost of HTTP and Ray shows more there)."""
+    """/v1/generate and /v1/score (one image, and /v1/score/batch) through Ray Serve vs direct
+    calls, same model, one run; generation at max_batch_size 4 and 8 (on CPU, a batch of 4 is
+    about half a second of work, so the per-request cost of HTTP and Ray shows more there)."""
     from serve.bench import bench_serve
 
     keys = ("name", "value", "unit", "peer_name", "peer_value", "target")
     figs = []
     for clients in (4, 8):
-        for d in bench_serve(work / f"serve{clients}", clients=clients):
-            if clients != 4 and "score" in d["name"]:
-                continue  # scoring does not depend on the generator's batch size
+        # scoring does not depend on the generator's batch size: measured once
+        only = ("generate", "score") if clients == 4 else ("generate",)
+        for d in bench_serve(work / f"serve{clients}", clients=clients, only=only):
             figs.append(Figure(**{k: d.get(k) for k in keys}, note=d.get("note", "")))
     return figs
 
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="Trained model for sampling.")
     ap.add_argument(
         "--only",
-        default="judge,readers,train,sampling,serve",
+        default="judge,readers,train,sampling,gpu,serve",
         help="Comma-separated benchmarks to run (default: all).",
     )
     args = ap.parse_args(argv)
@@ -326,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             ("readers", lambda: bench_readers(work, shards)),
             ("train", lambda: bench_train(work, shards, args.train_steps)),
             ("sampling", lambda: bench_sampling(work, args.checkpoint, shards)),
+            ("gpu", bench_gpu_section),
             ("serve", lambda: bench_http(work)),
         ):
             if name not in only:

@@ -78,6 +78,16 @@ class SamplerConfig(Frozen):
         description="Images per UNet call (CFG doubles the rows). On 2 CPU cores 16-32 sample "
         "about 1.5x faster per image than 128; GPUs want hundreds.",
     )
+    channels_last: bool = Field(
+        False,
+        description="channels_last UNet weights. Off: GroupNorm has no channels_last kernel "
+        "in eager mode (see train.channels_last); not measured for sampling.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet for this batch size (each new batch shape compiles "
+        "once): for GPU processes that sample many batches; compile time is not measured.",
+    )
 
 
 class AdamWConfig(Frozen):

@@ -274,6 +274,17 @@ def _denoise_chunk(
     return x
 
 
+def _prepare_denoiser(unet: torch.nn.Module, channels_last: bool, compile_: bool) -> None:
+    """channels_last weights and ``nn.Module.compile`` of ``unet``, in place (a module compiled
+    before is kept as it is). Compiled with static shapes: the first chunk of each shape compiles
+    (CFG doubles the rows; a last, smaller chunk is a new shape), later ones reuse the graph, so
+    it pays when one model samples many batches of one size (a sampling actor, Serve)."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile_ and unwrap(unet) is unet and unet._compiled_call_impl is None:
+        unet.compile(dynamic=False)  # once; a torch.compile or DDP wrapper is left as it is
+
+
 def _progress(enabled: bool, total: int):
     """A rich progress bar (or nothing) and a callback that advances it by one step."""
     if not enabled:
@@ -304,6 +315,8 @@ def sample(
     dtype: torch.dtype | None = None,
     generator_per_image: bool = True,
     seeds: Sequence[int] | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Draw one image per class id; returns (N, C, H, W) float32 in [-1, 1] on the CPU.
 
@@ -323,12 +336,16 @@ def sample(
         grad_x log p(c | x_t) (see ``classifier_guidance``); eps -= sqrt(1 - ab_t) * scale * grad.
     device: where to run; None = the unet's device, else the unet is moved there.
     dtype: torch.bfloat16 turns on bf16 autocast on CUDA (ignored on CPU).
+    channels_last/compile: convert the unet in place, as ``device`` moves it (see
+        ``_prepare_denoiser``); both off by default, and neither changes which noise an image
+        draws, so a compiled sampler reproduces an eager one up to float rounding.
     ``SamplerConfig`` fields are keyword arguments: ``sample(u, n, ids, **cfg.model_dump())``.
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     unet.to(device)
+    _prepare_denoiser(unet, channels_last, compile)
     ids = _as_class_tensor(class_ids, null_class(unet))  # (N,)
     n, cfg = len(ids), unwrap(unet).config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -406,11 +423,13 @@ def build_lr_schedule(opt: torch.optim.Optimizer, optim: OptimConfig, steps: int
 # ----------------------------------------------------------------------------- EMA
 
 
-def build_ema(unet: torch.nn.Module, optim: OptimConfig) -> EMAModel:
+def build_ema(unet: torch.nn.Module, optim: OptimConfig, foreach: bool = False) -> EMAModel:
     """A diffusers ``EMAModel`` of ``unet``'s weights (kept on the unet's device).
 
     With ``optim.ema_warmup`` the decay ramps as 1 - (1 + step)^-3/4 (crowsonkb's warm-up, good for
     runs under ~100k steps) up to ``optim.ema_decay``, so short runs still get a usable EMA.
+    ``foreach`` updates all weights in a few multi-tensor kernels (for GPUs: a kernel per weight
+    tensor costs a launch each); off, each tensor is updated alone, as before.
     """
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
@@ -424,6 +443,7 @@ def build_ema(unet: torch.nn.Module, optim: OptimConfig) -> EMAModel:
         power=3 / 4,
         model_cls=UNet2DModel,
         model_config=bare.config,
+        foreach=foreach,
     )
 
 
@@ -444,7 +464,7 @@ class Checkpoint:
     unet: UNet2DModel
     raw_unet: UNet2DModel
     ema: EMAModel | None
-    optimizer_state: dict | None
+    optimizer_state: dict | None  # None unless loaded with optimizer=True
     step: int
     config: dict
     vocab: Vocabulary
@@ -490,9 +510,18 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    optimizer: bool = False,
 ) -> Checkpoint:
-    """Load a directory written by ``save_checkpoint`` (models in eval mode on ``map_location``)."""
+    """Load a directory written by ``save_checkpoint`` (models in eval mode on ``map_location``).
+
+    ``optimizer.pt`` is read only with ``optimizer=True`` (resuming training); sampling and
+    serving never open it. Every file is read as data: weights as safetensors only, the optimizer
+    state with ``torch.load(weights_only=True)``, so a crafted checkpoint cannot run code.
+    """
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
 
@@ -501,7 +530,8 @@ def load_checkpoint(
         raise FileNotFoundError(f"{str(path)!r} is not a pathloop checkpoint (no unet/ inside)")
 
     def unet_from(d: Path) -> UNet2DModel:  # low_cpu_mem_usage: no `accelerate` warning
-        return UNet2DModel.from_pretrained(d, low_cpu_mem_usage=False).to(map_location).eval()
+        unet = UNet2DModel.from_pretrained(d, low_cpu_mem_usage=False, use_safetensors=True)
+        return unet.to(map_location).eval()
 
     raw = unet_from(path / "unet")
     state = json.loads((path / "state.json").read_text())
@@ -514,7 +544,9 @@ def load_checkpoint(
         ema_model.load_state_dict(state.get("ema", {}))  # decay, warm-up, optimization_step
         unet = ema_unet if ema else raw
     opt_file = path / "optimizer.pt"
-    optimizer_state = torch.load(opt_file, map_location=map_location) if opt_file.exists() else None
+    optimizer_state = None
+    if optimizer and opt_file.exists():  # tensors and plain containers only: no pickled code
+        optimizer_state = torch.load(opt_file, map_location=map_location, weights_only=True)
     config = json.loads((path / "config.json").read_text())
     noise = NoiseConfig.model_validate(config["noise"]) if "noise" in config else None
     return Checkpoint(

@@ -345,7 +345,7 @@ def _measure(cfg: EvaluateConfig, labels: dict[str, str], uri: str, advance: Any
     sets = {REAL: real[cfg.fidelity.real_split], **samples}
     plaus = plausibility_all(cfg, vocab, sets, dirs, uri)
     return {
-        "title": f"pathloop evaluation: {cfg.name}",
+        "title": f"pathloop evaluation: {cfg.tracking.run_name or cfg.name}",
         "labels": list(labels),
         "models": {REAL: cfg.real, **labels},
         "samples": {lab: str(d) for lab, d in dirs.items()},
@@ -385,6 +385,10 @@ def evaluate_models(cfg: EvaluateConfig) -> dict[str, Any]:
                 bar.update(task, advance=1, description=what)
 
             result = _measure(cfg, labels, uri, advance)
+            card = result["mlflow"] = tracking.run_card(uri, run_id)  # the report links it
+            # e.g. "loop-tiny / round1-evaluate": the loop's config name, then the step's run
+            names = [n for n in (card["parent"], card["run_name"]) if n]
+            result["title"] = "pathloop evaluation: " + " / ".join(names)
             result["curve"] = report.load_curve_rows(cfg.ablation) if cfg.ablation else None
             advance("report")
             path = report.render_report(result, workdir / "report.html")
@@ -409,6 +413,24 @@ def evaluate_models(cfg: EvaluateConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- compare
 
 MAIN_PATTERNS = ("*", "!*/class/*")  # every metric but the per-class plausibility rates
+# The evaluated model's headline figures: what a loop's parent run and a registered model
+# version show (plausible rate per evaluator with its interval, FID, PRDC, TSTR).
+HEADLINE_PATTERNS = (
+    "model/plausibility/*/rate",
+    "model/plausibility/*/lo",
+    "model/plausibility/*/hi",
+    "model/fid",
+    "model/prdc/*",
+    "model/tstr/*/macro_f1",
+    "model/tstr/*/accuracy",
+    "!*/class/*",
+)
+
+
+def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The model's headline metrics of an evaluation result (``HEADLINE_PATTERNS``), by the
+    names its run logs them under."""
+    return {k: v for k, v in flat_metrics(result).items() if _keep(k, HEADLINE_PATTERNS)}
 
 
 def _client(uri: str | None) -> Any:

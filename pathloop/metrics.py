@@ -330,13 +330,31 @@ def tstr(
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion k / n (z = 1.96: 95 %); (nan, nan) when n = 0.
 
-    Counts per class are small (tens of images), where the normal interval fails."""
+    Counts per class are small (tens of images), where the normal interval fails. statsmodels'
+    ``proportion_confint(method="wilson")``, clipped so that k / n lies inside it exactly (at
+    k = 0 or k = n its bound can sit 1e-17 past the rate)."""
+    from scipy.stats import norm
+    from statsmodels.stats.proportion import proportion_confint
+
     if n <= 0:
         return float("nan"), float("nan")
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p))  # p inside, exactly
+    alpha = 2 * float(norm.sf(z))  # z = 1.96 -> 0.05
+    lo, hi = proportion_confint(k, n, alpha=alpha, method="wilson")
+    p = k / n
+    return max(0.0, min(float(lo), p)), min(1.0, max(float(hi), p))
+
+
+def rate_difference(k1: int, n1: int, k0: int, n0: int) -> tuple[float, float, float]:
+    """(k1/n1 - k0/n0, 95 % interval) of two independent proportions, e.g. one model's
+    plausible rate against another's on their own samples: Newcombe's hybrid score interval
+    (built from the two Wilson intervals; statsmodels ``confint_proportions_2indep``, method
+    ``newcomb``). NaNs when either n is 0."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    if n1 <= 0 or n0 <= 0:
+        return float("nan"), float("nan"), float("nan")
+    lo, hi = confint_proportions_2indep(k1, n1, k0, n0, method="newcomb", compare="diff")
+    return k1 / n1 - k0 / n0, float(lo), float(hi)
 
 
 def _rate_row(votes: np.ndarray, z: float) -> dict[str, float]:
@@ -448,21 +466,21 @@ def plausible_from_export(path: str | Path) -> tuple[np.ndarray, np.ndarray, Voc
 
 
 def cohen_kappa(a: Sequence[Any], b: Sequence[Any]) -> float:
-    """Cohen's kappa of two raters over the same items: (p_o - p_e) / (1 - p_e).
+    """Cohen's kappa of two raters over the same items (``sklearn.metrics.cohen_kappa_score``).
 
     Degenerate case: when both raters used one and the same label for every item, p_e = 1 and
     the ratio is 0/0; that is perfect agreement, so it returns 1.0. No items gives NaN.
     """
+    from sklearn.metrics import cohen_kappa_score
+
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"raters rated different numbers of items: {a.shape} vs {b.shape}")
     if a.size == 0:
         return float("nan")
-    p_o = float(np.mean(a == b))
-    p_e = float(sum(np.mean(a == c) * np.mean(b == c) for c in np.union1d(a, b)))
-    if math.isclose(p_e, 1.0):
+    if len(np.union1d(a, b)) == 1:
         return 1.0
-    return (p_o - p_e) / (1.0 - p_e)
+    return float(cohen_kappa_score(a, b))
 
 
 def fleiss_kappa(counts: np.ndarray) -> float:

@@ -83,10 +83,10 @@ def pretrain_loop(config: dict) -> None:
     per_worker = cfg.train.batch_size // world
     sl = slice(rank * per_worker, (rank + 1) * per_worker)  # this rank's rows of the global draw
 
-    def one_step(step: int, batch: dict) -> tuple[float, dict]:
+    def one_step(step: int, batch: dict) -> tuple[Any, dict]:
         x0 = batch["image"]  # (b, C, H, W) in [-1, 1]
         shape = (cfg.train.batch_size, *x0.shape[1:])
-        noise, t, drop = global_draw(cfg, step, shape, len(vocab))
+        noise, t, drop = global_draw(cfg, step, shape, len(vocab), device)  # on the step's device
         grad_clip = cfg.optim.grad_clip
         return train_step(st, x0, batch["class_id"], noise[sl], t[sl], drop[sl], grad_clip), {}
 

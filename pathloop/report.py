@@ -25,6 +25,12 @@ BOOKKEEPING = ("step", "segment", "trial_id", "mlflow_run_id")  # ablation colum
 
 FIDELITY_COLUMNS = ("fid", "precision", "recall", "density", "coverage")
 CLASSIFIER_COLUMNS = ("macro_f1", "accuracy", "macro_precision", "macro_recall", "auc_ovr")
+HIGHER, LOWER = "higher is better", "lower is better"
+# Metric names (their last part) where lower is better; every other metric of the report (PRDC,
+# classifier scores, plausible rates, AUC) is better higher.
+LOWER_IS_BETTER = ("fid", "loss", "ece", "error")
+PAGE_PX = 1280  # the report fits a window this wide: plots and sample strips are sized to it
+FIG_DPI = 110
 # (title, setting of the real reference row, setting of each model's row)
 TSTR_TABLES = (
     ("Train on synthetic, test on real (Sun et al. 2023, Table 4)", "real", "synthetic"),
@@ -43,7 +49,31 @@ def _fmt(v: Any) -> str:
 
 
 def _table(title: str, columns: Sequence[str], rows: list[list[Any]]) -> dict[str, Any]:
-    return {"title": title, "columns": list(columns), "rows": rows}
+    """A table; columns with no value in any row are left out, and ``note`` says which way
+    each metric column is better."""
+    keep = [0] + [i for i in range(1, len(columns)) if any(not _missing(r[i]) for r in rows)]
+    columns, rows = [columns[i] for i in keep], [[r[i] for i in keep] for r in rows]
+    return {"title": title, "columns": list(columns), "rows": rows, "note": directions(columns)}
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v == "–" or (isinstance(v, float) and math.isnan(v))
+
+
+def direction(metric: str) -> str:
+    """``LOWER`` for FID, losses and errors, ``HIGHER`` for the rest."""
+    name = metric.rsplit("/", 1)[-1]
+    return LOWER if name.endswith(LOWER_IS_BETTER) else HIGHER
+
+
+def directions(columns: Sequence[str]) -> str:
+    """One line on which way the metric columns are better, e.g. for the fidelity table:
+    "fid: lower is better; precision, recall, density, coverage: higher is better"."""
+    metrics = [c for c in columns[1:] if c in (*FIDELITY_COLUMNS, *CLASSIFIER_COLUMNS)]
+    if not metrics:
+        return "plausible rate: higher is better"  # the per-class rate tables
+    by = {d: [c for c in metrics if direction(c) == d] for d in (LOWER, HIGHER)}
+    return "; ".join(f"{', '.join(cs)}: {d}" for d, cs in by.items() if cs)
 
 
 def fidelity_table(fidelity: dict[str, dict], labels: Sequence[str]) -> dict[str, Any]:
@@ -60,16 +90,16 @@ def classifier_tables(tstr: dict[str, dict], labels: Sequence[str]) -> list[dict
     """One table per TSTR comparison whose settings were run: the real reference row first."""
     out = []
     for title, ref_setting, syn_setting in TSTR_TABLES:
-        rows = []
-        if ref_setting in tstr.get(REAL, {}):
-            rows.append([f"{REAL} ({ref_setting})", *_cols(tstr[REAL][ref_setting])])
-        rows += [
+        rows = [
             [lab, *_cols(tstr[lab][syn_setting])]
             for lab in labels
             if syn_setting in tstr.get(lab, {})
         ]
-        if rows:
-            out.append(_table(title, ["", *CLASSIFIER_COLUMNS], rows))
+        if not rows:  # the reference row alone compares nothing
+            continue
+        if ref_setting in tstr.get(REAL, {}):
+            rows.insert(0, [f"{REAL} ({ref_setting})", *_cols(tstr[REAL][ref_setting])])
+        out.append(_table(title, ["", *CLASSIFIER_COLUMNS], rows))
     return out
 
 
@@ -81,7 +111,9 @@ def plausibility_tables(plaus: dict[str, dict], labels: Sequence[str]) -> list[d
     """Per source: plausible rate with its Wilson interval, per class (rows) and label (columns)."""
     out = []
     for source, by_label in plaus.items():
-        present = [lab for lab in labels if lab in by_label]
+        present = [lab for lab in labels if by_label.get(lab, {}).get("overall", {}).get("n")]
+        if not present:  # e.g. an evaluator that scored nothing
+            continue
         codes = list(dict.fromkeys(c for lab in present for c in by_label[lab]["per_class"]))
         rows = [
             [code, *(_rate_cell(by_label[lab]["per_class"].get(code)) for lab in present)]
@@ -104,6 +136,109 @@ def _rate_cell(row: dict | None) -> str:
     return f"{row['rate']:.2f} [{row['lo']:.2f}, {row['hi']:.2f}] n={row['n']}"
 
 
+# ----------------------------------------------------------------------------- verdict
+
+
+def verdict(result: dict[str, Any], classes_shown: int = 5) -> list[str]:
+    """The report's first lines: the model against the label just before it (the previous
+    round, or the baseline): each plausible rate with the difference and its 95 % interval
+    (Newcombe), FID and TSTR macro F1, each with its direction, then the classes whose rate
+    fell most (an interval below 0 is marked "clearly"). Without a baseline: the model alone."""
+    labels = result["labels"]
+    model, ref = labels[-1], (labels[-2] if len(labels) > 1 else None)
+    lines = [
+        f"{model} vs {ref}:" if ref else f"{model} (no baseline to compare with):",
+        *_rate_changes(result["plausibility"], model, ref),
+        *_score_changes(result, model, ref),
+    ]
+    if ref:
+        lines += _classes_that_fell(result["plausibility"], model, ref, classes_shown)
+    return lines
+
+
+def _overall(table: dict | None) -> tuple[int, int]:
+    row = (table or {}).get("overall") or {}
+    return int(row.get("k") or 0), int(row.get("n") or 0)
+
+
+def _rate_changes(plaus: dict[str, dict], model: str, ref: str | None) -> list[str]:
+    from pathloop.metrics import rate_difference
+
+    out = []
+    for source, by_label in plaus.items():
+        (k1, n1), (k0, n0) = _overall(by_label.get(model)), _overall(by_label.get(ref))
+        if not n1:
+            continue
+        head = f"plausible rate ({source}, {HIGHER}): "
+        if not n0:
+            row = by_label[model]["overall"]
+            out.append(head + f"{k1 / n1:.2f} [{row['lo']:.2f}, {row['hi']:.2f}] of {n1} images")
+            continue
+        d, lo, hi = rate_difference(k1, n1, k0, n0)
+        out.append(
+            head + f"{k0 / n0:.3f} → {k1 / n1:.3f}, {_signed(d, '.3f')} [95 % CI "
+            f"{_signed(lo, '.3f')}, {_signed(hi, '.3f')}] ({n0} and {n1} images)"
+        )
+    return out
+
+
+def _score_changes(result: dict[str, Any], model: str, ref: str | None) -> list[str]:
+    """FID and TSTR macro F1 (synthetic only) of the model, and of ``ref`` when it has them."""
+    scores = {
+        ("FID", "fid"): {lab: m.get("fid") for lab, m in result.get("fidelity", {}).items()},
+        ("TSTR macro F1", "macro_f1"): {
+            lab: m.get("synthetic", {}).get("macro_f1") for lab, m in result.get("tstr", {}).items()
+        },
+    }
+    out = []
+    for (name, metric), by_label in scores.items():
+        now, before = by_label.get(model), by_label.get(ref) if ref else None
+        if _missing(now):
+            continue
+        text = f"{name} ({direction(metric)}): "
+        if _missing(before):
+            out.append(text + f"{now:.3g}")
+        else:
+            out.append(text + f"{before:.3g} → {now:.3g} ({_signed(now - before, '.3g')})")
+    return out
+
+
+def _classes_that_fell(plaus: dict[str, dict], model: str, ref: str, shown: int) -> list[str]:
+    from pathloop.metrics import rate_difference
+
+    out = []
+    for source, by_label in plaus.items():
+        if not (_overall(by_label.get(model))[1] and _overall(by_label.get(ref))[1]):
+            continue
+        before, now = by_label[ref]["per_class"], by_label[model]["per_class"]
+        fell = []
+        for code in now:
+            a, b = now[code], before.get(code) or {}
+            if a.get("n") and b.get("n"):
+                d, lo, hi = rate_difference(a["k"], a["n"], b["k"], b["n"])
+                if d < 0:
+                    fell.append((d, lo, hi, code))
+        if not fell:
+            out.append(f"no class fell ({source})")
+            continue
+        fell.sort()
+        clearly = sum(hi < 0 for _, _, hi, _ in fell)
+        cells = [
+            f"{code} {_signed(d)} [{_signed(lo)}, {_signed(hi)}]" + (" clearly" if hi < 0 else "")
+            for d, lo, hi, code in fell[:shown]
+        ]
+        more = f" and {len(fell) - shown} more" if len(fell) > shown else ""
+        out.append(
+            f"classes that fell ({source}): {len(fell)} of {len(now)}, {clearly} clearly "
+            f"(interval below 0): " + ", ".join(cells) + more
+        )
+    return out
+
+
+def _signed(v: float, fmt: str = ".2f") -> str:
+    return "–" if _missing(v) else f"{v:+{fmt}}".replace("-", "−")
+
+
 def metric_tables(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Every table of an evaluation result (see ``evaluate.evaluate_models``), paper layout."""
     labels = result["labels"]  # baselines first, then the model
@@ -120,7 +255,7 @@ def print_tables(tables: list[dict[str, Any]]) -> None:
 
     console = Console()
     for t in tables:
-        rt = Table(title=t["title"])
+        rt = Table(title=t["title"], caption=t.get("note"))
         for i, c in enumerate(t["columns"]):
             rt.add_column(c, justify="left" if i == 0 else "right")
         for row in t["rows"]:
@@ -147,7 +282,7 @@ def figure_png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=FIG_DPI, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -157,6 +292,11 @@ def image_png(image: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _fig_width(inches: float) -> float:
+    """A figure width in inches that fits the page (``PAGE_PX`` less margins) at ``FIG_DPI``."""
+    return min(inches, (PAGE_PX - 120) / FIG_DPI)
 
 
 def _pyplot() -> Any:
@@ -175,7 +315,8 @@ def plot_plausibility(by_label: dict[str, dict], title: str = "plausibility per 
     labels = list(by_label)
     codes = list(dict.fromkeys(c for lab in labels for c in by_label[lab]["per_class"]))
     width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(codes) * max(len(labels), 1) ** 0.5), 3.6))
+    wide = max(6.0, 0.6 * len(codes) * max(len(labels), 1) ** 0.5)
+    fig, ax = plt.subplots(figsize=(_fig_width(wide), 3.6))
     x = np.arange(len(codes) + 1)  # the last group is "all"
     for i, lab in enumerate(labels):
         rows = [by_label[lab]["per_class"].get(c) for c in codes] + [by_label[lab]["overall"]]
@@ -194,7 +335,7 @@ def plot_plausibility(by_label: dict[str, dict], title: str = "plausibility per 
         )
     ax.set_xticks(x, [*codes, "all"], rotation=45, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("plausible rate")
+    ax.set_ylabel(f"plausible rate ({HIGHER})")
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig
@@ -222,12 +363,14 @@ def plot_metric_curve(
     plt = _pyplot()
     cols = min(len(names), 3)
     nrows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(_fig_width(3.4 * cols), 2.8 * nrows), squeeze=False
+    )
     xs = [float(r[x]) for r in rows]
     for ax, name in zip(axes.flat, names, strict=False):
         ax.plot(xs, [float(r.get(name, np.nan)) for r in rows], marker="o")
         ax.set_xlabel(x)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(f"{name} ({direction(name)})", fontsize=9)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(title)
@@ -269,7 +412,7 @@ def plot_paired_classes(
     plt = _pyplot()
     others = [r for r in rows if r["arm"] != control]
     codes = list(rows[0]["per_class"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(codes)), 3.6))
+    fig, ax = plt.subplots(figsize=(_fig_width(max(6.0, 0.55 * len(codes))), 3.6))
     x = np.arange(len(codes))
     for i, r in enumerate(others):
         cells = [r["per_class"][c] for c in codes]
@@ -319,17 +462,33 @@ def _img_tag(png: bytes, alt: str) -> str:
 
 
 def _html_table(t: dict[str, Any]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in t["columns"])
+    head = "".join(f"<th>{html.escape(c)}{_arrow(c)}</th>" for c in t["columns"])
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
         for row in t["rows"]
     )
-    return f"<h3>{html.escape(t['title'])}</h3><table><tr>{head}</tr>{body}</table>"
+    note = f"<p class='note'>{html.escape(t['note'])}</p>" if t.get("note") else ""
+    return f"<h3>{html.escape(t['title'])}</h3>{note}<table><tr>{head}</tr>{body}</table>"
+
+
+def _arrow(column: str) -> str:
+    if column not in (*FIDELITY_COLUMNS, *CLASSIFIER_COLUMNS):
+        return ""
+    return " ↓" if direction(column) == LOWER else " ↑"
+
+
+def _strip_shape(n: int, side: int, n_labels: int, scale: int) -> tuple[int, int]:
+    """(rows, cols) of a class's strip of ``n`` images so that ``n_labels`` strips side by
+    side, with the class column and margins, fit ``PAGE_PX``."""
+    room = (PAGE_PX - 64 - 90) // max(n_labels, 1) - 20  # px of one label's cell
+    cols = max(1, min(n, (room - 2) // (side * scale + 2)))
+    return math.ceil(n / cols), cols
 
 
 def sample_grid_html(grids: dict[str, dict[str, list[np.ndarray]]], scale: int = 2) -> str:
     """Sample grids per class side by side: rows = classes, columns = labels (real, baseline,
-    model), each cell a strip of that class's images. ``grids`` maps class → label → images."""
+    model), each cell that class's images, wrapped onto more lines when a strip would make
+    the table wider than the page. ``grids`` maps class → label → images."""
     from pathloop.viz import image_grid
 
     labels = list(dict.fromkeys(lab for by in grids.values() for lab in by))
@@ -341,23 +500,53 @@ def sample_grid_html(grids: dict[str, dict[str, list[np.ndarray]]], scale: int =
         cells = []
         for lab in labels:
             ims = by_label.get(lab) or []
-            strip = image_grid(ims, 1, len(ims), scale) if ims else None
-            cells.append(f"<td>{_img_tag(image_png(strip), f'{cls} {lab}') if strip else '–'}</td>")
+            if not ims:
+                cells.append("<td>–</td>")
+                continue
+            shape = _strip_shape(len(ims), ims[0].shape[1], len(labels), scale)
+            strip = image_grid(ims, *shape, scale)
+            cells.append(f"<td>{_img_tag(image_png(strip), f'{cls} {lab}')}</td>")
         rows.append(f"<tr><th>{html.escape(cls)}</th>{''.join(cells)}</tr>")
     return f"<table class='grid'>{head}{''.join(rows)}</table>"
 
 
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:right;font-size:13px}td:first-child,th:first-child{text-align:left}
-table.grid td{text-align:left}img{image-rendering:pixelated}code{background:#f4f4f4}"""
+CSS = f"""body{{font-family:system-ui,sans-serif;margin:2em auto;padding:0 2em;
+max-width:{PAGE_PX - 64}px;color:#222}}
+table{{border-collapse:collapse;margin:0.5em 0 1.5em}}td,th{{border:1px solid #ccc;
+padding:3px 8px;text-align:right;font-size:13px}}td:first-child,th:first-child{{text-align:left}}
+table.grid td{{text-align:left}}img{{image-rendering:pixelated;max-width:100%;height:auto}}
+code{{background:#f4f4f4;word-break:break-all}}p.note{{color:#555;font-size:13px;margin:0}}
+ul.verdict{{background:#f6f8fa;border-left:4px solid #4a7;padding:0.6em 1em 0.6em 2em}}"""
+
+
+def _header(result: dict[str, Any]) -> list[str]:
+    """Title, the verdict and where the run is in MLflow."""
+    parts = [f"<h1>{html.escape(title_of(result))}</h1>"]
+    lines = verdict(result)
+    parts.append(
+        f"<p><b>{html.escape(lines[0])}</b></p><ul class='verdict'>"
+        + "".join(f"<li>{html.escape(x)}</li>" for x in lines[1:])
+        + "</ul>"
+    )
+    run = result.get("mlflow")
+    if run:
+        link = f"<a href='{html.escape(run['url'])}'>{html.escape(run['run_name'])}</a>"
+        text = f"MLflow run: {link} (<code>{html.escape(run['run_id'])}</code>)"
+        if run.get("parent"):
+            text += f", a step of run {html.escape(run['parent'])}"
+        if run.get("ui"):
+            text += f"; the link needs <code>{html.escape(run['ui'])}</code> running"
+        parts.append(f"<p>{text}</p>")
+    return parts
 
 
 def render_report(result: dict[str, Any], out: str | Path) -> Path:
     """Write the self-contained HTML report of an evaluation ``result`` (``evaluate_models``):
-    models, fidelity and classifier tables, plausibility bars and tables, sample grids, and the
-    feedback-amount curve when ``result['curve']`` holds ablation rows."""
-    parts = [f"<h1>{html.escape(result.get('title', 'pathloop evaluation'))}</h1>"]
+    title, verdict and MLflow link, models, fidelity and classifier tables (with the data they
+    hold, and which way each metric is better), plausibility bars and tables, sample grids, and
+    the feedback-amount curve when ``result['curve']`` holds ablation rows. It fits a window
+    ``PAGE_PX`` wide."""
+    parts = _header(result)
     models = "".join(
         f"<tr><td>{html.escape(lab)}</td><td><code>{html.escape(str(ref))}</code></td></tr>"
         for lab, ref in result["models"].items()
@@ -369,8 +558,10 @@ def render_report(result: dict[str, Any], out: str | Path) -> Path:
     parts += [_html_table(t) for t in tables if not t["title"].startswith("Plausibility")]
     parts.append("<h2>Plausibility per class</h2>")
     for source, by_label in result["plausibility"].items():
-        fig = plot_plausibility(by_label, f"plausibility per class: {source}")
-        parts.append(_img_tag(figure_png(fig), f"plausibility {source}"))
+        scored = {lab: t for lab, t in by_label.items() if t["overall"]["n"]}
+        if scored:
+            fig = plot_plausibility(scored, f"plausibility per class: {source}")
+            parts.append(_img_tag(figure_png(fig), f"plausibility {source}"))
     parts += [_html_table(t) for t in tables if t["title"].startswith("Plausibility")]
     if result.get("curve"):
         parts.append("<h2>Feedback-amount ablation</h2>")
@@ -378,10 +569,15 @@ def render_report(result: dict[str, Any], out: str | Path) -> Path:
     if result.get("grids"):
         parts.append("<h2>Samples per class</h2>" + sample_grid_html(result["grids"]))
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>pathloop evaluation</title>"
-        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title_of(result))}"
+        f"</title><meta name='viewport' content='width=device-width'><style>{CSS}</style></head>"
+        f"<body>{''.join(parts)}</body></html>"
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     return out
+
+
+def title_of(result: dict[str, Any]) -> str:
+    return str(result.get("title", "pathloop evaluation"))

@@ -1,8 +1,11 @@
 """Every MLflow call in pathloop: URI resolution, runs, params, artifacts, model registry.
 
-The embedded default is SQLite (MLflow 3 refuses the file store) under the job's work dir, with
-artifacts beside it; ``$MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point at a server.
-Only the driver or rank 0 calls these.
+The embedded default is one SQLite store per project (MLflow 3 refuses the file store):
+``runs/mlflow.db``, in the nearest directory named ``runs`` above the job's work dir (every
+``runs/<job>`` shares it, so runs, arms and loops compare side by side), with artifacts beside it.
+``$MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point at a server. Experiments are marked as
+model training (``mlflow.experimentKind``), so MLflow 3's UI opens them on their runs, not on
+GenAI traces. Only the driver or rank 0 calls these.
 """
 
 from __future__ import annotations
@@ -18,16 +21,28 @@ from typing import Any
 from pathloop.config import TrackingConfig
 
 DEFAULT_DB = "mlflow.db"
+PROJECT_DIR = "runs"  # the store lives in the nearest work-dir ancestor of this name
+# MLflow 3's UI picks an experiment's page by this tag; without it, an experiment with no runs
+# yet opens on GenAI traces. Values: the UI's ExperimentKind (custom_model_development = training).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+
+
+def project_dir(workdir: str | Path) -> Path:
+    """The directory of the project's store: the nearest of ``workdir`` and its ancestors named
+    ``runs`` (runs/loop, runs/demo/round1 -> runs), else ``workdir`` itself."""
+    wd = Path(workdir).resolve()
+    return next((d for d in (wd, *wd.parents) if d.name == PROJECT_DIR), wd)
 
 
 def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
-    """Tracking URI: config > $MLFLOW_TRACKING_URI > sqlite:////<abs workdir>/mlflow.db."""
+    """Tracking URI: config > $MLFLOW_TRACKING_URI > sqlite:////<project dir>/mlflow.db."""
     if cfg.tracking_uri:
         return cfg.tracking_uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    db = Path(workdir).resolve() / DEFAULT_DB
+    db = project_dir(workdir) / DEFAULT_DB
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 
@@ -40,17 +55,54 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def use(uri: str, experiment: str) -> str:
-    """Point mlflow at ``uri`` and make sure ``experiment`` exists; returns its id."""
+    """Point mlflow at ``uri`` and make sure ``experiment`` exists, marked as model training;
+    returns its id."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is not None:
-        mlflow.set_experiment(experiment)
-        return exp.experiment_id
-    exp_id = mlflow.create_experiment(experiment, artifact_location=_artifact_root(uri))
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        exp_id = client.create_experiment(
+            experiment, artifact_location=_artifact_root(uri), tags=dict([EXPERIMENT_KIND])
+        )
+    else:
+        exp_id = exp.experiment_id
+        if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # made before the tag, or elsewhere
+            client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: at the tracking server for http(s) stores, else at
+    ``mlflow ui``'s default address (``ui_command`` starts it on the store)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def run_card(uri: str, run_id: str) -> dict[str, str | None]:
+    """What a report says about its run: {run_id, run_name, url, ui (the command that serves
+    the link, None for a server), parent (the parent run's name, or None)}."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return {
+        "run_id": run_id,
+        "run_name": run.info.run_name,
+        "url": run_url(uri, run.info.experiment_id, run_id),
+        "ui": ui_command(uri),
+        "parent": client.get_run(parent).info.run_name if parent else None,
+    }
+
+
+def ui_command(uri: str) -> str | None:
+    """The command that serves a local store's UI at ``UI_URL``; None for a tracking server."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -217,8 +269,69 @@ def log_checkpoint_model(
     model_uri = f"runs:/{run_id}/model"
     if register_as:
         mv = mlflow.register_model(model_uri, register_as)
-        return f"models:/{register_as}/{mv.version}"
+        registered = f"models:/{register_as}/{mv.version}"
+        describe_model_version(uri, registered)
+        return registered
     return model_uri
+
+
+# A model version's lineage: the run params that name what it was made from.
+LINEAGE_PARAMS = {
+    "pretrained": "started from",
+    "reward_model": "reward model",
+    "feedback_round": "feedback round",
+    "feedback": "feedback",
+    "synthetic": "synthetic images",
+    "real": "real images",
+    "real_shards": "real images",
+    "data.shards": "training images",
+}
+
+
+def _version(model_uri: str) -> tuple[str, str]:
+    name, _, version = model_uri[len("models:/") :].partition("/")
+    if not model_uri.startswith("models:/") or not version.isdigit():
+        raise ValueError(f"{model_uri!r} is not models:/<name>/<version>")
+    return name, version
+
+
+def describe_model_version(
+    uri: str, model_uri: str, metrics: dict[str, float] | None = None, source: str = ""
+) -> str:
+    """Write a registered version's description (shown on its registry page) and tags: the
+    run that made it (name, id, parent run), what it was made from (``LINEAGE_PARAMS``), its
+    run's final metrics and, when given, ``metrics`` measured later (e.g. the loop's evaluation
+    of it, named by ``source``), which are also set as ``metric.<name>`` tags."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    name, version = _version(model_uri)
+    run = client.get_run(client.get_model_version(name, version).run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    lines = [f"Logged by run {run.info.run_name} ({run.info.run_id})"]
+    if parent:
+        lines[0] += f", a step of run {client.get_run(parent).info.run_name} ({parent})"
+    tags = {"pathloop.run_id": run.info.run_id, "pathloop.parent_run_id": parent or ""}
+    for key, what in LINEAGE_PARAMS.items():
+        value = run.data.params.get(key)
+        if value not in (None, "", "None"):
+            lines.append(f"- {what}: {value}")
+            tags[f"pathloop.{key}"] = value
+    own = {k: v for k, v in run.data.metrics.items() if "/class/" not in k}
+    if own:
+        lines.append("Run metrics (last value): " + _metric_text(own))
+    if metrics:
+        lines.append(f"{source or 'Measured later'}: " + _metric_text(metrics))
+        tags.update({f"metric.{k}": f"{v:.4g}" for k, v in metrics.items()})
+    text = "\n".join(lines)
+    client.update_model_version(name, version, description=text)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v)[:5000])
+    return text
+
+
+def _metric_text(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
 
 
 # Schemes MLflow resolves itself; any other ``scheme://`` is a pyarrow.fs location.

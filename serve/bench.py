@@ -1,6 +1,6 @@
 """Serving benchmark: /v1/generate and /v1/score through Ray Serve against direct calls.
 
-    python -m serve.bench [--clients 4] [--requests 6] [--steps 10]
+    python -m serve.bench [--clients 4] [--requests 6] [--steps 10] [--only generate,score]
 
 ``bench_serve`` returns one dict per figure: {name, value, unit, peer_name, peer_value, target}.
 The peer is the same work done in-process on the same model in the same run: ``sample()`` in
@@ -14,6 +14,12 @@ after the other in separate minutes are not comparable; alternating them is. The
 also timed with no Ray running at all (before Ray starts and after it stops, pooled) and reported
 beside it: an idle Ray cluster with Serve (~0.16 of a core, ~2,000 wake-ups/s across a dozen
 processes) is part of what serving costs, and in some runs it slows sample() itself.
+
+Batch scoring (/v1/score/batch, ``score_batch`` images per request, ``clients`` clients) is
+measured the same way: in ``rounds`` alternating pairs with direct ``judge_batch`` on batches of
+that size, both sides pooled. The default, 64, is the server's default batch cap and Scorer batch
+size; on the shared 2-core machine, 4 clients sending 32 images per request reached 0.70x of the
+peer, and 64 per request about 1x (one measurement each, 2026-12).
 
 Saturation: ``2 * clients`` one-image clients keep a full batch queued while the replica samples
 the current one, as a loaded server runs (batch size stays ``clients``; the batches formed are
@@ -116,6 +122,7 @@ def _direct_sample(ckpt: Path, clients: int, requests: int, steps: int, threads:
 
 
 def _direct_judge(pngs: list[bytes], repeat: int) -> float:
+    """Images/s of judge_batch on the decoded ``pngs``, ``repeat`` times (M5: class id 14)."""
     from pathloop.data import decode_png
     from pathloop.judge import judge_batch
 
@@ -124,6 +131,27 @@ def _direct_judge(pngs: list[bytes], repeat: int) -> float:
     for _ in range(repeat):
         judge_batch(images, [14] * len(images))
     return len(images) * repeat / (time.perf_counter() - t0)
+
+
+def _batch_scoring(run_clients, png: bytes, clients: int, batch: int, requests: int, rounds: int):
+    """(HTTP images/s, direct images/s in a Ray worker, direct images/s in this process) of
+    /v1/score/batch against judge_batch on batches of ``batch`` copies of ``png``, in ``rounds``
+    alternating triples, pooled; each HTTP phase is ``clients`` clients posting ``requests``
+    batches each, each direct one as many images. The peer runs in a Ray worker, at the
+    replicas' niceness: on a machine shared with other work, a peer at niceness 0 gets more of
+    the cores than the Scorer it is compared with (the driver's rate is reported beside it)."""
+    import ray
+
+    body = [{"image_b64": base64.b64encode(png).decode(), "class_name": "M5"}] * batch
+    run_clients(clients, 1, "/v1/score/batch", lambda c, r: body)  # warm-up
+    peer = ray.remote(num_cpus=0)(_direct_judge)
+    images = clients * requests * batch
+    http_s = worker_s = driver_s = 0.0
+    for _ in range(rounds):
+        worker_s += images / ray.get(peer.remote([png] * batch, clients * requests))
+        http_s += run_clients(clients, requests, "/v1/score/batch", lambda c, r: body)[0]
+        driver_s += images / _direct_judge([png] * batch, clients * requests)
+    return images * rounds / http_s, images * rounds / worker_s, images * rounds / driver_s
 
 
 def bench_serve(
@@ -135,11 +163,16 @@ def bench_serve(
     score_requests: int = 25,
     torch_threads: int = 1,
     rounds: int = 3,
+    score_batch: int = 64,
+    score_batches: int = 6,
+    only: tuple[str, ...] = ("generate", "score"),
 ) -> list[dict]:
     """Throughput and p50/p95 latency of /v1/generate and /v1/score images/s, with peers.
 
     Each of ``rounds`` rounds samples ``2 * requests`` batches of ``clients`` images directly,
-    then ``2 * clients`` HTTP clients draw as many images through Serve, ``requests`` each."""
+    then ``2 * clients`` HTTP clients draw as many images through Serve, ``requests`` each.
+    Scoring: one image per request, and ``score_batch`` per /v1/score/batch request
+    (``score_batches`` requests per client and round). ``only`` picks generate and/or score."""
     import ray
     from ray import serve
 
@@ -148,7 +181,8 @@ def bench_serve(
 
     work = Path(work)
     ckpt = Path(checkpoint) if checkpoint else tiny_checkpoint(work / "bench_ckpt")
-    no_ray = [_direct_sample(ckpt, clients, requests, steps, torch_threads)]
+    generating = "generate" in only
+    no_ray = [_direct_sample(ckpt, clients, requests, steps, torch_threads)] if generating else []
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -159,18 +193,17 @@ def bench_serve(
         port=port,
         max_batch_size=clients,
         # 2 * clients load clients from one address: the per-client cap must let them all in.
-        limits={"max_n": clients, "max_concurrent_per_client": 2 * clients},
+        limits={
+            "max_n": clients,
+            "max_concurrent_per_client": 2 * clients,
+            "max_score_batch": score_batch,
+        },
         batch_wait_timeout_s=0.05,
         torch_threads=torch_threads,
     )
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    direct_s = serve_s = 0.0
-    direct_lat: list[float] = []
-    formed: list[int] = []
-    in_replica: list[float] = []
-    faults: list[int] = []
-    gaps: list[float] = []  # idle time of the replica between two sample() calls under load
+    gen_figs: dict = {}
     try:
         serve.run(build_app(args), name=args.app_name, route_prefix="/")
         load = ray.remote(num_cpus=0)(_clients)
@@ -181,38 +214,97 @@ def bench_serve(
         def gen(c: int, r: int) -> dict:
             return {"class_name": str((c + r) % 16), "n": 1, "steps": steps, "seed": 100 * c + r}
 
-        run_clients(clients, 1, "/v1/generate", gen)  # warm-up
-        _, lat = run_clients(clients, requests, "/v1/generate", gen)  # latency: closed loop
-        handle = serve.get_deployment_handle("Generator", args.app_name)
-        for _ in range(rounds):
-            rate, batch_lat = _direct_sample(ckpt, clients, 2 * requests, steps, torch_threads)
-            direct_s += 2 * clients * requests / rate
-            direct_lat += batch_lat
-            before = len(handle.stats.remote().result())
-            wall, _ = run_clients(2 * clients, requests, "/v1/generate", gen)  # saturated
-            serve_s += wall
-            calls = handle.stats.remote().result()[before:]
-            formed += [c["images"] for c in calls]
-            in_replica += [c["s"] for c in calls]
-            faults += [c["page_faults"] for c in calls]
-            gaps += [b["at"] - a["at"] - a["s"] for a, b in itertools.pairwise(calls)]
-        import httpx
+        if generating:
+            gen_figs = _generate_rounds(
+                run_clients,
+                gen,
+                ckpt,
+                args.app_name,
+                clients,
+                requests,
+                steps,
+                torch_threads,
+                rounds,
+            )
+        if "score" in only:
+            import httpx
 
-        one = httpx.post(f"{url}/v1/generate", json={**gen(0, 0), "format": "png"}, timeout=60)
-        png_b64 = base64.b64encode(one.content).decode()
-        score_body = {"image_b64": png_b64, "class_name": "M5"}
-        s_wall, _ = run_clients(clients, score_requests, "/v1/score", lambda c, r: score_body)
+            one = httpx.post(f"{url}/v1/generate", json={**gen(0, 0), "format": "png"}, timeout=60)
+            score_body = {"image_b64": base64.b64encode(one.content).decode(), "class_name": "M5"}
+            s_wall, _ = run_clients(clients, score_requests, "/v1/score", lambda c, r: score_body)
+            batch_rates = _batch_scoring(
+                run_clients, one.content, clients, score_batch, score_batches, rounds
+            )
     finally:
         serve.shutdown()
         if started:
             ray.shutdown()
-    no_ray.append(_direct_sample(ckpt, clients, requests, steps, torch_threads))
+    figs = []
+    if generating:
+        no_ray.append(_direct_sample(ckpt, clients, requests, steps, torch_threads))
+        figs += _generate_figures(gen_figs, no_ray, clients, requests, steps, rounds)
+    if "score" in only:
+        judge_rate = _direct_judge([one.content] * clients, score_requests)
+        figs += [
+            {
+                "name": f"serve /v1/score throughput ({clients} clients, judge)",
+                "value": clients * score_requests / s_wall,
+                "unit": "images/s",
+                "peer_name": "direct judge_batch()",
+                "peer_value": judge_rate,
+                "target": "",
+                "note": "one image per request",
+            },
+            {
+                "name": f"serve /v1/score/batch throughput ({clients} clients, {score_batch} "
+                "images per request, judge)",
+                "value": batch_rates[0],
+                "unit": "images/s",
+                "peer_name": f"direct judge_batch() of {score_batch} images in a Ray worker, "
+                "alternating",
+                "peer_value": batch_rates[1],
+                "target": ">= 0.8x direct judge_batch()",
+                "note": f"{rounds} rounds of {clients * score_batches * score_batch} images each "
+                "way; each request's images are scored in one model call; the same "
+                f"judge_batch() in the driver (niceness 0): {batch_rates[2]:.0f} images/s",
+            },
+        ]
+    return figs
+
+
+def _generate_rounds(
+    run_clients, gen, ckpt, app_name, clients, requests, steps, torch_threads, rounds
+) -> dict:
+    """Closed-loop latency, then ``rounds`` alternating pairs of direct sample() and saturated
+    Serve; what ``_generate_figures`` reports."""
+    from ray import serve
+
+    out = {"direct_s": 0.0, "serve_s": 0.0, "direct_lat": [], "formed": [], "in_replica": []}
+    out.update(faults=[], gaps=[])  # gaps: replica idle time between two calls under load
+    run_clients(clients, 1, "/v1/generate", gen)  # warm-up
+    _, out["lat"] = run_clients(clients, requests, "/v1/generate", gen)  # latency: closed loop
+    handle = serve.get_deployment_handle("Generator", app_name)
+    for _ in range(rounds):
+        rate, batch_lat = _direct_sample(ckpt, clients, 2 * requests, steps, torch_threads)
+        out["direct_s"] += 2 * clients * requests / rate
+        out["direct_lat"] += batch_lat
+        before = len(handle.stats.remote().result())
+        wall, _ = run_clients(2 * clients, requests, "/v1/generate", gen)  # saturated
+        out["serve_s"] += wall
+        calls = handle.stats.remote().result()[before:]
+        out["formed"] += [c["images"] for c in calls]
+        out["in_replica"] += [c["s"] for c in calls]
+        out["faults"] += [c["page_faults"] for c in calls]
+        out["gaps"] += [b["at"] - a["at"] - a["s"] for a, b in itertools.pairwise(calls)]
+    return out
+
+
+def _generate_figures(g: dict, no_ray: list, clients, requests, steps, rounds) -> list[dict]:
     images = 2 * clients * requests * rounds
-    gen_rate, direct_rate = images / serve_s, images / direct_s
+    gen_rate, direct_rate = images / g["serve_s"], images / g["direct_s"]
     no_ray_rate = 2 / sum(1 / r for r, _ in no_ray)  # images over the time of both runs
-    judge_rate = _direct_judge([one.content] * clients, score_requests)
-    p50, p95 = _pct(lat, 50) * 1e3, _pct(lat, 95) * 1e3
-    batch_ms = statistics.median(direct_lat) * 1e3
+    p50, p95 = _pct(g["lat"], 50) * 1e3, _pct(g["lat"], 95) * 1e3
+    batch_ms = statistics.median(g["direct_lat"]) * 1e3
     tag = f"{clients} clients, n=1, {steps} DDIM steps, batch {clients}"
     sat = f"{2 * clients} clients, n=1, {steps} DDIM steps, batch {clients}"
     return [
@@ -224,10 +316,11 @@ def bench_serve(
             "peer_value": direct_rate,
             "target": ">= 0.9x direct batched sample()",
             "note": f"{rounds} rounds of {images // rounds} images each way; batches formed: "
-            f"mean {np.mean(formed):.2f} images (max_batch_size {clients}) over {len(formed)} "
-            f"sample() calls of median {statistics.median(in_replica) * 1e3:.0f} ms in the "
-            f"replica (direct: {batch_ms:.0f} ms), {statistics.median(gaps) * 1e3:.0f} ms "
-            f"median between calls, {statistics.median(faults):.0f} page faults median per call",
+            f"mean {np.mean(g['formed']):.2f} images (max_batch_size {clients}) over "
+            f"{len(g['formed'])} sample() calls of median "
+            f"{statistics.median(g['in_replica']) * 1e3:.0f} ms in the replica (direct: "
+            f"{batch_ms:.0f} ms), {statistics.median(g['gaps']) * 1e3:.0f} ms median between "
+            f"calls, {statistics.median(g['faults']):.0f} page faults median per call",
         },
         {
             "name": f"serve /v1/generate throughput against no Ray running ({sat})",
@@ -255,14 +348,6 @@ def bench_serve(
             "peer_value": batch_ms,
             "target": "",
         },
-        {
-            "name": f"serve /v1/score throughput ({clients} clients, judge)",
-            "value": clients * score_requests / s_wall,
-            "unit": "images/s",
-            "peer_name": "direct judge_batch()",
-            "peer_value": judge_rate,
-            "target": "",
-        },
     ]
 
 
@@ -273,8 +358,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--requests", type=int, default=6)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--score-batch", type=int, default=64, help="Images per /v1/score/batch.")
+    p.add_argument("--only", default="generate,score", help="generate and/or score")
     a = p.parse_args(argv)
-    rows = bench_serve(a.work, a.checkpoint, a.clients, a.requests, a.steps)
+    rows = bench_serve(
+        a.work,
+        a.checkpoint,
+        a.clients,
+        a.requests,
+        a.steps,
+        rounds=a.rounds,
+        score_batch=a.score_batch,
+        only=tuple(a.only.split(",")),
+    )
     for r in rows:
         print(
             f"{r['name']}: {r['value']:.1f} {r['unit']}  "

@@ -96,19 +96,45 @@ def upload_image(content_type: str, body: bytes) -> tuple[bytes, str | None]:
     return image, None if name is None else name[1].decode("utf-8", "replace").strip()
 
 
+def upload_images(content_type: str, body: bytes) -> tuple[list[bytes], list[str]]:
+    """(image bytes of every ``file`` part, every ``class_name`` field) of a multipart batch
+    upload, in body order; a ``file`` part of another type is 415."""
+    if media_type(content_type) != MULTIPART:
+        got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        raise HTTPException(415, f"{got}: send {MULTIPART} with one 'file' part per image")
+    images, names = [], []
+    for field, part_type, data in multipart_parts(content_type, body):
+        if field == "file":
+            if media_type(part_type) not in IMAGE_TYPES:
+                raise HTTPException(
+                    415, f"'file' part {len(images)} is {part_type!r}: send image/png or image/jpeg"
+                )
+            images.append(data)
+        elif field == "class_name":
+            names.append(data.decode("utf-8", "replace").strip())
+    return images, names
+
+
 def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str, bytes]]:
-    """{field name: (content type, bytes)} of a multipart/form-data body (stdlib email parser).
-    A part without a Content-Type is text/plain, as in MIME."""
+    """{field name: (content type, bytes)} of a multipart/form-data body, the last part of a
+    repeated name winning. A part without a Content-Type is text/plain, as in MIME."""
+    return {name: (ctype, data) for name, ctype, data in multipart_parts(content_type, body)}
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[tuple[str, str, bytes]]:
+    """(field name, content type, bytes) of every named part of a multipart/form-data body, in
+    order (stdlib email parser)."""
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
     try:
         msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
         if not msg.is_multipart():
             raise ValueError("not a multipart body")
-        out = {}
+        out = []
         for part in msg.iter_parts():
             name = part.get_param("name", header="content-disposition")
             if name:
-                out[str(name)] = (part.get_content_type(), part.get_payload(decode=True) or b"")
+                data = part.get_payload(decode=True) or b""
+                out.append((str(name), part.get_content_type(), data))
         return out
     except Exception as err:  # the parser raises many kinds on malformed input
         raise InputError(f"malformed {MULTIPART} body: {err}") from None

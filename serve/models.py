@@ -1,23 +1,26 @@
 """What the Serve deployments hold: the generator (one sample() loop) and the scorer.
 
 Both are plain classes so the same code runs inside a Ray Serve replica, behind plain uvicorn and
-in the benchmark. Models are resolved and loaded in ``__init__``, i.e. when a replica starts.
+in the benchmark. Models are resolved and loaded in ``__init__``, i.e. when a replica starts, or,
+for the models a request names (``served_model``), when one first asks for them.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import resource
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from pathloop.vocab import BONE_MARROW_16, Vocabulary
-from serve.args import ServeArgs
+from serve.args import DEFAULT_MODEL, ServeArgs
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,87 @@ def _torch_setup(args: ServeArgs) -> Any:
 # ----------------------------------------------------------------------------- generator
 
 
+# ----------------------------------------------------------------------------- served models
+
+REGISTERED = re.compile(r"models:/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/([1-9][0-9]{0,8})")
+
+
+class UnknownModel(ValueError):
+    """A request named a model the server does not serve (HTTP 422)."""
+
+
+def named_models(args: ServeArgs) -> dict[str, str]:
+    """{id: reference} of the models the config names: ``default`` (ServeArgs.model) first."""
+    return {DEFAULT_MODEL: args.model, **args.models} if args.model else {}
+
+
+def served_model(args: ServeArgs, requested: str | None) -> str:
+    """The id of the model a request asks for: None = ``default``; a configured name; or
+    ``models:/<name>/<version>`` of a name in ``registered_models``. Anything else (a path, a
+    runs:/ URI, another registered name) is UnknownModel: a client never picks server files."""
+    table = named_models(args)
+    if requested is None:
+        if DEFAULT_MODEL in table:
+            return DEFAULT_MODEL
+        raise UnknownModel("no default model is served: name one (GET /v1/models lists them)")
+    if requested in table:
+        return requested
+    match = REGISTERED.fullmatch(requested)
+    if match and match.group(1) in args.registered_models:
+        return requested
+    names = ", ".join([*table, *(f"models:/{n}/<version>" for n in args.registered_models)])
+    raise UnknownModel(
+        f"model {requested[:100]!r} is not served; valid models: {names or 'none'} "
+        "(GET /v1/models lists them)"
+    )
+
+
+def model_reference(args: ServeArgs, model_id: str) -> str:
+    """What ``model_id`` (a ``served_model`` id) loads from; checked again in the replica."""
+    return named_models(args).get(model_id) or served_model(args, model_id)
+
+
+class ModelCache:
+    """At most ``size`` loaded models by id, least recently used unloaded first: the in-process
+    (--no-ray) counterpart of a Generator replica's ``@serve.multiplexed`` cache."""
+
+    def __init__(self, load: Callable[[str], Any], size: int) -> None:
+        self.load, self.size = load, size
+        self.models: OrderedDict[str, Any] = OrderedDict()
+        self.lock = threading.Lock()  # one load at a time; a second asker waits for it
+
+    def get(self, model_id: str) -> Any:
+        with self.lock:
+            if model_id in self.models:
+                self.models.move_to_end(model_id)
+                return self.models[model_id]
+            model = self.load(model_id)
+            self.models[model_id] = model
+            while len(self.models) > self.size:
+                gone, _ = self.models.popitem(last=False)
+                log.info("unloaded model %s (max_models_per_replica %d)", gone, self.size)
+            return model
+
+
+def run_jobs(items: Sequence[tuple[GeneratorCore, dict]]) -> list[list[bytes]]:
+    """(model, job) pairs, maybe of several models: each model's jobs in one ``run`` (merged
+    there); PNG bytes per job, in item order."""
+    by_core: dict[int, list[int]] = defaultdict(list)
+    for i, (core, _) in enumerate(items):
+        by_core[id(core)].append(i)
+    out: list[list[bytes]] = [[] for _ in items]
+    for idx in by_core.values():
+        core = items[idx[0]][0]
+        for i, pngs in zip(idx, core.run([items[i][1] for i in idx]), strict=True):
+            out[i] = pngs
+    return out
+
+
+def images_in(items: Sequence[tuple[Any, dict]]) -> int:
+    """Images of (model, job) pairs: what a Generator batch is counted in."""
+    return sum(int(job["n"]) for _, job in items)
+
+
 class GeneratorCore:
     """A loaded checkpoint and the merged sampling of many requests.
 
@@ -122,25 +206,33 @@ class GeneratorCore:
     on what it was batched with (up to float rounding of batched convolutions: at most 1 level).
     """
 
-    def __init__(self, args: ServeArgs) -> None:
+    def __init__(
+        self,
+        args: ServeArgs,
+        model_id: str = DEFAULT_MODEL,
+        calls: list[dict] | None = None,
+    ) -> None:
         from pathloop.diffusion import load_checkpoint
         from pathloop.tracking import resolve_model
 
         if args.model is None:
             raise ValueError("ServeArgs.model is None: no diffusion model to load")
+        ref = model_reference(args, model_id)
         self.device = _torch_setup(args)
-        ck = load_checkpoint(resolve_model(args.model, args.tracking_uri), map_location=self.device)
+        ck = load_checkpoint(resolve_model(ref, args.tracking_uri), map_location=self.device)
         if ck.noise is None:
-            raise ValueError(f"checkpoint {args.model} has no noise config (config.json 'noise')")
+            raise ValueError(f"checkpoint {ref} has no noise config (config.json 'noise')")
         self.unet, self.noise, self.vocab, self.step = ck.unet.eval(), ck.noise, ck.vocab, ck.step
-        self.model_uri = args.model
+        self.model_id, self.model_uri = model_id, ref
         self.batch_size = args.max_batch_size
-        self.calls: list[dict] = []  # one entry per sample() call: requests and images merged
+        # one entry per sample() call (requests and images merged); shared by a replica's models
+        self.calls: list[dict] = [] if calls is None else calls
         log.info("generator: %s (step %d) on %s", self.model_uri, self.step, self.device)
 
     def info(self) -> dict:
         return {
             "vocab": self.vocab.model_dump(mode="json"),
+            "model": self.model_id,
             "model_uri": self.model_uri,
             "checkpoint_step": self.step,
             "sample_size": int(self.unet.config.sample_size),
@@ -183,7 +275,7 @@ class GeneratorCore:
         )  # (N, C, H, W)
         seconds = round(time.perf_counter() - start, 4)
         cpu_s = round(time.thread_time() - cpu, 4)  # this thread's CPU time: < s when it waits
-        call = {"requests": len(jobs), "images": len(ids), "steps": steps}
+        call = {"requests": len(jobs), "images": len(ids), "steps": steps, "model": self.model_id}
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # whole process
         self.calls.append({**call, "at": at, "s": seconds, "cpu_s": cpu_s, "page_faults": faults})
         return [encode_png(im) for im in to_uint8(x)]  # (H, W, 3) each

@@ -19,3 +19,28 @@ def test_report_rewrites_the_table_and_keeps_the_notes(tmp_path):
     assert "500 images/s" not in text
     assert text.endswith("## Notes\n\nWhy the judge is slow.\n")
     assert json.loads(js.read_text())["judge"]["ratio"] == 0.8
+
+
+def test_gpu_section_runs_on_the_tiny_preset(tmp_path):
+    """`make bench`'s GPU section as a CPU machine runs it (tiny preset, batch 4, two timed
+    steps, a two-step sampler): pathloop's step beside the diffusers-example step, each figure
+    with its FLOP/s, and the report takes them."""
+    from pathloop.bench_gpu import Setup, bench_gpu, peak_tflops
+
+    setup = Setup("tiny", 4, 1, 2, ("tiny",), 2, 2, compile=False)
+    figs = {f.name.split(": ", 2)[-1]: f for f in bench_gpu(setup)}
+    assert {"diffusers example, fp32", "pathloop train_step, defaults, eager", "fp32"} <= set(figs)
+    ours = figs["pathloop train_step, defaults, eager"]
+    assert ours.peer_name.endswith("diffusers example, fp32") and ours.ratio > 0
+    assert ours.target == ">= 1.0x"
+    for f in figs.values():
+        assert f.value > 0 and f.unit == "images/s" and "TFLOP/s" in f.note
+    gflop = float(ours.note.split(" GFLOP/image")[0])
+    assert 1.0 < gflop < 2.0  # the tiny UNet: ~1.46 GFLOP per image forward and backward
+
+    import torch
+
+    assert peak_tflops(torch.device("cpu")) is None
+    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks.json"
+    write_report(list(figs.values()), md, js)
+    assert "| GPU section: train step, tiny preset, batch 4: pathloop train_step" in md.read_text()

@@ -54,6 +54,19 @@ def test_tiny_preset_file_loads():
     assert cfg.model.preset == "tiny" and cfg.train.batch_size % cfg.scaling.num_workers == 0
 
 
+def test_one_gpu_loop_preset_loads_and_says_it_is_not_measured():
+    from pathlib import Path
+
+    from pathloop.pipeline import LoopConfig
+
+    path = Path("jobs/configs/loop.gpu1.yaml")
+    cfg = load_config(LoopConfig, path)
+    assert cfg.pretrain.model.preset == "paper" and cfg.data.size == 64
+    assert cfg.pretrain.train.compile == "auto" and cfg.finetune.train.compile is False
+    assert cfg.pretrain.scaling.use_gpu and cfg.round.use_gpu and cfg.evaluate.use_gpu
+    assert "NOT MEASURED" in path.read_text()
+
+
 def test_string_fields_keep_override_text():
     from pathloop.finetune import FinetuneConfig
 

@@ -117,6 +117,22 @@ def test_sampling_deterministic_and_independent_of_batching(sampler):
     assert not torch.allclose(a[0], a[3])  # same class, different seed
 
 
+def test_channels_last_sampling_draws_the_same_images():
+    """SamplerConfig's fields are sample()'s keywords; channels_last weights (converted in
+    place) change no image beyond float rounding."""
+    import copy
+
+    from pathloop.config import SamplerConfig, updated
+
+    unet = _unet()
+    cfg = SamplerConfig(sampler="ddim", steps=2, guidance=2.0, seed=3, batch_size=3)
+    a = D.sample(unet, NOISE, [0, 1, 2], **cfg.model_dump())
+    other = copy.deepcopy(unet)
+    b = D.sample(other, NOISE, [0, 1, 2], **updated(cfg, channels_last=True).model_dump())
+    assert other.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
 def test_cfg_null_class_and_guidance():
     unet = _unet()
     null = D.null_class(unet)
@@ -202,7 +218,7 @@ def test_checkpoint_round_trip(tmp_path: Path):
     for name in ("unet", "ema", "optimizer.pt", "state.json", "config.json", "classes.json"):
         assert (tmp_path / "ck" / name).exists()
 
-    ck = D.load_checkpoint(tmp_path / "ck")
+    ck = D.load_checkpoint(tmp_path / "ck", optimizer=True)  # resuming reads the optimizer
     assert _state_equal(ck.raw_unet, unet)
     ema_unet = D.ema_copy(unet, ema)
     assert _state_equal(ck.unet, ema_unet) and not _state_equal(ck.unet, unet)

@@ -84,6 +84,8 @@ def test_report_is_self_contained(evaluated):
     assert 'src="http' not in page and "<link" not in page
     for title in ("FID and PRDC", "Train on synthetic, test on real", "Few-shot", "ablation"):
         assert title in page
+    assert "<h1>pathloop evaluation: evaluate-tiny</h1>" in page  # the config's name
+    assert "model vs baseline:" in page and f"/runs/{evaluated['run_id']}'>" in page
 
 
 def test_mlflow_run_holds_metrics_and_report(evaluated):

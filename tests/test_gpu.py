@@ -52,7 +52,7 @@ def test_training_state_takes_the_gpu_path():
     assert st.autocast and st.opt.defaults["fused"]
     assert st.raw.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     x0, ids, noise, t, drop = _batch(cfg)
-    losses = [train_step(st, x0, ids, noise, t, drop, 1.0) for _ in range(3)]
+    losses = [float(train_step(st, x0, ids, noise, t, drop, 1.0)) for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] * 1.5
 
 
@@ -63,8 +63,57 @@ def test_compiled_step_matches_eager():
     for compile_ in (False, True):
         cfg = _cfg(PretrainConfig, f"train.compile={str(compile_).lower()}", "train.bf16=false")
         st = build_state(cfg, 16, torch.device("cuda"))
-        losses[compile_] = train_step(st, *_batch(cfg), 1.0)
+        losses[compile_] = float(train_step(st, *_batch(cfg), 1.0))
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_defaults_compile_and_draw_on_the_gpu():
+    """compile=auto compiles on CUDA; the global draw is made on the GPU and repeats per step."""
+    cfg = _cfg(PretrainConfig)
+    dev = torch.device("cuda")
+    st = build_state(cfg, 16, dev)
+    assert st.model is not st.raw and st.ema.foreach  # torch.compile's wrapper; foreach EMA
+    draws = [global_draw(cfg, 5, (8, 3, 32, 32), 16, dev) for _ in range(2)]
+    assert all(a.device.type == "cuda" and torch.equal(a, b) for a, b in zip(*draws, strict=True))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_train_steps_do_not_wait_for_the_gpu():
+    """With the batch on the GPU, noise drawn there and the loss left there, a step makes no
+    host sync (sync debug mode raises on one)."""
+    cfg = _cfg(PretrainConfig, "train.compile=false")
+    dev = torch.device("cuda")
+    st = build_state(cfg, 16, dev)
+    x0, ids = (v.to(dev) for v in _batch(cfg)[:2])
+
+    def step(i: int) -> torch.Tensor:
+        return train_step(st, x0, ids, *global_draw(cfg, i, tuple(x0.shape), 16, dev), 1.0)
+
+    step(0)  # first-use allocations and lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(i) for i in range(1, 4)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(torch.stack(losses)))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_channels_last_sampling_matches_eager(tiny_ckpt):
+    """bf16 sampling with a compiled, channels_last UNet draws the same images (per-image seeds),
+    up to bf16 rounding."""
+    from pathloop.diffusion import load_checkpoint, sample
+
+    kw = {"steps": 4, "seed": 1, "device": "cuda", "dtype": torch.bfloat16, "batch_size": 4}
+    ref, ck = load_checkpoint(tiny_ckpt), load_checkpoint(tiny_ckpt)  # two copies: in place
+    eager = sample(ref.unet, ref.noise, [0, 5, 9, 2], **kw)
+    fast = sample(ck.unet, ck.noise, [0, 5, 9, 2], channels_last=True, compile=True, **kw)
+    assert (fast - eager).abs().mean() < 0.05
 
 
 @pytest.mark.gpu

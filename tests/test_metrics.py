@@ -114,6 +114,16 @@ def test_wilson_interval_known_values():
     assert M.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert M.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)  # Wilson 1927
     assert all(np.isnan(M.wilson_interval(0, 0)))
+    assert M.wilson_interval(10, 10)[1] == 1.0 and M.wilson_interval(0, 3)[0] == 0.0
+    lo90, hi90 = M.wilson_interval(5, 10, z=1.645)  # z picks the level: 90 % is narrower
+    assert 0.2366 < lo90 < 0.5 < hi90 < 0.7634
+
+
+def test_rate_difference_is_newcombes_interval():
+    # Newcombe (1998), Table II, example (a): 56/70 - 48/80 = 0.2000, 95 % CI 0.0524 to 0.3339
+    d, lo, hi = M.rate_difference(56, 70, 48, 80)
+    assert (d, lo, hi) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+    assert all(np.isnan(M.rate_difference(1, 2, 0, 0)))
 
 
 def test_plausibility_table_counts_and_unscored():

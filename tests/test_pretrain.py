@@ -20,6 +20,7 @@ TINY = [
     "optim.warmup_steps=1",
     "scaling.torch_threads=1",
 ]
+JUDGE = "model/plausibility/judge"  # the judge's rate of the model, as evaluations name it
 
 
 def _cfg(tmp_path: Path, shards: Path, *extra: str) -> PretrainConfig:
@@ -73,8 +74,15 @@ def test_pretrain_registers_loadable_model(ray_session, phantom_shards, tmp_path
     assert "samples/step_000004.png" in arts
     assert (Path(cfg.workdir) / "config.yaml").exists()
     # phantom data: the judge scored the preview, overall and per class
-    judged = {k: v for k, v in run.data.metrics.items() if k.startswith("judge_plausible")}
+    # under the evaluation's name for the same quantity: one metric across runs
+    judged = {k: v for k, v in run.data.metrics.items() if k.startswith(JUDGE)}
     assert len(judged) == 1 + 16 and all(0 <= v <= 1 for v in judged.values())
+    assert f"{JUDGE}/rate" in judged and f"{JUDGE}/class/M5" in judged
+    # the registered version says where it came from and how it scored
+    version = client.get_model_version("test-pretrain", "1")
+    assert f"Logged by run {run.info.run_name} ({res['run_id']})" in version.description
+    assert "training images: " in version.description and "loss " in version.description
+    assert version.tags["pathloop.run_id"] == res["run_id"]
 
 
 def test_judge_rates_of_phantoms_and_of_other_vocabularies():
@@ -85,9 +93,9 @@ def test_judge_rates_of_phantoms_and_of_other_vocabularies():
     rows = list(generate(per_class=2, size=32, seed=5))  # (image, class id, subtype)
     images, ids = [r[0] for r in rows], [r[1] for r in rows]
     rates = judge_rates(images, ids, BONE_MARROW_16)
-    assert rates["judge_plausible"] >= 0.9  # rendered phantoms of their own class
+    assert rates[f"{JUDGE}/rate"] >= 0.9  # rendered phantoms of their own class
     noise = [np.random.default_rng(k).integers(0, 256, (32, 32, 3), np.uint8) for k in ids]
-    assert judge_rates(noise, ids, BONE_MARROW_16)["judge_plausible"] == 0.0
+    assert judge_rates(noise, ids, BONE_MARROW_16)[f"{JUDGE}/rate"] == 0.0
     other = Vocabulary.model_validate({"classes": [{"id": 0, "code": "X", "name": "x"}]})
     assert judge_rates(images[:1], [0], other) == {}  # the judge knows no class X
 

@@ -44,16 +44,23 @@ class FakeBackend:
         if self.gate is not None:
             await self.gate.wait()
 
-    async def generate(self, job: dict) -> list[bytes]:
+    async def info(self, model: str) -> dict:
+        return info()
+
+    async def generate(self, job: dict, model: str) -> list[bytes]:
         self.jobs.append(job)
         await self._wait()
         return [png(SIZE, SIZE)] * job["n"]
 
     async def score(self, image: np.ndarray, class_id: int, code: str) -> dict:
-        self.scored.append(image.shape)
+        return (await self.score_many([(image, class_id, code)]))[0]
+
+    async def score_many(self, items: list[tuple]) -> list[dict]:
+        self.scored += [image.shape for image, _, _ in items]
         await self._wait()
         crit = {"shape": True}
-        return dict(reward=0.5, plausible=True, criteria=crit, failed_criteria=[], subtype=None)
+        out = dict(reward=0.5, plausible=True, criteria=crit, failed_criteria=[], subtype=None)
+        return [out] * len(items)
 
     async def ready(self) -> dict[str, bool]:
         return {"generator": True, "scorer": True}
@@ -232,6 +239,29 @@ def test_upload_takes_image_types_only():
 
 
 # ----------------------------------------------------------------------------- limits
+
+
+def test_batch_bodies_have_their_own_limit_and_one_model_call():
+    """/v1/score/batch may send more than one image's worth of body (max_batch_bytes), other
+    routes may not; the batch is one backend call."""
+    from pathloop.data import encode_png
+
+    backend = FakeBackend()
+    limits = {"max_image_bytes": 2048, "max_batch_bytes": 200_000, "max_score_batch": 64}
+    c = TestClient(make_app(backend, limits=limits))
+    noise = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    item = {"image_b64": base64.b64encode(encode_png(noise)).decode(), "class_name": "M5"}
+    single = 2048 * 4 // 3 + 64 * 1024  # one image's base64 and framing
+    assert 64 * len(item["image_b64"]) > single  # so 64 of them are over a one-image body
+    too_big = {**item, "image_b64": "A" * single}
+    one_line_4xx(c.post("/v1/score", json=too_big), 413, f"the limit is {single}")
+    calls = []
+    score_many = backend.score_many
+    backend.score_many = lambda items: calls.append(len(items)) or score_many(items)
+    r = c.post("/v1/score/batch", json=[item] * 64)
+    assert r.status_code == 200 and len(r.json()["results"]) == 64 and calls == [64], r.text
+    huge = [{**item, "image_b64": "A" * 2700}] * 64 * 2
+    one_line_4xx(c.post("/v1/score/batch", json=huge), 413, "the limit is 200000")
 
 
 def test_generate_work_is_capped_at_n_times_steps():

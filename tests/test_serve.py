@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.timeout(240)
 
 API_TOKEN = "test-api-token-123"
-MAX_N, MAX_STEPS, MAX_SIDE = 4, 4, 256
+MAX_N, MAX_STEPS, MAX_SIDE, MAX_BATCH = 4, 4, 256, 6
 
 
 def free_port() -> int:
@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_checkpoint(path: Path) -> Path:
+def tiny_checkpoint(path: Path, seed: int = 0, step: int = 7) -> Path:
     """A 16 px class-conditional UNet over the 16 bone-marrow classes (untrained, seeded)."""
     import torch
 
@@ -36,11 +36,23 @@ def tiny_checkpoint(path: Path) -> Path:
     from pathloop.diffusion import build_unet, save_checkpoint
     from pathloop.vocab import BONE_MARROW_16
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = ModelConfig(block_out_channels=(16, 32), layers_per_block=1, sample_size=16)
     unet = build_unet(cfg, num_classes=16)
     noise = {"noise": NoiseConfig().model_dump()}
-    return save_checkpoint(path, unet, step=7, config=noise, vocab=BONE_MARROW_16)
+    return save_checkpoint(path, unet, step=step, config=noise, vocab=BONE_MARROW_16)
+
+
+def registered_checkpoint(root: Path, ckpt: Path) -> tuple[str, str]:
+    """(tracking URI, models:/serve-tiny/1) of ``ckpt`` registered in a store under ``root``."""
+    from pathloop import tracking
+    from pathloop.config import TrackingConfig
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_id = tracking.start_run(TrackingConfig(tracking_uri=uri), root, {}, run_name="round3")
+    model_uri = tracking.log_checkpoint_model(uri, run_id, ckpt, "serve-tiny")
+    tracking.end_run(uri, run_id)
+    return uri, model_uri
 
 
 def random_shards(path: Path, n: int, size: int = 16, seed: int = 0) -> Path:
@@ -68,6 +80,8 @@ def world(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("serve")
     ckpt = tiny_checkpoint(root / "ckpt")
+    other = tiny_checkpoint(root / "other", seed=1, step=9)  # another round's model
+    mlflow_uri, registered = registered_checkpoint(root, tiny_checkpoint(root / "reg", 2, step=11))
     samples = random_shards(root / "samples", 24)
     db = root / "feedback.db"
     store = FeedbackStore(db)
@@ -75,6 +89,9 @@ def world(tmp_path_factory) -> dict:
     return {
         "root": root,
         "ckpt": ckpt,
+        "other": other,
+        "mlflow": mlflow_uri,
+        "registered": registered,
         "samples": samples,
         "db": db,
         "store": store,
@@ -93,6 +110,10 @@ def url(ray_session, world) -> str:
     port = free_port()
     args = ServeArgs(
         model=str(world["ckpt"]),
+        models={"other": str(world["other"])},
+        registered_models=["serve-tiny"],
+        tracking_uri=world["mlflow"],
+        max_models_per_replica=2,  # three models: one load evicts another
         judge=True,
         port=port,
         torch_threads=1,
@@ -101,6 +122,7 @@ def url(ray_session, world) -> str:
             "max_steps": MAX_STEPS,
             "max_image_bytes": 200_000,
             "max_side": MAX_SIDE,
+            "max_score_batch": MAX_BATCH,
         },
         max_batch_size=8,
         batch_wait_timeout_s=0.2,
@@ -186,6 +208,7 @@ def test_generate_png_json_and_determinism(api):
     js = gen(api, class_name="m5", n=2, seed=3, guidance=1.5).json()["images"]
     assert [im["seed"] for im in js] == [3, 4]
     assert js[0]["provenance"] == {
+        "model": "default",
         "model_uri": js[0]["provenance"]["model_uri"],
         "checkpoint_step": 7,
         "sampler": "ddim",
@@ -254,6 +277,56 @@ def test_concurrent_requests_are_batched_and_unchanged(api):
             assert np.abs(a - b).max() <= 1 and x["seed"] == y["seed"]
 
 
+# ----------------------------------------------------------------------------- several models
+
+
+def test_one_deployment_serves_several_models(api, world):
+    """/v1/generate for three models (default, a named one, a registered version) from one
+    Generator deployment that keeps two loaded: provenance names each, images differ."""
+    from ray import serve
+
+    listed = api.get("/v1/models").json()
+    ids = [m["id"] for m in listed["models"]]
+    assert ids == ["default", "other", "models:/serve-tiny/1"] and world["registered"] == ids[2]
+    assert listed["models"][0]["default"] and listed["max_loaded_per_replica"] == 2
+    assert not listed["models"][1]["reference"].startswith("/")  # no server paths
+    handle = serve.get_deployment_handle("Generator", app_name="pathloop")
+    before = len(handle.stats.remote().result())
+    body = {"class_name": "M5", "n": 1, "seed": 5}
+    out = {}
+    for model in (None, "other", world["registered"], None):
+        r = gen(api, **body, **({"model": model} if model else {}))
+        assert r.status_code == 200, r.text
+        (im,) = r.json()["images"]
+        out.setdefault(model, []).append(im)
+    steps = {m: ims[0]["provenance"]["checkpoint_step"] for m, ims in out.items()}
+    assert steps == {None: 7, "other": 9, world["registered"]: 11}
+    assert [ims[0]["provenance"]["model"] for ims in out.values()] == [
+        "default",
+        "other",
+        world["registered"],
+    ]
+    assert out[world["registered"]][0]["provenance"]["model_uri"] == world["registered"]
+    pngs = {m: ims[0]["image_b64"] for m, ims in out.items()}
+    assert len(set(pngs.values())) == 3  # same seed, three different models
+    assert out[None][1]["image_b64"] == out[None][0]["image_b64"]  # reloaded after eviction
+    calls = handle.stats.remote().result()[before:]
+    assert {c["model"] for c in calls} == {"default", "other", world["registered"]}
+    apps = serve.status().applications["pathloop"].deployments
+    assert sorted(apps) == ["Generator", "Ingress", "Scorer"]  # one Generator for all models
+
+
+def test_unknown_or_missing_models_are_refused(api):
+    for model, status, needle in [
+        ("nope", 422, "valid models: default, other, models:/serve-tiny/<version>"),
+        ("/etc/passwd", 422, "is not served"),
+        ("runs:/abc/model", 422, "is not served"),
+        ("models:/serve-tiny/99", 404, "GET /v1/models"),
+    ]:
+        r = gen(api, class_name="M5", model=model)
+        assert r.status_code == status and needle in r.json()["detail"], (model, r.text)
+
+
 # ----------------------------------------------------------------------------- score
 
 
@@ -287,6 +360,52 @@ def test_score_json_upload_and_multipart(api):
         headers={"content-type": "image/jpeg"},
     )
     assert jpg.status_code == 200 and jpg.json()["plausible"] is False
+
+
+def test_score_batch_json_and_multipart_match_single_scores(api):
+    from PIL import Image
+
+    pngs = [gen(api, class_name="M5", n=1, seed=k, format="png").content for k in range(3)]
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (180, 120, 200)).save(buf, format="JPEG")
+    pngs.append(buf.getvalue())
+    names = ["M5", "neutrophil", "B1", "E4"]
+    items = [
+        {"image_b64": base64.b64encode(p).decode(), "class_name": c}
+        for p, c in zip(pngs, names, strict=True)
+    ]
+    one = [api.post("/v1/score", json=it).json() for it in items]
+    batch = api.post("/v1/score/batch", json=items)
+    assert batch.status_code == 200, batch.text
+    assert batch.json()["results"] == one and one[3]["plausible"] is False
+    files = [("file", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)]
+    form = api.post("/v1/score/batch/upload", files=files, data={"class_name": names})
+    assert form.status_code == 200 and form.json()["results"] == one, form.text
+    same = api.post("/v1/score/batch/upload", params={"class_name": "M5"}, files=files[:2])
+    assert same.json()["results"] == one[:2]
+
+
+def test_score_batch_errors(api):
+    ok = {"image_b64": base64.b64encode(png_of((16, 16))).decode(), "class_name": "M5"}
+    cases = [
+        ([ok] * (MAX_BATCH + 1), 422, f"send 1 to {MAX_BATCH} per request"),
+        ([], 422, "send 1 to"),
+        ([ok, {**ok, "class_name": "nope"}], 422, "image 1: "),
+        ([ok, ok, {**ok, "image_b64": "###"}], 422, "image 2: image_b64 is not valid base64"),
+        ([{**ok, "image_b64": base64.b64encode(png_of((8, 8))).decode()}], 422, "image 0: "),
+        ({"image_b64": ok["image_b64"]}, 422, "JSON array"),
+    ]
+    for body, status, needle in cases:
+        r = api.post("/v1/score/batch", json=body)
+        assert r.status_code == status and needle in r.json()["detail"], r.text
+    png = png_of((16, 16))
+    files = [("file", ("a.png", png, "image/png")), ("file", ("b.png", png, "image/png"))]
+    names = api.post("/v1/score/batch/upload", files=files, data={"class_name": ["M5"] * 3})
+    assert names.status_code == 422 and "2 'file' parts and 3 class names" in names.text
+    gif = api.post("/v1/score/batch/upload", files=[("file", ("a.gif", b"GIF89a", "image/gif"))])
+    assert gif.status_code == 415
+    raw = api.post("/v1/score/batch/upload", content=png, headers={"content-type": "image/png"})
+    assert raw.status_code == 415
 
 
 def test_score_errors(api):
@@ -473,6 +592,9 @@ def test_timeout_is_504_without_serve():
     class Handle:
         generate = Method()
 
+        def options(self, **kw):  # multiplexed_model_id
+            return self
+
     backend = ServeBackend(Handle(), None, timeout_s=0.2)
     info = {
         "vocab": BONE_MARROW_16.model_dump(mode="json"),
@@ -484,6 +606,42 @@ def test_timeout_is_504_without_serve():
     r = TestClient(app).post("/v1/generate", json={"class_name": "M5"})
     assert r.status_code == 504 and "did not answer within 0.2 s" in r.json()["detail"]
     assert Stuck.cancelled
+
+
+def test_in_process_backend_keeps_a_small_cache_of_models(world):
+    """--no-ray: the same routes over LocalBackend, its models in an LRU of
+    max_models_per_replica; batch scoring in one scorer call."""
+    from fastapi.testclient import TestClient
+
+    from serve.api import LocalBackend, build_api
+    from serve.args import ServeArgs
+
+    args = ServeArgs(
+        model=str(world["ckpt"]),
+        models={"other": str(world["other"])},
+        max_models_per_replica=1,
+        judge=True,
+        torch_threads=1,
+    )
+    backend = LocalBackend(args)
+    client = TestClient(build_api(args, backend, backend.default_info))
+    body = {"class_name": "M5", "steps": 2, "seed": 5}
+    steps = []
+    for model in (None, "other", None):
+        r = client.post("/v1/generate", json={**body, **({"model": model} if model else {})})
+        assert r.status_code == 200, r.text
+        steps.append(r.json()["images"][0]["provenance"]["checkpoint_step"])
+        assert list(backend.models.models) == [model or "default"]  # one kept: the last used
+    assert steps == [7, 9, 7]
+    assert [c["model"] for c in backend.calls] == ["default", "other", "default"]
+    assert [m["id"] for m in client.get("/v1/models").json()["models"]] == ["default", "other"]
+    png = base64.b64encode(png_of((16, 16))).decode()
+    items = [{"image_b64": png, "class_name": c} for c in ("M5", "E4", "B1")]
+    calls = []
+    run = backend.scorer.run
+    backend.scorer.run = lambda batch: calls.append(len(batch)) or run(batch)
+    r = client.post("/v1/score/batch", json=items)
+    assert r.status_code == 200 and len(r.json()["results"]) == 3 and calls == [3]
 
 
 # ----------------------------------------------------------------------------- merging

@@ -1,0 +1,83 @@
+"""MLflow plumbing on a SQLite store: the project's one default store, experiments marked as
+model training, a run's card for reports, registered versions described with their lineage."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from pathloop import tracking
+from pathloop.config import TrackingConfig
+
+
+def test_the_default_store_is_the_projects_runs_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    for workdir in (runs / "loop", runs / "demo" / "round1" / "evaluate", runs):
+        uri = tracking.resolve_uri(TrackingConfig(), workdir)
+        assert uri == f"sqlite:///{runs / 'mlflow.db'}"
+    alone = tmp_path / "scratch" / "job"  # outside any runs/ directory: its own store
+    assert tracking.resolve_uri(TrackingConfig(), alone) == f"sqlite:///{alone / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking.resolve_uri(TrackingConfig(), runs / "loop") == "http://mlflow:5000"
+    given = TrackingConfig(tracking_uri="sqlite:////elsewhere.db")
+    assert tracking.resolve_uri(given, runs / "loop") == "sqlite:////elsewhere.db"
+
+
+def test_experiments_are_marked_as_model_training(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp_id = tracking.use(uri, "fresh")
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("made-elsewhere")  # e.g. by an older pathloop: no kind
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert tracking.use(uri, "made-elsewhere") == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_run_card_links_the_run_and_its_parent(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tc = TrackingConfig(tracking_uri=uri, experiment="cards")
+    parent = tracking.start_run(tc, tmp_path, run_name="loop")
+    child = tracking.start_run(tc, tmp_path, run_name="round1-evaluate", parent_run_id=parent)
+    card = tracking.run_card(uri, child)
+    exp_id = mlflow.MlflowClient(uri).get_run(child).info.experiment_id
+    assert card == {
+        "run_id": child,
+        "run_name": "round1-evaluate",
+        "url": f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{child}",
+        "ui": f"mlflow ui --backend-store-uri {uri}",
+        "parent": "loop",
+    }
+    assert tracking.run_url("https://mlflow.example/", "3", "r") == (
+        "https://mlflow.example/#/experiments/3/runs/r"
+    )
+    assert tracking.ui_command("https://mlflow.example") is None
+
+
+def test_registered_version_describes_its_lineage_and_metrics(tiny_ckpt, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tc = TrackingConfig(tracking_uri=uri, experiment="lineage")
+    parent = tracking.start_run(tc, tmp_path, run_name="loop")
+    params = {"pretrained": "models:/pathloop-pretrain/4", "feedback_round": "loop-round1"}
+    run = tracking.start_run(tc, tmp_path, params, run_name="round1-finetune", parent_run_id=parent)
+    tracking.log_metrics(uri, run, {"loss": 0.25, "model/plausibility/judge/class/M5": 1.0}, 6)
+    model_uri = tracking.log_checkpoint_model(uri, run, tiny_ckpt, "lineage-tiny")
+    assert model_uri == "models:/lineage-tiny/1"
+    client = mlflow.MlflowClient(uri)
+    version = client.get_model_version("lineage-tiny", "1")
+    text = version.description
+    assert text.startswith(f"Logged by run round1-finetune ({run}), a step of run loop ({parent})")
+    assert "- started from: models:/pathloop-pretrain/4" in text
+    assert "- feedback round: loop-round1" in text and "loss 0.25" in text
+    assert "/class/" not in text  # per-class rates stay in the run
+    assert version.tags["pathloop.pretrained"] == "models:/pathloop-pretrain/4"
+    assert version.tags["pathloop.parent_run_id"] == parent
+
+    later = {"model/fid": 12.5, "model/plausibility/judge/rate": 0.625}
+    tracking.describe_model_version(uri, model_uri, later, "Evaluated in round 1 of the loop")
+    version = client.get_model_version("lineage-tiny", "1")
+    assert "Evaluated in round 1 of the loop: model/fid 12.5, " in version.description
+    assert version.tags["metric.model/plausibility/judge/rate"] == "0.625"
+    with pytest.raises(ValueError, match="not models:/<name>/<version>"):
+        tracking.describe_model_version(uri, f"runs:/{run}/model")
