@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{r['name']}: {r['value']:.1f} {r['unit']}  "
             f"(peer {r['peer_name']}: {r['peer_value']:.1f}; target {r['target']})"
+            + (f"\n    {r['note']}" if r.get("note") else "")
         )
 
 
