@@ -81,7 +81,9 @@ def hostile(tmp_path: Path) -> dict:
     try:
         _fs(a, b"bad\xffname.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     except OSError:  # macOS (APFS) refuses names that are not UTF-8
-        pytest.skip("this filesystem refuses file names that are not UTF-8")
+        pytest.skip(
+            "this filesystem refuses file names that are not UTF-8; runs on Linux filesystems (CI)"
+        )
     (a / "[red]bad.png").write_text("rich markup in a name, and not an image\n")
     (a / ".DS_Store").write_bytes(b"\0\0")
     _png(_fs(src, b"\xffclass") / "good.png", 7)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="the reaper is Linux-only"
+    not sys.platform.startswith("linux"), reason="the reaper is Linux-only; runs on Linux (CI)"
 )
 
 # The driver: start a new local instance, run one task (so a worker exists too), say so, then
