@@ -308,17 +308,18 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     null, dev = null_class(st.raw), st.device
     noise, noise_real = noise.to(dev), noise_real.to(dev)  # drawn on the CPU for every rank alike
 
+    def labels(idx):  # class ids of images idx, dropped to the null class where drop says: (b,)
+        return torch.where(drop, null, torch.from_numpy(cls[idx.numpy()])).to(dev)
+
     def err(model, idx):  # per-sample denoising error of images idx (row i: noise i, t i): (b,)
-        y = torch.where(drop, null, torch.from_numpy(cls[idx.numpy()]))
-        x0 = _to_x(syn, idx).to(dev)
+        y, x0 = labels(idx), _to_x(syn, idx).to(dev)
         return diffusion_loss(model, st.scheduler, x0, y, noise=noise[:, 0], timesteps=t[:, 0])
 
     if cfg.method == "reward":
         l_syn = err(st.model, pick)  # (b,)
         r = torch.from_numpy(w[pick.numpy()]).float()  # (b,) cached, shaped rewards
     elif cfg.method == "nft":
-        y = torch.where(drop, null, torch.from_numpy(cls[pick.numpy()])).to(dev)
-        x0, ts = _to_x(syn, pick).to(dev), t[:, 0].to(dev).long()
+        y, x0, ts = labels(pick), _to_x(syn, pick).to(dev), t[:, 0].to(dev).long()
         x_t = st.scheduler.add_noise(x0, noise[:, 0], ts)  # (b, C, H, W)
         pred = st.model(x_t, ts, class_labels=y).sample
         with torch.no_grad():
@@ -354,9 +355,8 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
         )  # (b,)
     if cfg.method == "reward":
         return reward_weighted_loss(l_syn, r, l_real, cfg.beta_r)  # Eq. 3, Sun et al. 2023
-    if cfg.method == "nft":
-        return l_syn.mean() + (cfg.beta_r * l_real.mean() if l_real is not None else 0.0)
-    return l_pref + (cfg.beta_r * l_real.mean() if l_real is not None else 0.0)
+    l_fb = l_syn.mean() if cfg.method == "nft" else l_pref
+    return l_fb + (cfg.beta_r * l_real.mean() if l_real is not None else 0.0)
 
 
 # ----------------------------------------------------------------------------- Ray Train loop
