@@ -58,8 +58,11 @@ from pathloop.reward import RewardConfig
 
 console = Console()
 
-Arm = Literal["control", "feedback", "oracle", "self-training"]
+Arm = Literal["control", "feedback", "oracle", "self-training", "feedback-nft", "oracle-nft"]
 ARMS: tuple[str, ...] = ("control", "feedback", "oracle", "self-training")
+# feedback-nft, oracle-nft: the same rewards as feedback and oracle, finetuned with method=nft
+# and rewards normalised within each class (reward_mode=class_z), beside Eq. 3 in one table
+NFT = "-nft"
 CONTROL = "control"
 BASE = "base"  # the pretrained model itself, judged on the same images: a reference row
 REAL = "real"  # the real test split: the reference of PRDC and TSTR
@@ -163,7 +166,12 @@ class ExperimentConfig(Frozen):
         description="Settings every arm shares (Eq. 3); the arms set the weights, the pool, "
         "the real images and train.seed. reward_mode shapes the feedback and oracle rewards.",
     )
-    arms: tuple[Arm, ...] = Field(ARMS, min_length=1, description=f"Arms: {', '.join(ARMS)}.")
+    arms: tuple[Arm, ...] = Field(
+        ARMS,
+        min_length=1,
+        description=f"Arms: {', '.join(ARMS)}; feedback-nft and oracle-nft add the feedback "
+        "and oracle rewards finetuned with method=nft (reward_mode=class_z).",
+    )
     seeds: tuple[int, ...] = Field(
         (0, 1, 2), min_length=1, description="Finetuning seeds (train.seed) of every arm."
     )
@@ -345,8 +353,9 @@ def shared_steps(steps: Steps, shards: Path) -> Shared:
     console.print(f"expert: judge ({expert or 'default'} profile)")
     pool = wd / "pool"
     sample_set(steps, "pool: sample", model, pool, cfg.round.pool_per_class, POOL_SEED)
-    reward = train_reward_model(steps, shards, model, expert) if "feedback" in cfg.arms else None
-    oracle = wd / "oracle" / "rewards.parquet" if "oracle" in cfg.arms else None
+    sources = {arm.removesuffix(NFT) for arm in cfg.arms}
+    reward = train_reward_model(steps, shards, model, expert) if "feedback" in sources else None
+    oracle = wd / "oracle" / "rewards.parquet" if "oracle" in sources else None
     if oracle is not None:
         title = "oracle: the expert judges the pool"
         steps.run(title, oracle, lambda: write_oracle_rewards(pool, oracle, expert))
@@ -360,19 +369,26 @@ def arm_finetune(
     cfg: ExperimentConfig, arm: str, seed: int, shared: Shared, workdir: Path
 ) -> FinetuneConfig:
     """The finetuning config of one arm and seed: the shared section on the pool and the real
-    images, with the arm's weights (Eq. 3)."""
+    images, with the arm's weights (Eq. 3, or nft for the ``-nft`` arms)."""
+    source, nft = arm.removesuffix(NFT), arm.endswith(NFT)
     weights = {
         "control": {"reward_mode": "none"},  # only the beta_r real term trains
         "feedback": {"reward_model": shared.reward},
         "oracle": {"rewards": str(shared.oracle)},
         "self-training": {"reward_mode": "ones"},
-    }[arm]
+    }[source]
+    if nft:  # nft moves toward r > 0.5 and away from r < 0.5: rewards centred per class
+        weights["reward_mode"] = "class_z"
     return training_config(
         cfg.finetune,
         workdir,
         **{"reward_model": None, "rewards": None, **weights},
         # the arms without feedback train Eq. 3's way whatever the method under test
-        method=cfg.finetune.method if arm in ("feedback", "oracle") else "reward",
+        method="nft"
+        if nft
+        else cfg.finetune.method
+        if source in ("feedback", "oracle")
+        else "reward",
         pretrained=shared.model,
         synthetic=str(shared.pool),
         real=str(shared.shards),
@@ -580,7 +596,9 @@ def arithmetic(cfg: ExperimentConfig, shards: Path) -> dict[str, Any]:
         "classes": n_cls,
         "real_train_images": n_train,
         "real_test_images": n_test,
-        "review_images": r.review_per_class * n_cls if "feedback" in cfg.arms else 0,
+        "review_images": r.review_per_class * n_cls
+        if {"feedback", "feedback-nft"} & set(cfg.arms)
+        else 0,
         "pool_images": r.pool_per_class * n_cls,
         "finetune_runs": runs,
         "synthetic_rows_drawn_per_run": drawn,

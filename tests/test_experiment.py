@@ -146,6 +146,13 @@ def test_each_arm_finetunes_with_its_own_weights(mixed_pool, phantom_shards, tin
     assert np.array_equal(weights["oracle"], [verdict[i] for i in ids])  # the expert's verdicts
     assert np.array_equal(weights["control"], np.zeros(len(ids)))
     assert np.array_equal(weights["self-training"], np.ones(len(ids)))
+    for arm in ("feedback-nft", "oracle-nft"):  # the same rewards, the negative-aware loss
+        ft = arm_finetune(cfg, arm, 7, shared, tmp_path / arm)
+        assert (ft.method, ft.reward_mode, ft.train.seed) == ("nft", "class_z", 7)
+        source = arm.removesuffix("-nft")
+        assert (ft.reward_model, ft.rewards) == (
+            ("reward-model", None) if source == "feedback" else (None, str(oracle))
+        )
 
 
 def test_the_scenario_expert_labels_the_review_set(mixed_pool, tmp_path):
