@@ -8,11 +8,12 @@ are re-validated on the other side (``XConfig.model_validate(d)``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 
 class Frozen(BaseModel):
@@ -63,14 +64,49 @@ class NoiseConfig(Frozen):
     )
 
 
+def check_interval(v: Sequence[float]) -> Sequence[float]:
+    """A guidance interval [lo, hi] of noise levels t/T: 0 <= lo <= hi <= 1."""
+    lo, hi = v
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"must be [lo, hi] with 0 <= lo <= hi <= 1 (t/T), got {list(v)}")
+    return v
+
+
+# [lo, hi] of the noise level t/T (t = the scheduler's timestep 0..T-1) where guidance applies.
+GuidanceInterval = Annotated[tuple[float, float], AfterValidator(check_interval)]
+Weights = Literal["ema", "raw"]
+
+
 class SamplerConfig(Frozen):
     """How samples are drawn: one ``diffusion.sample()`` call."""
 
     sampler: Literal["ddpm", "ddim", "dpm++"] = Field("ddim", description="diffusers scheduler.")
     steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
     guidance: float = Field(
-        2.0, ge=0, le=20, description="CFG scale; 1 = conditional only, 0 = null class."
+        2.0,
+        ge=0,
+        le=20,
+        description="Guidance scale g (CFG, or autoguidance with guide); 1 = conditional only, "
+        "0 = the null class (the guide).",
     )
+    guidance_interval: GuidanceInterval = Field(
+        (0.0, 1.0),
+        description="Guide only at noise levels t/T in [lo, hi], scale 1 elsewhere (Kynkaanniemi "
+        "et al. 2024); [0, 1] = every step. diffusion.sigma_interval converts a sigma band.",
+    )
+    guide: str | None = Field(
+        None,
+        min_length=1,
+        description="Autoguidance (Karras et al. 2024): a weaker checkpoint of the same classes "
+        "(dir, result.json, models:/ URI, or 'earliest' = the oldest one the model's run kept) "
+        "in place of the null class: guide + g (model - guide). None = classifier-free.",
+    )
+    weights: Weights = Field(
+        "ema",
+        description="Weights sampled: ema (default; with optim.ema_warmup it averages about the "
+        "last step^0.75 steps, so short runs are not pulled back to init) or raw (last step's).",
+    )
+    guide_weights: Weights | None = Field(None, description="The guide's weights; None = weights.")
     seed: int = Field(0, description="Base seed; image i of a request uses seed + i.")
     batch_size: int = Field(
         32,

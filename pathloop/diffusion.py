@@ -5,7 +5,8 @@ row is the *null class* used for classifier-free guidance (trained by class drop
 ``losses.diffusion_loss``). Schedules are diffusers schedulers built from one ``NoiseConfig``.
 
 ``sample()`` holds the only denoising loop in pathloop. Training previews, sampling jobs,
-classifier(-free) guidance, image-to-image (SDEdit, MAGIC's mode) and HTTP serving all call it.
+classifier(-free) guidance, autoguidance, guidance in a limited interval, image-to-image (SDEdit,
+MAGIC's mode) and HTTP serving all call it.
 Image i of a request draws all of its noise from its own generator seeded ``seed + i``, so an image
 does not depend on the batch size or on the other images it was batched with.
 """
@@ -196,8 +197,16 @@ def _predict(
     null_id: int,
     guidance: float,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    guide: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Model output with classifier-free guidance: null + g * (cond - null); one batched call."""
+    """Guided model output. Classifier-free: null + g * (cond - null), one batched call.
+    With a ``guide``: guide(cond) + g * (model(cond) - guide(cond)) (autoguidance, Karras et al.
+    2024), one call per model. g = 1 is the conditional model alone either way."""
+    if guide is not None and guidance != 1.0:
+        with autocast():
+            out = unet(x, t, class_labels=cond).sample.float()  # (B, C, H, W)
+            out_guide = guide(x, t, class_labels=cond).sample.float()  # (B, C, H, W)
+        return out_guide + guidance * (out - out_guide)
     if guidance == 1.0:
         labels, x_in = cond, x  # conditional only
     elif guidance == 0.0:
@@ -221,6 +230,8 @@ class _LoopSettings:
     sampler: str
     steps: int
     guidance: float
+    guidance_interval: tuple[float, float]
+    guide: torch.nn.Module | None
     strength: float
     guidance_fn: GuidanceFn | None
     guidance_scale: float
@@ -259,9 +270,12 @@ def _denoise_chunk(
         x = scheduler.add_noise(init, x_noise, timesteps[:1])
 
     # --- loop
+    lo, hi = s.guidance_interval
     for t in timesteps:
         x_in = scheduler.scale_model_input(x, t)
-        out = _predict(unet, x_in, t, cond, null_id, s.guidance, s.autocast)  # (B, C, H, W)
+        # Guidance only inside the interval, scale 1 (conditional) outside (Kynkaanniemi 2024)
+        g = s.guidance if lo <= int(t) / s.noise.num_train_timesteps <= hi else 1.0
+        out = _predict(unet, x_in, t, cond, null_id, g, s.autocast, s.guide)  # (B, C, H, W)
         if s.guidance_fn is not None and s.guidance_scale != 0.0:
             # Classifier guidance (Dhariwal & Nichol 2021, Alg. 2): eps - sqrt(1-ab) * s * grad.
             alphabar = scheduler.alphas_cumprod[int(t)].to(x.device)
@@ -285,6 +299,37 @@ def _prepare_denoiser(unet: torch.nn.Module, channels_last: bool, compile_: bool
         unet.compile(dynamic=False)  # once; a torch.compile or DDP wrapper is left as it is
 
 
+def check_guide(unet: torch.nn.Module, guide: torch.nn.Module) -> None:
+    """ValueError unless ``guide`` takes ``unet``'s inputs: the same image shape and class ids."""
+    a, b = unwrap(unet).config, unwrap(guide).config
+    keys = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
+    diff = {k: (a[k], b[k]) for k in keys if a[k] != b[k]}
+    if diff:
+        raise ValueError(f"the guide does not match the model (model, guide): {diff}")
+
+
+def _load_guide(
+    guide: torch.nn.Module | str | Path | None, weights: str, device: torch.device
+) -> torch.nn.Module | None:
+    """``guide`` as a module: a checkpoint directory is loaded with its ``weights`` (ema|raw)."""
+    if guide is None or isinstance(guide, torch.nn.Module):
+        return guide
+    return load_checkpoint(guide, ema=weights == "ema", map_location=device).unet
+
+
+def sigma_interval(noise: NoiseConfig, sigma_lo: float, sigma_hi: float) -> tuple[float, float]:
+    """The ``guidance_interval`` [lo, hi] (noise level t/T) of the timesteps whose EDM noise
+    level sigma_t = sqrt((1 - ab_t) / ab_t) lies in [sigma_lo, sigma_hi], under ``noise``'s
+    schedule (the unit Kynkaanniemi et al. 2024 give intervals in)."""
+    alphabar = build_scheduler(noise).alphas_cumprod.double()  # (T,)
+    sigma = ((1 - alphabar) / alphabar).sqrt()  # (T,), increasing in t
+    inside = ((sigma >= sigma_lo) & (sigma <= sigma_hi)).nonzero().flatten()
+    if not len(inside):
+        raise ValueError(f"no timestep has sigma in [{sigma_lo}, {sigma_hi}]")
+    t_max = noise.num_train_timesteps
+    return int(inside[0]) / t_max, int(inside[-1]) / t_max
+
+
 def _progress(enabled: bool, total: int):
     """A rich progress bar (or nothing) and a callback that advances it by one step."""
     if not enabled:
@@ -304,6 +349,10 @@ def sample(
     sampler: str = "ddim",
     steps: int = 50,
     guidance: float = 2.0,
+    guidance_interval: Sequence[float] = (0.0, 1.0),
+    guide: torch.nn.Module | str | Path | None = None,
+    weights: str = "ema",
+    guide_weights: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
     init_images: torch.Tensor | None = None,
@@ -324,6 +373,14 @@ def sample(
     guidance: classifier-free guidance scale g, eps = eps_null + g (eps_cond - eps_null);
         1 = conditional only, 0 = unconditional (the null class). A class id may itself be the
         null id (``null_class(unet)``).
+    guidance_interval: [lo, hi] of the noise level t/T (t the scheduler's timestep, T the
+        schedule's length) at which ``guidance`` applies; other steps run at scale 1
+        (Kynkaanniemi et al. 2024). (0, 1) = every step. Classifier guidance is not limited.
+    guide: autoguidance (Karras et al. 2024): a weaker model of the same classes and image size
+        (a module, or a checkpoint directory loaded with ``guide_weights``, default ``weights``)
+        replaces the null class: eps = eps_guide + g (eps_model - eps_guide), both conditional.
+    weights: the weights of a guide loaded here; ``unet``'s are the caller's choice
+        (``load_checkpoint(ema=...)``).
     seed: image i draws its initial and per-step noise from a generator seeded ``seed + i``, so it
         is the same whatever the batch size or the other images in the request. With
         ``generator_per_image=False`` one generator seeded ``seed`` serves the whole request
@@ -339,13 +396,22 @@ def sample(
     channels_last/compile: convert the unet in place, as ``device`` moves it (see
         ``_prepare_denoiser``); both off by default, and neither changes which noise an image
         draws, so a compiled sampler reproduces an eager one up to float rounding.
-    ``SamplerConfig`` fields are keyword arguments: ``sample(u, n, ids, **cfg.model_dump())``.
+    ``SamplerConfig`` fields are keyword arguments: ``sample(u, n, ids, **cfg.model_dump())``
+    (the jobs resolve a guide reference such as a result.json or 'earliest' first).
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    lo, hi = (float(v) for v in guidance_interval)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance_interval must be [lo, hi] in [0, 1], got {[lo, hi]}")
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     unet.to(device)
     _prepare_denoiser(unet, channels_last, compile)
+    guide = _load_guide(guide, guide_weights or weights, device)
+    if guide is not None:
+        check_guide(unet, guide)
+        guide.to(device)
+        _prepare_denoiser(guide, channels_last, compile)
     ids = _as_class_tensor(class_ids, null_class(unet))  # (N,)
     n, cfg = len(ids), unwrap(unet).config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -363,14 +429,18 @@ def sample(
         sampler=sampler,
         steps=steps,
         guidance=guidance,
+        guidance_interval=(lo, hi),
+        guide=guide,
         strength=strength,
         guidance_fn=guidance_fn,
         guidance_scale=guidance_scale,
         autocast=(lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext,
         on_step=on_step,
     )
-    was_training, chunks = unet.training, []
-    unet.eval()
+    modes = [(m, m.training) for m in (unet, guide) if m is not None]
+    chunks = []
+    for m, _ in modes:
+        m.eval()
     try:
         with bar, torch.no_grad():
             for lo in range(0, n, batch_size):
@@ -381,7 +451,8 @@ def sample(
                 x = _denoise_chunk(unet, settings, x_noise_b, ids_b, gens_b, init)  # (b, C, H, W)
                 chunks.append(x.float().clamp(-1, 1).cpu())
     finally:
-        unet.train(was_training)
+        for m, was_training in modes:
+            m.train(was_training)
     return torch.cat(chunks)  # (N, C, H, W)
 
 
@@ -561,3 +632,24 @@ def load_checkpoint(
         extra=state.get("extra", {}),
         path=path,
     )
+
+
+def kept_checkpoints(path: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint the training run of checkpoint ``path`` kept on local
+    disk, oldest first: the ``checkpoint_*`` dirs beside ``path`` and under the run's Ray
+    storage (``train.storage`` or ``<workdir>/ray``, then ``<name>``, from its config.json)."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    roots = {path.parent} if path.name.startswith("checkpoint_") else set()
+    storage = (config.get("train") or {}).get("storage")
+    if config.get("workdir") and config.get("name") and (storage is None or "://" not in storage):
+        roots.add(Path(storage or Path(config["workdir"]) / "ray") / config["name"])
+    found = {
+        d.resolve()
+        for root in roots
+        if root.is_dir()
+        for d in root.glob("checkpoint_*")
+        if (d / "state.json").is_file()
+    }
+    steps = {d: int(json.loads((d / "state.json").read_text())["step"]) for d in found}
+    return sorted((step, d) for d, step in steps.items())

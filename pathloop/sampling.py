@@ -3,6 +3,8 @@
 Work is a table of (class, seed) rows mapped over Ray Data actors, each holding the model once and
 calling the one ``diffusion.sample()`` loop, so it scales from 2 CPU cores to a GPU cluster.
 Image i of the job gets seed ``sampler.seed + i``: the set is the same however it is batched.
+The sampler settings choose the weights (EMA or raw), the guidance interval and an optional
+guide model (autoguidance), which travels to the actors beside the model.
 The model, the output and the image-to-image source may live on any ``pyarrow.fs`` filesystem
 (``s3://...``); the checkpoint reaches the actors through Ray's object store, so they need not
 share a disk with the driver.
@@ -10,6 +12,7 @@ share a disk with the driver.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ import numpy as np
 from pydantic import Field
 
 from pathloop.config import Frozen, SamplerConfig, TrackingConfig
+
+EARLIEST = "earliest"  # sampler.guide: the oldest checkpoint the model's own run kept
 
 
 class SampleConfig(Frozen):
@@ -41,7 +46,7 @@ class SampleConfig(Frozen):
         None,
         ge=1,
         description="torch threads per actor; None = its reserved CPU (1). On a 2-core box "
-        "with one actor, 2 samples about twice as fast.",
+        "with one actor, 2 samples about twice as fast (the CPU presets set it).",
     )
     use_gpu: bool = Field(False, description="One GPU per actor.")
     bf16: bool = Field(True, description="bf16 autocast in the UNet on CUDA (ignored on CPU).")
@@ -58,20 +63,23 @@ class _Sampler:
         strength: float,
         bf16: bool,
         torch_threads: int | None = None,
+        guide_files: dict[str, bytes] | None = None,
     ) -> None:
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         from pathloop import storage
-        from pathloop.diffusion import load_checkpoint
 
-        local = Path(tempfile.mkdtemp(prefix="pathloop-sampler-"))
-        storage.unpack_dir(ckpt_files, local)  # this node's copy, whichever node it is
-        self.ck = load_checkpoint(local)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.ck.unet.to(self.device)
+        def local_copy(files: dict[str, bytes]) -> Path:  # this node's, whichever node it is
+            local = Path(tempfile.mkdtemp(prefix="pathloop-sampler-"))
+            storage.unpack_dir(files, local)
+            return local
+
         self.cfg = SamplerConfig.model_validate(sampler)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        guide_dir = local_copy(guide_files) if guide_files else None
+        self.ck, self.guide = load_models(local_copy(ckpt_files), guide_dir, self.cfg, self.device)
         self.strength = strength
         self.dtype = torch.bfloat16 if bf16 else None
 
@@ -92,6 +100,8 @@ class _Sampler:
             sampler=self.cfg.sampler,
             steps=self.cfg.steps,
             guidance=self.cfg.guidance,
+            guidance_interval=self.cfg.guidance_interval,
+            guide=self.guide,
             seeds=batch["seed"].tolist(),
             batch_size=self.cfg.batch_size,
             init_images=init,
@@ -104,6 +114,57 @@ class _Sampler:
         out = {k: v for k, v in batch.items() if k != "init_png"}
         out["pixels"] = to_uint8(x)  # (B, H, W, 3)
         return out
+
+
+def resolve_guide(guide: str | None, model_dir: Path, tracking: TrackingConfig) -> Path | None:
+    """The local checkpoint dir of ``sampler.guide``: None; 'earliest', the oldest checkpoint
+    the model's run kept before the model's own step; else any model reference."""
+    from pathloop.diffusion import kept_checkpoints
+    from pathloop.tracking import resolve_model_ref
+
+    if guide is None:
+        return None
+    if guide != EARLIEST:
+        return resolve_model_ref(guide, tracking)[0]
+    step = int(json.loads((model_dir / "state.json").read_text())["step"])
+    earlier = [d for s, d in kept_checkpoints(model_dir) if s < step]
+    if not earlier:
+        raise ValueError(
+            f"guide={EARLIEST}: the run of {model_dir} kept no checkpoint before step {step} "
+            "(raise train.keep_checkpoints, or give the guide's checkpoint path)"
+        )
+    return earlier[0]
+
+
+def load_models(
+    model_dir: Path, guide_dir: Path | None, cfg: SamplerConfig, device: Any = "cpu"
+) -> tuple[Any, Any]:
+    """(model ``Checkpoint`` with ``cfg.weights`` as its ``unet``, guide unet or None), on
+    ``device``; the guide must share the model's classes, schedule and image shape."""
+    from pathloop.diffusion import check_guide, load_checkpoint
+
+    ck = load_checkpoint(model_dir, ema=cfg.weights == "ema", map_location=device)
+    if guide_dir is None:
+        return ck, None
+    g = load_checkpoint(guide_dir, ema=(cfg.guide_weights or cfg.weights) == "ema")
+    if g.vocab != ck.vocab or g.noise != ck.noise:
+        what = "classes" if g.vocab != ck.vocab else "noise schedule"
+        raise ValueError(f"guide {guide_dir} has another {what} than model {model_dir}")
+    check_guide(ck.unet, g.unet)
+    return ck, g.unet.to(device)
+
+
+def _note(cfg: SampleConfig, model_uri: str, guide: Path | None) -> str:
+    """The shard set's source note: the model, and the guidance settings that are not default."""
+    s = cfg.sampler
+    parts = [f"sampled from {model_uri}"]
+    if s.guidance_interval != (0.0, 1.0):
+        parts.append(f"guidance_interval={list(s.guidance_interval)}")
+    if guide is not None:
+        parts.append(f"guide={s.guide} ({guide}, {s.guide_weights or s.weights} weights)")
+    if s.weights != "ema":
+        parts.append(f"weights={s.weights}")
+    return "; ".join(parts)
 
 
 def _work_table(cfg: SampleConfig, vocab) -> list[dict[str, Any]]:
@@ -136,11 +197,11 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
 
     from pathloop import storage
     from pathloop.data import ShardWriter
-    from pathloop.diffusion import load_checkpoint
     from pathloop.tracking import resolve_model_ref
 
     ckpt_dir, model_uri = resolve_model_ref(cfg.model, cfg.tracking)
-    ck = load_checkpoint(ckpt_dir)
+    guide_dir = resolve_guide(cfg.sampler.guide, ckpt_dir, cfg.tracking)
+    ck, _ = load_models(ckpt_dir, guide_dir, cfg.sampler)  # a guide that does not fit fails here
     vocab, step = ck.vocab, ck.step
     rows = _work_table(cfg, vocab)
     from pathloop.reaper import init_ray
@@ -154,6 +215,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
             "strength": cfg.strength,
             "bf16": cfg.bf16,
             "torch_threads": cfg.torch_threads,
+            "guide_files": guide_dir and storage.pack_dir(guide_dir, skip=("optimizer.pt",)),
         },
         batch_size=cfg.sampler.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
@@ -168,7 +230,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         "guidance": cfg.sampler.guidance,
     }
     with (
-        ShardWriter(cfg.out, vocab, source_note=f"sampled from {model_uri}") as w,
+        ShardWriter(cfg.out, vocab, source_note=_note(cfg, model_uri, guide_dir)) as w,
         Progress(transient=False) as bar,
     ):
         task = bar.add_task("sampling", total=len(rows))
@@ -186,4 +248,5 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         "num_records": manifest["num_records"],
         "model_uri": model_uri,
         "checkpoint_step": step,
+        "guide": str(guide_dir) if guide_dir else None,
     }

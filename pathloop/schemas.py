@@ -7,9 +7,16 @@ body is an ``ErrorResponse``: ``{"detail": "<what was wrong and the valid values
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from pathloop.config import Weights, check_interval
+
+# [lo, hi] as a JSON array (the API is strict: an array is not a tuple there)
+GuidanceInterval = Annotated[
+    list[float], Field(min_length=2, max_length=2), AfterValidator(check_interval)
+]
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpm++")
 MAX_SEED = 2**32 - 1  # seed + i must stay a valid torch seed for every image of a request
@@ -71,8 +78,26 @@ class GenerateRequest(_Model):
         50, ge=1, le=1000, description="Denoising steps (server limit: limits.max_steps)."
     )
     guidance: float = Field(
-        2.0, ge=0, le=20, description="Classifier-free guidance; 1 = conditional, 0 = null class."
+        2.0,
+        ge=0,
+        le=20,
+        description="Guidance scale (classifier-free, or toward the guide); 1 = conditional, "
+        "0 = null class (the guide).",
     )
+    guidance_interval: GuidanceInterval = Field(
+        [0.0, 1.0],
+        description="Guide only at noise levels t/T in [lo, hi] (scale 1 elsewhere); [0, 1] = "
+        "every step.",
+    )
+    guide: str | None = Field(
+        None,
+        min_length=1,
+        max_length=300,
+        description="Autoguidance: a served model of the same classes (as `model`, GET "
+        "/v1/models) in place of the null class; None = classifier-free guidance.",
+    )
+    weights: Weights = Field("ema", description="The model's weights: ema or raw.")
+    guide_weights: Weights | None = Field(None, description="The guide's; None = weights.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed; image i uses seed + i.")
     format: Literal["png", "base64"] = Field(
         "base64",
@@ -94,6 +119,12 @@ class Provenance(_Model):
     sampler: str = Field(description="Scheduler used.")
     steps: int = Field(description="Denoising steps used.")
     guidance: float = Field(description="Guidance scale used.")
+    guidance_interval: tuple[float, float] = Field(
+        (0.0, 1.0), description="Noise levels t/T guided."
+    )
+    guide: str | None = Field(None, description="The guide model's id; None = classifier-free.")
+    weights: str = Field("ema", description="The model's weights used.")
+    guide_weights: str | None = Field(None, description="The guide's weights used, if any.")
     seed: int = Field(description="This image's own seed.")
 
 

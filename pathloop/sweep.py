@@ -11,6 +11,11 @@ for finetuning (the judge's plausibility of new samples) is measured outside the
 Every trial's job runs log to the sweep's one MLflow store, tagged with the sweep id (the sweep's
 own MLflow run id, which is also their parent run) and the Tune trial id. The best configuration is
 written back as a full job config (``best.yaml``) that ``pathloop finetune --config`` accepts.
+
+Step ``evaluate`` sweeps sampling settings of one fixed model (guidance scale, interval, guide):
+each trial runs the evaluation job once (no training, one segment) and reports its model row:
+precision, recall, density, coverage, FID, TSTR and plausibility. The evaluation classifier is
+trained once by the driver and shared by every trial.
 """
 
 from __future__ import annotations
@@ -110,10 +115,11 @@ class SweepConfig(Frozen):
 
     workdir: str = Field("runs/sweep", description="Trials, Tune state, best.yaml, trials.csv.")
     name: str = Field("sweep", description="Tune experiment and MLflow run name.")
-    step: Literal["pretrain", "reward", "finetune", "reward_finetune"] = Field(
+    step: Literal["pretrain", "reward", "finetune", "reward_finetune", "evaluate"] = Field(
         "finetune",
         description="The job each trial runs; reward_finetune: a reward model (Eq. 2), then "
-        "finetuning with it (Eq. 3). Its reward-job keys are written reward.<key>.",
+        "finetuning with it (Eq. 3), its reward-job keys written reward.<key>; evaluate: the "
+        "evaluation job once per trial (sampling settings of one model, e.g. sampler.guidance).",
     )
     config: str | None = Field(
         None,
@@ -174,12 +180,18 @@ class SweepConfig(Frozen):
             raise ValueError(f"unknown measures {unknown}; valid measures: {', '.join(MEASURES)}")
         if self.step == "reward" and set(self.measure_names) - {"train"}:
             raise ValueError("step reward trains no diffusion model: use measures: [train]")
+        if (self.step == "evaluate") != (self.measure_names == ["evaluate"]):
+            raise ValueError("step evaluate measures with [evaluate], and only it does")
+        if self.step == "evaluate" and self.segments != 1:
+            raise ValueError("step evaluate trains nothing: segments must be 1")
         return self
 
     @property
     def measure_names(self) -> list[str]:
         if self.measures is not None:
             return self.measures
+        if self.step == "evaluate":
+            return ["evaluate"]
         return ["train"] if self.step == "reward" else ["judge", "train"]
 
 
@@ -187,8 +199,8 @@ class SweepConfig(Frozen):
 
 
 def jobs() -> dict[str, Step]:
-    """The steps a trial can run: the registered steps that train in segments."""
-    return {name: get_step(name) for name in ("pretrain", "reward", "finetune")}
+    """The steps a trial can run: the registered steps that train in segments, and evaluate."""
+    return {name: get_step(name) for name in ("pretrain", "reward", "finetune", "evaluate")}
 
 
 def _job(cfg: SweepConfig) -> Step:
@@ -230,6 +242,8 @@ def _imposed(cfg: SweepConfig, shared: dict, workdir: Path, name: str) -> list[s
 
 def segment_plan(total: int, segments: int) -> list[int]:
     """Step counts the segments end at: about equal parts of ``total``, the last one ``total``."""
+    if total == 0:
+        return [0]  # a job that trains nothing: one run
     size = math.ceil(total / segments)
     return sorted({min(i * size, total) for i in range(1, segments + 1)})
 
@@ -291,14 +305,16 @@ class Segment:
             import numpy as np
             import torch
 
-            from pathloop.diffusion import load_checkpoint, sample, to_uint8
+            from pathloop.diffusion import sample, to_uint8
+            from pathloop.sampling import load_models, resolve_guide
             from pathloop.viz import image_grid
 
             torch.set_num_threads(self.job.scaling.torch_threads or 1)
-            ck = load_checkpoint(self.result["checkpoint"])
+            sc, ckpt = self.sweep.sampler, Path(self.result["checkpoint"])
+            ck, guide = load_models(ckpt, resolve_guide(sc.guide, ckpt, self.job.tracking), sc)
             n, codes = self.sweep.per_class, [c.code for c in ck.vocab.classes]
             ids = np.repeat(np.arange(len(ck.vocab)), n)  # (K * n,)
-            x = sample(ck.unet, ck.noise, ids.tolist(), **self.sweep.sampler.model_dump())
+            x = sample(ck.unet, ck.noise, ids.tolist(), **{**sc.model_dump(), "guide": guide})
             images = to_uint8(x)  # (K * n, H, W, 3)
             grid = image_grid(list(images), len(ck.vocab), n, 2, codes)
             grid.save(Path(self.job.workdir) / f"samples_step{self.result['step']}.png")
@@ -351,11 +367,25 @@ def measure_train(seg: Segment) -> dict[str, float]:
     return out
 
 
+def measure_evaluate(seg: Segment) -> dict[str, float]:
+    """Step evaluate: the evaluation job's ``model`` row, flat (precision, coverage, fid,
+    tstr_synthetic_macro_f1, plausibility_judge_rate, ...; per-class rates left out)."""
+    from pathloop.evaluate import flat_metrics
+
+    flat = flat_metrics(seg.result)
+    return {
+        k.removeprefix("model/").removeprefix("prdc/").replace("/", "_"): v
+        for k, v in flat.items()
+        if k.startswith("model/") and "/class/" not in k
+    }
+
+
 # Metric hooks: (segment) -> {name: value}. Add one here to make it a sweep metric.
 MEASURES: dict[str, Callable[[Segment], dict[str, float]]] = {
     "judge": measure_judge,
     "fidelity": measure_fidelity,
     "train": measure_train,
+    "evaluate": measure_evaluate,
 }
 
 
@@ -377,6 +407,19 @@ def prepare_fidelity(cfg: SweepConfig, job_cfg: Any, workdir: Path) -> dict[str,
         if not same or json.loads(meta.read_text()).get("train") != fm_cfg.model_dump():
             train_feature_model(real, features, fm_cfg)
     return {"real": real, "features": storage.absolute(features)}
+
+
+def prepare_evaluate(cfg: SweepConfig, job_cfg: Any, workdir: Path) -> dict[str, str]:
+    """Driver side of step evaluate: the evaluation classifier, trained once into
+    <workdir>/features unless the job names one (``features.path``)."""
+    if cfg.step != "evaluate" or job_cfg.features.path:
+        return {}
+    from pathloop import storage
+    from pathloop.evaluate import feature_model
+
+    real = storage.absolute(job_cfg.real)
+    feature_model(updated(job_cfg, workdir=str(workdir), real=real))
+    return {"features": storage.absolute(workdir / "features")}
 
 
 def measure(seg: Segment) -> dict[str, float]:
@@ -424,6 +467,8 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
     )
     reward_extra = _imposed(cfg, shared, trial_dir / "reward", f"{name}-reward")
     job_extra = _imposed(cfg, shared, trial_dir / cfg.step.split("_")[-1], name)
+    if cfg.step == "evaluate" and "features" in shared:
+        job_extra.append(f"features.path={shared['features']}")
     rcfg, job_cfg = build_configs(cfg, params, reward_extra, job_extra)
     reward_result = None
     if rcfg is not None:  # reward_finetune: the trial's reward model, once, before finetuning
@@ -431,7 +476,7 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
         _tag(uri, reward_result["run_id"], shared, params)
     job = _job(cfg)
     for k, n in enumerate(segment_plan(_steps_of(job_cfg, job), cfg.segments), 1):
-        resume = [f"{job.steps_key}={n}", f"resume={str(k > 1).lower()}"]
+        resume = [f"{job.steps_key}={n}", f"resume={str(k > 1).lower()}"] if job.steps_key else []
         _, jcfg = build_configs(cfg, params, reward_extra, [*job_extra, *resume])
         result = job.run(jcfg)
         if k == 1:
@@ -442,6 +487,9 @@ def trial(params: dict[str, Any], sweep: dict, shared: dict) -> None:
 
 
 def _steps_of(job_cfg: Any, job: Step) -> int:
+    """The job's optimizer steps; 0 for a job that trains nothing (one segment, at step 0)."""
+    if job.steps_key is None:
+        return 0
     node = job_cfg
     for part in job.steps_key.split("."):
         node = getattr(node, part)
@@ -581,6 +629,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     shared = {"cwd": os.getcwd(), "workdir": str(workdir), "uri": uri, "sweep_id": sweep_id}
     try:
         shared.update(prepare_fidelity(cfg, job_cfg, workdir))
+        shared.update(prepare_evaluate(cfg, job_cfg, workdir))
         out = _summarise(cfg, _tuner(cfg, shared).fit(), workdir)
     except Exception:
         tracking.end_run(uri, sweep_id, "FAILED")

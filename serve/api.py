@@ -348,16 +348,18 @@ def _model_routes(app: FastAPI, st: _State) -> None:
         """Draw ``n`` images of a class from the served model ``model`` names (GET /v1/models;
         None = the default). ``format: png`` with ``n == 1`` answers ``image/png``
         (provenance in ``X-Pathloop-*`` headers); otherwise JSON with base64 PNGs.
-        Concurrent requests for one model with equal sampler/steps/guidance share one batched
-        sampling call."""
+        Concurrent requests for one model with equal sampler settings share one batched
+        sampling call. ``guide`` names a second served model (autoguidance)."""
         if not st.backend.has_generator or st.info is None:
             raise HTTPException(503, "no diffusion model is served: set model in the Serve config")
         check_generate(req.n, req.steps, st.args.limits)
         model_id, info, vocab = await st.model(req.model)
         cls = st.lookup(req.class_name, vocab)
-        job = req.model_dump(include={"n", "sampler", "steps", "guidance", "seed"})
+        job = req.model_dump(include={"n", *SAMPLING_KEYS, "seed"} - {"guide", "guide_weights"})
+        job["guide"] = await _guide(st, req.guide, info, vocab)
+        job["guide_weights"] = (req.guide_weights or req.weights) if job["guide"] else None
         pngs = await st.backend.generate({**job, "class_id": cls.id}, model_id)
-        prov = {k: job[k] for k in ("sampler", "steps", "guidance")}
+        prov = {k: job[k] for k in SAMPLING_KEYS}
         prov.update(
             model=model_id,
             model_uri=public_ref(info["model_uri"]),
@@ -405,6 +407,28 @@ def _model_routes(app: FastAPI, st: _State) -> None:
             registered_names=list(args.registered_models),
             max_loaded_per_replica=args.max_models_per_replica,
         )
+
+
+# What a generate job fixes for every image of its sampling call (and provenance reports).
+SAMPLING_KEYS = (
+    *("sampler", "steps", "guidance", "guidance_interval"),
+    *("guide", "weights", "guide_weights"),
+)
+
+
+async def _guide(st: _State, guide: str | None, info: dict, vocab: Vocabulary) -> str | None:
+    """The served model id of a request's ``guide`` (None: none); 422 unless it has the
+    model's classes and image size."""
+    if guide is None:
+        return None
+    guide_id, guide_info, guide_vocab = await st.model(guide)
+    if guide_vocab != vocab or guide_info["sample_size"] != info["sample_size"]:
+        raise HTTPException(
+            422,
+            f"guide {guide_id!r} does not fit the model: a guide needs the same classes and "
+            "image size (GET /v1/models lists the served models)",
+        )
+    return guide_id
 
 
 def registered_versions(args: ServeArgs) -> list[str]:
@@ -623,7 +647,8 @@ class LocalBackend:
     async def generate(self, job: dict, model: str) -> list[bytes]:
         async with self._lock:
             core = await asyncio.to_thread(self.models.get, model)
-            run = asyncio.to_thread(core.run, [job])
+            guide = job.get("guide") and await asyncio.to_thread(self.models.get, job["guide"])
+            run = asyncio.to_thread(core.run, [job], {job["guide"]: guide} if guide else None)
             return (await asyncio.wait_for(run, self.timeout))[0]
 
     async def score(self, image: np.ndarray, class_id: int, code: str) -> dict:

@@ -5,9 +5,11 @@
     run(config_path)                           start Ray and Serve, deploy, optionally block
 
 Generator requests are merged with ``@serve.batch``: requests waiting together (up to
-``max_batch_size`` images, ``batch_wait_timeout_s``) that share model/sampler/steps/guidance go
-into one ``sample()`` call whatever their classes and seeds; batches Serve forms while the model
-is busy wait together and are joined into one call (``MergingRunner``).
+``max_batch_size`` images, ``batch_wait_timeout_s``) that share the model and sampling settings
+(sampler, steps, guidance, its interval, guide, weights) go into one ``sample()`` call whatever
+their classes and seeds; batches Serve forms while the model is busy wait together and are joined
+into one call (``MergingRunner``). A request's guide (autoguidance) is another served model,
+loaded in the same replica and counted in its ``max_models_per_replica``.
 
 One Generator deployment serves every model of ``ServeArgs.models`` and the registered versions
 it allows, by Ray Serve model multiplexing: the ingress sends each request with its model id
@@ -165,11 +167,14 @@ class Generator:
         batch_size_fn=_images_in,
     )
     async def generate(self, jobs: list[dict]) -> list[list[bytes]]:
-        # Each job names its model (Ray >= 2.50 also splits batches by model id); the runner
-        # may merge batches of several models: run_jobs makes one run per model.
-        cores = {m: await self.model(m) for m in dict.fromkeys(j["model"] for j in jobs)}
+        # Each job names its model (Ray >= 2.50 also splits batches by model id) and maybe a
+        # guide, loaded here too; the runner may merge batches of several models: run_jobs
+        # makes one run per model.
+        ids = [j["model"] for j in jobs] + [j["guide"] for j in jobs if j.get("guide")]
+        cores = {m: await self.model(m) for m in dict.fromkeys(ids)}
+        items = [(cores[j["model"]], j, cores.get(j.get("guide"))) for j in jobs]
         # Off the event loop, so this replica keeps answering health checks while sampling.
-        return await self.runner.run([(cores[j["model"]], j) for j in jobs])
+        return await self.runner.run(items)
 
 
 @serve.deployment(name="Scorer")

@@ -178,30 +178,57 @@ class ModelCache:
             return model
 
 
-def run_jobs(items: Sequence[tuple[GeneratorCore, dict]]) -> list[list[bytes]]:
-    """(model, job) pairs, maybe of several models: each model's jobs in one ``run`` (merged
-    there); PNG bytes per job, in item order."""
+def run_jobs(
+    items: Sequence[tuple[GeneratorCore, dict, GeneratorCore | None]],
+) -> list[list[bytes]]:
+    """(model, job, guide model or None) triples, maybe of several models: each model's jobs in
+    one ``run`` (merged there); PNG bytes per job, in item order."""
     by_core: dict[int, list[int]] = defaultdict(list)
-    for i, (core, _) in enumerate(items):
+    for i, (core, _, _) in enumerate(items):
         by_core[id(core)].append(i)
     out: list[list[bytes]] = [[] for _ in items]
     for idx in by_core.values():
         core = items[idx[0]][0]
-        for i, pngs in zip(idx, core.run([items[i][1] for i in idx]), strict=True):
+        guides = {items[i][1]["guide"]: items[i][2] for i in idx if items[i][2] is not None}
+        for i, pngs in zip(idx, core.run([items[i][1] for i in idx], guides), strict=True):
             out[i] = pngs
     return out
 
 
-def images_in(items: Sequence[tuple[Any, dict]]) -> int:
-    """Images of (model, job) pairs: what a Generator batch is counted in."""
-    return sum(int(job["n"]) for _, job in items)
+def images_in(items: Sequence[tuple]) -> int:
+    """Images of (model, job, guide) items: what a Generator batch is counted in."""
+    return sum(int(item[1]["n"]) for item in items)
+
+
+# Sampling settings of a job that its images share, with the values of a job that names none.
+JOB_SETTINGS: dict[str, Any] = {
+    "sampler": "ddim",
+    "steps": 50,
+    "guidance": 2.0,
+    "guidance_interval": (0.0, 1.0),
+    "guide": None,
+    "weights": "ema",
+    "guide_weights": None,
+}
+
+
+def job_settings(job: dict) -> tuple:
+    """The settings ``job`` shares with the jobs it may be merged with (hashable)."""
+    out = {k: job.get(k, default) for k, default in JOB_SETTINGS.items()}
+    out.update(
+        steps=int(out["steps"]),
+        guidance=float(out["guidance"]),
+        guidance_interval=tuple(float(v) for v in out["guidance_interval"]),
+    )
+    return tuple(out.values())
 
 
 class GeneratorCore:
     """A loaded checkpoint and the merged sampling of many requests.
 
-    A *job* is one request: {class_id, n, sampler, steps, guidance, seed}. Jobs with the same
-    sampler, steps and guidance go into one ``sample()`` call whatever their classes and seeds;
+    A *job* is one request: {class_id, n, seed} and the settings of ``JOB_SETTINGS`` (sampler,
+    steps, guidance, guidance_interval, guide, weights, guide_weights). Jobs with the same
+    settings go into one ``sample()`` call whatever their classes and seeds;
     image k of a job keeps seed ``seed + k`` (``sample(seeds=...)``), so its pixels do not depend
     on what it was batched with (up to float rounding of batched convolutions: at most 1 level).
     """
@@ -223,6 +250,7 @@ class GeneratorCore:
         if ck.noise is None:
             raise ValueError(f"checkpoint {ref} has no noise config (config.json 'noise')")
         self.unet, self.noise, self.vocab, self.step = ck.unet.eval(), ck.noise, ck.vocab, ck.step
+        self.path, self.raw_unet = ck.path, None  # raw weights: loaded on first request
         self.model_id, self.model_uri = model_id, ref
         self.batch_size = args.max_batch_size
         # one entry per sample() call (requests and images merged); shared by a replica's models
@@ -242,19 +270,39 @@ class GeneratorCore:
         """The sample() calls made so far (requests and images each merged)."""
         return list(self.calls)
 
-    def run(self, jobs: Sequence[dict]) -> list[list[bytes]]:
-        """PNG bytes of every image of every job, in job order."""
+    def weights(self, which: str) -> Any:
+        """The UNet with ``which`` weights: ema (loaded; raw when the checkpoint has no EMA) or
+        raw (loaded from the checkpoint on first use, then kept)."""
+        if which == "ema":
+            return self.unet
+        if self.raw_unet is None:
+            from pathloop.diffusion import load_checkpoint
+
+            self.raw_unet = load_checkpoint(self.path, ema=False, map_location=self.device).unet
+        return self.raw_unet
+
+    def run(
+        self, jobs: Sequence[dict], guides: dict[str, GeneratorCore] | None = None
+    ) -> list[list[bytes]]:
+        """PNG bytes of every image of every job, in job order; ``guides``: the loaded models
+        that jobs name as ``guide``, by id."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
-            groups[(job["sampler"], int(job["steps"]), float(job["guidance"]))].append(i)
+            groups[job_settings(job)].append(i)
         out: list[list[bytes]] = [[] for _ in jobs]
-        for (sampler, steps, guidance), idx in groups.items():
-            pngs = self._sample(sampler, steps, guidance, [jobs[i] for i in idx])
+        for settings, idx in groups.items():
+            kw = dict(zip(JOB_SETTINGS, settings, strict=True))
+            guide_id, guide_weights = kw.pop("guide"), kw.pop("guide_weights")
+            kw["guide"] = (
+                guides[guide_id].weights(guide_weights or kw["weights"]) if guide_id else None
+            )
+            pngs = self._sample(kw, [jobs[i] for i in idx])
             for i in idx:
                 out[i], pngs = pngs[: jobs[i]["n"]], pngs[jobs[i]["n"] :]
         return out
 
-    def _sample(self, sampler: str, steps: int, guidance: float, jobs: list[dict]) -> list[bytes]:
+    def _sample(self, kw: dict[str, Any], jobs: list[dict]) -> list[bytes]:
+        """One ``sample()`` call of ``jobs`` with the settings ``kw`` (guide as a module)."""
         from pathloop.data import encode_png
         from pathloop.diffusion import sample, to_uint8
 
@@ -262,16 +310,9 @@ class GeneratorCore:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         ids = [int(j["class_id"]) for j in jobs for _ in range(j["n"])]
         seeds = [int(j["seed"]) + k for j in jobs for k in range(j["n"])]
+        steps, unet = kw["steps"], self.weights(kw.pop("weights"))
         x = sample(
-            self.unet,
-            self.noise,
-            ids,
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
-            seeds=seeds,
-            batch_size=self.batch_size,
-            device=self.device,
+            unet, self.noise, ids, seeds=seeds, batch_size=self.batch_size, device=self.device, **kw
         )  # (N, C, H, W)
         seconds = round(time.perf_counter() - start, 4)
         cpu_s = round(time.thread_time() - cpu, 4)  # this thread's CPU time: < s when it waits

@@ -59,3 +59,27 @@ def test_image_to_image_records_its_start(ray_session, tiny_ckpt, phantom_shards
         p = r["provenance"]
         assert p["strength"] == pytest.approx(0.3)
         assert p["init_id"] in src and src[p["init_id"]] != r["class_id"]  # from another class
+
+
+def test_sample_job_with_a_guide_and_interval(ray_session, tiny_ckpt, tmp_path):
+    """The guide travels to the actors: the model as its own guide draws the conditional
+    images (guidance 1); the shard set's note records the guidance settings."""
+    from pathloop.data import load_arrays, read_manifest
+
+    def run(out, **sampler):
+        cfg = SamplerConfig(sampler="ddim", steps=2, seed=5, batch_size=4, **sampler)
+        res = run_sample(
+            SampleConfig(model=str(tiny_ckpt), out=str(out), sampler=cfg, per_class=1,
+                         classes=["M1", "M2"])
+        )  # fmt: skip
+        return res, load_arrays(out)[0]
+
+    res, guided = run(tmp_path / "g", guidance=3.0, guide=str(tiny_ckpt), weights="raw",
+                      guidance_interval=(0.2, 1.0))  # fmt: skip
+    _, cond = run(tmp_path / "c", guidance=1.0)
+    _, cfg = run(tmp_path / "f", guidance=3.0, guidance_interval=(0.2, 1.0))
+    assert np.array_equal(guided, cond) and not np.array_equal(cfg, cond)
+    assert res["guide"] == str(tiny_ckpt)
+    note = read_manifest(tmp_path / "g")["source_note"]
+    assert "guidance_interval=[0.2, 1.0]" in note and f"guide={tiny_ckpt}" in note
+    assert "weights=raw" in note

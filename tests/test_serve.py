@@ -214,6 +214,10 @@ def test_generate_png_json_and_determinism(api):
         "sampler": "ddim",
         "steps": 2,
         "guidance": 1.5,
+        "guidance_interval": [0.0, 1.0],
+        "guide": None,
+        "weights": "ema",
+        "guide_weights": None,
         "seed": 3,
     }
     # format=png with n > 1 answers JSON (documented).
@@ -642,6 +646,41 @@ def test_in_process_backend_keeps_a_small_cache_of_models(world):
     backend.scorer.run = lambda batch: calls.append(len(batch)) or run(batch)
     r = client.post("/v1/score/batch", json=items)
     assert r.status_code == 200 and len(r.json()["results"]) == 3 and calls == [3]
+
+
+def test_in_process_generate_takes_interval_guide_and_weights(world):
+    """--no-ray: a guide equal to the model, or an interval that holds no step, draws the
+    conditional images; another served model as guide draws others; each says so."""
+    from fastapi.testclient import TestClient
+
+    from serve.api import LocalBackend, build_api
+    from serve.args import ServeArgs
+
+    args = ServeArgs(model=str(world["ckpt"]), models={"other": str(world["other"])}, judge=False)
+    backend = LocalBackend(args)
+    client = TestClient(build_api(args, backend, backend.default_info))
+    body = {"class_name": "M5", "steps": 2, "seed": 5, "format": "png"}
+
+    def png(**kw) -> bytes:
+        r = client.post("/v1/generate", json={**body, **kw})
+        assert r.status_code == 200, r.text
+        return r.content
+
+    cond = png(guidance=1.0)
+    assert png(guidance=3.0, guide="default") == cond
+    assert png(guidance=3.0, guidance_interval=[0.6, 0.9]) == cond  # t/T = 0.999, 0.499
+    assert png(guidance=3.0) != cond and png(guidance=3.0, guide="other") != png(guidance=3.0)
+    assert png(guidance=1.0, weights="raw") == cond  # this checkpoint has no EMA weights
+    r = client.post("/v1/generate", json={**body, "format": "base64", "guide": "other"})
+    prov = r.json()["images"][0]["provenance"]
+    assert (prov["guide"], prov["guide_weights"], prov["weights"]) == ("other", "ema", "ema")
+    for bad, needle in (
+        ({"guide": "nope"}, "not served"),
+        ({"guidance_interval": [0.9, 0.1]}, "guidance_interval"),
+        ({"weights": "best"}, "weights"),
+    ):
+        r = client.post("/v1/generate", json={**body, **bad})
+        assert r.status_code == 422 and needle in r.json()["detail"], r.text
 
 
 # ----------------------------------------------------------------------------- merging
