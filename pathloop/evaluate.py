@@ -5,8 +5,11 @@
 samples ``per_class`` images per class from each with the sampling job (the one
 ``diffusion.sample()`` loop), and measures every label against the real data:
 
-* fidelity: FID and PRDC on the evaluation classifier's features (``metrics.py``);
-* usefulness: train-on-synthetic/test-on-real and MAGIC's real + synthetic and few-shot settings;
+* fidelity: FID and PRDC on the evaluation classifier's features (``metrics.py``), and PRDC
+  against the held-out test split at equal counts per class (``prdc_test``);
+* usefulness: train-on-synthetic/test-on-real beside its honest reference, TRTR at equal counts
+  (the same classifier on as many real images per class), both over several classifier seeds
+  with 95 % t intervals and their ratio; MAGIC's real + synthetic and few-shot settings;
 * plausibility per class, with Wilson intervals, from evaluators (judge, MLLM), the reward model
   and any feedback-store round of the label's samples.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,20 @@ class FidelityConfig(Frozen):
         "test", description="Real split of the 'real' row (held-out real vs the reference)."
     )
     chunk: int = Field(2048, gt=0, description="Rows per distance block (memory vs speed).")
+    equal_counts: bool = Field(
+        True,
+        description="Also PRDC of every label against the held-out real_split at equal counts "
+        "(prdc_test): m = the smaller side's least per-class count, and BOTH sides (samples "
+        "and held-out split) are subsampled to m images per class; the real row is the "
+        "reference split against the held-out one.",
+    )
+    seeds: int = Field(
+        3,
+        ge=1,
+        description="Subsampling seeds of the equal-count PRDC: mean and 95 % t interval; the "
+        "seeds agree when neither side has more than m images per class.",
+    )
+    seed: int = Field(0, description="Base seed of the equal-count subsets (seed, seed + 1, ...).")
 
 
 class PlausibilityConfig(Frozen):
@@ -193,36 +211,97 @@ def feature_model(cfg: EvaluateConfig) -> tuple[Any, dict]:
 # ----------------------------------------------------------------------------- measures
 
 
-def fidelity_all(cfg: EvaluateConfig, fm: Any, real: dict, samples: dict) -> dict[str, dict]:
-    """FID and PRDC of every label (and the held-out real split) against the reference split."""
-    from pathloop.metrics import embed, fid, prdc
+def embed_all(cfg: EvaluateConfig, fm: Any, real: dict, samples: dict) -> dict[str, dict]:
+    """Features (N, D) of the reference and held-out real splits and of every label's samples:
+    {"splits": {split: feats}, "labels": {label: feats}}."""
+    from pathloop.metrics import embed
+
+    fc = cfg.fidelity
+    splits = dict.fromkeys((fc.reference_split, fc.real_split))
+    return {
+        "splits": {s: embed(fm, real[s][0], device=cfg.device) for s in splits},
+        "labels": {lab: embed(fm, x, device=cfg.device) for lab, (x, _) in samples.items()},
+    }
+
+
+def fidelity_all(
+    cfg: EvaluateConfig, fm: Any, real: dict, samples: dict, feats: dict | None = None
+) -> dict[str, dict]:
+    """FID and PRDC of every label (and the held-out real split) against the reference split;
+    ``feats``: ``embed_all``'s output, computed here when None."""
+    from pathloop.metrics import fid, prdc
 
     dev, fc = cfg.device, cfg.fidelity
-    ref = embed(fm, real[fc.reference_split][0], device=dev)
-    sets = {REAL: real[fc.real_split][0], **{lab: s[0] for lab, s in samples.items()}}
-    out = {}
-    for lab, images in sets.items():
-        feats = embed(fm, images, device=dev)
-        out[lab] = {"fid": fid(ref, feats), **prdc(ref, feats, fc.k, fc.chunk, dev)}
-    return out
+    feats = feats or embed_all(cfg, fm, real, samples)
+    ref = feats["splits"][fc.reference_split]
+    sets = {REAL: feats["splits"][fc.real_split], **feats["labels"]}
+    return {
+        lab: {"fid": fid(ref, f), **prdc(ref, f, fc.k, fc.chunk, dev)} for lab, f in sets.items()
+    }
+
+
+def prdc_test_all(cfg: EvaluateConfig, feats: dict, real: dict, samples: dict) -> dict[str, dict]:
+    """PRDC at equal counts per class against the held-out split (``metrics.prdc_equal``), over
+    ``fidelity.seeds`` subsets: every label's samples, and the reference split as ``real``."""
+    from pathloop.metrics import prdc_equal
+
+    fc = cfg.fidelity
+    held_out = (feats["splits"][fc.real_split], real[fc.real_split][1])
+    sets = {
+        REAL: (feats["splits"][fc.reference_split], real[fc.reference_split][1]),
+        **{lab: (f, samples[lab][1]) for lab, f in feats["labels"].items()},
+    }
+    seeds = [fc.seed + i for i in range(fc.seeds)]
+    return {
+        lab: prdc_equal(held_out, s, fc.k, seeds, fc.chunk, cfg.device) for lab, s in sets.items()
+    }
 
 
 def tstr_all(cfg: EvaluateConfig, real: dict, samples: dict, num_classes: int, bar: Any) -> dict:
-    """Every TSTR setting: real-only references once (label ``real``), the rest per label."""
-    from pathloop.metrics import REAL_ONLY, as_input, tstr
+    """Every TSTR setting: real-only references once (label ``real``), the rest per label;
+    ``synthetic`` and ``real_equal`` over ``tstr.seeds`` seeds, then their macro-F1 ratio."""
+    from pathloop.metrics import REAL_ONLY, SEEDED, as_input, tstr, tstr_seeds
 
     px = cfg.tstr.in_px or real["train"][0].shape[1]
     train = (as_input(real["train"][0], px), real["train"][1])
     test = (as_input(real["test"][0], px), real["test"][1])  # never empty: _real_splits
     out: dict[str, dict] = {REAL: {}}
+    shared: dict[tuple, dict] = {}  # labels with the same synthetic counts share real_equal
     for setting in cfg.tstr.settings:
         targets = [REAL] if setting in REAL_ONLY else list(samples)
         for lab in targets:
-            syn = None if lab == REAL else (as_input(samples[lab][0], px), samples[lab][1])
             bar(f"TSTR {setting}: {lab}")
-            m = tstr(setting, train, test, num_classes, cfg.tstr, syn, cfg.device)
-            out.setdefault(lab, {})[setting] = m
+            equal = setting == "real_equal"  # one run per synthetic count per class
+            key = (setting, _equal_key(cfg, samples[lab][1]) if equal else lab)
+            if key not in shared:
+                syn = None if lab == REAL else (as_input(samples[lab][0], px), samples[lab][1])
+                run = tstr_seeds if setting in SEEDED else tstr
+                shared[key] = run(setting, train, test, num_classes, cfg.tstr, syn, cfg.device)
+            out.setdefault(lab, {})[setting] = shared[key]
+    for settings in out.values():
+        if {"synthetic", "real_equal"} <= set(settings):
+            f1 = settings["synthetic"]["macro_f1"], settings["real_equal"]["macro_f1"]
+            settings["ratio"] = {"macro_f1": f1[0] / f1[1] if f1[1] else float("nan")}
     return out
+
+
+def _equal_key(cfg: EvaluateConfig, ids: np.ndarray) -> tuple:
+    """(class id, synthetic images of it that TSTR trains on) pairs of a label's samples."""
+    classes, counts = np.unique(ids, return_counts=True)
+    spc = cfg.tstr.synthetic_per_class
+    return tuple((int(c), min(int(n), spc)) for c, n in zip(classes, counts, strict=True))
+
+
+def check_equal_counts(cfg: EvaluateConfig, real_train_ids: np.ndarray, samples: dict) -> None:
+    """Before any training: real_equal needs, per class, as many real train images as a label's
+    synthetic set gives TSTR (a one-line error naming the fix otherwise)."""
+    from pathloop.metrics import take_matching, take_per_class
+
+    if "real_equal" not in cfg.tstr.settings:
+        return
+    for _, ids in samples.values():
+        used = ids[take_per_class(ids, cfg.tstr.synthetic_per_class, cfg.tstr.seed)]
+        take_matching(real_train_ids, used, cfg.tstr.seed)
 
 
 def _store_rounds(store: Any, shards: Path) -> list[int]:
@@ -305,6 +384,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for lab, m in result["fidelity"].items():
         out.update({f"{lab}/{k}" if k == "fid" else f"{lab}/prdc/{k}": v for k, v in m.items()})
+    for lab, m in result.get("prdc_test", {}).items():
+        out.update({f"{lab}/prdc_test/{k}": v for k, v in m.items()})
     for lab, settings in result["tstr"].items():
         for setting, m in settings.items():
             out.update({f"{lab}/tstr/{setting}/{k}": v for k, v in m.items()})
@@ -316,7 +397,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
                 out[f"{lab}/plausibility/{source}/class/{code}"] = row["rate"]
     for k, v in result["feature_model"].items():
         out[f"features/{k}"] = v
-    return {k: float(v) for k, v in out.items() if v is not None and not np.isnan(float(v))}
+    scalars = {k: v for k, v in out.items() if isinstance(v, Real)}  # not per-seed lists
+    return {k: float(v) for k, v in scalars.items() if not np.isnan(float(v))}
 
 
 def _stages(cfg: EvaluateConfig, n_models: int) -> int:
@@ -336,10 +418,13 @@ def _measure(cfg: EvaluateConfig, labels: dict[str, str], uri: str, advance: Any
         advance(f"samples: {lab}")
         dirs[lab] = sample_dir(cfg, ref, uri)
     samples = {lab: load_samples(d, vocab) for lab, d in dirs.items()}
+    check_equal_counts(cfg, real["train"][1], samples)
     advance("feature model")
     fm, fm_metrics = feature_model(cfg)
     advance("FID and PRDC")
-    fidelity = fidelity_all(cfg, fm, real, samples)
+    feats = embed_all(cfg, fm, real, samples)
+    fidelity = fidelity_all(cfg, fm, real, samples, feats)
+    prdc_test = prdc_test_all(cfg, feats, real, samples) if cfg.fidelity.equal_counts else {}
     tstr = tstr_all(cfg, real, samples, len(vocab), advance)
     advance("plausibility")
     sets = {REAL: real[cfg.fidelity.real_split], **samples}
@@ -351,12 +436,23 @@ def _measure(cfg: EvaluateConfig, labels: dict[str, str], uri: str, advance: Any
         "samples": {lab: str(d) for lab, d in dirs.items()},
         "feature_model": fm_metrics,
         "fidelity": fidelity,
+        "prdc_test": prdc_test,
         "tstr": tstr,
         "plausibility": plaus,
         "grids": _grids(cfg, vocab, {REAL: real["train"], **samples}),
-        "notes": f"{cfg.per_class} samples per class; features: {cfg.features.arch}; "
-        f"reference: real {cfg.fidelity.reference_split} split; TSTR: {cfg.tstr.arch}.",
+        "notes": _notes(cfg),
     }
+
+
+def _notes(cfg: EvaluateConfig) -> str:
+    fc, tc = cfg.fidelity, cfg.tstr
+    return (
+        f"{cfg.per_class} samples per class; features: {cfg.features.arch}; reference: real "
+        f"{fc.reference_split} split; TSTR: {tc.arch}, synthetic and real_equal over "
+        f"{tc.seeds} classifier seeds (mean [95 % t interval]); equal-count PRDC: both sides "
+        f"subsampled to the same images per class of the {fc.real_split} split, "
+        f"{fc.seeds} subsets."
+    )
 
 
 def evaluate_models(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -421,8 +517,10 @@ HEADLINE_PATTERNS = (
     "model/plausibility/*/hi",
     "model/fid",
     "model/prdc/*",
-    "model/tstr/*/macro_f1",
+    "model/tstr/*/macro_f1",  # incl. real_equal and ratio (TSTR / TRTR at equal counts)
     "model/tstr/*/accuracy",
+    "model/prdc_test/precision",
+    "model/prdc_test/coverage",
     "!*/class/*",
 )
 

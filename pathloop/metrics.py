@@ -15,8 +15,13 @@ with the reference ``prdc`` package, including its strict ``<`` comparisons. **F
 Fréchet distance of Gaussians fitted to the same features, through an eigen-decomposition (no
 complex square roots). **TSTR** trains a classifier on synthetic images and tests it on the real
 test split (macro F1, accuracy, macro precision/recall, one-vs-rest AUC), and MAGIC's settings:
-real + synthetic and few-shot. **Plausibility** per class comes with Wilson intervals, from the
-feedback store, a feedback export, an evaluator (judge, MLLM) or the reward model.
+real + synthetic and few-shot. Its honest reference is **TRTR at equal counts** (``real_equal``):
+the same recipe on as many real train images per class as the synthetic set gave TSTR, so
+"synthetic stands in for real" reads off one ratio; both run over several classifier seeds with
+a 95 % t interval (``seed_interval``). ``prdc_equal`` is PRDC against the held-out test split
+with both sides subsampled to the same count per class. **Plausibility** per class comes with
+Wilson intervals, from the feedback store, a feedback export, an evaluator (judge, MLLM) or the
+reward model.
 Paired comparisons of experiment arms on the same images (McNemar, seeds x images bootstrap,
 per class and per criterion) live in ``pathloop.stats``.
 """
@@ -30,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pathloop.config import ClassifierConfig, updated
 from pathloop.vocab import Vocabulary
@@ -49,8 +54,11 @@ SETTINGS: dict[str, str] = {
     "real_synthetic": "real train images + synthetic (MAGIC: augmentation)",
     "fewshot": "k real images per class (reference)",
     "fewshot_synthetic": "k real images per class + synthetic (MAGIC: few-shot)",
+    "real_equal": "as many real train images per class as synthetic ones (TRTR at equal counts)",
 }
 REAL_ONLY = ("real", "fewshot")  # settings that do not depend on a generative model
+SEEDED = ("synthetic", "real_equal")  # settings run over tstr.seeds classifier seeds
+SEED_INTERVALS = ("macro_f1", "accuracy")  # metrics that get a 95 % interval over seeds
 
 
 def _device(device: str | None) -> torch.device:
@@ -274,6 +282,23 @@ def take_per_class(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
+def take_matching(y: np.ndarray, like: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted indices of seeded-random rows of ``y`` with, per class, exactly as many rows as
+    ``like`` has of that class (TRTR at equal counts); too few rows of a class is an error."""
+    rng, keep = np.random.default_rng(seed), []
+    classes, counts = np.unique(like, return_counts=True)
+    for c, n in zip(classes, counts, strict=True):
+        rows = np.flatnonzero(y == c)
+        if len(rows) < n:
+            raise ValueError(
+                f"real_equal needs {n} real train images of class id {c}, the train split has "
+                f"{len(rows)}; lower tstr.synthetic_per_class to {len(rows)} or drop real_equal "
+                "from tstr.settings"
+            )
+        keep.append(rng.permutation(rows)[:n])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
 class TSTRConfig(ClassifierConfig):
     """Train on synthetic (and/or real), test on the real test split."""
 
@@ -286,21 +311,39 @@ class TSTRConfig(ClassifierConfig):
     settings: tuple[str, ...] = Field(
         tuple(SETTINGS), description=f"Which settings to run: {', '.join(SETTINGS)}."
     )
+    seeds: int = Field(
+        3,
+        ge=1,
+        description=f"Classifier seeds (seed, seed + 1, ...) of the {' and '.join(SEEDED)} "
+        "settings in the evaluation job: their mean and 95 % t interval; 1 = no interval.",
+    )
+
+    @field_validator("settings")
+    @classmethod
+    def _known_settings(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [s for s in v if s not in SETTINGS]
+        if bad:
+            raise ValueError(f"unknown TSTR setting(s) {bad}; valid: {', '.join(SETTINGS)}")
+        return v
 
 
 def _training_set(setting: str, real: tuple, syn: tuple | None, cfg: TSTRConfig) -> tuple:
-    """(x, y) a setting trains on; ``real`` and ``syn`` are (x (N, 3, H, W), y (N,)) pairs."""
+    """(x, y) a setting trains on; ``real`` and ``syn`` are (x (N, 3, H, W), y (N,)) pairs.
+    ``real_equal`` takes, per class, as many real rows as the synthetic setting would use."""
     parts = []
-    if setting.startswith("real"):
+    if setting in ("real", "real_synthetic"):
         parts.append(real)
     if setting.startswith("fewshot"):
         idx = take_per_class(real[1], cfg.fewshot_k, cfg.seed)
         parts.append((real[0][idx], real[1][idx]))
-    if setting.endswith("synthetic"):
+    if setting.endswith("synthetic") or setting == "real_equal":
         if syn is None:
             raise ValueError(f"setting {setting!r} needs synthetic images")
         idx = take_per_class(syn[1], cfg.synthetic_per_class, cfg.seed)
         parts.append((syn[0][idx], syn[1][idx]))
+    if setting == "real_equal":
+        idx = take_matching(real[1], parts.pop()[1], cfg.seed)
+        parts.append((real[0][idx], real[1][idx]))
     return torch.cat([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -321,7 +364,89 @@ def tstr(
     x, y = _training_set(setting, real_train, synthetic, cfg)
     model = train_classifier(x, y, num_classes, cfg, CLASSIFIER_PRESETS)
     out = classification_metrics(real_test[1], predict_proba(model, real_test[0], device))
-    return {**out, "n_train": float(len(y))}
+    least = float(np.unique(y, return_counts=True)[1].min())  # training images of the rarest class
+    return {**out, "n_train": float(len(y)), "n_per_class": least}
+
+
+def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student's t interval of the mean of per-seed values (``scipy.stats.t``);
+    (mean, nan, nan) for one value, (mean, mean, mean) when all values are equal."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"seed_interval needs a 1-d sequence of values, got shape {v.shape}")
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, float("nan"), float("nan")
+    sem = float(stats.sem(v))
+    if sem == 0:  # scipy wants scale > 0; no spread over seeds = no width
+        return mean, mean, mean
+    lo, hi = stats.t.interval(confidence, len(v) - 1, loc=mean, scale=sem)
+    return mean, float(lo), float(hi)
+
+
+def over_seeds(runs: Sequence[dict[str, float]], intervals: Sequence[str]) -> dict[str, Any]:
+    """Per-seed metric dicts → the mean of each metric, ``<m>_lo`` / ``<m>_hi`` (95 % t
+    interval) and ``<m>_per_seed`` for each metric in ``intervals``, and ``n_seeds``."""
+    out: dict[str, Any] = {}
+    for key in runs[0]:
+        mean, lo, hi = seed_interval([r[key] for r in runs])
+        out[key] = mean
+        if key in intervals:
+            out.update({f"{key}_lo": lo, f"{key}_hi": hi})
+            out[f"{key}_per_seed"] = [float(r[key]) for r in runs]
+    return {**out, "n_seeds": float(len(runs))}
+
+
+def tstr_seeds(
+    setting: str,
+    real_train: tuple,
+    real_test: tuple,
+    num_classes: int,
+    cfg: TSTRConfig,
+    synthetic: tuple | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """``tstr`` with seeds ``cfg.seed + i`` for i < ``cfg.seeds`` (init, batches and subsets):
+    the mean of every metric and a 95 % t interval of ``SEED_INTERVALS`` over the seeds."""
+    runs = []
+    for i in range(cfg.seeds):
+        one = updated(cfg, seed=cfg.seed + i)
+        runs.append(tstr(setting, real_train, real_test, num_classes, one, synthetic, device))
+    return over_seeds(runs, SEED_INTERVALS)
+
+
+def _equal_subsets(a_ids: np.ndarray, b_ids: np.ndarray) -> int:
+    """m: the most images per class both sets can give, over the classes of ``b_ids``."""
+    classes = np.unique(b_ids)
+    return int(min(min((a_ids == c).sum(), (b_ids == c).sum()) for c in classes))
+
+
+def prdc_equal(
+    real: tuple[np.ndarray, np.ndarray],
+    fake: tuple[np.ndarray, np.ndarray],
+    k: int = 5,
+    seeds: Sequence[int] = (0,),
+    chunk: int = 2048,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """PRDC of ``fake`` against ``real`` (each (features (N, D), class ids (N,))) at equal
+    counts: over the classes of ``fake``, m = the smaller set's least per-class count, and both
+    sides are subsampled (seeded, per seed) to m images of each class; the mean and 95 % t
+    interval over the seeds, with ``n_per_class`` = m. The real side keeps only fake's classes."""
+    rf, ry = np.asarray(real[0]), np.asarray(real[1])
+    ff, fy = np.asarray(fake[0]), np.asarray(fake[1])
+    m = _equal_subsets(ry, fy)
+    if m == 0:
+        raise ValueError("equal-count PRDC: the real split lacks a class of the synthetic set")
+    ours = np.isin(ry, np.unique(fy))
+    rf, ry = rf[ours], ry[ours]
+    runs = []
+    for s in seeds:
+        ri, fi = take_per_class(ry, m, s), take_per_class(fy, m, s)  # (C*m,) each
+        runs.append(prdc(rf[ri], ff[fi], k, chunk, device))
+    return {**over_seeds(runs, tuple(runs[0])), "n_per_class": float(m)}
 
 
 # ----------------------------------------------------------------------------- plausibility

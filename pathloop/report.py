@@ -25,6 +25,10 @@ BOOKKEEPING = ("step", "segment", "trial_id", "mlflow_run_id")  # ablation colum
 
 FIDELITY_COLUMNS = ("fid", "precision", "recall", "density", "coverage")
 CLASSIFIER_COLUMNS = ("macro_f1", "accuracy", "macro_precision", "macro_recall", "auc_ovr")
+PRDC_COLUMNS = FIDELITY_COLUMNS[1:]
+EQUAL_COLUMNS = ("TSTR macro_f1", "TRTR-equal macro_f1", "TSTR / TRTR-equal")
+METRIC_COLUMNS = (*FIDELITY_COLUMNS, *CLASSIFIER_COLUMNS, *EQUAL_COLUMNS)  # get a direction
+COUNT_COLUMN = "images per class"
 HIGHER, LOWER = "higher is better", "lower is better"
 # Metric names (their last part) where lower is better; every other metric of the report (PRDC,
 # classifier scores, plausible rates, AUC) is better higher.
@@ -48,12 +52,15 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _table(title: str, columns: Sequence[str], rows: list[list[Any]]) -> dict[str, Any]:
+def _table(
+    title: str, columns: Sequence[str], rows: list[list[Any]], explain: str = ""
+) -> dict[str, Any]:
     """A table; columns with no value in any row are left out, and ``note`` says which way
-    each metric column is better."""
+    each metric column is better (then ``explain``, when given)."""
     keep = [0] + [i for i in range(1, len(columns)) if any(not _missing(r[i]) for r in rows)]
     columns, rows = [columns[i] for i in keep], [[r[i] for i in keep] for r in rows]
-    return {"title": title, "columns": list(columns), "rows": rows, "note": directions(columns)}
+    note = "; ".join(x for x in (directions(columns), explain) if x)
+    return {"title": title, "columns": list(columns), "rows": rows, "note": note}
 
 
 def _missing(v: Any) -> bool:
@@ -69,7 +76,7 @@ def direction(metric: str) -> str:
 def directions(columns: Sequence[str]) -> str:
     """One line on which way the metric columns are better, e.g. for the fidelity table:
     "fid: lower is better; precision, recall, density, coverage: higher is better"."""
-    metrics = [c for c in columns[1:] if c in (*FIDELITY_COLUMNS, *CLASSIFIER_COLUMNS)]
+    metrics = [c for c in columns[1:] if c in METRIC_COLUMNS]
     if not metrics:
         return "plausible rate: higher is better"  # the per-class rate tables
     by = {d: [c for c in metrics if direction(c) == d] for d in (LOWER, HIGHER)}
@@ -105,6 +112,61 @@ def classifier_tables(tstr: dict[str, dict], labels: Sequence[str]) -> list[dict
 
 def _cols(m: dict[str, float]) -> list[float]:
     return [m.get(c, float("nan")) for c in CLASSIFIER_COLUMNS]
+
+
+def _mean_cell(m: dict[str, Any] | None, key: str) -> str:
+    """A metric over seeds as "mean [lo, hi]" ("mean" without an interval, "–" without it)."""
+    mean = (m or {}).get(key)
+    if _missing(mean):
+        return "–"
+    lo, hi = m.get(f"{key}_lo"), m.get(f"{key}_hi")
+    return f"{mean:.3f}" if _missing(lo) or _missing(hi) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def equal_count_table(tstr: dict[str, dict], labels: Sequence[str]) -> dict[str, Any] | None:
+    """TSTR beside TRTR at the same real images per class (``real_equal``) and their ratio, one
+    row per label with both; None when no label has both."""
+    rows = []
+    for lab in labels:
+        m = tstr.get(lab, {})
+        if not {"synthetic", "real_equal"} <= set(m):
+            continue
+        syn, eq = m["synthetic"], m["real_equal"]
+        ratio = m.get("ratio", {}).get("macro_f1", float("nan"))
+        n = syn.get("n_per_class", float("nan"))
+        count = "–" if _missing(n) else int(n)
+        rows.append([lab, count, _mean_cell(syn, "macro_f1"), _mean_cell(eq, "macro_f1"), ratio])
+    if not rows:
+        return None
+    seeds = int(tstr[rows[0][0]]["synthetic"].get("n_seeds", 1))
+    return _table(
+        f"Synthetic vs real at equal counts: TSTR and TRTR-equal macro F1, mean [95 % t "
+        f"interval] over {seeds} classifier seeds",
+        ["", COUNT_COLUMN, *EQUAL_COLUMNS],
+        rows,
+        "TRTR-equal trains the same classifier on as many real train images per class as TSTR "
+        "has synthetic ones; a ratio of 1 means the synthetic set stands in for that much real "
+        "data",
+    )
+
+
+def prdc_test_table(prdc_test: dict[str, dict], labels: Sequence[str]) -> dict[str, Any]:
+    """PRDC against the held-out test split at equal counts per class, mean [95 % t interval]
+    over subsets; the real row is the real train split subsampled the same way."""
+    rows = [
+        [lab, int(m["n_per_class"]), *(_mean_cell(m, c) for c in PRDC_COLUMNS)]
+        for lab in labels
+        if (m := prdc_test.get(lab))
+    ]
+    seeds = int(next(iter(prdc_test.values()))["n_seeds"]) if prdc_test else 0
+    return _table(
+        f"PRDC against the held-out test split at equal counts per class, mean [95 % t "
+        f"interval] over {seeds} subsets",
+        ["", COUNT_COLUMN, *PRDC_COLUMNS],
+        rows,
+        "both sides are subsampled to the same images per class (the smaller side's least "
+        "per-class count)",
+    )
 
 
 def plausibility_tables(plaus: dict[str, dict], labels: Sequence[str]) -> list[dict[str, Any]]:
@@ -189,6 +251,9 @@ def _score_changes(result: dict[str, Any], model: str, ref: str | None) -> list[
         ("TSTR macro F1", "macro_f1"): {
             lab: m.get("synthetic", {}).get("macro_f1") for lab, m in result.get("tstr", {}).items()
         },
+        ("TSTR / TRTR-equal macro F1", "ratio"): {
+            lab: m.get("ratio", {}).get("macro_f1") for lab, m in result.get("tstr", {}).items()
+        },
     }
     out = []
     for (name, metric), by_label in scores.items():
@@ -243,7 +308,11 @@ def metric_tables(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Every table of an evaluation result (see ``evaluate.evaluate_models``), paper layout."""
     labels = result["labels"]  # baselines first, then the model
     tables = [fidelity_table(result["fidelity"], [REAL, *labels])]
+    if result.get("prdc_test"):
+        tables.append(prdc_test_table(result["prdc_test"], [REAL, *labels]))
     tables += classifier_tables(result["tstr"], labels)
+    equal = equal_count_table(result["tstr"], labels)
+    tables += [equal] if equal else []
     tables += plausibility_tables(result["plausibility"], [REAL, *labels])
     return tables
 
@@ -472,7 +541,7 @@ def _html_table(t: dict[str, Any]) -> str:
 
 
 def _arrow(column: str) -> str:
-    if column not in (*FIDELITY_COLUMNS, *CLASSIFIER_COLUMNS):
+    if column not in METRIC_COLUMNS:
         return ""
     return " ↓" if direction(column) == LOWER else " ↑"
 

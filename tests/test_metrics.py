@@ -40,6 +40,35 @@ def test_prdc_identical_and_disjoint_sets():
         M.prdc(x[:5], x, k=5, device="cpu")
 
 
+def test_prdc_equal_subsamples_both_sides_to_the_same_count_per_class():
+    rng = np.random.default_rng(3)
+    real_y = np.repeat([0, 1, 2], [12, 9, 30])  # class 2 is not in the synthetic set
+    fake_y = np.repeat([0, 1], [7, 20])
+    real_f, fake_f = rng.normal(size=(len(real_y), 4)), rng.normal(0.3, size=(len(fake_y), 4))
+    out = M.prdc_equal((real_f, real_y), (fake_f, fake_y), k=3, seeds=(0, 1, 2), device="cpu")
+    assert out["n_per_class"] == 7 and out["n_seeds"] == 3  # min over both sides and classes
+    # seed 1 by hand: 7 of each class on both sides; real class 2 left out
+    keep = real_y < 2
+    ri = M.take_per_class(real_y[keep], 7, 1)
+    fi = M.take_per_class(fake_y, 7, 1)
+    assert np.bincount(real_y[keep][ri]).tolist() == np.bincount(fake_y[fi]).tolist() == [7, 7]
+    want = M.prdc(real_f[keep][ri], fake_f[fi], k=3, device="cpu")
+    assert out["precision_per_seed"][1] == pytest.approx(want["precision"])
+    assert out["coverage_per_seed"][1] == pytest.approx(want["coverage"])
+    per_seed = [out[f"{m}_per_seed"] for m in ("precision", "recall", "density", "coverage")]
+    assert any(len(set(v)) > 1 for v in per_seed)  # subsets differ between seeds
+    mean, lo, hi = M.seed_interval(out["coverage_per_seed"])
+    assert (out["coverage"], out["coverage_lo"], out["coverage_hi"]) == pytest.approx(
+        (mean, lo, hi)
+    )
+    # nothing to subsample: every seed sees the same sets, the interval has no width
+    full = M.prdc_equal((real_f[:14], np.repeat([0, 1], 7)), (fake_f[:14], np.repeat([0, 1], 7)),
+                        k=3, seeds=(0, 1), device="cpu")  # fmt: skip
+    assert full["precision_lo"] == full["precision"] == full["precision_hi"]
+    with pytest.raises(ValueError, match="lacks a class"):
+        M.prdc_equal((real_f, np.zeros(len(real_y))), (fake_f, fake_y), k=3, device="cpu")
+
+
 # ----------------------------------------------------------------------------- FID
 
 
@@ -104,6 +133,71 @@ def test_take_per_class_and_training_sets():
     assert len(ys) == 6 and (xs[:, 0, 0, 0] >= 100).sum() == 3
     with pytest.raises(ValueError, match="unknown TSTR setting"):
         M.tstr("bogus", (x, y), (x, y), 3, cfg)
+
+
+def _marked(y: np.ndarray, offset: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
+    """Images whose pixel value is their row index (+ offset): which rows a set took."""
+    x = (torch.arange(len(y), dtype=torch.float32) + offset)[:, None, None, None]
+    return x.expand(len(y), 3, 2, 2), y
+
+
+def test_real_equal_takes_exactly_n_real_images_per_class_seeded():
+    real = _marked(np.repeat(np.arange(3), 10))  # 10 real train images per class
+    syn = _marked(np.repeat(np.arange(3), [6, 2, 5]), offset=1000)
+    cfg = M.TSTRConfig(synthetic_per_class=4, seed=7)
+    xs, ys = M._training_set("real_equal", real, syn, cfg)
+    _, ys_syn = M._training_set("synthetic", real, syn, cfg)
+    assert np.bincount(ys).tolist() == np.bincount(ys_syn).tolist() == [4, 2, 4]  # n per class
+    rows = xs[:, 0, 0, 0].long().numpy()
+    assert rows.max() < 1000 and (real[1][rows] == ys).all()  # real rows of the right class
+    again = M._training_set("real_equal", real, syn, cfg)[0][:, 0, 0, 0].long().numpy()
+    other = M._training_set("real_equal", real, syn, M.TSTRConfig(synthetic_per_class=4, seed=8))
+    assert again.tolist() == rows.tolist()  # the same seed, the same subset
+    assert other[0][:, 0, 0, 0].long().tolist() != rows.tolist()  # another seed, another one
+    many = _marked(np.zeros(12, dtype=np.int64), offset=1000)  # 12 of class 0, 10 real ones
+    with pytest.raises(ValueError, match="lower tstr.synthetic_per_class to 10"):
+        M._training_set("real_equal", real, many, M.TSTRConfig(synthetic_per_class=20))
+
+
+def test_tstr_seeds_runs_each_seed_and_summarises(monkeypatch):
+    seen = []
+
+    def fake_tstr(setting, train, test, k, cfg, syn=None, device=None):
+        seen.append((setting, cfg.seed))
+        return {"macro_f1": 0.1 * cfg.seed, "accuracy": 0.5, "n_train": 12.0}
+
+    monkeypatch.setattr(M, "tstr", fake_tstr)
+    out = M.tstr_seeds("real_equal", None, None, 3, M.TSTRConfig(seed=2, seeds=3))
+    assert seen == [("real_equal", 2), ("real_equal", 3), ("real_equal", 4)]
+    mean, lo, hi = M.seed_interval([0.2, 0.3, 0.4])
+    assert (out["macro_f1"], out["macro_f1_lo"], out["macro_f1_hi"]) == pytest.approx(
+        (mean, lo, hi)
+    )
+    assert out["macro_f1_per_seed"] == pytest.approx([0.2, 0.3, 0.4]) and out["n_seeds"] == 3
+    assert out["accuracy_lo"] == out["accuracy_hi"] == 0.5 and "n_train_lo" not in out
+
+
+def test_seed_interval_is_scipys_t_interval():
+    from scipy import stats
+
+    # mean 0.6, sd 0.1, sem 0.1 / sqrt(3); t(0.975, df 2) = 4.3027: half-width 0.2484
+    assert M.seed_interval([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.3516, 0.8484), abs=1e-4)
+    v = [0.61, 0.55, 0.72, 0.58, 0.66]
+    want = stats.t.interval(0.95, 4, loc=np.mean(v), scale=stats.sem(v))
+    assert M.seed_interval(v)[1:] == pytest.approx(want, rel=1e-12)
+    assert M.seed_interval(v, 0.9)[2] < want[1]  # a 90 % interval is narrower
+    one = M.seed_interval([0.4])
+    assert one[0] == 0.4 and np.isnan(one[1]) and np.isnan(one[2])
+    assert M.seed_interval([0.3, 0.3, 0.3]) == (0.3, 0.3, 0.3)
+
+
+def test_tstr_config_rejects_unknown_settings_and_no_seeds():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"unknown TSTR setting\(s\) \['bogus'\]; valid: "):
+        M.TSTRConfig(settings=("synthetic", "bogus"))
+    with pytest.raises(ValidationError, match="seeds"):
+        M.TSTRConfig(seeds=0)
 
 
 # ----------------------------------------------------------------------------- plausibility

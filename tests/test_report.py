@@ -132,3 +132,49 @@ def test_report_fits_the_page_and_links_its_run(result, tmp_path):
     assert "a step of run loop" in page and "mlflow ui --backend-store-uri" in page
     assert "MAGIC" not in page and "fid ↓" in page and "macro_f1 ↑" in page
     assert f"max-width:{report.PAGE_PX - 64}px" in page
+
+
+def _seeds(mean: float, lo: float, hi: float, **extra: float) -> dict:
+    return {"macro_f1": mean, "macro_f1_lo": lo, "macro_f1_hi": hi, "accuracy": mean,
+            "n_seeds": 3.0, "macro_f1_per_seed": [lo, mean, hi], **extra}  # fmt: skip
+
+
+def _prdc_test(p: float, n: int) -> dict:
+    cells = {m: p for m in ("precision", "recall", "density", "coverage")}
+    cells |= {f"{m}_lo": p - 0.1 for m in cells} | {f"{m}_hi": p + 0.1 for m in cells}
+    return {**cells, "n_per_class": float(n), "n_seeds": 3.0}
+
+
+def test_equal_count_rows_show_intervals_ratio_and_directions(result, tmp_path):
+    for lab, f1 in (("round1", 0.4), ("model", 0.5)):
+        result["tstr"][lab]["synthetic"] = _seeds(f1, f1 - 0.05, f1 + 0.05, n_per_class=100.0)
+        result["tstr"][lab]["real_equal"] = _seeds(0.8, 0.75, 0.85, n_per_class=100.0)
+        result["tstr"][lab]["ratio"] = {"macro_f1": f1 / 0.8}
+    result["prdc_test"] = {"real": _prdc_test(0.9, 100), "model": _prdc_test(0.5, 100)}
+    tables = {t["title"].split(":")[0].split(" at ")[0]: t for t in report.metric_tables(result)}
+    eq = tables["Synthetic vs real"]
+    assert "over 3 classifier seeds" in eq["title"]
+    assert eq["columns"] == ["", "images per class", *report.EQUAL_COLUMNS]
+    assert eq["rows"] == [
+        ["round1", 100, "0.400 [0.350, 0.450]", "0.800 [0.750, 0.850]", pytest.approx(0.5)],
+        ["model", 100, "0.500 [0.450, 0.550]", "0.800 [0.750, 0.850]", pytest.approx(0.625)],
+    ]  # pretrained has no real_equal: no row
+    assert eq["note"].startswith(
+        "TSTR macro_f1, TRTR-equal macro_f1, TSTR / TRTR-equal: higher is better; TRTR-equal"
+    )
+    prdc = tables["PRDC against the held-out test split"]
+    assert [r[:3] for r in prdc["rows"]] == [["real", 100, "0.900 [0.800, 1.000]"],
+                                            ["model", 100, "0.500 [0.400, 0.600]"]]  # fmt: skip
+    assert prdc["note"].startswith("precision, recall, density, coverage: higher is better")
+    assert "TSTR / TRTR-equal macro F1 (higher is better): 0.5 → 0.625 (+0.125)" in (
+        report.verdict(result)
+    )
+    page = report.render_report(result, tmp_path / "report.html").read_text()
+    assert "TSTR / TRTR-equal ↑" in page and "images per class</th>" in page
+    assert "0.500 [0.450, 0.550]" in page and "0.625" in page
+
+
+def test_equal_count_table_is_left_out_without_both_settings(result):
+    assert report.equal_count_table(result["tstr"], result["labels"]) is None
+    titles = [t["title"] for t in report.metric_tables(result)]
+    assert not any(t.startswith(("Synthetic vs real", "PRDC against")) for t in titles)
