@@ -289,6 +289,16 @@ def _per_class_cells(
     }
 
 
+def _focus_mask(ids: np.ndarray | None, focus: Any) -> np.ndarray:
+    """(N,) True on the images of the ``focus`` classes; every one must be present."""
+    if ids is None:
+        raise ValueError("focus needs class_ids: which images belong to the focus classes")
+    missing = sorted(set(int(c) for c in focus) - set(ids.tolist()))
+    if not len(focus) or missing:
+        raise ValueError(f"focus classes {missing or list(focus)} have no images to compare")
+    return np.isin(ids, np.asarray(list(focus), dtype=np.int64))
+
+
 def compare_arms(
     verdicts: dict[str, Any],
     control: str = "control",
@@ -299,6 +309,7 @@ def compare_arms(
     alpha: float = 0.05,
     n_boot: int = 2000,
     seed: int = 0,
+    focus: Any = None,
 ) -> list[dict[str, Any]]:
     """One row per arm, control first, each arm against ``control`` on the same images.
 
@@ -306,8 +317,9 @@ def compare_arms(
     rate, rate_per_seed, diff, lo, hi, per_seed, n, mcnemar_p, fixed, broken}; with
     ``class_ids`` (N,) also classes_down (diff < -``down_by``) and per_class {class: {class_id,
     rate, diff, lo, hi, n}}; with ``fails`` (arm -> (S, N, 7)) also criteria {criterion: {rate,
-    diff, lo, hi, n}} of fail rates. The control's paired fields are None, and so is any NaN:
-    the list is plain JSON."""
+    diff, lo, hi, n}} of fail rates; with ``focus`` (class ids, e.g. the classes a scenario
+    changes) also focus {class_ids, rate, diff, lo, hi, n}: the same over those classes' images
+    only. The control's paired fields are None, and so is any NaN: the list is plain JSON."""
     if control not in verdicts:
         raise ValueError(f"control arm {control!r} is not among the arms: {', '.join(verdicts)}")
     if fails is not None and set(fails) != set(verdicts):
@@ -317,6 +329,7 @@ def compare_arms(
     ids = None if class_ids is None else np.asarray(class_ids, dtype=np.int64)  # (N,)
     if ids is not None and ids.shape != (ctl.shape[1],):
         raise ValueError(f"class_ids must be (N,) = ({ctl.shape[1]},), got shape {ids.shape}")
+    keep = None if focus is None else _focus_mask(ids, focus)  # (N,) bool
     rows = []
     for arm in [control, *(a for a in verdicts if a != control)]:
         v = np.atleast_2d(np.asarray(verdicts[arm], dtype=np.float64))  # (S, N)
@@ -329,6 +342,12 @@ def compare_arms(
             cells = _per_class_cells(v, None if is_ctl else ctl, ids, vocab, boot)
             row["classes_down"] = classes_down(cells, down_by) if not is_ctl else []
             row["per_class"] = cells
+        if keep is not None:
+            d = None if is_ctl else paired_difference(v[:, keep], ctl[:, keep], **boot)
+            row["focus"] = {
+                "class_ids": sorted(int(c) for c in focus),
+                **_cell(_mean(v[:, keep]), d),
+            }
         if fails is not None:
             f, fc = (np.asarray(fails[a], dtype=np.float64) for a in (arm, control))
             paired = {} if is_ctl else criterion_paired(f, fc, **boot)

@@ -258,6 +258,29 @@ def test_compare_arms_table():
         P.compare_arms(verdicts, class_ids=ids[:10])
 
 
+def test_compare_arms_focus_classes():
+    """The focus row pairs only the focus classes' images: the same as slicing them by hand."""
+    rng = np.random.default_rng(11)
+    ids = np.repeat([0, 1, 2], 40)
+    control = (rng.random((3, 120)) < 0.5).astype(float)
+    feedback = control.copy()
+    feedback[:, ids == 1] = 1.0  # only class 1 moves
+    verdicts = {"control": control, "feedback": feedback}
+    rows = P.compare_arms(verdicts, class_ids=ids, focus=[1, 2], n_boot=200)
+    keep = ids >= 1
+    ref = P.paired_difference(feedback[:, keep], control[:, keep], n_boot=200)
+    fb = rows[1]["focus"]
+    assert fb["class_ids"] == [1, 2] and fb["n"] == 3 * 80
+    assert (fb["diff"], fb["lo"], fb["hi"]) == (ref["diff"], ref["lo"], ref["hi"])
+    assert fb["diff"] > rows[1]["diff"] > 0  # diluted over all classes
+    assert rows[0]["focus"]["diff"] is None
+    assert rows[0]["focus"]["rate"] == pytest.approx(control[:, keep].mean())
+    with pytest.raises(ValueError, match=r"focus classes \[7\]"):
+        P.compare_arms(verdicts, class_ids=ids, focus=[1, 7])
+    with pytest.raises(ValueError, match="focus needs class_ids"):
+        P.compare_arms(verdicts, focus=[1])
+
+
 def test_compare_arms_undefined_values_are_none():
     verdicts = {"control": np.array([[1.0, np.nan]]), "arm": np.array([[np.nan, 1.0]])}
     rows = P.compare_arms(verdicts, n_boot=50)
