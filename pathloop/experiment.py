@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import Field, field_validator
 from rich.console import Console
 
+from pathloop import drift
 from pathloop.config import Frozen, TrackingConfig, updated
 from pathloop.evaluate import FeatureModelConfig
 from pathloop.finetune import FinetuneConfig
@@ -652,11 +653,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "arithmetic": arith,
         "rows": rows,
         "real": evals[REAL],
+        "colour": drift.eval_colour(wd / "eval", shards, cfg.arms, cfg.seeds, BASE),  # cheap
         "evaluations": {k: v for k, v in evals.items() if k != REAL},
         "step_seconds": steps.timings,
     }
     results["files"] = write_outputs(results, wd)
-    tracking.log_metrics(uri, parent, headline_metrics(rows), step=0)
+    tracking.log_metrics(uri, parent, headline_metrics(rows) | drift.metrics(results["colour"]), 0)
     for f in results["files"].values():
         tracking.log_artifact(uri, parent, f)
     tracking.end_run(uri, parent)
@@ -690,7 +692,7 @@ def _diff(row: dict[str, Any]) -> str:
 MAIN_COLUMNS = (
     "arm|judge rate|paired diff to control [95 % CI]|McNemar p|classes down|PRDC precision|"
     "PRDC coverage|TSTR macro F1"
-).split("|")
+).split("|") + [drift.COLUMN]
 NAMES = {BASE: "base (pretrained)", REAL: "real (test split)"}
 
 
@@ -703,7 +705,8 @@ def main_rows(results: dict[str, Any]) -> list[list[str]]:
         keys = ("rate", "prdc_precision", "prdc_coverage", "tstr_macro_f1")
         rate, prec, cov, f1 = (_f(r[k]) for k in keys)
         p = _f(r.get("mcnemar_p"), 4)
-        out.append([NAMES.get(r["arm"], r["arm"]), rate, _diff(r), p, down, prec, cov, f1])
+        colour = drift.worst_cell(results.get("colour"), r["arm"])
+        out.append([NAMES.get(r["arm"], r["arm"]), rate, _diff(r), p, down, prec, cov, f1, colour])
     return out
 
 
@@ -732,14 +735,9 @@ def criteria_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return head, body
 
 
-def _markdown(head: list[str] | tuple[str, ...], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
-
-
 def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
     """results.json, results.md, and the plots; {name: path}."""
-    from pathloop import report
+    from pathloop import report, viz
 
     a = results["arithmetic"]
     md = [
@@ -750,19 +748,20 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         f"{results['rows'][0]['n_seeds']} finetuning seeds; intervals: two-way bootstrap over "
         "images and seeds; McNemar: exact, seeds pooled.",
         "",
-        _markdown(MAIN_COLUMNS, main_rows(results)),
+        viz.markdown_table(MAIN_COLUMNS, main_rows(results)),
         "",
         "## Per class: paired difference to the control [95 % CI]",
         "",
-        _markdown(*class_rows(results["rows"])),
+        viz.markdown_table(*class_rows(results["rows"])),
         "",
         "## Per criterion: fail rate (paired difference to the control)",
         "",
-        _markdown(*criteria_rows(results["rows"])),
+        viz.markdown_table(*criteria_rows(results["rows"])),
         "",
+        *drift.markdown(results["colour"]),
         "## Arithmetic",
         "",
-        _markdown(["quantity", "value"], [[k, str(v)] for k, v in a.items()]),
+        viz.markdown_table(["quantity", "value"], [[k, str(v)] for k, v in a.items()]),
         "",
     ]
     files = {"json": wd / "results.json", "md": wd / "results.md"}
@@ -772,6 +771,7 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
     figs = {
         "plot_arms": report.plot_paired_arms(rows, title),
         "plot_classes": report.plot_paired_classes(rows, CONTROL, down_by),
+        "plot_colour": viz.plot_class_colour(results["colour"]),
     }
     for name, fig in figs.items():
         files[name] = wd / f"{name}.png"
@@ -786,13 +786,14 @@ def print_results(results: dict[str, Any]) -> None:
     from pathloop.report import print_tables
 
     head, body = criteria_rows(results["rows"])
-    main = {"title": "arms against the control, on the same images", "columns": MAIN_COLUMNS}
+    main = {"title": "arms against the control, on the same images", "columns": MAIN_COLUMNS[:-1]}
     criteria = {"title": "fail rate per criterion (paired difference to the control)"}
-    print_tables([main | {"rows": main_rows(results)}, criteria | {"columns": head, "rows": body}])
+    main["rows"] = [r[:-1] for r in main_rows(results)]  # colour drift: a narrow table of its own
+    print_tables([main, criteria | {"columns": head, "rows": body}, *drift.tables(results)])
     uri, files = results["tracking_uri"], results["files"]
     console.print(
-        f"results: {files['md']}, {files['json']}\nplots: {files['plot_arms']}, "
-        f"{files['plot_classes']}\nMLflow store: {uri} (parent run {results['parent_run_id']})\n"
+        f"results: {files['md']}, {files['json']}\nplots: {Path(files['md']).parent}/plot_*.png\n"
+        f"MLflow store: {uri} (parent run {results['parent_run_id']})\n"
         f"  open it:   mlflow ui --backend-store-uri {uri}\n"
         f"step times (s): {results['step_seconds']}"
     )

@@ -581,8 +581,8 @@ def describe(metrics: dict) -> str:
 
 
 class RankZeroLog:
-    """Metrics to MLflow and stdout and, for a diffusion job (``st`` given), preview grids on
-    ``train.sample_every`` and at the end; from rank 0 only."""
+    """Metrics to MLflow and stdout and, for a diffusion job (``st`` given), preview grids (and
+    their mean colour per class) on ``train.sample_every`` and at the end; from rank 0 only."""
 
     def __init__(
         self,
@@ -605,7 +605,7 @@ class RankZeroLog:
             tracking.log_metrics(self.mlflow.uri, self.mlflow.run_id, shown, step)
 
     def preview(self, step: int) -> None:
-        from pathloop import tracking
+        from pathloop import drift, tracking
         from pathloop.diffusion import ema_copy
         from pathloop.viz import class_samples, samples_grid
 
@@ -628,8 +628,9 @@ class RankZeroLog:
             )
         if self.mlflow:
             tracking.log_artifact(self.mlflow.uri, self.mlflow.run_id, out, "samples")
-            if rates:
-                tracking.log_metrics(self.mlflow.uri, self.mlflow.run_id, rates, step)
+            # mean colour per class: drift (e.g. brightening) shows while the run goes
+            colour = drift.preview_metrics(images, ids, self.vocab)
+            tracking.log_metrics(self.mlflow.uri, self.mlflow.run_id, rates | colour, step)
 
 
 # ----------------------------------------------------------------------------- the Ray Train run

@@ -163,3 +163,42 @@ def print_blinded(stats: dict) -> None:
     Console(stderr=True).print(
         f"agreement between raters: {a['method'] or 'n/a'} kappa {kappa} over {a['n_items']} images"
     )
+
+
+def plot_class_colour(colour: dict[str, Any]) -> Any:
+    """``drift.colour_report`` as two panels over the classes: above, the real training images'
+    mean intensity with one real intensity std as a band and one marker per label (arm, base,
+    real test); below, each label's drift in real spreads."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: plots are written on servers and in Ray jobs
+    import matplotlib.pyplot as plt
+
+    ref, labels = colour["reference"], colour["labels"]
+    codes = list(ref)
+    x = np.arange(len(codes))
+    mean = np.array([ref[c]["intensity"] for c in codes])
+    std = np.array([ref[c]["intensity_std"] for c in codes])
+    fig, (top, low) = plt.subplots(2, 1, figsize=(max(6.0, 0.55 * len(codes)), 5.6), sharex=True)
+    top.bar(x, 2 * std, bottom=mean - std, width=0.8, color="lightgrey", label="real ± 1 std")
+    top.hlines(mean, x - 0.4, x + 0.4, color="grey", lw=0.8)
+    for i, (label, v) in enumerate(labels.items()):
+        shift = (i - (len(labels) - 1) / 2) * 0.7 / max(len(labels), 1)
+        cells = [v["per_class"].get(c) for c in codes]
+        y = [np.nan if p is None else p["intensity"] for p in cells]
+        d = [np.nan if p is None else p["drift"] for p in cells]
+        top.plot(x + shift, y, "o", ms=3, label=label)
+        low.plot(x + shift, d, "o", ms=3, label=label)
+    top.set_ylabel("mean intensity")
+    top.set_title("per class: mean intensity of the evaluation images (real train: band)")
+    top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    low.axhline(1, color="red", lw=0.6, ls="--")
+    low.set_ylabel("colour drift (real spreads)")
+    low.set_xticks(x, codes, rotation=45, ha="right")
+    return fig
+
+
+def markdown_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the header row, its rule, one line per row."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])

@@ -76,15 +76,25 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     assert len(ft["feedback"]["weights"]) == 32 and not ft["control"]["weights"].any()
     assert 0 < ft["feedback"]["weights"].mean() < 1
     # outputs: tables, plots, one parent run with a child per arm x seed and the reward model
-    assert "| control |" in (wd / "results.md").read_text()
-    for name in ("plot_arms", "plot_classes"):
+    md = (wd / "results.md").read_text()
+    assert "| control |" in md
+    # colour drift: a column of the table, per class in results.json, its figure linked
+    head = next(line for line in md.splitlines() if line.startswith("| arm |"))
+    assert head.rstrip(" |").endswith("colour drift (worst class, real-spread units)")
+    assert "](plot_colour.png)" in md
+    colour = json.loads((wd / "results.json").read_text())["colour"]
+    assert list(colour["labels"]) == ["control", "feedback", "base", "real"]
+    cells = colour["labels"]["feedback"]["per_class"]
+    assert len(cells) == 16 and {c["n"] for c in cells.values()} == {4}  # 2 images x 2 seeds
+    assert all(np.isfinite(v["worst"]) and v["worst"] >= 0 for v in colour["labels"].values())
+    for name in ("plot_arms", "plot_classes", "plot_colour"):
         assert Path(res["files"][name]).read_bytes()[:4] == b"\x89PNG"
     print_results(json.loads((wd / "results.json").read_text()))
     printed = capsys.readouterr().out
-    assert "McNemar" in printed and "MLflow store" in printed
+    assert "McNemar" in printed and "MLflow store" in printed and "colour drift" in printed
     client = mlflow.MlflowClient(res["tracking_uri"])
     parent = client.get_run(res["parent_run_id"])
-    assert "feedback/diff" in parent.data.metrics
+    assert "feedback/diff" in parent.data.metrics and "feedback/colour_drift" in parent.data.metrics
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
@@ -101,6 +111,7 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     redone = {p for p in before if after.get(p) != before[p]}
     assert redone == {wd / "eval/feedback-seed1/eval.json"}
     assert [r["rate"] for r in again["rows"]] == [r["rate"] for r in res["rows"]]
+    assert again["colour"] == res["colour"]  # recomputed from the saved images, not resampled
 
 
 @pytest.fixture

@@ -133,6 +133,7 @@ def test_dpo_finetune_end_to_end(
     assert sum(kinds.values()) == res["data"]["pairs"]
     assert run.data.metrics["pairs_trained"] == res["data"]["pairs_trained"] == kinds["one_wins"]
     assert run.data.metrics["pairs_both_lose"] == kinds["both_lose"]
+    assert 0 <= run.data.metrics["preview/colour/intensity"] <= 1  # the last step's preview
 
 
 def test_reward_method_needs_a_reward_model(tiny_ckpt, checklist_feedback, tmp_path):
@@ -193,3 +194,48 @@ def test_the_control_arm_needs_the_real_term(tmp_path):
     cfg = FinetuneConfig(workdir=str(tmp_path), reward_model="r", reward_mode="none", beta_r=0.0)
     with pytest.raises(ValueError, match="beta_r > 0 and real="):
         run_finetune(cfg)
+
+
+def test_previews_log_their_mean_colour_per_class(tmp_path):
+    """Each preview logs its samples' mean intensity and RGB, overall and per class, at the
+    preview's step, so colour drift shows in MLflow while a finetuning run goes (no Ray)."""
+    import mlflow
+    import torch
+
+    from pathloop import tracking
+    from pathloop.harness import MlflowRun, RankZeroLog, build_state
+    from pathloop.vocab import BONE_MARROW_16
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        [
+            "model.block_out_channels=[16, 32]",
+            "model.layers_per_block=1",
+            f"workdir={tmp_path}",
+            "train.steps=4",
+            "train.sample_every=2",
+            "train.preview_per_class=2",
+            "preview.steps=2",
+            f"tracking.tracking_uri={uri}",
+        ],
+    )
+    run_id = tracking.start_run(cfg.tracking, tmp_path, run_name="preview")
+    st = build_state(cfg, len(BONE_MARROW_16), torch.device("cpu"))
+    log = RankZeroLog(cfg, MlflowRun(uri=uri, run_id=run_id), 0, st, BONE_MARROW_16)
+    for step in (2, 3):  # 3 is not a preview step
+        log.preview(step)
+    client = mlflow.MlflowClient(uri)
+    metrics = client.get_run(run_id).data.metrics
+    p = "preview/colour"
+    codes = [c.code for c in BONE_MARROW_16.classes]
+    per_class = {c: [metrics[f"{p}/class/{c}/{k}"] for k in ("r", "g", "b")] for c in codes}
+    for c, rgb in per_class.items():  # intensity is the mean of the channels, all in [0, 1]
+        assert metrics[f"{p}/class/{c}/intensity"] == pytest.approx(np.mean(rgb))
+        assert all(0 <= v <= 1 for v in rgb)
+    overall = np.mean(list(per_class.values()), axis=0)  # equal images per class
+    assert [metrics[f"{p}/{k}"] for k in ("r", "g", "b")] == pytest.approx(overall)
+    history = client.get_metric_history(run_id, f"{p}/class/{codes[0]}/intensity")
+    assert [m.step for m in history] == [2]
+    assert (tmp_path / "previews" / "step_000002.png").is_file()
