@@ -565,7 +565,7 @@ def loop(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) 
 def experiment(config: Path | None = CONFIG, overrides: list[str] | None = OVERRIDES) -> None:
     """Does feedback beat the data alone? Arms (control, feedback, oracle, self-training) x
     seeds from one pretrained model, paired on the same images; rerun to resume."""
-    from pathloop.experiment import print_results
+    from pathloop.experiment_results import print_results
 
     print_results(_run("experiment", config, overrides))
 

@@ -18,7 +18,8 @@ EXPERIMENT_DEMO = Path(__file__).resolve().parents[1] / "jobs/configs/experiment
 def run_demo(workdir: Path, overrides: list[str] | None = None) -> dict:
     """The demo experiment into ``workdir``; prints the paired table and where things are."""
     from pathloop.config import load_config
-    from pathloop.experiment import ExperimentConfig, print_results, run_experiment
+    from pathloop.experiment import ExperimentConfig, run_experiment
+    from pathloop.experiment_results import print_results
 
     cfg = load_config(ExperimentConfig, EXPERIMENT_DEMO, [f"workdir={workdir}", *(overrides or [])])
     results = run_experiment(cfg)

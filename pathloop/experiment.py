@@ -541,9 +541,20 @@ def evaluate_all(
 # ----------------------------------------------------------------------------- statistics
 
 
-def paired_table(cfg: ExperimentConfig, evals: dict[str, dict]) -> list[dict[str, Any]]:
+def scenario_classes(shards: Path) -> list[str] | None:
+    """The classes the data's scenario changes (``manifest["scenario"]["classes"]``), or None:
+    the scenario changes every class (artifacts, label noise) or there is none."""
+    from pathloop.data import read_manifest
+
+    return (read_manifest(shards).get("scenario") or {}).get("classes")
+
+
+def paired_table(
+    cfg: ExperimentConfig, evals: dict[str, dict], focus: list[str] | None = None
+) -> list[dict[str, Any]]:
     """``stats.compare_arms`` of the arms (S seeds x N images) and the pretrained model (1 x N)
-    against the control, with each arm's PRDC and TSTR averaged over its seeds."""
+    against the control, with each arm's PRDC and TSTR averaged over its seeds; ``focus``
+    (class codes) adds each row's difference over those classes' images alone."""
     from pathloop.data import read_vocab
     from pathloop.stats import compare_arms
 
@@ -561,8 +572,9 @@ def paired_table(cfg: ExperimentConfig, evals: dict[str, dict]) -> list[dict[str
     fails = {a: np.stack([v[lab]["fails"] for lab in ls]) for a, ls in labels.items()}
     vocab = read_vocab(root / BASE / "samples")
     ev = cfg.evaluation
+    ids = None if focus is None else [vocab.lookup(c).id for c in focus]
     rows = compare_arms(
-        verdicts, CONTROL, ref["class_id"], vocab, fails, ev.down_by, n_boot=ev.n_boot
+        verdicts, CONTROL, ref["class_id"], vocab, fails, ev.down_by, n_boot=ev.n_boot, focus=ids
     )
     for row in rows:
         row.update(_mean_fidelity([evals[lab] for lab in labels[row["arm"]]]))
@@ -628,6 +640,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     evaluation on the same images → paired statistics, results.md/json and plots."""
     from pathloop import storage, tracking
     from pathloop.config import dump_config
+    from pathloop.experiment_results import write_outputs
 
     check_config(cfg)
     wd = Path(storage.absolute(cfg.workdir))
@@ -643,7 +656,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     shared = shared_steps(steps, shards)
     finetuned = run_arms(steps, shared)
     evals = evaluate_all(steps, shared, finetuned)
-    rows = paired_table(cfg, evals)
+    focus = scenario_classes(shards)
+    rows = paired_table(cfg, evals, focus)
     results = {
         "config": cfg.model_dump(mode="json"),
         "workdir": str(wd),
@@ -652,6 +666,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "expert": shared.expert or "default",
         "arithmetic": arith,
         "rows": rows,
+        "focus_classes": focus,
         "real": evals[REAL],
         "colour": drift.eval_colour(wd / "eval", shards, cfg.arms, cfg.seeds, BASE),  # cheap
         "evaluations": {k: v for k, v in evals.items() if k != REAL},
@@ -674,126 +689,3 @@ def headline_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
         vals["classes_down"] = len(row["classes_down"])
         out.update({f"{row['arm']}/{k}": float(v) for k, v in vals.items() if v is not None})
     return {k: v for k, v in out.items() if np.isfinite(v)}
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def _f(v: Any, nd: int = 3) -> str:
-    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{nd}f}"
-
-
-def _diff(row: dict[str, Any]) -> str:
-    if row.get("diff") is None:
-        return "–"
-    return f"{row['diff']:+.3f} [{row['lo']:+.3f}, {row['hi']:+.3f}]"
-
-
-MAIN_COLUMNS = (
-    "arm|judge rate|paired diff to control [95 % CI]|McNemar p|classes down|PRDC precision|"
-    "PRDC coverage|TSTR macro F1"
-).split("|") + [drift.COLUMN]
-NAMES = {BASE: "base (pretrained)", REAL: "real (test split)"}
-
-
-def main_rows(results: dict[str, Any]) -> list[list[str]]:
-    """The headline table: one row per arm, the pretrained model, and the real test split."""
-    real = {"arm": REAL, "rate": results["real"]["rate"], **_mean_fidelity([results["real"]])}
-    out = []
-    for r in [*results["rows"], real]:
-        down = "–" if r["arm"] in (CONTROL, REAL) else ", ".join(r["classes_down"]) or "none"
-        keys = ("rate", "prdc_precision", "prdc_coverage", "tstr_macro_f1")
-        rate, prec, cov, f1 = (_f(r[k]) for k in keys)
-        p = _f(r.get("mcnemar_p"), 4)
-        colour = drift.worst_cell(results.get("colour"), r["arm"])
-        out.append([NAMES.get(r["arm"], r["arm"]), rate, _diff(r), p, down, prec, cov, f1, colour])
-    return out
-
-
-def class_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Per class: the control's rate, then each other arm's paired difference [95 % CI]."""
-    others = [r for r in rows if r["arm"] != CONTROL]
-    ctl = rows[0]
-    head = ["class", "control rate", *(f"{r['arm']} diff" for r in others)]
-    body = [
-        [code, _f(cell["rate"]), *(_diff(r["per_class"][code]) for r in others)]
-        for code, cell in ctl["per_class"].items()
-    ]
-    return head, body
-
-
-def criteria_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Per criterion: each arm's fail rate, and its paired difference to the control."""
-    head = ["criterion", *(f"{r['arm']} fail rate" for r in rows)]
-    body = []
-    for crit in rows[0]["criteria"]:
-        cells = []
-        for r in rows:
-            c = r["criteria"][crit]
-            cells.append(_f(c["rate"]) + (f" ({c['diff']:+.3f})" if c["diff"] is not None else ""))
-        body.append([crit, *cells])
-    return head, body
-
-
-def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
-    """results.json, results.md, and the plots; {name: path}."""
-    from pathloop import report, viz
-
-    a = results["arithmetic"]
-    md = [
-        "# Experiment: does expert feedback make samples more plausible than the data alone?",
-        "",
-        f"Expert: the judge ({results['expert']} profile). Every arm is paired with the control "
-        f"on the same {a['eval_images_per_model']} evaluation images (same seed and class) over "
-        f"{results['rows'][0]['n_seeds']} finetuning seeds; intervals: two-way bootstrap over "
-        "images and seeds; McNemar: exact, seeds pooled.",
-        "",
-        viz.markdown_table(MAIN_COLUMNS, main_rows(results)),
-        "",
-        "## Per class: paired difference to the control [95 % CI]",
-        "",
-        viz.markdown_table(*class_rows(results["rows"])),
-        "",
-        "## Per criterion: fail rate (paired difference to the control)",
-        "",
-        viz.markdown_table(*criteria_rows(results["rows"])),
-        "",
-        *drift.markdown(results["colour"]),
-        "## Arithmetic",
-        "",
-        viz.markdown_table(["quantity", "value"], [[k, str(v)] for k, v in a.items()]),
-        "",
-    ]
-    files = {"json": wd / "results.json", "md": wd / "results.md"}
-    files["md"].write_text("\n".join(md))
-    rows, down_by = results["rows"], results["config"]["evaluation"]["down_by"]
-    title = "arms on the same evaluation images (95 % interval over images and seeds)"
-    figs = {
-        "plot_arms": report.plot_paired_arms(rows, title),
-        "plot_classes": report.plot_paired_classes(rows, CONTROL, down_by),
-        "plot_colour": viz.plot_class_colour(results["colour"]),
-    }
-    for name, fig in figs.items():
-        files[name] = wd / f"{name}.png"
-        files[name].write_bytes(report.figure_png(fig))
-    out = {k: str(v) for k, v in files.items()}
-    files["json"].write_text(json.dumps({**results, "files": out}, indent=2, default=str))
-    return out
-
-
-def print_results(results: dict[str, Any]) -> None:
-    """The headline and per-criterion tables, where the outputs and the MLflow store are."""
-    from pathloop.report import print_tables
-
-    head, body = criteria_rows(results["rows"])
-    main = {"title": "arms against the control, on the same images", "columns": MAIN_COLUMNS[:-1]}
-    criteria = {"title": "fail rate per criterion (paired difference to the control)"}
-    main["rows"] = [r[:-1] for r in main_rows(results)]  # colour drift: a narrow table of its own
-    print_tables([main, criteria | {"columns": head, "rows": body}, *drift.tables(results)])
-    uri, files = results["tracking_uri"], results["files"]
-    console.print(
-        f"results: {files['md']}, {files['json']}\nplots: {Path(files['md']).parent}/plot_*.png\n"
-        f"MLflow store: {uri} (parent run {results['parent_run_id']})\n"
-        f"  open it:   mlflow ui --backend-store-uri {uri}\n"
-        f"step times (s): {results['step_seconds']}"
-    )

@@ -50,7 +50,7 @@ def _mtimes(wd: Path) -> dict[Path, int]:
 def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tmp_path, capsys):
     import mlflow
 
-    from pathloop.experiment import print_results
+    from pathloop.experiment_results import print_results
 
     wd = tmp_path / "exp"
     over = [f"workdir={wd}", "data.source=shards", f"data.path={phantom_shards}"]
