@@ -59,11 +59,25 @@ from pathloop.reward import RewardConfig
 
 console = Console()
 
-Arm = Literal["control", "feedback", "oracle", "self-training", "feedback-nft", "oracle-nft"]
+Arm = Literal[
+    "control", "feedback", "oracle", "self-training", "feedback-nft", "oracle-nft", "oracle-dpo"
+]
 ARMS: tuple[str, ...] = ("control", "feedback", "oracle", "self-training")
 # feedback-nft, oracle-nft: the same rewards as feedback and oracle, finetuned with method=nft
 # and rewards normalised within each class (reward_mode=class_z), beside Eq. 3 in one table
-NFT = "-nft"
+# oracle-dpo: MAGIC's preference route, pairs of pool images of one class labelled by the
+# expert's checklist scores (fraction of the 7 criteria passed) with MAGIC's rule
+METHODS = {"-nft": "nft", "-dpo": "dpo"}  # arm suffix -> finetune.method
+
+
+def arm_source(arm: str) -> tuple[str, str | None]:
+    """(the arm whose rewards it uses, its finetuning method or None = the experiment's)."""
+    for suffix, method in METHODS.items():
+        if arm.endswith(suffix):
+            return arm.removesuffix(suffix), method
+    return arm, None
+
+
 CONTROL = "control"
 BASE = "base"  # the pretrained model itself, judged on the same images: a reference row
 REAL = "real"  # the real test split: the reference of PRDC and TSTR
@@ -171,7 +185,8 @@ class ExperimentConfig(Frozen):
         ARMS,
         min_length=1,
         description=f"Arms: {', '.join(ARMS)}; feedback-nft and oracle-nft add the feedback "
-        "and oracle rewards finetuned with method=nft (reward_mode=class_z).",
+        "and oracle rewards finetuned with method=nft (reward_mode=class_z); oracle-dpo the "
+        "expert's checklist scores as MAGIC preference pairs (method=dpo).",
     )
     seeds: tuple[int, ...] = Field(
         (0, 1, 2), min_length=1, description="Finetuning seeds (train.seed) of every arm."
@@ -298,14 +313,18 @@ def _seed(provenance: dict | None) -> int:
     return -1 if seed is None else int(seed)
 
 
-def write_oracle_rewards(pool: Path, out: Path, expert: str | None) -> dict[str, float]:
+def write_oracle_rewards(
+    pool: Path, out: Path, expert: str | None, checklist: bool = False
+) -> dict[str, float]:
     """The oracle arm's rewards: the expert's verdict on each pool image (1 plausible, 0 not or
-    unscored) as a table of id, reward for ``finetune.rewards``."""
+    unscored) as a table of id, reward for ``finetune.rewards``; with ``checklist`` the fraction
+    of the criteria it passes instead (the scores MAGIC's pair rule reads)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     j = judge_set(pool, expert)
-    reward = np.nan_to_num(j["plausible"], nan=0.0)  # (N,) an unscored image earns nothing
+    score = 1.0 - np.nanmean(j["fails"], axis=1) if checklist else j["plausible"]  # (N,)
+    reward = np.nan_to_num(score, nan=0.0)  # (N,) an unscored image earns nothing
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": j["id"], "class_id": j["class_id"], "reward": reward}), out)
     return {"n": len(reward), "rate": float(reward.mean())}
@@ -324,6 +343,7 @@ class Shared:
     pool: Path  # the finetuning pool, drawn once from the pretrained model
     reward: str | None  # the reward model's checkpoint (feedback arm)
     oracle: Path | None  # the expert's verdicts on the pool as a rewards table (oracle arm)
+    checklist: Path | None = None  # the expert's checklist scores on the pool (oracle-dpo)
 
 
 def _judge_feedback(cfg: ExperimentConfig, review: Path, export: Path, expert: str | None) -> Path:
@@ -354,13 +374,17 @@ def shared_steps(steps: Steps, shards: Path) -> Shared:
     console.print(f"expert: judge ({expert or 'default'} profile)")
     pool = wd / "pool"
     sample_set(steps, "pool: sample", model, pool, cfg.round.pool_per_class, POOL_SEED)
-    sources = {arm.removesuffix(NFT) for arm in cfg.arms}
+    sources = {arm_source(arm)[0] for arm in cfg.arms}
     reward = train_reward_model(steps, shards, model, expert) if "feedback" in sources else None
     oracle = wd / "oracle" / "rewards.parquet" if "oracle" in sources else None
     if oracle is not None:
         title = "oracle: the expert judges the pool"
         steps.run(title, oracle, lambda: write_oracle_rewards(pool, oracle, expert))
-    return Shared(shards, model, expert, pool, reward, oracle)
+    checklist = wd / "oracle" / "checklist.parquet" if "oracle-dpo" in cfg.arms else None
+    if checklist is not None:
+        title = "oracle: the expert's checklist scores on the pool"
+        steps.run(title, checklist, lambda: write_oracle_rewards(pool, checklist, expert, True))
+    return Shared(shards, model, expert, pool, reward, oracle, checklist)
 
 
 # ----------------------------------------------------------------------------- arms
@@ -370,26 +394,24 @@ def arm_finetune(
     cfg: ExperimentConfig, arm: str, seed: int, shared: Shared, workdir: Path
 ) -> FinetuneConfig:
     """The finetuning config of one arm and seed: the shared section on the pool and the real
-    images, with the arm's weights (Eq. 3, or nft for the ``-nft`` arms)."""
-    source, nft = arm.removesuffix(NFT), arm.endswith(NFT)
+    images, with the arm's weights (Eq. 3, or the method its suffix names)."""
+    source, method = arm_source(arm)
     weights = {
         "control": {"reward_mode": "none"},  # only the beta_r real term trains
         "feedback": {"reward_model": shared.reward},
         "oracle": {"rewards": str(shared.oracle)},
         "self-training": {"reward_mode": "ones"},
     }[source]
-    if nft:  # nft moves toward r > 0.5 and away from r < 0.5: rewards centred per class
+    if method == "nft":  # nft moves toward r > 0.5 and away from r < 0.5: centred per class
         weights["reward_mode"] = "class_z"
+    if method == "dpo":  # pairs of one class from the checklist scores, MAGIC's rule
+        weights = {"rewards": str(shared.checklist), "reward_mode": "raw"}
     return training_config(
         cfg.finetune,
         workdir,
         **{"reward_model": None, "rewards": None, **weights},
         # the arms without feedback train Eq. 3's way whatever the method under test
-        method="nft"
-        if nft
-        else cfg.finetune.method
-        if source in ("feedback", "oracle")
-        else "reward",
+        method=method or (cfg.finetune.method if source in ("feedback", "oracle") else "reward"),
         pretrained=shared.model,
         synthetic=str(shared.pool),
         real=str(shared.shards),

@@ -4,6 +4,7 @@ with, and config mistakes as one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -157,6 +158,27 @@ def test_each_arm_finetunes_with_its_own_weights(mixed_pool, phantom_shards, tin
     assert np.array_equal(weights["oracle"], [verdict[i] for i in ids])  # the expert's verdicts
     assert np.array_equal(weights["control"], np.zeros(len(ids)))
     assert np.array_equal(weights["self-training"], np.ones(len(ids)))
+    checklist = tmp_path / "checklist.parquet"  # oracle-dpo: MAGIC's pairs from the checklist
+    write_oracle_rewards(mixed_pool, checklist, None, checklist=True)
+    shared = dataclasses.replace(shared, checklist=checklist)
+    ft = arm_finetune(cfg, "oracle-dpo", 7, shared, tmp_path / "oracle-dpo")
+    assert (ft.method, ft.rewards, ft.reward_model) == ("dpo", str(checklist), None)
+    (tmp_path / "oracle-dpo").mkdir()
+    info = _finetune_data(ft, None, tmp_path / "oracle-dpo" / "data.npz")
+    z = np.load(tmp_path / "oracle-dpo" / "data.npz")
+    score = 1 - np.nanmean(judge_set(mixed_pool, None)["fails"], axis=1)  # seed order
+    by_id = dict(zip(judge_set(mixed_pool, None)["id"], score, strict=True))
+    s = np.array([by_id[i] for i in ids])  # the order finetuning reads the pool in
+    one = z["pairs"][z["pairs"][:, 2] != z["pairs"][:, 3]]  # one winner: the higher score
+    assert info["pairs_trained"] == len(one) > 0
+    winner = np.where(one[:, 2] == 1, one[:, 0], one[:, 1])
+    loser = np.where(one[:, 2] == 1, one[:, 1], one[:, 0])
+    assert (s[winner] > s[loser]).all()
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(checklist).to_pydict()  # fractions of the 7 criteria, not 0/1 verdicts
+    assert np.allclose([by_id[i] for i in table["id"]], table["reward"])
+    assert len(set(np.round(table["reward"], 6))) > 2
     for arm in ("feedback-nft", "oracle-nft"):  # the same rewards, the negative-aware loss
         ft = arm_finetune(cfg, arm, 7, shared, tmp_path / arm)
         assert (ft.method, ft.reward_mode, ft.train.seed) == ("nft", "class_z", 7)
