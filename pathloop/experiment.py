@@ -191,6 +191,13 @@ class ExperimentConfig(Frozen):
     seeds: tuple[int, ...] = Field(
         (0, 1, 2), min_length=1, description="Finetuning seeds (train.seed) of every arm."
     )
+    dpo_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the oracle-dpo arm; None = finetune.optim.lr x 2 / "
+        "finetune.dpo_beta, where the preference loss's first gradient (beta/2 x that of the "
+        "error difference) matches the other arms' MSE steps. At the shared rate it collapses.",
+    )
     evaluation: ExperimentEvalConfig = Field(
         default_factory=ExperimentEvalConfig,
         description="The same images for every model, the expert's verdicts, PRDC and TSTR.",
@@ -405,7 +412,9 @@ def arm_finetune(
     if method == "nft":  # nft moves toward r > 0.5 and away from r < 0.5: centred per class
         weights["reward_mode"] = "class_z"
     if method == "dpo":  # pairs of one class from the checklist scores, MAGIC's rule
-        weights = {"rewards": str(shared.checklist), "reward_mode": "raw"}
+        ft = cfg.finetune
+        lr = cfg.dpo_lr or ft.optim.lr * 2 / ft.dpo_beta
+        weights = {"rewards": str(shared.checklist), "reward_mode": "raw", "optim": {"lr": lr}}
     return training_config(
         cfg.finetune,
         workdir,

@@ -163,6 +163,11 @@ def test_each_arm_finetunes_with_its_own_weights(mixed_pool, phantom_shards, tin
     shared = dataclasses.replace(shared, checklist=checklist)
     ft = arm_finetune(cfg, "oracle-dpo", 7, shared, tmp_path / "oracle-dpo")
     assert (ft.method, ft.rewards, ft.reward_model) == ("dpo", str(checklist), None)
+    assert ft.optim.lr == pytest.approx(cfg.finetune.optim.lr * 2 / cfg.finetune.dpo_beta)
+    given = cfg.model_copy(update={"dpo_lr": 1e-5})
+    assert arm_finetune(given, "oracle-dpo", 7, shared, tmp_path / "d").optim.lr == 1e-5
+    oracle_lr = arm_finetune(given, "oracle", 7, shared, tmp_path / "o").optim.lr
+    assert oracle_lr == cfg.finetune.optim.lr != ft.optim.lr  # the other arms keep the shared rate
     (tmp_path / "oracle-dpo").mkdir()
     info = _finetune_data(ft, None, tmp_path / "oracle-dpo" / "data.npz")
     z = np.load(tmp_path / "oracle-dpo" / "data.npz")
