@@ -162,8 +162,11 @@ def test_one_registry_serves_cli_jobs_and_sweeps():
     for name, step in STEPS.items():
         assert issubclass(step.config_cls, BaseModel), name
     assert all(step is STEPS[name] for name, step in jobs().items())
-    assert set(jobs()) == {"pretrain", "reward", "finetune"}
+    assert set(jobs()) == {"pretrain", "reward", "finetune", "evaluate"}
+    assert jobs()["evaluate"].steps_key is None  # a trial evaluates once, in one segment
     for name, step in jobs().items():  # a sweep splits this key into Train segments
+        if name == "evaluate":
+            continue
         node = step.config_cls()
         for part in step.steps_key.split("."):
             node = getattr(node, part)
