@@ -14,7 +14,7 @@ drifts by k; a sample of the real images themselves drifts by about 1/sqrt(n) of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,18 +94,18 @@ def colour_report(
 
 
 def eval_colour(
-    root: Path, shards: Path, arms: Sequence[str], seeds: Sequence[int], base: str = "base"
+    root: Path, shards: Path, arms: Mapping[str, Sequence[str]], base: str = "base"
 ) -> dict[str, Any]:
     """``colour_report`` of an experiment's evaluation sets (``root/<label>/samples``): each arm
-    pools its seeds' samples (labels ``<arm>-seed<s>``), then the pretrained model (``base``),
-    and ``real``, the real test split; the reference is the real train split. Reads only the
-    saved images: cheap enough for every rerun."""
+    pools its models' samples (``arms``: {arm: labels}, one per seed), then the pretrained model
+    (``base``), and ``real``, the real test split; the reference is the real train split. Reads
+    only the saved images: cheap enough for every rerun."""
 
     def pooled(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
         parts = [shard_colours(root / lab / "samples") for lab in labels]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    sets = {a: pooled([f"{a}-seed{s}" for s in seeds]) for a in arms}
+    sets = {a: pooled(list(labels)) for a, labels in arms.items()}
     sets[base] = pooled([base])
     sets[REAL] = shard_colours(shards, split="test")
     return colour_report(sets, shard_colours(shards, split="train"))

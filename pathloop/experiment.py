@@ -10,6 +10,10 @@ own weights:
 - ``oracle``: the expert's own verdicts on the pool (what perfect feedback can give);
 - ``self-training``: every pool image weight 1 (the pool without feedback).
 
+With ``rounds`` > 1 each arm goes on from its own model: every later round draws a fresh pool
+from the arm's previous model (the same sampling seeds in every arm), weighs it the arm's way and
+finetunes again; the control trains as many steps on the real images alone.
+
 Every arm runs with every finetuning seed, and then samples the SAME evaluation images (image i has
 the same sampling seed and class in every arm, seed and the pretrained model), which the scenario's
 expert judges. ``stats.compare_arms`` pairs each arm with the control image by image (paired
@@ -21,7 +25,7 @@ is skipped on rerun; every run is an MLflow child of one parent ``experiment`` r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +89,17 @@ REVIEW_SEED, POOL_SEED = 10_000, 15_000  # sampling seeds of the review set and 
 MAX_POOL_PASSES = 4.0  # past this the arms mostly re-fit the same pool images
 
 
+def model_label(arm: str, seed: int, rnd: int = 1) -> str:
+    """The label of one arm x seed's model after round ``rnd`` (its finetuning run, its
+    evaluation set): ``<arm>-seed<s>`` for round 1, ``<arm>-seed<s>-round<r>`` after."""
+    return f"{arm}-seed{seed}" + (f"-round{rnd}" if rnd > 1 else "")
+
+
+def pool_seed(rnd: int, pool_images: int) -> int:
+    """The first sampling seed of round ``rnd``'s pools: a range of its own per round."""
+    return POOL_SEED + (rnd - 1) * pool_images
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -127,6 +142,11 @@ class ExperimentEvalConfig(Frozen):
     )
     device: str = Field("auto", description="PRDC and TSTR device: auto, cpu, cuda.")
     n_boot: int = Field(2000, ge=100, description="Bootstrap draws of each paired interval.")
+    every_round: bool = Field(
+        True,
+        description="With rounds > 1, evaluate every round's model too (the per-round table: "
+        "the gain each round adds); false evaluates the last round's alone.",
+    )
     down_by: float = Field(
         0.05, ge=0, description="A class is down when its paired difference is below -down_by."
     )
@@ -190,6 +210,17 @@ class ExperimentConfig(Frozen):
     )
     seeds: tuple[int, ...] = Field(
         (0, 1, 2), min_length=1, description="Finetuning seeds (train.seed) of every arm."
+    )
+    rounds: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="Feedback rounds. Round 1 finetunes every arm on the shared pool; each later "
+        "round draws a fresh pool from the arm's previous model (the same sampling seeds in every "
+        "arm and seed, so the pools pair), weighs it the arm's way (the expert judges it for the "
+        "oracle arms, the round-1 reward model scores it for the feedback arms, all ones for "
+        "self-training) and finetunes from that model; the control trains as many steps on the "
+        "real images alone.",
     )
     dpo_lr: float | None = Field(
         None,
@@ -264,7 +295,7 @@ def check_seed_ranges(cfg: ExperimentConfig, n_classes: int) -> None:
     r, ev = cfg.round, cfg.evaluation
     ranges = {
         "review": (REVIEW_SEED, r.review_per_class * n_classes),
-        "pool": (POOL_SEED, r.pool_per_class * n_classes),
+        "pool": (POOL_SEED, r.pool_per_class * n_classes * cfg.rounds),  # one range a round
         "evaluation": (ev.seed, ev.per_class * n_classes),
     }
     names = list(ranges)
@@ -428,18 +459,51 @@ def arm_finetune(
     )
 
 
+def round_inputs(steps: Steps, shared: Shared, arm: str, seed: int, rnd: int, model: str) -> Shared:
+    """What round ``rnd`` of one arm and seed finetunes on, starting from ``model`` (its previous
+    round's checkpoint): round 1 the shared pool; later rounds a fresh pool drawn from ``model``
+    at the round's seeds (the same in every arm), judged by the expert for the oracle arms.
+    The control keeps the shared pool, which weighs nothing."""
+    from pathloop.data import read_vocab
+
+    if rnd == 1:
+        return shared
+    cfg, wd = steps.cfg, Path(steps.cfg.workdir)
+    source, method = arm_source(arm)
+    if source == CONTROL:
+        return replace(shared, model=model)
+    tag = model_label(arm, seed, rnd)
+    pool = wd / "pools" / tag
+    first = pool_seed(rnd, len(read_vocab(shared.pool)) * cfg.round.pool_per_class)
+    sample_set(steps, f"{tag}: sample the pool", model, pool, cfg.round.pool_per_class, first)
+    out = replace(shared, model=model, pool=pool)
+    if source == "oracle":
+        scores = wd / "oracle" / f"{tag}.parquet"
+        checklist = method == "dpo"  # MAGIC's pairs read the checklist fractions
+        judged = lambda: write_oracle_rewards(pool, scores, shared.expert, checklist)  # noqa: E731
+        steps.run(f"{tag}: the expert judges the pool", scores, judged)
+        out = replace(out, **{"checklist" if checklist else "oracle": scores})
+    return out
+
+
 def run_arms(steps: Steps, shared: Shared) -> dict[str, dict[str, Any]]:
-    """Finetune every arm with every seed; {"<arm>-seed<s>": finetune result}."""
+    """Finetune every arm with every seed, round after round; {model_label: finetune result}."""
     from pathloop.finetune import run_finetune
 
     cfg, out = steps.cfg, {}
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            label, ft_wd = f"{arm}-seed{seed}", Path(cfg.workdir) / "arms" / arm / f"seed{seed}"
-            ft = arm_finetune(cfg, arm, seed, shared, ft_wd)
-            ft = updated(ft, tracking=steps.tracking(cfg.finetune.tracking, label))
-            steps.run(f"{label}: finetune", ft_wd / "result.json", lambda ft=ft: run_finetune(ft))
-            out[label] = read_result(ft_wd)
+            model = shared.model
+            for rnd in range(1, cfg.rounds + 1):
+                label = model_label(arm, seed, rnd)
+                ft_wd = Path(cfg.workdir) / "arms" / arm / label.removeprefix(f"{arm}-")
+                inputs = round_inputs(steps, shared, arm, seed, rnd, model)
+                ft = arm_finetune(cfg, arm, seed, inputs, ft_wd)
+                ft = updated(ft, tracking=steps.tracking(cfg.finetune.tracking, label))
+                title, done = f"{label}: finetune", ft_wd / "result.json"
+                steps.run(title, done, lambda ft=ft: run_finetune(ft))
+                out[label] = read_result(ft_wd)
+                model = out[label]["checkpoint"]
     return out
 
 
@@ -540,8 +604,9 @@ def measure_real(cfg: ExperimentConfig, d: Path, shared: Shared) -> dict:
 def evaluate_all(
     steps: Steps, shared: Shared, finetuned: dict[str, dict]
 ) -> dict[str, dict[str, Any]]:
-    """Evaluation set of the pretrained model and of every arm x seed (the same seeds and
-    classes), judged and measured, and the real reference; {label: its eval.json}."""
+    """Evaluation set of the pretrained model and of every arm x seed (x round, with
+    ``evaluation.every_round``) on the same seeds and classes, judged and measured, and the real
+    reference; {label: its eval.json}."""
     from pathloop.evaluate import feature_model
 
     cfg, ev = steps.cfg, steps.cfg.evaluation
@@ -551,7 +616,9 @@ def evaluate_all(
         title = "evaluation: feature model (PRDC)"
         steps.run(title, root / "features" / "config.json", lambda: feature_model(fcfg))
     labels = {REAL: (None, None), BASE: (shared.model, None)}
-    labels.update({k: (v["checkpoint"], v["run_id"]) for k, v in finetuned.items()})
+    last = {model_label(a, s, cfg.rounds) for a in cfg.arms for s in cfg.seeds}
+    keep = finetuned if ev.every_round else {k: v for k, v in finetuned.items() if k in last}
+    labels.update({k: (v["checkpoint"], v["run_id"]) for k, v in keep.items()})
     out = {}
     for label, (model, run_id) in labels.items():
         d = root / label
@@ -566,59 +633,6 @@ def evaluate_all(
             fn = lambda d=d, log_to=log_to: measure(cfg, d, shared, log_to)  # noqa: E731
         steps.run(f"{label}: the expert, PRDC, TSTR", d / "eval.json", fn)
         out[label] = json.loads((d / "eval.json").read_text())
-    return out
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def scenario_classes(shards: Path) -> list[str] | None:
-    """The classes the data's scenario changes (``manifest["scenario"]["classes"]``), or None:
-    the scenario changes every class (artifacts, label noise) or there is none."""
-    from pathloop.data import read_manifest
-
-    return (read_manifest(shards).get("scenario") or {}).get("classes")
-
-
-def paired_table(
-    cfg: ExperimentConfig, evals: dict[str, dict], focus: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """``stats.compare_arms`` of the arms (S seeds x N images) and the pretrained model (1 x N)
-    against the control, with each arm's PRDC and TSTR averaged over its seeds; ``focus``
-    (class codes) adds each row's difference over those classes' images alone."""
-    from pathloop.data import read_vocab
-    from pathloop.stats import compare_arms
-
-    root = Path(cfg.workdir) / "eval"
-    v = {lab: dict(np.load(root / lab / "verdicts.npz")) for lab in evals if lab != REAL}
-    ref = v[BASE]
-    for lab, z in v.items():
-        if not all(np.array_equal(z[k], ref[k]) for k in ("seed", "class_id")):
-            raise ValueError(
-                f"the evaluation images of {lab} differ from the base model's (seeds or classes); "
-                f"the evaluation settings changed between runs: delete {root} and rerun"
-            )
-    labels = {arm: [f"{arm}-seed{s}" for s in cfg.seeds] for arm in cfg.arms} | {BASE: [BASE]}
-    verdicts = {a: np.stack([v[lab]["plausible"] for lab in ls]) for a, ls in labels.items()}
-    fails = {a: np.stack([v[lab]["fails"] for lab in ls]) for a, ls in labels.items()}
-    vocab = read_vocab(root / BASE / "samples")
-    ev = cfg.evaluation
-    ids = None if focus is None else [vocab.lookup(c).id for c in focus]
-    rows = compare_arms(
-        verdicts, CONTROL, ref["class_id"], vocab, fails, ev.down_by, n_boot=ev.n_boot, focus=ids
-    )
-    for row in rows:
-        row.update(_mean_fidelity([evals[lab] for lab in labels[row["arm"]]]))
-    return rows
-
-
-def _mean_fidelity(evals: list[dict]) -> dict[str, float | None]:
-    """precision, coverage, TSTR macro F1 and accuracy averaged over seeds (None: not run)."""
-    keys = {"precision": "prdc", "coverage": "prdc", "macro_f1": "tstr", "accuracy": "tstr"}
-    out = {}
-    for k, group in keys.items():
-        vals = [e[group][k] for e in evals if group in e]
-        out[f"{group}_{k}"] = float(np.mean(vals)) if vals else None
     return out
 
 
@@ -644,12 +658,16 @@ def arithmetic(cfg: ExperimentConfig, shards: Path) -> dict[str, Any]:
         if {"feedback", "feedback-nft"} & set(cfg.arms)
         else 0,
         "pool_images": r.pool_per_class * n_cls,
-        "finetune_runs": runs,
+        "rounds": cfg.rounds,
+        "finetune_runs": runs * cfg.rounds,
+        "pools_drawn_after_round_1": (cfg.rounds - 1)
+        * len(cfg.seeds)
+        * sum(arm_source(a)[0] != CONTROL for a in cfg.arms),
         "synthetic_rows_drawn_per_run": drawn,
         "pool_passes_per_run": round(drawn / (r.pool_per_class * n_cls), 2),
         "real_passes_per_run": round(drawn / max(n_train, 1), 2),
         "eval_images_per_model": n_eval,
-        "eval_images_sampled": n_eval * (runs + 1),
+        "eval_images_sampled": n_eval * (runs * (cfg.rounds if ev.every_round else 1) + 1),
         "paired_verdicts_per_arm": n_eval * len(cfg.seeds),
         "prdc_images_per_class": min(ev.per_class, n_test // max(n_cls, 1)) if ev.prdc else None,
         "tstr_images_per_class": ev.tstr_classifier.synthetic_per_class if ev.tstr else None,
@@ -669,9 +687,9 @@ def _print_arithmetic(a: dict[str, Any]) -> None:
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """Data → pretrained model → review, reward, pool, oracle (shared) → arms x seeds →
     evaluation on the same images → paired statistics, results.md/json and plots."""
+    from pathloop import experiment_results as res
     from pathloop import storage, tracking
     from pathloop.config import dump_config
-    from pathloop.experiment_results import write_outputs
 
     check_config(cfg)
     wd = Path(storage.absolute(cfg.workdir))
@@ -687,8 +705,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     shared = shared_steps(steps, shards)
     finetuned = run_arms(steps, shared)
     evals = evaluate_all(steps, shared, finetuned)
-    focus = scenario_classes(shards)
-    rows = paired_table(cfg, evals, focus)
+    focus = res.scenario_classes(shards)
+    rows = res.paired_table(cfg, evals, focus)
     results = {
         "config": cfg.model_dump(mode="json"),
         "workdir": str(wd),
@@ -697,18 +715,24 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "expert": shared.expert or "default",
         "arithmetic": arith,
         "rows": rows,
+        "rounds": res.round_table(cfg, evals, focus),
         "focus_classes": focus,
         "real": evals[REAL],
-        "colour": drift.eval_colour(wd / "eval", shards, cfg.arms, cfg.seeds, BASE),  # cheap
+        "colour": drift.eval_colour(wd / "eval", shards, final_labels(cfg), BASE),  # cheap
         "evaluations": {k: v for k, v in evals.items() if k != REAL},
         "step_seconds": steps.timings,
     }
-    results["files"] = write_outputs(results, wd)
+    results["files"] = res.write_outputs(results, wd)
     tracking.log_metrics(uri, parent, headline_metrics(rows) | drift.metrics(results["colour"]), 0)
     for f in results["files"].values():
         tracking.log_artifact(uri, parent, f)
     tracking.end_run(uri, parent)
     return results
+
+
+def final_labels(cfg: ExperimentConfig) -> dict[str, list[str]]:
+    """{arm: its seeds' last-round model labels}: what the headline table compares."""
+    return {a: [model_label(a, s, cfg.rounds) for s in cfg.seeds] for a in cfg.arms}
 
 
 def headline_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -1,8 +1,8 @@
-"""The experiment's results: the tables (arms, per class, per criterion, the classes the scenario
-changes, colour drift), ``results.md`` / ``results.json``, the figures, and the terminal view.
-
-``experiment.run_experiment`` computes the rows (``stats.compare_arms``); this module only
-presents them, so a finished workdir's tables can be rewritten without touching the runs.
+"""The experiment's results: the paired statistics over the saved verdicts (``stats.compare_arms``
+of every arm against the control, per round), the tables (arms, per class, per criterion, per
+round, the classes the scenario changes, colour drift), ``results.md`` / ``results.json``, the
+figures, and the terminal view. Everything here reads the evaluation sets the runs left, so a
+finished workdir's tables can be recomputed without touching the runs.
 """
 
 from __future__ import annotations
@@ -15,9 +15,95 @@ import numpy as np
 from rich.console import Console
 
 from pathloop import drift
-from pathloop.experiment import BASE, CONTROL, REAL, _mean_fidelity
+from pathloop.experiment import BASE, CONTROL, REAL, ExperimentConfig, final_labels, model_label
 
 console = Console()
+
+
+def scenario_classes(shards: Path) -> list[str] | None:
+    """The classes the data's scenario changes (``manifest["scenario"]["classes"]``), or None:
+    the scenario changes every class (artifacts, label noise) or there is none."""
+    from pathloop.data import read_manifest
+
+    return (read_manifest(shards).get("scenario") or {}).get("classes")
+
+
+def _verdicts(cfg: ExperimentConfig, labels: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Each label's saved verdicts, checked to be on the base model's images."""
+    root = Path(cfg.workdir) / "eval"
+    v = {lab: dict(np.load(root / lab / "verdicts.npz")) for lab in labels}
+    ref = v[BASE]
+    for lab, z in v.items():
+        if not all(np.array_equal(z[k], ref[k]) for k in ("seed", "class_id")):
+            raise ValueError(
+                f"the evaluation images of {lab} differ from the base model's (seeds or classes); "
+                f"the evaluation settings changed between runs: delete {root} and rerun"
+            )
+    return v
+
+
+def _compare(
+    cfg: ExperimentConfig, labels: dict[str, list[str]], focus: list[str] | None
+) -> list[dict[str, Any]]:
+    """``stats.compare_arms`` of {row: its models' labels} against the control's."""
+    from pathloop.data import read_vocab
+    from pathloop.stats import compare_arms
+
+    v = _verdicts(cfg, [BASE, *(lab for ls in labels.values() for lab in ls)])
+    verdicts = {a: np.stack([v[lab]["plausible"] for lab in ls]) for a, ls in labels.items()}
+    fails = {a: np.stack([v[lab]["fails"] for lab in ls]) for a, ls in labels.items()}
+    vocab = read_vocab(Path(cfg.workdir) / "eval" / BASE / "samples")
+    ev, class_id = cfg.evaluation, v[BASE]["class_id"]
+    ids = None if focus is None else [vocab.lookup(c).id for c in focus]
+    return compare_arms(
+        verdicts, CONTROL, class_id, vocab, fails, ev.down_by, n_boot=ev.n_boot, focus=ids
+    )
+
+
+def paired_table(
+    cfg: ExperimentConfig, evals: dict[str, dict], focus: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """``stats.compare_arms`` of the arms' last-round models (S seeds x N images) and the
+    pretrained model (1 x N) against the control, with each arm's PRDC and TSTR averaged over
+    its seeds; ``focus`` (class codes) adds each row's difference over those classes alone."""
+    labels = final_labels(cfg) | {BASE: [BASE]}
+    rows = _compare(cfg, labels, focus)
+    for row in rows:
+        row.update(_mean_fidelity([evals[lab] for lab in labels[row["arm"]]]))
+    return rows
+
+
+def round_table(
+    cfg: ExperimentConfig, evals: dict[str, dict], focus: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Per round and arm: the judge's rate and the paired difference to the control's model of
+    the same round [95 % interval] (and over ``focus``); [] with one round or without every
+    round evaluated."""
+    keys = ("rate", "diff", "lo", "hi", "mcnemar_p")
+    out = []
+    for rnd in range(1, cfg.rounds + 1):
+        labels = {a: [model_label(a, s, rnd) for s in cfg.seeds] for a in cfg.arms}
+        if cfg.rounds == 1 or not all(lab in evals for ls in labels.values() for lab in ls):
+            return []
+        for row in _compare(cfg, labels, focus):
+            cell = {"round": rnd, "arm": row["arm"], **{k: row.get(k) for k in keys}}
+            if "focus" in row:
+                cell["focus"] = {k: row["focus"].get(k) for k in keys}
+            out.append(cell)
+    return out
+
+
+def _mean_fidelity(evals: list[dict]) -> dict[str, float | None]:
+    """precision, coverage, TSTR macro F1 and accuracy averaged over seeds (None: not run)."""
+    keys = {"precision": "prdc", "coverage": "prdc", "macro_f1": "tstr", "accuracy": "tstr"}
+    out = {}
+    for k, group in keys.items():
+        vals = [e[group][k] for e in evals if group in e]
+        out[f"{group}_{k}"] = float(np.mean(vals)) if vals else None
+    return out
+
+
+# ----------------------------------------------------------------------------- presentation
 
 
 def _f(v: Any, nd: int = 3) -> str:
@@ -102,6 +188,43 @@ def criteria_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return head, body
 
 
+ROUND_COLUMNS = ["round", "arm", "judge rate", "paired diff to control [95 % CI]", "McNemar p"]
+
+
+def round_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The per-round table (rate, paired difference to the same round's control, and over the
+    scenario's classes when it names them); None with one round."""
+    rows = results.get("rounds") or []
+    if not rows:
+        return None
+    focus = "focus" in rows[0]
+    head = ROUND_COLUMNS + (["diff over the changed classes"] if focus else [])
+    body = []
+    for r in rows:
+        cells = [str(r["round"]), r["arm"], _f(r["rate"]), _diff(r), _f(r.get("mcnemar_p"), 4)]
+        body.append(cells + ([_diff(r["focus"])] if focus else []))
+    return head, body
+
+
+def _rounds_md(results: dict[str, Any]) -> list[str]:
+    from pathloop import viz
+
+    table = round_rows(results)
+    if table is None:
+        return []
+    return [
+        "## Per round: each arm's model after every round",
+        "",
+        "Round r of every arm is paired with the control's round-r model on the same images. "
+        "The headline table above compares the last round's models.",
+        "",
+        "![per round](plot_rounds.png)",
+        "",
+        viz.markdown_table(*table),
+        "",
+    ]
+
+
 def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
     """results.json, results.md, and the plots; {name: path}."""
     from pathloop import report, viz
@@ -118,6 +241,7 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         viz.markdown_table(MAIN_COLUMNS, main_rows(results)),
         "",
         *_focus_md(results),
+        *_rounds_md(results),
         "## Per class: paired difference to the control [95 % CI]",
         "",
         viz.markdown_table(*class_rows(results["rows"])),
@@ -141,6 +265,8 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         "plot_classes": report.plot_paired_classes(rows, CONTROL, down_by),
         "plot_colour": viz.plot_class_colour(results["colour"]),
     }
+    if results.get("rounds"):
+        figs["plot_rounds"] = report.plot_rounds(results["rounds"], CONTROL)
     for name, fig in figs.items():
         files[name] = wd / f"{name}.png"
         files[name].write_bytes(report.figure_png(fig))
@@ -160,6 +286,9 @@ def print_results(results: dict[str, Any]) -> None:
     focus = []
     if (table := focus_rows(results["rows"])) is not None:
         focus = [{"title": focus_title(results), "columns": table[0], "rows": table[1]}]
+    if (table := round_rows(results)) is not None:
+        title = "per round, against the same round's control"
+        focus.append({"title": title, "columns": table[0], "rows": table[1]})
     print_tables([main, *focus, criteria | {"columns": head, "rows": body}, *drift.tables(results)])
     uri, files = results["tracking_uri"], results["files"]
     console.print(

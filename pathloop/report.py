@@ -473,6 +473,31 @@ def plot_paired_arms(rows: Sequence[dict[str, Any]], title: str = "arms vs contr
     return fig
 
 
+def plot_rounds(rows: Sequence[dict[str, Any]], control: str = "control") -> Any:
+    """Rows {round, arm, rate, diff, lo, hi} (``experiment_results.round_table``): left, each
+    arm's rate after every round; right, its paired difference to the control's model of the
+    same round with the 95 % interval."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    for i, arm in enumerate(arms):
+        mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["round"])
+        x = np.array([r["round"] for r in mine], dtype=float)
+        a1.plot(x, [r["rate"] for r in mine], marker="o", label=arm)
+        if arm != control:
+            d, err = _paired_err([{"d": r["diff"], "l": r["lo"], "h": r["hi"]} for r in mine])
+            a2.errorbar(x + 0.06 * (i - len(arms) / 2), d, yerr=err, fmt="o-", capsize=3, label=arm)
+    a2.axhline(0, color="grey", lw=0.8)
+    a1.set_ylabel("plausible rate")
+    a2.set_ylabel(f"paired difference to {control}")
+    for ax in (a1, a2):
+        ax.set_xlabel("round")
+        ax.set_xticks(sorted({r["round"] for r in rows}))
+        ax.legend(fontsize=8)
+    fig.suptitle("per round: the same evaluation images (95 % interval over images and seeds)")
+    return fig
+
+
 def plot_paired_classes(
     rows: Sequence[dict[str, Any]], control: str = "control", down_by: float = 0.05
 ) -> Any:
@@ -494,6 +519,64 @@ def plot_paired_classes(
     ax.set_ylabel(f"paired difference to {control}")
     ax.set_title("per class, 95 % interval over images and seeds")
     ax.legend(fontsize=8)
+    return fig
+
+
+TRADEOFF = (  # (row key, column): the evaluation sweep's fidelity-diversity table
+    ("prdc_test_precision", "precision (test, equal counts)"),
+    ("prdc_test_coverage", "coverage (test, equal counts)"),
+    ("precision", "precision (train)"),
+    ("coverage", "coverage (train)"),
+    ("fid", "FID"),
+    ("tstr_synthetic_macro_f1", "TSTR macro F1 [95 % CI]"),
+    ("plausibility_judge_rate", "judge rate"),
+    ("sampling_images_per_s", "sampling images/s"),
+)
+
+
+def tradeoff_table(rows: Sequence[dict[str, Any]], params: Sequence[str]) -> dict[str, Any]:
+    """The rows of an evaluation sweep (``trials.json``) as {columns, rows}: the searched
+    ``params``, then fidelity (precision), diversity (coverage), TSTR with its interval over
+    classifier seeds, and the sampling rate; columns no trial reported are left out, rows
+    sorted by test coverage."""
+    keys = [(k, c) for k, c in TRADEOFF if any(_is_number(r.get(k)) for r in rows)]
+    order = sorted(rows, key=lambda r: -float(r.get("prdc_test_coverage", r.get("coverage", 0))))
+    body = []
+    for r in order:
+        cells = [_param(r.get(p)) for p in params]
+        for k, _ in keys:
+            v = r.get(k)
+            cell = _fmt(v) if _is_number(v) else "–"
+            if _is_number(r.get(f"{k}_lo")):
+                cell += f" [{r[f'{k}_lo']:.3f}, {r[f'{k}_hi']:.3f}]"
+            cells.append(cell)
+        body.append(cells)
+    return {"columns": [*(p.split(".")[-1] for p in params), *(c for _, c in keys)], "rows": body}
+
+
+def _param(v: Any) -> str:
+    return "none" if v is None else str(v)
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], params: Sequence[str]) -> Any:
+    """Fidelity against diversity of an evaluation sweep: one point per trial at (test
+    coverage, test precision), its colour TSTR macro F1, labelled by its searched values."""
+    plt = _pyplot()
+    x_key = "prdc_test_coverage" if any("prdc_test_coverage" in r for r in rows) else "coverage"
+    y_key = x_key.replace("coverage", "precision")
+    fig, ax = plt.subplots(figsize=(_fig_width(6.5), 4.6))
+    xs = [float(r.get(x_key, np.nan)) for r in rows]
+    ys = [float(r.get(y_key, np.nan)) for r in rows]
+    f1 = [float(r.get("tstr_synthetic_macro_f1", np.nan)) for r in rows]
+    points = ax.scatter(xs, ys, c=f1, cmap="viridis", s=40)
+    fig.colorbar(points, ax=ax, label="TSTR macro F1")
+    for r, x, y in zip(rows, xs, ys, strict=True):
+        label = ", ".join(_param(r.get(p)) for p in params)
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"{x_key} (diversity, higher better)")
+    ax.set_ylabel(f"{y_key} (fidelity, higher better)")
+    ax.set_title(f"fidelity against diversity per trial ({', '.join(params)})", fontsize=9)
+    fig.tight_layout()
     return fig
 
 

@@ -67,7 +67,7 @@ def test_eval_colour_reads_the_saved_samples(phantom_shards, tmp_path):
     for lab in ("arm-seed0", "arm-seed1", "base"):
         (tmp_path / lab).mkdir()
         (tmp_path / lab / "samples").symlink_to(phantom_shards)
-    got = drift.eval_colour(tmp_path, phantom_shards, ["arm"], [0, 1])
+    got = drift.eval_colour(tmp_path, phantom_shards, {"arm": ["arm-seed0", "arm-seed1"]})
     assert list(got["labels"]) == ["arm", "base", "real"] and len(got["reference"]) == 16
     arm = got["labels"]["arm"]["per_class"]
     assert {c["n"] for c in arm.values()} == {20}  # (8 train + 2 test) x 2 seeds

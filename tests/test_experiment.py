@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from pathloop.config import load_config
@@ -113,6 +114,63 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     assert redone == {wd / "eval/feedback-seed1/eval.json"}
     assert [r["rate"] for r in again["rows"]] == [r["rate"] for r in res["rows"]]
     assert again["colour"] == res["colour"]  # recomputed from the saved images, not resampled
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_later_rounds_go_on_from_each_arms_own_model(phantom_shards, tiny_ckpt, tmp_path):
+    """Two rounds: round 2 of the oracle arm samples a fresh pool from its round-1 model at the
+    next range of pool seeds, the expert's verdicts on that pool weigh it, and it finetunes from
+    the round-1 checkpoint; the control goes on from its own round-1 model on real images
+    alone. Every round's model is judged on the same images; the headline rows are round 2's."""
+    import pyarrow.parquet as pq
+
+    from pathloop.data import iter_records
+    from pathloop.experiment import POOL_SEED
+
+    wd = tmp_path / "exp"
+    over = [f"workdir={wd}", "data.source=shards", f"data.path={phantom_shards}"]
+    fast = ["arms=[control,oracle]", "seeds=[0]", "rounds=2", "evaluation.prdc=false"]
+    fast += ["evaluation.tstr=false"]
+    cfg = load_config(ExperimentConfig, None, [*over, f"pretrained={tiny_ckpt}", *MINIMAL, *fast])
+    res = run_experiment(cfg)
+
+    first = {a: json.loads((wd / f"arms/{a}/seed0/result.json").read_text()) for a in cfg.arms}
+    pool = wd / "pools/oracle-seed0-round2"
+    assert not (wd / "pools/control-seed0-round2").exists()  # the control draws no pool
+    prov = [r["provenance"] for r in iter_records(pool, columns=["provenance"])]
+    seeds = sorted(p["seed"] for p in prov)
+    assert seeds == list(range(POOL_SEED + 32, POOL_SEED + 64))  # 2 per class x 16, after round 1
+    assert {p["model_uri"] for p in prov} <= {
+        first["oracle"][k] for k in ("checkpoint", "model_uri")
+    }
+    config = {
+        a: yaml.safe_load((wd / f"arms/{a}/seed0-round2/config.yaml").read_text()) for a in cfg.arms
+    }
+    for arm in cfg.arms:
+        assert config[arm]["pretrained"] == first[arm]["checkpoint"]
+    ft = config["oracle"]
+    assert ft["synthetic"] == str(pool)
+    assert ft["rewards"] == str(wd / "oracle/oracle-seed0-round2.parquet")
+    verdicts = pq.read_table(ft["rewards"]).to_pydict()
+    weights = np.load(wd / "arms/oracle/seed0-round2/finetune_data.npz")["weights"]
+    assert len(weights) == 32 and (weights > 0).sum() == sum(verdicts["reward"])
+    assert not np.load(wd / "arms/control/seed0-round2/finetune_data.npz")["weights"].any()
+
+    # every round judged on the same images; the headline compares round 2
+    evals = ["control-seed0", "oracle-seed0", "control-seed0-round2", "oracle-seed0-round2"]
+    rates = {
+        lab: json.loads((wd / "eval" / lab / "eval.json").read_text())["rate"] for lab in evals
+    }
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert rows["oracle"]["rate"] == pytest.approx(rates["oracle-seed0-round2"])
+    per_round = {(r["round"], r["arm"]): r for r in res["rounds"]}
+    assert list(per_round) == [(1, "control"), (1, "oracle"), (2, "control"), (2, "oracle")]
+    assert per_round[(1, "oracle")]["rate"] == pytest.approx(rates["oracle-seed0"])
+    diff = rates["oracle-seed0-round2"] - rates["control-seed0-round2"]
+    assert per_round[(2, "oracle")]["diff"] == pytest.approx(diff)
+    md = (wd / "results.md").read_text()
+    assert "## Per round" in md and "](plot_rounds.png)" in md
+    assert Path(res["files"]["plot_rounds"]).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.fixture
