@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,21 @@ def sample_dir(cfg: EvaluateConfig, ref: str, uri: str) -> Path:
     ).hexdigest()[:10]
     out = Path(cfg.workdir) / "samples" / key
     if not (out / "manifest.json").is_file():
-        run_sample(updated(sc, out=str(out)))
+        t0 = time.perf_counter()
+        n = run_sample(updated(sc, out=str(out)))["num_records"]
+        seconds = time.perf_counter() - t0  # with Ray's actor start-up: what a user waits
+        timing = {"seconds": round(seconds, 2), "images": n, "images_per_s": n / seconds}
+        (out / SAMPLING_TIME).write_text(json.dumps(timing))
     return out
+
+
+SAMPLING_TIME = "sampling_time.json"  # beside a sampled set's manifest: how long it took
+
+
+def sampling_time(shards: Path) -> dict[str, float] | None:
+    """{seconds, images, images_per_s} of a set this evaluation sampled; None for a given set."""
+    f = Path(shards) / SAMPLING_TIME
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def load_samples(shards: Path, vocab: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -395,6 +409,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
                 out[f"{lab}/plausibility/{source}/{k}"] = table["overall"][k]
             for code, row in table["per_class"].items():
                 out[f"{lab}/plausibility/{source}/class/{code}"] = row["rate"]
+    for lab, t in result.get("sampling", {}).items():
+        out.update({f"{lab}/sampling/{k}": v for k, v in t.items()})
     for k, v in result["feature_model"].items():
         out[f"features/{k}"] = v
     scalars = {k: v for k, v in out.items() if isinstance(v, Real)}  # not per-seed lists
@@ -434,6 +450,7 @@ def _measure(cfg: EvaluateConfig, labels: dict[str, str], uri: str, advance: Any
         "labels": list(labels),
         "models": {REAL: cfg.real, **labels},
         "samples": {lab: str(d) for lab, d in dirs.items()},
+        "sampling": {lab: t for lab, d in dirs.items() if (t := sampling_time(d)) is not None},
         "feature_model": fm_metrics,
         "fidelity": fidelity,
         "prdc_test": prdc_test,

@@ -600,6 +600,21 @@ def trial_row(result: Any) -> dict[str, Any]:
     }
 
 
+TRADEOFF_FILES = ("tradeoff.md", "tradeoff.png")
+
+
+def write_tradeoff(rows: list[dict], params: list[str], workdir: Path) -> dict[str, str]:
+    """An evaluation sweep's fidelity-diversity table (markdown) and plot."""
+    from pathloop import report, viz
+
+    table = report.tradeoff_table(rows, params)
+    md = workdir / TRADEOFF_FILES[0]
+    md.write_text(viz.markdown_table(table["columns"], table["rows"]) + "\n")
+    png = workdir / TRADEOFF_FILES[1]
+    png.write_bytes(report.figure_png(report.plot_tradeoff(rows, params)))
+    return {"md": str(md), "png": str(png)}
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Driver: check the space, open the sweep's MLflow run, run the Tuner, write best.yaml."""
     from rich import print as rprint
@@ -635,7 +650,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         tracking.end_run(uri, sweep_id, "FAILED")
         raise
     tracking.log_metrics(uri, sweep_id, {f"best_{cfg.metric}": out["best_metric"]}, 0)
-    for f in ("best.yaml", "best-reward.yaml", "trials.csv", "trials.json"):
+    if cfg.step == "evaluate":
+        out["tradeoff"] = write_tradeoff(out["rows"], list(cfg.space), workdir)
+    for f in ("best.yaml", "best-reward.yaml", "trials.csv", "trials.json", *TRADEOFF_FILES):
         if (workdir / f).exists():
             tracking.log_artifact(uri, sweep_id, workdir / f)
     tracking.end_run(uri, sweep_id)

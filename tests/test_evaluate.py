@@ -96,6 +96,10 @@ def test_evaluate_measures_every_label(evaluated):
     judge = evaluated["plausibility"]["judge"]
     assert judge["model"]["overall"]["n"] == 32 and judge["model"]["overall"]["rate"] < 0.2
     assert judge["baseline"]["overall"]["rate"] > 0.8
+    # the sampling time of the set it sampled, none for the set it was given
+    timing = evaluated["sampling"]
+    assert set(timing) == {"model"} and timing["model"]["images"] == 32
+    assert timing["model"]["images_per_s"] == pytest.approx(32 / timing["model"]["seconds"], 0.01)
 
 
 def test_report_is_self_contained(evaluated):

@@ -259,6 +259,8 @@ def test_generate_request_takes_the_guidance_options():
 def test_guidance_sweep_preset_builds_every_trial_config():
     from pathloop.sweep import Segment, SweepConfig, check_space, measure_evaluate
 
+    real = load_config(SweepConfig, "jobs/configs/sweep.guidance.real.yaml")
+    assert check_space(real).torch_threads == 2 and real.metric == "prdc_test_coverage"
     cfg = load_config(SweepConfig, "jobs/configs/sweep.guidance.tiny.yaml")
     job = check_space(cfg)  # every grid value through the evaluation job's config
     assert cfg.measure_names == ["evaluate"] and job.torch_threads == 2
@@ -272,7 +274,31 @@ def test_guidance_sweep_preset_builds_every_trial_config():
         "tstr": {"model": {"synthetic": {"macro_f1": 0.4}}, "real": {"real": {"macro_f1": 1}}},
         "plausibility": {},
         "feature_model": {"test_accuracy": 1.0},
+        "sampling": {"model": {"seconds": 8.0, "images": 32, "images_per_s": 4.0}},
     }
     got = measure_evaluate(Segment(cfg, job, result, None, {}))
     want = {"fid": 9.0, "precision": 0.5, "coverage": 0.25, "tstr_synthetic_macro_f1": 0.4}
+    want |= {"sampling_seconds": 8.0, "sampling_images": 32, "sampling_images_per_s": 4.0}
     assert got == want
+
+
+def test_the_sweep_tradeoff_table_and_plot(tmp_path):
+    """An evaluation sweep's trials as the fidelity-diversity table: searched values first,
+    rows by test coverage, TSTR with its interval, columns no trial reported left out."""
+    from pathloop.sweep import write_tradeoff
+
+    params = ["sampler.guidance", "sampler.guide"]
+    rows = [
+        {"sampler.guidance": 2.0, "sampler.guide": None, "prdc_test_precision": 0.9,
+         "prdc_test_coverage": 0.3, "tstr_synthetic_macro_f1": 0.8,
+         "tstr_synthetic_macro_f1_lo": 0.75, "tstr_synthetic_macro_f1_hi": 0.85},
+        {"sampler.guidance": 1.0, "sampler.guide": "earliest", "prdc_test_precision": 0.7,
+         "prdc_test_coverage": 0.6, "tstr_synthetic_macro_f1": 0.86},
+    ]  # fmt: skip
+    out = write_tradeoff(rows, params, tmp_path)
+    lines = Path(out["md"]).read_text().splitlines()
+    assert lines[0].startswith("| guidance | guide | precision (test, equal counts) |")
+    assert "FID" not in lines[0] and "judge rate" not in lines[0]
+    assert lines[2].startswith("| 1.0 | earliest | 0.700 | 0.600 |")  # the most coverage first
+    assert lines[3].startswith("| 2.0 | none |") and "0.800 [0.750, 0.850]" in lines[3]
+    assert Path(out["png"]).read_bytes()[:4] == b"\x89PNG"
