@@ -11,9 +11,11 @@ import json
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 COMMAND = "make bench"
 
@@ -66,7 +68,59 @@ def bench_judge(work: Path) -> list[Figure]:
     items = list(generate(32, size=32, seed=99))  # 512 images
     imgs, ids = [i for i, _, _ in items], [c for _, c, _ in items]
     rate = _rate(len(imgs), lambda: judge_batch(imgs, ids), repeat=2)
-    return [Figure("judge, 32 px", rate, "images/s", note="one process, pixels only")]
+    with _busy_neighbour():
+        beside = _rate(len(imgs), lambda: judge_batch(imgs, ids), repeat=2)
+    return [
+        Figure("judge, 32 px", rate, "images/s", note="one process, pixels only"),
+        Figure(
+            "judge, 32 px, beside a busy process",
+            beside,
+            "images/s",
+            peer_name="alone",
+            peer_value=rate,
+            note="another process multiplies 300 x 300 matrices meanwhile (numpy, one "
+            "thread): what work elsewhere on the machine costs a model call, as the "
+            "Serve proxy, ingress and clients cost the Scorer",
+        ),
+    ]
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _spin(stop: Any) -> None:
+    import numpy as np
+
+    a = np.random.default_rng(0).random((300, 300))
+    while not stop.is_set():
+        a @ a
+
+
+@contextmanager
+def _busy_neighbour() -> Iterator[None]:
+    """A process that keeps one core busy with numpy (one thread) while the block runs."""
+    import multiprocessing as mp
+    import os
+
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    proc = ctx.Process(target=_spin, args=(stop,), daemon=True)
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update(dict.fromkeys(THREAD_VARS, "1"))  # the child's BLAS: one thread
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    time.sleep(1.0)  # the child has imported numpy and is spinning
+    try:
+        yield
+    finally:
+        stop.set()
+        proc.join(10)
 
 
 def bench_readers(work: Path, shards: Path) -> list[Figure]:

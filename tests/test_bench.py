@@ -44,3 +44,15 @@ def test_gpu_section_runs_on_the_tiny_preset(tmp_path):
     md, js = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks.json"
     write_report(list(figs.values()), md, js)
     assert "| GPU section: train step, tiny preset, batch 4: pathloop train_step" in md.read_text()
+
+
+def test_the_judge_is_timed_alone_and_beside_a_busy_process(tmp_path):
+    import os
+
+    from pathloop.bench import THREAD_VARS, bench_judge
+
+    before = {k: os.environ.get(k) for k in THREAD_VARS}
+    alone, beside = bench_judge(tmp_path)
+    assert alone.value > 0 and beside.value > 0 and beside.peer_value == alone.value
+    assert beside.ratio == beside.value / alone.value
+    assert {k: os.environ.get(k) for k in THREAD_VARS} == before  # the child's settings only
