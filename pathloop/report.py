@@ -547,8 +547,9 @@ def tradeoff_table(rows: Sequence[dict[str, Any]], params: Sequence[str]) -> dic
         for k, _ in keys:
             v = r.get(k)
             cell = _fmt(v) if _is_number(v) else "–"
-            if _is_number(r.get(f"{k}_lo")):
-                cell += f" [{r[f'{k}_lo']:.3f}, {r[f'{k}_hi']:.3f}]"
+            lo, hi = r.get(f"{k}_lo"), r.get(f"{k}_hi")
+            if _is_number(lo) and _is_number(hi) and hi > lo:  # equal subsets: no interval
+                cell += f" [{lo:.3f}, {hi:.3f}]"
             cells.append(cell)
         body.append(cells)
     return {"columns": [*(p.split(".")[-1] for p in params), *(c for _, c in keys)], "rows": body}

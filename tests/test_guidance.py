@@ -290,7 +290,8 @@ def test_the_sweep_tradeoff_table_and_plot(tmp_path):
     params = ["sampler.guidance", "sampler.guide"]
     rows = [
         {"sampler.guidance": 2.0, "sampler.guide": None, "prdc_test_precision": 0.9,
-         "prdc_test_coverage": 0.3, "tstr_synthetic_macro_f1": 0.8,
+         "prdc_test_coverage": 0.3, "prdc_test_coverage_lo": 0.3, "prdc_test_coverage_hi": 0.3,
+         "tstr_synthetic_macro_f1": 0.8,
          "tstr_synthetic_macro_f1_lo": 0.75, "tstr_synthetic_macro_f1_hi": 0.85},
         {"sampler.guidance": 1.0, "sampler.guide": "earliest", "prdc_test_precision": 0.7,
          "prdc_test_coverage": 0.6, "tstr_synthetic_macro_f1": 0.86},
@@ -300,5 +301,6 @@ def test_the_sweep_tradeoff_table_and_plot(tmp_path):
     assert lines[0].startswith("| guidance | guide | precision (test, equal counts) |")
     assert "FID" not in lines[0] and "judge rate" not in lines[0]
     assert lines[2].startswith("| 1.0 | earliest | 0.700 | 0.600 |")  # the most coverage first
-    assert lines[3].startswith("| 2.0 | none |") and "0.800 [0.750, 0.850]" in lines[3]
+    assert lines[3].startswith("| 2.0 | none | 0.900 | 0.300 |")  # equal subsets: no interval
+    assert "0.800 [0.750, 0.850]" in lines[3]
     assert Path(out["png"]).read_bytes()[:4] == b"\x89PNG"
