@@ -43,9 +43,12 @@ def _verdicts(cfg: ExperimentConfig, labels: list[str]) -> dict[str, dict[str, n
 
 
 def _compare(
-    cfg: ExperimentConfig, labels: dict[str, list[str]], focus: list[str] | None
+    cfg: ExperimentConfig,
+    labels: dict[str, list[str]],
+    focus: list[str] | None,
+    control: str = CONTROL,
 ) -> list[dict[str, Any]]:
-    """``stats.compare_arms`` of {row: its models' labels} against the control's."""
+    """``stats.compare_arms`` of {row: its models' labels} against the ``control`` row's."""
     from pathloop.data import read_vocab
     from pathloop.stats import compare_arms
 
@@ -56,7 +59,7 @@ def _compare(
     ev, class_id = cfg.evaluation, v[BASE]["class_id"]
     ids = None if focus is None else [vocab.lookup(c).id for c in focus]
     return compare_arms(
-        verdicts, CONTROL, class_id, vocab, fails, ev.down_by, n_boot=ev.n_boot, focus=ids
+        verdicts, control, class_id, vocab, fails, ev.down_by, n_boot=ev.n_boot, focus=ids
     )
 
 
@@ -76,9 +79,10 @@ def paired_table(
 def round_table(
     cfg: ExperimentConfig, evals: dict[str, dict], focus: list[str] | None = None
 ) -> list[dict[str, Any]]:
-    """Per round and arm: the judge's rate and the paired difference to the control's model of
-    the same round [95 % interval] (and over ``focus``); [] with one round or without every
-    round evaluated."""
+    """Per round and arm: the judge's rate, the paired difference to the control's model of
+    the same round [95 % interval] (and over ``focus``), and ``gain``: the paired difference
+    to the same arm and seed one round earlier (round 1: to the pretrained model), what the
+    round itself added; [] with one round or without every round evaluated."""
     keys = ("rate", "diff", "lo", "hi", "mcnemar_p")
     out = []
     for rnd in range(1, cfg.rounds + 1):
@@ -89,6 +93,9 @@ def round_table(
             cell = {"round": rnd, "arm": row["arm"], **{k: row.get(k) for k in keys}}
             if "focus" in row:
                 cell["focus"] = {k: row["focus"].get(k) for k in keys}
+            before = [model_label(row["arm"], s, rnd - 1) if rnd > 1 else BASE for s in cfg.seeds]
+            gain = _compare(cfg, {"before": before, "after": labels[row["arm"]]}, None, "before")
+            cell["gain"] = {k: gain[1].get(k) for k in ("diff", "lo", "hi")}
             out.append(cell)
     return out
 
@@ -188,7 +195,14 @@ def criteria_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return head, body
 
 
-ROUND_COLUMNS = ["round", "arm", "judge rate", "paired diff to control [95 % CI]", "McNemar p"]
+ROUND_COLUMNS = [
+    "round",
+    "arm",
+    "judge rate",
+    "paired diff to control [95 % CI]",
+    "McNemar p",
+    "gain over the round before [95 % CI]",
+]
 
 
 def round_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
@@ -201,7 +215,8 @@ def round_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | N
     head = ROUND_COLUMNS + (["diff over the changed classes"] if focus else [])
     body = []
     for r in rows:
-        cells = [str(r["round"]), r["arm"], _f(r["rate"]), _diff(r), _f(r.get("mcnemar_p"), 4)]
+        p = _f(r.get("mcnemar_p"), 4)
+        cells = [str(r["round"]), r["arm"], _f(r["rate"]), _diff(r), p, _diff(r["gain"])]
         body.append(cells + ([_diff(r["focus"])] if focus else []))
     return head, body
 
@@ -215,8 +230,9 @@ def _rounds_md(results: dict[str, Any]) -> list[str]:
     return [
         "## Per round: each arm's model after every round",
         "",
-        "Round r of every arm is paired with the control's round-r model on the same images. "
-        "The headline table above compares the last round's models.",
+        "Round r of every arm is paired with the control's round-r model on the same images; "
+        "the gain pairs it with the same arm and seed one round earlier (round 1: the "
+        "pretrained model). The headline table above compares the last round's models.",
         "",
         "![per round](plot_rounds.png)",
         "",

@@ -168,6 +168,10 @@ def test_later_rounds_go_on_from_each_arms_own_model(phantom_shards, tiny_ckpt, 
     assert per_round[(1, "oracle")]["rate"] == pytest.approx(rates["oracle-seed0"])
     diff = rates["oracle-seed0-round2"] - rates["control-seed0-round2"]
     assert per_round[(2, "oracle")]["diff"] == pytest.approx(diff)
+    gain = rates["oracle-seed0-round2"] - rates["oracle-seed0"]  # what round 2 added
+    assert per_round[(2, "oracle")]["gain"]["diff"] == pytest.approx(gain)
+    base = json.loads((wd / "eval/base/eval.json").read_text())["rate"]
+    assert per_round[(1, "control")]["gain"]["diff"] == pytest.approx(rates["control-seed0"] - base)
     md = (wd / "results.md").read_text()
     assert "## Per round" in md and "](plot_rounds.png)" in md
     assert Path(res["files"]["plot_rounds"]).read_bytes()[:4] == b"\x89PNG"

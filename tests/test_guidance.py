@@ -261,6 +261,9 @@ def test_guidance_sweep_preset_builds_every_trial_config():
 
     real = load_config(SweepConfig, "jobs/configs/sweep.guidance.real.yaml")
     assert check_space(real).torch_threads == 2 and real.metric == "prdc_test_coverage"
+    sampler = load_config(SweepConfig, "jobs/configs/sweep.sampler.real.yaml")
+    assert check_space(sampler).sampler.guidance == 1.0  # the guidance sweep's choice
+    assert set(sampler.space) == {"sampler.sampler", "sampler.steps"}
     cfg = load_config(SweepConfig, "jobs/configs/sweep.guidance.tiny.yaml")
     job = check_space(cfg)  # every grid value through the evaluation job's config
     assert cfg.measure_names == ["evaluate"] and job.torch_threads == 2
