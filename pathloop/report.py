@@ -483,10 +483,12 @@ def plot_rounds(rows: Sequence[dict[str, Any]], control: str = "control") -> Any
     for i, arm in enumerate(arms):
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["round"])
         x = np.array([r["round"] for r in mine], dtype=float)
-        a1.plot(x, [r["rate"] for r in mine], marker="o", label=arm)
+        colour = f"C{i}"  # one colour per arm in both panels
+        a1.plot(x, [r["rate"] for r in mine], marker="o", label=arm, color=colour)
         if arm != control:
             d, err = _paired_err([{"d": r["diff"], "l": r["lo"], "h": r["hi"]} for r in mine])
-            a2.errorbar(x + 0.06 * (i - len(arms) / 2), d, yerr=err, fmt="o-", capsize=3, label=arm)
+            shift = 0.06 * (i - len(arms) / 2)
+            a2.errorbar(x + shift, d, yerr=err, fmt="o-", capsize=3, label=arm, color=colour)
     a2.axhline(0, color="grey", lw=0.8)
     a1.set_ylabel("plausible rate")
     a2.set_ylabel(f"paired difference to {control}")
