@@ -79,8 +79,7 @@ def bench_judge(work: Path) -> list[Figure]:
             peer_name="alone",
             peer_value=rate,
             note="another process multiplies 300 x 300 matrices meanwhile (numpy, one "
-            "thread): what work elsewhere on the machine costs a model call, as the "
-            "Serve proxy, ingress and clients cost the Scorer",
+            "thread): what one busy neighbour thread costs a model call on this machine",
         ),
     ]
 
