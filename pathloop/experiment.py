@@ -616,7 +616,7 @@ def evaluate_all(
         title = "evaluation: feature model (PRDC)"
         steps.run(title, root / "features" / "config.json", lambda: feature_model(fcfg))
     labels = {REAL: (None, None), BASE: (shared.model, None)}
-    last = {model_label(a, s, cfg.rounds) for a in cfg.arms for s in cfg.seeds}
+    last = {lab for ls in final_labels(cfg).values() for lab in ls}
     keep = finetuned if ev.every_round else {k: v for k, v in finetuned.items() if k in last}
     labels.update({k: (v["checkpoint"], v["run_id"]) for k, v in keep.items()})
     out = {}

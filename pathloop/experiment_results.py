@@ -29,9 +29,9 @@ def scenario_classes(shards: Path) -> list[str] | None:
 
 
 def _verdicts(cfg: ExperimentConfig, labels: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Each label's saved verdicts, checked to be on the base model's images."""
+    """The saved verdicts of the base model and each label, checked to be on the same images."""
     root = Path(cfg.workdir) / "eval"
-    v = {lab: dict(np.load(root / lab / "verdicts.npz")) for lab in labels}
+    v = {lab: dict(np.load(root / lab / "verdicts.npz")) for lab in dict.fromkeys([BASE, *labels])}
     ref = v[BASE]
     for lab, z in v.items():
         if not all(np.array_equal(z[k], ref[k]) for k in ("seed", "class_id")):
@@ -44,15 +44,16 @@ def _verdicts(cfg: ExperimentConfig, labels: list[str]) -> dict[str, dict[str, n
 
 def _compare(
     cfg: ExperimentConfig,
+    v: dict[str, dict[str, np.ndarray]],
     labels: dict[str, list[str]],
     focus: list[str] | None,
     control: str = CONTROL,
 ) -> list[dict[str, Any]]:
-    """``stats.compare_arms`` of {row: its models' labels} against the ``control`` row's."""
+    """``stats.compare_arms`` of {row: its models' labels} against the ``control`` row's, on
+    the verdicts ``v`` (``_verdicts``)."""
     from pathloop.data import read_vocab
     from pathloop.stats import compare_arms
 
-    v = _verdicts(cfg, [BASE, *(lab for ls in labels.values() for lab in ls)])
     verdicts = {a: np.stack([v[lab]["plausible"] for lab in ls]) for a, ls in labels.items()}
     fails = {a: np.stack([v[lab]["fails"] for lab in ls]) for a, ls in labels.items()}
     vocab = read_vocab(Path(cfg.workdir) / "eval" / BASE / "samples")
@@ -70,7 +71,9 @@ def paired_table(
     pretrained model (1 x N) against the control, with each arm's PRDC and TSTR averaged over
     its seeds; ``focus`` (class codes) adds each row's difference over those classes alone."""
     labels = final_labels(cfg) | {BASE: [BASE]}
-    rows = _compare(cfg, labels, focus)
+    rows = _compare(
+        cfg, _verdicts(cfg, [lab for ls in labels.values() for lab in ls]), labels, focus
+    )
     for row in rows:
         row.update(_mean_fidelity([evals[lab] for lab in labels[row["arm"]]]))
     return rows
@@ -84,17 +87,22 @@ def round_table(
     to the same arm and seed one round earlier (round 1: to the pretrained model), what the
     round itself added; [] with one round or without every round evaluated."""
     keys = ("rate", "diff", "lo", "hi", "mcnemar_p")
-    out = []
-    for rnd in range(1, cfg.rounds + 1):
-        labels = {a: [model_label(a, s, rnd) for s in cfg.seeds] for a in cfg.arms}
-        if cfg.rounds == 1 or not all(lab in evals for ls in labels.values() for lab in ls):
-            return []
-        for row in _compare(cfg, labels, focus):
+    by_round = {
+        rnd: {a: [model_label(a, s, rnd) for s in cfg.seeds] for a in cfg.arms}
+        for rnd in range(1, cfg.rounds + 1)
+    }
+    every = [lab for labels in by_round.values() for ls in labels.values() for lab in ls]
+    if cfg.rounds == 1 or not all(lab in evals for lab in every):
+        return []
+    v, out = _verdicts(cfg, every), []
+    for rnd, labels in by_round.items():
+        for row in _compare(cfg, v, labels, focus):
             cell = {"round": rnd, "arm": row["arm"], **{k: row.get(k) for k in keys}}
             if "focus" in row:
                 cell["focus"] = {k: row["focus"].get(k) for k in keys}
             before = [model_label(row["arm"], s, rnd - 1) if rnd > 1 else BASE for s in cfg.seeds]
-            gain = _compare(cfg, {"before": before, "after": labels[row["arm"]]}, None, "before")
+            pair = {"before": before, "after": labels[row["arm"]]}
+            gain = _compare(cfg, v, pair, None, "before")
             cell["gain"] = {k: gain[1].get(k) for k in ("diff", "lo", "hi")}
             out.append(cell)
     return out
