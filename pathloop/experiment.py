@@ -8,7 +8,9 @@ own weights:
 - ``control``: no feedback; the pool weighs 0 and only the beta_r term on real images trains;
 - ``feedback``: the method under test, the reward model's rewards on the pool;
 - ``oracle``: the expert's own verdicts on the pool (what perfect feedback can give);
-- ``self-training``: every pool image weight 1 (the pool without feedback).
+- ``self-training``: every pool image weight 1 (the pool without feedback);
+- ``expert-data``: the control's training on the real images the expert accepts: what the
+  expert's knowledge gives applied to the data instead of the samples, a ceiling for the round.
 
 With ``rounds`` > 1 each arm goes on from its own model: every later round draws a fresh pool
 from the arm's previous model (the same sampling seeds in every arm), weighs it the arm's way and
@@ -64,7 +66,14 @@ from pathloop.reward import RewardConfig
 console = Console()
 
 Arm = Literal[
-    "control", "feedback", "oracle", "self-training", "feedback-nft", "oracle-nft", "oracle-dpo"
+    "control",
+    "feedback",
+    "oracle",
+    "self-training",
+    "feedback-nft",
+    "oracle-nft",
+    "oracle-dpo",
+    "expert-data",
 ]
 ARMS: tuple[str, ...] = ("control", "feedback", "oracle", "self-training")
 # feedback-nft, oracle-nft: the same rewards as feedback and oracle, finetuned with method=nft
@@ -83,6 +92,8 @@ def arm_source(arm: str) -> tuple[str, str | None]:
 
 
 CONTROL = "control"
+EXPERT_DATA = "expert-data"  # the control on the real train images the expert accepts
+NO_POOL = (CONTROL, EXPERT_DATA)  # arms that train on real images only: the pool weighs 0
 BASE = "base"  # the pretrained model itself, judged on the same images: a reference row
 REAL = "real"  # the real test split: the reference of PRDC and TSTR
 REVIEW_SEED, POOL_SEED = 10_000, 15_000  # sampling seeds of the review set and the pool
@@ -206,7 +217,8 @@ class ExperimentConfig(Frozen):
         min_length=1,
         description=f"Arms: {', '.join(ARMS)}; feedback-nft and oracle-nft add the feedback "
         "and oracle rewards finetuned with method=nft (reward_mode=class_z); oracle-dpo the "
-        "expert's checklist scores as MAGIC preference pairs (method=dpo).",
+        "expert's checklist scores as MAGIC preference pairs (method=dpo); expert-data the "
+        "control on the real train images the expert accepts (a ceiling: clean data).",
     )
     seeds: tuple[int, ...] = Field(
         (0, 1, 2), min_length=1, description="Finetuning seeds (train.seed) of every arm."
@@ -382,6 +394,7 @@ class Shared:
     reward: str | None  # the reward model's checkpoint (feedback arm)
     oracle: Path | None  # the expert's verdicts on the pool as a rewards table (oracle arm)
     checklist: Path | None = None  # the expert's checklist scores on the pool (oracle-dpo)
+    expert_data: Path | None = None  # the real train images the expert accepts (expert-data)
 
 
 def _judge_feedback(cfg: ExperimentConfig, review: Path, export: Path, expert: str | None) -> Path:
@@ -422,7 +435,29 @@ def shared_steps(steps: Steps, shards: Path) -> Shared:
     if checklist is not None:
         title = "oracle: the expert's checklist scores on the pool"
         steps.run(title, checklist, lambda: write_oracle_rewards(pool, checklist, expert, True))
-    return Shared(shards, model, expert, pool, reward, oracle, checklist)
+    expert_data = wd / "expert_data" if EXPERT_DATA in cfg.arms else None
+    if expert_data is not None:
+        title = "expert data: the expert judges the real train images"
+        done = lambda: write_expert_data(shards, expert_data, expert)  # noqa: E731
+        steps.run(title, expert_data / "manifest.json", done)
+    return Shared(shards, model, expert, pool, reward, oracle, checklist, expert_data)
+
+
+def write_expert_data(shards: Path, out: Path, expert: str | None) -> dict[str, int]:
+    """``shards`` with only the train images the expert passes (the other splits as they are)
+    written to ``out``: the data as an expert who curated them would leave them."""
+    from pathloop.data import ShardWriter, iter_records, read_vocab
+
+    judged = judge_set(shards, expert, split="train")
+    keep = set(judged["id"][judged["plausible"] == 1].tolist())
+    note = f"{shards}: the train images the expert accepts"
+    cols = ["id", "image", "class_id", "split", "source", "subtype"]
+    with ShardWriter(out, read_vocab(shards), source_note=note) as w:
+        for r in iter_records(shards, columns=cols):
+            if r["split"] != "train" or r["id"] in keep:
+                w.add(r["image"], r["class_id"], r["split"], r["source"], r["subtype"])
+    console.print(f"expert data: {len(keep)} of {len(judged['id'])} real train images kept")
+    return {"kept": len(keep), "judged": len(judged["id"])}
 
 
 # ----------------------------------------------------------------------------- arms
@@ -436,6 +471,7 @@ def arm_finetune(
     source, method = arm_source(arm)
     weights = {
         "control": {"reward_mode": "none"},  # only the beta_r real term trains
+        EXPERT_DATA: {"reward_mode": "none"},  # the same, on the images the expert accepts
         "feedback": {"reward_model": shared.reward},
         "oracle": {"rewards": str(shared.oracle)},
         "self-training": {"reward_mode": "ones"},
@@ -454,7 +490,7 @@ def arm_finetune(
         method=method or (cfg.finetune.method if source in ("feedback", "oracle") else "reward"),
         pretrained=shared.model,
         synthetic=str(shared.pool),
-        real=str(shared.shards),
+        real=str(shared.expert_data if source == EXPERT_DATA else shared.shards),
         train={"seed": seed},
     )
 
@@ -470,7 +506,7 @@ def round_inputs(steps: Steps, shared: Shared, arm: str, seed: int, rnd: int, mo
         return shared
     cfg, wd = steps.cfg, Path(steps.cfg.workdir)
     source, method = arm_source(arm)
-    if source == CONTROL:
+    if source in NO_POOL:
         return replace(shared, model=model)
     tag = model_label(arm, seed, rnd)
     pool = wd / "pools" / tag
@@ -662,7 +698,7 @@ def arithmetic(cfg: ExperimentConfig, shards: Path) -> dict[str, Any]:
         "finetune_runs": runs * cfg.rounds,
         "pools_drawn_after_round_1": (cfg.rounds - 1)
         * len(cfg.seeds)
-        * sum(arm_source(a)[0] != CONTROL for a in cfg.arms),
+        * sum(arm_source(a)[0] not in NO_POOL for a in cfg.arms),
         "synthetic_rows_drawn_per_run": drawn,
         "pool_passes_per_run": round(drawn / (r.pool_per_class * n_cls), 2),
         "real_passes_per_run": round(drawn / max(n_train, 1), 2),

@@ -255,6 +255,34 @@ def test_each_arm_finetunes_with_its_own_weights(mixed_pool, phantom_shards, tin
         )
 
 
+def test_expert_data_keeps_the_train_images_the_expert_accepts(phantom_shards, tiny_ckpt, tmp_path):
+    """expert-data: the control's training on the real train images the expert passes (half
+    of them here declared as the wrong class), every other split as it was."""
+    from pathloop.data import ShardWriter, iter_records, read_vocab
+    from pathloop.experiment import Shared, arm_finetune, judge_set, write_expert_data
+
+    real = tmp_path / "real"
+    with ShardWriter(real, read_vocab(phantom_shards), source_note="half mislabelled") as w:
+        for i, r in enumerate(iter_records(phantom_shards)):
+            wrong = r["split"] == "train" and i % 2 == 1
+            cid = (r["class_id"] + 1) % 16 if wrong else r["class_id"]
+            w.add(r["image"], cid, r["split"], r["source"], None if wrong else r["subtype"])
+    judged = judge_set(real, None, split="train")
+    passed = set(judged["id"][judged["plausible"] == 1].tolist())
+    assert 0.3 < len(passed) / len(judged["id"]) < 0.7
+    out = tmp_path / "expert_data"
+    assert write_expert_data(real, out, None) == {"kept": len(passed), "judged": len(judged["id"])}
+    ids = lambda d, split: sorted(r["id"] for r in iter_records(d, split=split, columns=["id"]))  # noqa: E731
+    assert ids(out, "train") == sorted(passed)
+    assert ids(out, "test") == ids(real, "test") != []
+    assert read_vocab(out) == read_vocab(real)
+    shared = Shared(real, str(tiny_ckpt), None, tmp_path / "pool", None, None, expert_data=out)
+    cfg = ExperimentConfig(workdir=str(tmp_path))
+    ft = arm_finetune(cfg, "expert-data", 3, shared, tmp_path / "arm")
+    assert (ft.real, ft.reward_mode, ft.method, ft.train.seed) == (str(out), "none", "reward", 3)
+    assert arm_finetune(cfg, "control", 3, shared, tmp_path / "c").real == str(real)
+
+
 def test_the_scenario_expert_labels_the_review_set(mixed_pool, tmp_path):
     import pyarrow.parquet as pq
 
