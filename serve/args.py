@@ -50,7 +50,7 @@ class Limits(Frozen):
     )
     max_side: int = Field(2048, ge=8, description="Width or height of an uploaded image, px (413).")
     max_score_batch: int = Field(
-        64,
+        256,
         ge=1,
         le=4096,
         description="Images per /v1/score/batch request (422 above); a batch is scored in one "
@@ -153,7 +153,7 @@ class ServeArgs(Frozen):
     batch_wait_timeout_s: float = Field(
         0.02, ge=0, description="How long a batch waits for more requests before it runs."
     )
-    score_batch_size: int = Field(64, ge=1, description="Images per Scorer batch.")
+    score_batch_size: int = Field(256, ge=1, description="Images per Scorer batch.")
     health_check_period_s: float = Field(
         10.0, gt=0, description="How often Serve checks each replica; a dead one is replaced."
     )
