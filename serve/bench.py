@@ -186,6 +186,7 @@ def bench_serve(
     work = Path(work)
     ckpt = Path(checkpoint) if checkpoint else tiny_checkpoint(work / "bench_ckpt")
     generating = "generate" in only
+    per_client = {b: max(1, score_images // b) for b in score_batch}  # requests per client, round
     no_ray = [_direct_sample(ckpt, clients, requests, steps, torch_threads)] if generating else []
     started = not ray.is_initialized()
     if started:
@@ -237,10 +238,8 @@ def bench_serve(
             score_body = {"image_b64": base64.b64encode(one.content).decode(), "class_name": "M5"}
             s_wall, _ = run_clients(clients, score_requests, "/v1/score", lambda c, r: score_body)
             batch_rates = {
-                b: _batch_scoring(
-                    run_clients, one.content, clients, b, max(1, score_images // b), rounds
-                )
-                for b in score_batch
+                b: _batch_scoring(run_clients, one.content, clients, b, n, rounds)
+                for b, n in per_client.items()
             }
     finally:
         serve.shutdown()
@@ -264,7 +263,6 @@ def bench_serve(
             },
         ]
         for b, rates in batch_rates.items():
-            requests = max(1, score_images // b)
             figs.append(
                 {
                     "name": f"serve /v1/score/batch throughput ({clients} clients, {b} "
@@ -274,9 +272,9 @@ def bench_serve(
                     "peer_name": f"direct judge_batch() of {b} images in a Ray worker, alternating",
                     "peer_value": rates[1],
                     "target": ">= 0.8x direct judge_batch()" if b == score_batch[0] else "",
-                    "note": f"{rounds} rounds of {clients * requests * b} images each way; each "
-                    "request's images are scored in one model call; the same judge_batch() in "
-                    f"the driver (niceness 0): {rates[2]:.0f} images/s",
+                    "note": f"{rounds} rounds of {clients * per_client[b] * b} images each "
+                    "way; each request's images are scored in one model call; the same "
+                    f"judge_batch() in the driver (niceness 0): {rates[2]:.0f} images/s",
                 }
             )
     return figs
