@@ -10,7 +10,9 @@ own weights:
 - ``oracle``: the expert's own verdicts on the pool (what perfect feedback can give);
 - ``self-training``: every pool image weight 1 (the pool without feedback);
 - ``expert-data``: the control's training on the real images the expert accepts: what the
-  expert's knowledge gives applied to the data instead of the samples, a ceiling for the round.
+  expert's knowledge gives applied to the data instead of the samples, a ceiling for the round;
+- the ``-nft``, ``-dpo`` and ``-real`` variants (``arms.py``): another method on the same rewards,
+  or the same rewards weighing the real images of the beta_r term too.
 
 With ``rounds`` > 1 each arm goes on from its own model: every later round draws a fresh pool
 from the arm's previous model (the same sampling seeds in every arm), weighs it the arm's way and
@@ -37,10 +39,32 @@ from pydantic import Field, field_validator
 from rich.console import Console
 
 from pathloop import drift
+from pathloop.arms import (  # noqa: F401  (the arm vocabulary, re-exported)
+    ARMS,
+    BASE,
+    CONTROL,
+    EXPERT_DATA,
+    MAX_POOL_PASSES,
+    NO_POOL,
+    POOL_SEED,
+    REAL,
+    REVIEW_SEED,
+    Arm,
+    arm_source,
+    model_label,
+    pool_seed,
+    weighs_real,
+)
 from pathloop.config import Frozen, TrackingConfig, updated
 from pathloop.evaluate import FeatureModelConfig
 from pathloop.finetune import FinetuneConfig
 from pathloop.harness import TrainConfig
+from pathloop.judged import (  # noqa: F401  (re-exported)
+    judge_set,
+    write_expert_data,
+    write_oracle_rewards,
+    write_real_review,
+)
 from pathloop.metrics import TSTRConfig
 from pathloop.pipeline import (
     FeedbackSourceConfig,
@@ -64,52 +88,6 @@ from pathloop.pretrain import PretrainConfig
 from pathloop.reward import RewardConfig
 
 console = Console()
-
-Arm = Literal[
-    "control",
-    "feedback",
-    "oracle",
-    "self-training",
-    "feedback-nft",
-    "oracle-nft",
-    "oracle-dpo",
-    "expert-data",
-]
-ARMS: tuple[str, ...] = ("control", "feedback", "oracle", "self-training")
-# feedback-nft, oracle-nft: the same rewards as feedback and oracle, finetuned with method=nft
-# and rewards normalised within each class (reward_mode=class_z), beside Eq. 3 in one table
-# oracle-dpo: MAGIC's preference route, pairs of pool images of one class labelled by the
-# expert's checklist scores (fraction of the 7 criteria passed) with MAGIC's rule
-METHODS = {"-nft": "nft", "-dpo": "dpo"}  # arm suffix -> finetune.method
-
-
-def arm_source(arm: str) -> tuple[str, str | None]:
-    """(the arm whose rewards it uses, its finetuning method or None = the experiment's)."""
-    for suffix, method in METHODS.items():
-        if arm.endswith(suffix):
-            return arm.removesuffix(suffix), method
-    return arm, None
-
-
-CONTROL = "control"
-EXPERT_DATA = "expert-data"  # the control on the real train images the expert accepts
-NO_POOL = (CONTROL, EXPERT_DATA)  # arms that train on real images only: the pool weighs 0
-BASE = "base"  # the pretrained model itself, judged on the same images: a reference row
-REAL = "real"  # the real test split: the reference of PRDC and TSTR
-REVIEW_SEED, POOL_SEED = 10_000, 15_000  # sampling seeds of the review set and the pool
-MAX_POOL_PASSES = 4.0  # past this the arms mostly re-fit the same pool images
-
-
-def model_label(arm: str, seed: int, rnd: int = 1) -> str:
-    """The label of one arm x seed's model after round ``rnd`` (its finetuning run, its
-    evaluation set): ``<arm>-seed<s>`` for round 1, ``<arm>-seed<s>-round<r>`` after."""
-    return f"{arm}-seed{seed}" + (f"-round{rnd}" if rnd > 1 else "")
-
-
-def pool_seed(rnd: int, pool_images: int) -> int:
-    """The first sampling seed of round ``rnd``'s pools: a range of its own per round."""
-    return POOL_SEED + (rnd - 1) * pool_images
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -174,6 +152,13 @@ class SharedRoundConfig(RoundConfig):
     pool_per_class: int = Field(
         64, gt=0, description="Images per class every arm finetunes on, drawn once."
     )
+    review_from: Literal["samples", "real"] = Field(
+        "samples",
+        description="What the expert labels for the reward model: review_per_class samples "
+        "of the pretrained model per class (the paper's round), or as many real train images "
+        "per class (the expert reviews the data, so the reward model learns what in them the "
+        "expert rejects; for the -real arms).",
+    )
 
 
 class ExperimentConfig(Frozen):
@@ -218,7 +203,9 @@ class ExperimentConfig(Frozen):
         description=f"Arms: {', '.join(ARMS)}; feedback-nft and oracle-nft add the feedback "
         "and oracle rewards finetuned with method=nft (reward_mode=class_z); oracle-dpo the "
         "expert's checklist scores as MAGIC preference pairs (method=dpo); expert-data the "
-        "control on the real train images the expert accepts (a ceiling: clean data).",
+        "control on the real train images the expert accepts (a ceiling: clean data); a "
+        "-real suffix (feedback-real, oracle-nft-real, ...) weighs the real images of the "
+        "beta_r term by the same rewards (pathloop/arms.py).",
     )
     seeds: tuple[int, ...] = Field(
         (0, 1, 2), min_length=1, description="Finetuning seeds (train.seed) of every arm."
@@ -325,61 +312,6 @@ def check_seed_ranges(cfg: ExperimentConfig, n_classes: int) -> None:
 # ----------------------------------------------------------------------------- the expert
 
 
-def judge_set(shards: Path, expert: str | None, split: str | None = None) -> dict[str, Any]:
-    """The expert's verdicts on a shard set, rows in sampling-seed order (file order for real
-    images): {id, seed, class_id (N,), plausible (N,) 1/0/NaN, fails (N, 7) 1/0/NaN, images}."""
-    from pathloop.data import iter_records, read_vocab
-    from pathloop.experts import get_evaluator
-    from pathloop.vocab import CRITERIA
-
-    cols = ["id", "image", "class_id", "provenance"]
-    rows = list(iter_records(shards, split=split, columns=cols))
-    if not rows:
-        raise ValueError(f"{shards} holds no images to judge")
-    seeds = np.array([_seed(r["provenance"]) for r in rows], dtype=np.int64)  # (N,)
-    order = np.argsort(seeds, kind="stable")  # the same image index in every arm
-    rows = [rows[i] for i in order]
-    images = np.stack([r["image"] for r in rows])  # (N, H, W, 3)
-    ids = np.array([r["class_id"] for r in rows], dtype=np.int64)  # (N,)
-    judge = get_evaluator("judge", **judge_options(expert))
-    verdicts = judge(list(images), ids.tolist(), read_vocab(shards))
-    plausible = np.array([np.nan if v.plausible is None else float(v.plausible) for v in verdicts])
-    fails = np.array(  # (N, 7): 1 - the criterion's pass score
-        [[np.nan if v.plausible is None else 1 - v.scores[c] for c in CRITERIA] for v in verdicts]
-    ).reshape(len(rows), len(CRITERIA))
-    return {
-        "id": np.array([r["id"] for r in rows]),
-        "seed": seeds[order],
-        "class_id": ids,
-        "plausible": plausible,
-        "fails": fails,
-        "images": images,
-    }
-
-
-def _seed(provenance: dict | None) -> int:
-    """The sampling seed of a synthetic row; -1 for a real image (no provenance)."""
-    seed = (provenance or {}).get("seed")
-    return -1 if seed is None else int(seed)
-
-
-def write_oracle_rewards(
-    pool: Path, out: Path, expert: str | None, checklist: bool = False
-) -> dict[str, float]:
-    """The oracle arm's rewards: the expert's verdict on each pool image (1 plausible, 0 not or
-    unscored) as a table of id, reward for ``finetune.rewards``; with ``checklist`` the fraction
-    of the criteria it passes instead (the scores MAGIC's pair rule reads)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    j = judge_set(pool, expert)
-    score = 1.0 - np.nanmean(j["fails"], axis=1) if checklist else j["plausible"]  # (N,)
-    reward = np.nan_to_num(score, nan=0.0)  # (N,) an unscored image earns nothing
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": j["id"], "class_id": j["class_id"], "reward": reward}), out)
-    return {"n": len(reward), "rate": float(reward.mean())}
-
-
 # ----------------------------------------------------------------------------- shared steps
 
 
@@ -395,6 +327,7 @@ class Shared:
     oracle: Path | None  # the expert's verdicts on the pool as a rewards table (oracle arm)
     checklist: Path | None = None  # the expert's checklist scores on the pool (oracle-dpo)
     expert_data: Path | None = None  # the real train images the expert accepts (expert-data)
+    oracle_real: Path | None = None  # the expert's verdicts on the real train images
 
 
 def _judge_feedback(cfg: ExperimentConfig, review: Path, export: Path, expert: str | None) -> Path:
@@ -407,8 +340,12 @@ def train_reward_model(steps: Steps, shards: Path, model: str, expert: str | Non
     """Review set → the expert's feedback → the reward model (Eq. 2); its checkpoint."""
     cfg, wd = steps.cfg, Path(steps.cfg.workdir)
     review, export, reward_wd = wd / "review", wd / "feedback", wd / "reward"
-    title = "review set: sample"
-    sample_set(steps, title, model, review, cfg.round.review_per_class, REVIEW_SEED)
+    n = cfg.round.review_per_class
+    if cfg.round.review_from == "real":
+        done = lambda: write_real_review(shards, review, n, REVIEW_SEED)  # noqa: E731
+        steps.run("review set: real train images", review / "manifest.json", done)
+    else:
+        sample_set(steps, "review set: sample", model, review, n, REVIEW_SEED)
     steps.run(
         "review set: the expert's feedback",
         export / "feedback.parquet",
@@ -440,24 +377,13 @@ def shared_steps(steps: Steps, shards: Path) -> Shared:
         title = "expert data: the expert judges the real train images"
         done = lambda: write_expert_data(shards, expert_data, expert)  # noqa: E731
         steps.run(title, expert_data / "manifest.json", done)
-    return Shared(shards, model, expert, pool, reward, oracle, checklist, expert_data)
-
-
-def write_expert_data(shards: Path, out: Path, expert: str | None) -> dict[str, int]:
-    """``shards`` with only the train images the expert passes (the other splits as they are)
-    written to ``out``: the data as an expert who curated them would leave them."""
-    from pathloop.data import ShardWriter, iter_records, read_vocab
-
-    judged = judge_set(shards, expert, split="train")
-    keep = set(judged["id"][judged["plausible"] == 1].tolist())
-    note = f"{shards}: the train images the expert accepts"
-    cols = ["id", "image", "class_id", "split", "source", "subtype"]
-    with ShardWriter(out, read_vocab(shards), source_note=note) as w:
-        for r in iter_records(shards, columns=cols):
-            if r["split"] != "train" or r["id"] in keep:
-                w.add(r["image"], r["class_id"], r["split"], r["source"], r["subtype"])
-    console.print(f"expert data: {len(keep)} of {len(judged['id'])} real train images kept")
-    return {"kept": len(keep), "judged": len(judged["id"])}
+    real_sources = {arm_source(arm)[0] for arm in cfg.arms if weighs_real(arm)}
+    oracle_real = wd / "oracle" / "real.parquet" if "oracle" in real_sources else None
+    if oracle_real is not None:
+        title = "oracle: the expert judges the real train images"
+        done = lambda: write_oracle_rewards(shards, oracle_real, expert, split="train")  # noqa: E731
+        steps.run(title, oracle_real, done)
+    return Shared(shards, model, expert, pool, reward, oracle, checklist, expert_data, oracle_real)
 
 
 # ----------------------------------------------------------------------------- arms
@@ -478,6 +404,9 @@ def arm_finetune(
     }[source]
     if method == "nft":  # nft moves toward r > 0.5 and away from r < 0.5: centred per class
         weights["reward_mode"] = "class_z"
+    if weighs_real(arm):  # the same rewards weigh the real images of the beta_r term
+        real = {"oracle": str(shared.oracle_real)} if source == "oracle" else {}
+        weights |= {"weigh_real": True, "real_rewards": real.get("oracle")}
     if method == "dpo":  # pairs of one class from the checklist scores, MAGIC's rule
         ft = cfg.finetune
         lr = cfg.dpo_lr or ft.optim.lr * 2 / ft.dpo_beta
@@ -485,7 +414,8 @@ def arm_finetune(
     return training_config(
         cfg.finetune,
         workdir,
-        **{"reward_model": None, "rewards": None, **weights},
+        **{"reward_model": None, "rewards": None, "weigh_real": False, "real_rewards": None}
+        | weights,
         # the arms without feedback train Eq. 3's way whatever the method under test
         method=method or (cfg.finetune.method if source in ("feedback", "oracle") else "reward"),
         pretrained=shared.model,
@@ -691,7 +621,7 @@ def arithmetic(cfg: ExperimentConfig, shards: Path) -> dict[str, Any]:
         "real_train_images": n_train,
         "real_test_images": n_test,
         "review_images": r.review_per_class * n_cls
-        if {"feedback", "feedback-nft"} & set(cfg.arms)
+        if "feedback" in {arm_source(a)[0] for a in cfg.arms}
         else 0,
         "pool_images": r.pool_per_class * n_cls,
         "rounds": cfg.rounds,

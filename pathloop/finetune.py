@@ -1,6 +1,8 @@
 """Finetuning with feedback (step 3 of Sun et al. 2023): the reward-weighted loss of Eq. 3, or
 MAGIC's preference route (Diffusion-DPO on pairs built from checklist scores), each plus
-beta_r times the plain loss on real images.
+beta_r times the plain loss on real images. With ``weigh_real`` the real images are weighed by
+their rewards too (the reward model's or the expert's), so the feedback reaches the data as well
+as the model's own samples.
 
 ``FinetuneConfig`` is the job's manual; ``finetune_loss`` assembles the loss of one step from the
 pure per-sample losses of ``losses.py``; ``finetune_loop`` is the Ray Train worker loop and
@@ -75,6 +77,26 @@ class FinetuneConfig(Frozen):
     real: str | None = Field(None, description="Real shard set for the beta_r term.")
     real_split: str | None = Field("train", description="Split of the real shards.")
     beta_r: float = Field(1.0, ge=0, description="Weight of the plain loss on real images.")
+    weigh_real: bool = Field(
+        False,
+        description="Weigh the beta_r term's real images by their rewards too (real_rewards=, "
+        "else the reward model scores them), shaped by real_reward_mode: the expert's "
+        "knowledge applied to the data, not only to the model's samples. With method=reward "
+        "the real rows are drawn in proportion to their weights (0/1 verdicts: the curated "
+        "data); with method=nft they enter the negative-aware loss, so a rejected real image "
+        "pushes the model away from it.",
+    )
+    real_rewards: str | None = Field(
+        None,
+        description="weigh_real: precomputed rewards of the real images, a CSV or Parquet "
+        "table of id and reward over the real split (e.g. the expert's verdicts on it).",
+    )
+    real_reward_mode: Literal["raw", "threshold", "class_norm", "class_z"] | None = Field(
+        None,
+        description="weigh_real: how the real images' rewards become weights (as reward_mode); "
+        "None: class_z for method=nft, else class_norm (each class keeps its weight in the "
+        "beta_r term, the images the expert prefers count more).",
+    )
     reward_mode: Literal["raw", "threshold", "class_norm", "class_z", "none", "ones"] = Field(
         "raw",
         description=(
@@ -258,15 +280,21 @@ def training_pairs(pairs: np.ndarray, ties: bool) -> np.ndarray:
 # ----------------------------------------------------------------------------- the loss of one step
 
 
-def _finetune_batch(cfg: FinetuneConfig, step: int, n_syn: int, n_real: int, shape, rank, world):
+def _finetune_batch(
+    cfg: FinetuneConfig, step: int, n_syn: int, n_real: int, shape, rank, world, real_p=None
+):
     """This rank's slice of the step's global draw: synthetic/real indices, noise, t, dropout.
-    Column 0 of ``noise`` and ``t`` serves a synthetic row, both images of a pair alike."""
+    Column 0 of ``noise`` and ``t`` serves a synthetic row, both images of a pair alike. Real
+    rows are drawn uniformly, or in proportion to ``real_p`` (M,) when given."""
     import torch
 
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     b = cfg.train.batch_size
     pick = torch.randint(0, n_syn, (b,), generator=g)  # (B,) synthetic rows (or pairs)
-    pick_real = torch.randint(0, max(n_real, 1), (b,), generator=g)  # (B,)
+    if real_p is None:
+        pick_real = torch.randint(0, max(n_real, 1), (b,), generator=g)  # (B,)
+    else:
+        pick_real = torch.multinomial(real_p, b, replacement=True, generator=g)  # (B,)
     noise = torch.randn((b, 1, *shape), generator=g)  # (B, 1, C, H, W)
     noise_real = torch.randn((b, *shape), generator=g)  # (B, C, H, W)
     # (B, 2): column 1 is unused; drawing it keeps the seeded stream (and so runs) unchanged
@@ -302,8 +330,12 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     pairs = training_pairs(data["pairs"], cfg.dpo_ties) if cfg.method == "dpo" else None
     n_syn = len(syn) if pairs is None else len(pairs)
     shape = (3, syn.shape[1], syn.shape[2])
+    # Eq. 3 with weigh_real draws the real rows in proportion to their weights: the same
+    # expectation as weighing them, with full batches (0/1 verdicts: exactly the curated data)
+    resample = cfg.weigh_real and cfg.method == "reward"
+    real_p = torch.from_numpy(data["real_weights"]).double() if resample else None
     pick, pick_real, noise, noise_real, t, drop, drop_real = _finetune_batch(
-        cfg, step, n_syn, len(data["real_images"]), shape, rank, world
+        cfg, step, n_syn, len(data["real_images"]), shape, rank, world, real_p
     )
     null, dev = null_class(st.raw), st.device
     noise, noise_real = noise.to(dev), noise_real.to(dev)  # drawn on the CPU for every rank alike
@@ -345,14 +377,20 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
         y = torch.where(
             drop_real, null, torch.from_numpy(data["real_class_ids"][pick_real.numpy()])
         )
-        l_real = diffusion_loss(
-            st.model,
-            st.scheduler,
-            _to_x(data["real_images"], pick_real).to(dev),
-            y,
-            noise=noise_real,
-            timesteps=t[:, 0],
-        )  # (b,)
+        y, x_real = y.to(dev), _to_x(data["real_images"], pick_real).to(dev)
+        if cfg.weigh_real and cfg.method == "nft":  # rejected real images push away too
+            w_real = torch.from_numpy(data["real_weights"][pick_real.numpy()]).float().to(dev)
+            ts = t[:, 0].to(dev).long()
+            x_t = st.scheduler.add_noise(x_real, noise_real, ts)
+            pred = st.model(x_t, ts, class_labels=y).sample
+            with torch.no_grad():
+                old = ref(x_t, ts, class_labels=y).sample
+            target = denoising_target(st.scheduler, x_real, noise_real, ts)
+            l_real = nft_loss(pred, old, target, w_real.clamp(0, 1), cfg.nft_beta)  # (b,)
+        else:  # the plain loss (weigh_real: on rows drawn by their weights)
+            l_real = diffusion_loss(
+                st.model, st.scheduler, x_real, y, noise=noise_real, timesteps=t[:, 0]
+            )  # (b,)
     if cfg.method == "reward":
         return reward_weighted_loss(l_syn, r, l_real, cfg.beta_r)  # Eq. 3, Sun et al. 2023
     l_fb = l_syn.mean() if cfg.method == "nft" else l_pref
@@ -425,6 +463,15 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
         if cfg.real
         else (np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64))
     )
+    real_w, real_scores = np.ones(len(real_x)), None  # (M,) the beta_r term's weights
+    if cfg.weigh_real:
+        real_scores = _real_scores(cfg, real_x, real_y, out.parent / "real_rewards.npz")
+        real_w = shape_rewards(real_scores, real_y, real_mode(cfg), cfg.reward_threshold)
+        if cfg.method == "reward" and not real_w.sum() > 0:
+            raise ValueError(
+                f"weigh_real: every real image weighs 0 under real_reward_mode={real_mode(cfg)} "
+                "(no real image is rewarded), so no real row can be drawn; use a softer mode"
+            )
     np.savez(
         out,
         images=images,
@@ -433,6 +480,7 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
         pairs=pairs,
         real_images=real_x,
         real_class_ids=real_y,
+        real_weights=real_w.astype(np.float32),
     )
     return {
         "synthetic_images": len(images),
@@ -442,7 +490,23 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
         "real_images": len(real_x),
         "mean_weight": float(np.mean(weights)),
         "mean_score": None if np.isnan(scores).all() else float(np.nanmean(scores)),
+        "real_mean_score": None if real_scores is None else float(np.mean(real_scores)),
     }
+
+
+def real_mode(cfg: FinetuneConfig) -> str:
+    """How weigh_real shapes the real images' rewards (``real_reward_mode`` or its default)."""
+    return cfg.real_reward_mode or ("class_z" if cfg.method == "nft" else "class_norm")
+
+
+def _real_scores(cfg: FinetuneConfig, real_x, real_y, cache: Path) -> np.ndarray:
+    """Rewards (M,) of the real images in ``load_arrays`` order: given, or the reward model's."""
+    if cfg.real_rewards:
+        from pathloop.data import iter_records
+
+        ids = [r["id"] for r in iter_records(cfg.real, cfg.real_split, columns=["id"])]
+        return given_rewards(cfg.real_rewards, ids, key="real_rewards", what="real")
+    return _cached_rewards(cfg, real_x, real_y, cache, source=f"{cfg.real}:{cfg.real_split}")
 
 
 def _scores(cfg: FinetuneConfig, images, class_ids, cols: dict, cache: Path) -> np.ndarray:
@@ -488,20 +552,23 @@ def _read_table(
     return table
 
 
-def given_rewards(path: str, ids: Sequence[str] | np.ndarray) -> np.ndarray:
-    """Rewards (N,) of the synthetic images ``ids`` from a CSV or Parquet table (id, reward)."""
-    hint = "pass a CSV or Parquet table with columns id and reward, one row per synthetic image"
-    table = _read_table("rewards", path, ("id", "reward"), ("id",), hint)
+def given_rewards(
+    path: str, ids: Sequence[str] | np.ndarray, key: str = "rewards", what: str = "synthetic"
+) -> np.ndarray:
+    """Rewards (N,) of the images ``ids`` from a CSV or Parquet table (id, reward); ``key`` and
+    ``what`` name the config field and the images in its errors."""
+    hint = f"pass a CSV or Parquet table with columns id and reward, one row per {what} image"
+    table = _read_table(key, path, ("id", "reward"), ("id",), hint)
     given = dict(zip(table["id"].to_pylist(), table["reward"].to_pylist(), strict=True))
     absent = [i for i in ids if i not in given]
     if absent:
         raise ValueError(
-            f"rewards={path} has no reward for {len(absent)} of the {len(ids)} synthetic "
+            f"{key}={path} has no reward for {len(absent)} of the {len(ids)} {what} "
             f"images (e.g. id {absent[0]}); {hint}"
         )
-    r = np.array([given[i] for i in ids], dtype=np.float64)  # (N,) in the synthetic set's order
+    r = np.array([given[i] for i in ids], dtype=np.float64)  # (N,) in the image set's order
     if not (np.isfinite(r) & (r >= 0)).all():
-        raise ValueError(f"rewards={path}: every reward must be a finite number >= 0")
+        raise ValueError(f"{key}={path}: every reward must be a finite number >= 0")
     return r
 
 
@@ -530,13 +597,14 @@ def given_pairs(
     return np.concatenate([idx, signs.astype(np.int64)], axis=1).reshape(-1, 4)
 
 
-def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path):
-    """Reward of every synthetic image, computed once per (reward model, synthetic set)."""
+def _cached_rewards(cfg: FinetuneConfig, images, class_ids, cache: Path, source: str = ""):
+    """Reward of every image, computed once per (reward model, image set: ``source`` or the
+    synthetic set)."""
     import numpy as np
 
     from pathloop import storage
 
-    key = f"{cfg.reward_model}|{storage.absolute(cfg.synthetic)}|{len(images)}"
+    key = f"{cfg.reward_model}|{source or storage.absolute(cfg.synthetic)}|{len(images)}"
     if cache.exists():
         z = np.load(cache)
         if str(z["key"]) == key:
@@ -570,6 +638,17 @@ def check_reward_source(cfg: FinetuneConfig) -> None:
             "with reward above 0.5 and away from those below, so it needs rewards; use "
             "reward_mode=raw or class_z with reward_model= or rewards=, or method=reward"
         )
+    if cfg.weigh_real and not (cfg.real and cfg.beta_r > 0):
+        raise ValueError(
+            "weigh_real weighs the beta_r term's real images: set real=<shard set> and beta_r > 0"
+        )
+    if cfg.weigh_real and not (cfg.real_rewards or cfg.reward_model):
+        raise ValueError(
+            "weigh_real needs the real images' rewards: real_rewards=<table of id, reward> or "
+            "reward_model=<path or MLflow URI> to score them"
+        )
+    if cfg.weigh_real and cfg.method == "dpo":
+        raise ValueError("weigh_real works with method=reward or nft; method=dpo trains on pairs")
     if cfg.method == "reward" and cfg.reward_mode == "none" and (cfg.beta_r == 0 or not cfg.real):
         raise ValueError(
             "reward_mode=none weighs the synthetic images 0, so only the beta_r term on real "
@@ -589,7 +668,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)
     # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
-    paths = ("synthetic", "real", "rewards", "pairs")
+    paths = ("synthetic", "real", "rewards", "pairs", "real_rewards")
     abs_ = {k: storage.absolute(v) for k in paths if (v := getattr(cfg, k))}
     cfg = updated(
         cfg,
@@ -607,6 +686,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "pathloop.reward_model": str(cfg.reward_model),
         "pathloop.rewards": str(cfg.rewards),
         "pathloop.reward_mode": cfg.reward_mode,
+        "pathloop.weigh_real": str(cfg.weigh_real),
         "pathloop.feedback_round": str(cfg.feedback_round),
         "pathloop.method": cfg.method,
         "pathloop.feedback_fraction": str(cfg.feedback_fraction),

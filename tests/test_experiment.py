@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pathloop.config import load_config
-from pathloop.experiment import ARMS, ExperimentConfig, run_experiment
+from pathloop.experiment import ARMS, ExperimentConfig, arm_source, run_experiment, weighs_real
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,3 +340,65 @@ def test_presets_load(scenario):
     pool = cfg.round.pool_per_class * 16
     assert cfg.finetune.train.steps * cfg.finetune.train.batch_size / pool <= 4  # pool passes
     assert cfg.reward.lambda_r == (0 if scenario == "label-noise" else 0.3)
+
+
+def test_real_arms_weigh_the_real_images_by_the_same_rewards(mixed_pool, tiny_ckpt, tmp_path):
+    """A -real arm: the expert's verdicts on the real train images (oracle) or the reward model
+    (feedback) weigh the beta_r term; the real images the expert rejects weigh 0 with Eq. 3."""
+    from pathloop.data import ShardWriter, iter_records, read_vocab
+    from pathloop.experiment import Shared, arm_finetune, judge_set, write_oracle_rewards
+    from pathloop.finetune import _finetune_data
+
+    assert arm_source("oracle-nft-real") == ("oracle", "nft") and weighs_real("feedback-real")
+    assert arm_source("feedback-real") == ("feedback", None) and not weighs_real("oracle-nft")
+    real = tmp_path / "real"  # train: the pool's half-mislabelled cells; test: one clean image
+    with ShardWriter(real, read_vocab(mixed_pool), source_note="half mislabelled") as w:
+        for i, r in enumerate(iter_records(mixed_pool)):
+            w.add(r["image"], r["class_id"], "test" if i == 0 else "train", "phantom", None)
+    table = tmp_path / "oracle" / "real.parquet"
+    write_oracle_rewards(real, table, None, split="train")
+    judged = judge_set(real, None, split="train")
+    verdict = dict(zip(judged["id"], judged["plausible"], strict=True))
+    shared = Shared(real, str(tiny_ckpt), None, mixed_pool, "reward-model", None, oracle_real=table)
+    cfg = ExperimentConfig(workdir=str(tmp_path))
+    ft = arm_finetune(cfg, "oracle-real", 5, shared, tmp_path / "o")
+    assert (ft.weigh_real, ft.real_rewards, ft.method) == (True, str(table), "reward")
+    nft = arm_finetune(cfg, "feedback-nft-real", 5, shared, tmp_path / "f")
+    assert (nft.weigh_real, nft.real_rewards, nft.reward_model) == (True, None, "reward-model")
+    assert nft.method == "nft" and not arm_finetune(cfg, "feedback", 5, shared, tmp_path).weigh_real
+    ft = ft.model_copy(update={"rewards": None, "reward_mode": "none"})  # the real term alone
+    (tmp_path / "o").mkdir()
+    info = _finetune_data(ft, None, tmp_path / "o" / "data.npz")
+    z = np.load(tmp_path / "o" / "data.npz")
+    ids = [r["id"] for r in iter_records(real, split="train", columns=["id"])]
+    ok = np.array([verdict[i] for i in ids])  # the order the beta_r term reads the images in
+    assert 0.3 < ok.mean() < 0.7 and info["real_mean_score"] == pytest.approx(ok.mean())
+    assert (z["real_weights"][ok == 0] == 0).all() and (z["real_weights"][ok == 1] > 1).all()
+    for c in np.unique(z["real_class_ids"]):  # class_norm: every class keeps its weight
+        assert z["real_weights"][z["real_class_ids"] == c].mean() == pytest.approx(1.0)
+
+
+def test_a_real_review_set_is_drawn_per_class_and_labelled_by_the_expert(phantom_shards, tmp_path):
+    """round.review_from=real: the expert labels real train images, review_per_class of each
+    class (seeded), and the export the reward model trains on holds their verdicts."""
+    import pyarrow.parquet as pq
+
+    from pathloop.data import iter_records
+    from pathloop.experiment import _judge_feedback
+    from pathloop.judged import judge_set, write_real_review
+
+    out = tmp_path / "review"
+    assert write_real_review(phantom_shards, out, 3, seed=5) == {"images": 48}
+    rows = list(iter_records(out, columns=["id", "class_id", "split"]))
+    train = {r["id"] for r in iter_records(phantom_shards, split="train", columns=["id"])}
+    assert {r["split"] for r in rows} == {"train"} and {r["id"] for r in rows} <= train
+    assert np.bincount([r["class_id"] for r in rows]).tolist() == [3] * 16
+    again = tmp_path / "again"
+    write_real_review(phantom_shards, again, 3, seed=5)
+    assert [r["id"] for r in iter_records(again, columns=["id"])] == [r["id"] for r in rows]
+    cfg = ExperimentConfig(workdir=str(tmp_path), round={"review_from": "real"})
+    export = pq.read_table(_judge_feedback(cfg, out, tmp_path / "fb", None)).to_pydict()
+    j = judge_set(out, None)
+    verdict = dict(zip(j["id"], j["plausible"], strict=True))
+    assert sorted(export["id"]) == sorted(verdict)
+    assert export["plausible"] == [verdict[i] for i in export["id"]]

@@ -1,5 +1,7 @@
 """Finetuning jobs on Ray Train: preference (DPO) end to end, reward shaping, lineage in MLflow."""
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -239,3 +241,97 @@ def test_previews_log_their_mean_colour_per_class(tmp_path):
     history = client.get_metric_history(run_id, f"{p}/class/{codes[0]}/intensity")
     assert [m.step for m in history] == [2]
     assert (tmp_path / "previews" / "step_000002.png").is_file()
+
+
+def _tiny_state_and_data(overrides: list[str]):
+    """A (16, 32)-channel UNet's training state and a step's data: 4 synthetic and 4 real rows."""
+    import torch
+
+    from pathloop.harness import build_state
+
+    base = ["model.block_out_channels=[16, 32]", "model.layers_per_block=1", "real=unused"]
+    cfg = load_config(FinetuneConfig, None, [*base, "train.batch_size=8", *overrides])
+    st = build_state(cfg, 16, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    data = {
+        "images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        "class_ids": np.array([0, 1, 2, 3]),
+        "weights": np.zeros(4, dtype=np.float32),
+        "pairs": np.zeros((0, 4), dtype=np.int64),
+        "real_images": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        "real_class_ids": np.array([0, 1, 2, 3]),
+    }
+    return cfg, st, data
+
+
+def test_weigh_real_draws_real_rows_in_proportion_to_their_weights():
+    """Eq. 3 with weigh_real: the real rows are drawn by their weights (weight 0: never; 0/1
+    verdicts: the curated data), and the term is the plain loss on them, whatever the scale."""
+    import torch
+
+    from pathloop.finetune import _finetune_batch, finetune_loss
+
+    cfg, st, data = _tiny_state_and_data(["weigh_real=true", "real_rewards=unused"])
+    shape = (3, 32, 32)
+    picks = torch.cat(
+        [
+            _finetune_batch(cfg, s, 4, 4, shape, 0, 1, torch.tensor([0.0, 1.0, 0.0, 3.0]))[1]
+            for s in range(20)
+        ]
+    )
+    share = (picks == 3).float().mean().item()
+    assert set(picks.tolist()) == {1, 3} and 0.6 < share < 0.9  # 3/4 of the rows, 160 draws
+    uniform = _finetune_batch(cfg, 0, 4, 4, shape, 0, 1)[1]
+    assert len(set(uniform.tolist())) > 2  # no weights: every real row can come
+    with torch.no_grad():
+        losses = {}
+        for name, w in {"ones": 1.0, "twos": 2.0}.items():
+            data["real_weights"] = np.full(4, w, np.float32)
+            losses[name] = finetune_loss(cfg, st, None, data, 0, 0, 1).item()
+        data["real_weights"] = np.array([0, 0, 1, 0], np.float32)
+        only_2 = finetune_loss(cfg, st, None, data, 0, 0, 1).item()
+        data["real_images"][2] = data["real_images"][0]  # the same picks, another image
+        other = finetune_loss(cfg, st, None, data, 0, 0, 1).item()
+    assert losses["ones"] > 0 and losses["twos"] == pytest.approx(losses["ones"])
+    assert only_2 != pytest.approx(losses["ones"]) and other != pytest.approx(only_2)
+
+
+def test_nft_on_real_images_learns_only_from_rewards_away_from_one_half():
+    """method=nft with weigh_real: a real image with reward 0.5 (no information) gives no
+    gradient at the frozen model, one with reward 1 the plain loss's; without weigh_real the
+    real term stays the plain loss."""
+    import copy
+
+    from pathloop.finetune import finetune_loss
+
+    def grad_norm(cfg, st, data) -> float:
+        st.model.zero_grad()
+        ref = copy.deepcopy(st.model).eval().requires_grad_(False)  # the model that drew the pool
+        finetune_loss(cfg, st, ref, data, 0, 0, 1).backward()
+        return sum(p.grad.abs().sum().item() for p in st.model.parameters() if p.grad is not None)
+
+    cfg, st, data = _tiny_state_and_data(["method=nft", "weigh_real=true", "real_rewards=x"])
+    data["weights"] = np.full(4, 0.5, np.float32)  # the synthetic rows carry no information
+    data["real_weights"] = np.full(4, 0.5, np.float32)
+    half = grad_norm(cfg, st, data)  # zero but for rounding (v- = 2 v_old - v)
+    data["real_weights"] = np.ones(4, np.float32)
+    one = grad_norm(cfg, st, data)
+    plain = cfg.model_copy(update={"weigh_real": False})
+    data["real_weights"] = np.full(4, 0.5, np.float32)  # ignored: the plain loss trains
+    assert half < 1e-3 * one and grad_norm(plain, st, data) == pytest.approx(one, rel=1e-4)
+
+
+def test_weigh_real_needs_real_images_and_their_rewards():
+    from pathloop.finetune import check_reward_source
+
+    ok = {"rewards": "r.csv", "real": "shards", "weigh_real": True}
+    check_reward_source(FinetuneConfig(**ok, real_rewards="real.csv"))
+    check_reward_source(FinetuneConfig(reward_model="m", real="shards", weigh_real=True))
+    for bad, needle in [
+        ({**ok}, "weigh_real needs the real images' rewards"),
+        ({**ok, "real_rewards": "x", "real": None}, "set real=<shard set> and beta_r > 0"),
+        ({**ok, "real_rewards": "x", "beta_r": 0.0}, "set real=<shard set> and beta_r > 0"),
+        ({**ok, "real_rewards": "x", "method": "dpo"}, "method=reward or nft"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            check_reward_source(FinetuneConfig(**bad))
