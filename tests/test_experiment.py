@@ -345,6 +345,9 @@ def test_presets_load(scenario):
 def test_real_arms_weigh_the_real_images_by_the_same_rewards(mixed_pool, tiny_ckpt, tmp_path):
     """A -real arm: the expert's verdicts on the real train images (oracle) or the reward model
     (feedback) weigh the beta_r term; the real images the expert rejects weigh 0 with Eq. 3."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from pathloop.data import ShardWriter, iter_records, read_vocab
     from pathloop.experiment import Shared, arm_finetune, judge_set, write_oracle_rewards
     from pathloop.finetune import _finetune_data
@@ -376,6 +379,10 @@ def test_real_arms_weigh_the_real_images_by_the_same_rewards(mixed_pool, tiny_ck
     assert (z["real_weights"][ok == 0] == 0).all() and (z["real_weights"][ok == 1] > 1).all()
     for c in np.unique(z["real_class_ids"]):  # class_norm: every class keeps its weight
         assert z["real_weights"][z["real_class_ids"] == c].mean() == pytest.approx(1.0)
+    pq.write_table(pa.table({"id": ids, "reward": [0.0] * len(ids)}), tmp_path / "zeros.parquet")
+    zeros = ft.model_copy(update={"real_rewards": str(tmp_path / "zeros.parquet")})
+    with pytest.raises(ValueError, match="every real image weighs 0"):
+        _finetune_data(zeros, None, tmp_path / "o" / "zeros.npz")
 
 
 def test_a_real_review_set_is_drawn_per_class_and_labelled_by_the_expert(phantom_shards, tmp_path):
