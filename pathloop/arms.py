@@ -11,7 +11,8 @@ An arm's name is the source of its rewards, optionally followed by a method suff
   each class; ``-dpo``: MAGIC's preference route on the expert's checklist scores;
 - ``-real``: the rewards weigh the real images of the beta_r term too (``finetune.weigh_real``):
   the reward model scores the real train images (feedback), or the expert judges them (oracle).
-  With Eq. 3 an image the expert would reject weighs less; with nft it pushes the model away.
+  With Eq. 3 an image the expert would reject is drawn less often (never, with 0/1 verdicts);
+  with nft it pushes the model away.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ from pathloop.config import Frozen, TrackingConfig, updated
 from pathloop.evaluate import FeatureModelConfig
 from pathloop.finetune import FinetuneConfig
 from pathloop.harness import TrainConfig
-from pathloop.judged import (  # noqa: F401  (re-exported)
+from pathloop.judged import (
     judge_set,
     write_expert_data,
     write_oracle_rewards,
@@ -405,8 +405,8 @@ def arm_finetune(
     if method == "nft":  # nft moves toward r > 0.5 and away from r < 0.5: centred per class
         weights["reward_mode"] = "class_z"
     if weighs_real(arm):  # the same rewards weigh the real images of the beta_r term
-        real = {"oracle": str(shared.oracle_real)} if source == "oracle" else {}
-        weights |= {"weigh_real": True, "real_rewards": real.get("oracle")}
+        given = str(shared.oracle_real) if source == "oracle" else None  # else the reward model
+        weights |= {"weigh_real": True, "real_rewards": given}
     if method == "dpo":  # pairs of one class from the checklist scores, MAGIC's rule
         ft = cfg.finetune
         lr = cfg.dpo_lr or ft.optim.lr * 2 / ft.dpo_beta
