@@ -6,7 +6,9 @@ An arm's name is the source of its rewards, optionally followed by a method suff
 - sources: ``control`` (no feedback: the pool weighs 0, only the beta_r real term trains),
   ``feedback`` (the reward model's rewards), ``oracle`` (the expert's own verdicts),
   ``self-training`` (every pool image weight 1), ``expert-data`` (the control on the real train
-  images the expert accepts: the knowledge applied to the data, a ceiling for one round);
+  images the expert accepts: the knowledge applied to the data, a ceiling for one round),
+  ``feedback-data`` (the control with the reward model weighing its real train images: the
+  expert's knowledge applied to the data through the reward model, no pool);
 - ``-nft``: the same rewards finetuned with negative-aware finetuning, rewards normalised within
   each class; ``-dpo``: MAGIC's preference route on the expert's checklist scores;
 - ``-real``: the rewards weigh the real images of the beta_r term too (``finetune.weigh_real``):
@@ -28,6 +30,7 @@ Arm = Literal[
     "oracle-nft",
     "oracle-dpo",
     "expert-data",
+    "feedback-data",
     "feedback-real",
     "oracle-real",
     "feedback-nft-real",
@@ -39,7 +42,8 @@ REAL_SUFFIX = "-real"  # the arm's rewards weigh the real images too
 
 CONTROL = "control"
 EXPERT_DATA = "expert-data"  # the control on the real train images the expert accepts
-NO_POOL = (CONTROL, EXPERT_DATA)  # arms that train on real images only: the pool weighs 0
+FEEDBACK_DATA = "feedback-data"  # the control, its real images drawn by the reward model
+NO_POOL = (CONTROL, EXPERT_DATA, FEEDBACK_DATA)  # real images only: the pool weighs 0
 BASE = "base"  # the pretrained model itself, judged on the same images: a reference row
 REAL = "real"  # the real test split: the reference of PRDC and TSTR
 REVIEW_SEED, POOL_SEED = 10_000, 15_000  # sampling seeds of the review set and the pool

@@ -11,6 +11,8 @@ own weights:
 - ``self-training``: every pool image weight 1 (the pool without feedback);
 - ``expert-data``: the control's training on the real images the expert accepts: what the
   expert's knowledge gives applied to the data instead of the samples, a ceiling for the round;
+- ``feedback-data``: the control with its real images drawn by the reward model's scores: the
+  same curation learnt from the expert's feedback, no pool;
 - the ``-nft``, ``-dpo`` and ``-real`` variants (``arms.py``): another method on the same rewards,
   or the same rewards weighing the real images of the beta_r term too.
 
@@ -44,6 +46,7 @@ from pathloop.arms import (  # noqa: F401  (the arm vocabulary, re-exported)
     BASE,
     CONTROL,
     EXPERT_DATA,
+    FEEDBACK_DATA,
     MAX_POOL_PASSES,
     NO_POOL,
     POOL_SEED,
@@ -203,7 +206,8 @@ class ExperimentConfig(Frozen):
         description=f"Arms: {', '.join(ARMS)}; feedback-nft and oracle-nft add the feedback "
         "and oracle rewards finetuned with method=nft (reward_mode=class_z); oracle-dpo the "
         "expert's checklist scores as MAGIC preference pairs (method=dpo); expert-data the "
-        "control on the real train images the expert accepts (a ceiling: clean data); a "
+        "control on the real train images the expert accepts (a ceiling: clean data); "
+        "feedback-data the control with its real images drawn by the reward model's scores; a "
         "-real suffix (feedback-real, oracle-nft-real, ...) weighs the real images of the "
         "beta_r term by the same rewards (pathloop/arms.py).",
     )
@@ -363,7 +367,8 @@ def shared_steps(steps: Steps, shards: Path) -> Shared:
     pool = wd / "pool"
     sample_set(steps, "pool: sample", model, pool, cfg.round.pool_per_class, POOL_SEED)
     sources = {arm_source(arm)[0] for arm in cfg.arms}
-    reward = train_reward_model(steps, shards, model, expert) if "feedback" in sources else None
+    needs_model = sources & {"feedback", FEEDBACK_DATA}
+    reward = train_reward_model(steps, shards, model, expert) if needs_model else None
     oracle = wd / "oracle" / "rewards.parquet" if "oracle" in sources else None
     if oracle is not None:
         title = "oracle: the expert judges the pool"
@@ -398,6 +403,8 @@ def arm_finetune(
     weights = {
         "control": {"reward_mode": "none"},  # only the beta_r real term trains
         EXPERT_DATA: {"reward_mode": "none"},  # the same, on the images the expert accepts
+        # the same, its real images drawn in proportion to the reward model's scores
+        FEEDBACK_DATA: {"reward_mode": "none", "reward_model": shared.reward, "weigh_real": True},
         "feedback": {"reward_model": shared.reward},
         "oracle": {"rewards": str(shared.oracle)},
         "self-training": {"reward_mode": "ones"},

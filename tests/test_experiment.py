@@ -115,6 +115,17 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     assert [r["rate"] for r in again["rows"]] == [r["rate"] for r in res["rows"]]
     assert again["colour"] == res["colour"]  # recomputed from the saved images, not resampled
 
+    # feedback-data added later: the same reward model draws the control's real images
+    more = cfg.model_copy(update={"arms": ("control", "feedback", "feedback-data")})
+    third = {r["arm"]: r for r in run_experiment(more)["rows"]}
+    assert third["feedback-data"]["n_seeds"] == 2 and third["feedback-data"]["diff"] is not None
+    fd = np.load(wd / "arms/feedback-data/seed0/finetune_data.npz")
+    assert not fd["weights"].any()  # no pool: only the beta_r term trains
+    w, y = fd["real_weights"], fd["real_class_ids"]
+    assert w.std() > 0 and (w >= 0).all()  # the reward model's scores, not all equal
+    for c in np.unique(y):  # class_norm: every class keeps its share of the real term
+        assert w[y == c].mean() == pytest.approx(1.0, rel=1e-4)
+
 
 @pytest.mark.usefixtures("ray_session")
 def test_later_rounds_go_on_from_each_arms_own_model(phantom_shards, tiny_ckpt, tmp_path):
@@ -369,6 +380,9 @@ def test_real_arms_weigh_the_real_images_by_the_same_rewards(mixed_pool, tiny_ck
     nft = arm_finetune(cfg, "feedback-nft-real", 5, shared, tmp_path / "f")
     assert (nft.weigh_real, nft.real_rewards, nft.reward_model) == (True, None, "reward-model")
     assert nft.method == "nft" and not arm_finetune(cfg, "feedback", 5, shared, tmp_path).weigh_real
+    data = arm_finetune(cfg, "feedback-data", 5, shared, tmp_path / "d")  # no pool, scored reals
+    assert (data.weigh_real, data.reward_model, data.reward_mode) == (True, "reward-model", "none")
+    assert (data.real, data.method, data.real_rewards) == (str(real), "reward", None)
     ft = ft.model_copy(update={"rewards": None, "reward_mode": "none"})  # the real term alone
     (tmp_path / "o").mkdir()
     info = _finetune_data(ft, None, tmp_path / "o" / "data.npz")
