@@ -1,11 +1,11 @@
 """``make demo``: does expert feedback beat the data alone, on 2 CPU cores?
 
 It is ``pathloop experiment --config jobs/configs/experiment.demo.yaml workdir=runs/demo``:
-phantoms where 30 % of the training cells carry a slide artifact the expert rejects → a 1000-step
+phantoms where half the training cells carry a slide artifact the expert rejects → a 1000-step
 pretrained model → one review round judged by the simulated expert → reward model → the control,
-feedback and oracle arms finetuned from the same model → the same evaluation images for each →
-the paired difference to the control with its 95 % interval. Rerun it after an interruption:
-finished steps are found by their outputs and skipped.
+feedback-real and oracle-real arms finetuned from the same model → the same evaluation images for
+each → the paired difference to the control with its 95 % interval. Rerun it after an
+interruption: finished steps are found by their outputs and skipped.
 """
 
 from __future__ import annotations
