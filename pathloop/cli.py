@@ -575,8 +575,9 @@ def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything."),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Does feedback beat the data alone? Control, feedback and oracle arms on phantoms with
-    slide artifacts (local Ray, SQLite MLflow), paired on the same images; 2-CPU sized."""
+    """Does feedback beat the data alone? Control, feedback-real and oracle-real arms on
+    phantoms with slide artifacts (local Ray, SQLite MLflow), paired on the same images; 2-CPU
+    sized."""
     from pathloop.demo import run_demo
 
     run_demo(workdir, overrides)
