@@ -515,10 +515,12 @@ def _scores(cfg: FinetuneConfig, images, class_ids, cols: dict, cache: Path) -> 
     fail_* columns of a feedback export."""
     if cfg.rewards:
         return given_rewards(cfg.rewards, cols["id"])
+    if (cfg.method == "reward" and cfg.reward_mode in REWARD_FREE) or cfg.pairs:
+        # no weights needed (a reward model set for weigh_real scores the real images
+        # only), or the pairs are given
+        return np.full(len(images), np.nan)
     if cfg.reward_model:
         return _cached_rewards(cfg, images, class_ids, cache)
-    if (cfg.method == "reward" and cfg.reward_mode in REWARD_FREE) or cfg.pairs:
-        return np.full(len(images), np.nan)  # no weights needed, or the pairs are given
     fails = [k for k in cols if k.startswith("fail_")]
     if not fails:
         raise ValueError(

@@ -397,6 +397,14 @@ def test_real_arms_weigh_the_real_images_by_the_same_rewards(mixed_pool, tiny_ck
     zeros = ft.model_copy(update={"real_rewards": str(tmp_path / "zeros.parquet")})
     with pytest.raises(ValueError, match="every real image weighs 0"):
         _finetune_data(zeros, None, tmp_path / "o" / "zeros.npz")
+    # feedback-data weighs its pool 0: the reward model scores the real images only (here
+    # they come from the table, so a pool scored by the path-only model would raise)
+    (tmp_path / "d").mkdir()
+    info = _finetune_data(
+        data.model_copy(update={"real_rewards": str(table)}), None, tmp_path / "d" / "data.npz"
+    )
+    assert info["mean_score"] is None and not (tmp_path / "d" / "rewards.npz").exists()
+    assert (np.load(tmp_path / "d" / "data.npz")["weights"] == 0).all()
 
 
 def test_a_real_review_set_is_drawn_per_class_and_labelled_by_the_expert(phantom_shards, tmp_path):
