@@ -575,7 +575,7 @@ def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything."),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Does feedback beat the data alone? Control, feedback-real and oracle-real arms on
+    """Does feedback beat the data alone? Control, feedback-data and oracle-real arms on
     phantoms with slide artifacts (local Ray, SQLite MLflow), paired on the same images; 2-CPU
     sized."""
     from pathloop.demo import run_demo
