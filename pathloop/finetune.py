@@ -349,10 +349,10 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
 
     if cfg.method == "reward":
         r = torch.from_numpy(w[pick.numpy()]).float()  # (b,) cached, shaped rewards
-        # reward_mode none weighs every pool image 0 on every rank (the control): the term has
-        # no gradient, so its forward and backward pass are skipped (half of each step)
-        none = cfg.reward_mode == "none"
-        l_syn = torch.zeros(len(pick), device=dev) if none else err(st.model, pick)  # (b,)
+        # a pool that weighs 0 everywhere (the control, feedback-data; the weights are the same
+        # on every rank) has no gradient: its forward and backward pass are skipped
+        idle = not w.any()
+        l_syn = torch.zeros(len(pick), device=dev) if idle else err(st.model, pick)  # (b,)
     elif cfg.method == "nft":
         y, x0, ts = labels(pick), _to_x(syn, pick).to(dev), t[:, 0].to(dev).long()
         x_t = st.scheduler.add_noise(x0, noise[:, 0], ts)  # (b, C, H, W)

@@ -264,24 +264,27 @@ def _tiny_state_and_data(overrides: list[str]):
     return cfg, st, data
 
 
-def test_the_control_skips_the_pool_term_it_weighs_zero():
-    """reward_mode=none (the control) weighs every pool image 0: its loss and gradients are
-    those of zero weights under another mode, with one network call per step instead of two."""
+def test_a_pool_that_weighs_zero_is_skipped():
+    """A pool that weighs 0 everywhere (the control's reward_mode=none, or zero rewards in any
+    mode): its loss and gradients are those of a vanishing weight, with one network call per step
+    (the real batch) instead of two."""
     import torch
 
     from pathloop.finetune import finetune_loss
 
     got = {}
-    for mode in ("none", "raw"):  # raw with weights 0: the pool term computed, then weighed 0
+    cases = {"none": ("none", 0.0), "raw": ("raw", 1e-30), "zeros": ("raw", 0.0)}
+    for name, (mode, w) in cases.items():  # raw 1e-30: the pool term computed, weighed ~0
         torch.manual_seed(0)
         cfg, st, data = _tiny_state_and_data([f"reward_mode={mode}", "beta_r=1.0"])
+        data["weights"] = np.full(4, w, np.float32)
         calls = []
         st.model.register_forward_hook(lambda m, i, o, calls=calls: calls.append(len(i[0])))
         loss = finetune_loss(cfg, st, None, data, 3, 0, 1)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in st.model.parameters() if p.grad is not None])
-        got[mode] = (loss.item(), grads, calls)
-    assert got["none"][2] == [8] and got["raw"][2] == [8, 8]  # the real batch alone
+        got[name] = (loss.item(), grads, calls)
+    assert got["none"][2] == got["zeros"][2] == [8] and got["raw"][2] == [8, 8]  # real batch
     assert got["none"][0] == pytest.approx(got["raw"][0]) and got["none"][0] > 0
     torch.testing.assert_close(got["none"][1], got["raw"][1])
 
