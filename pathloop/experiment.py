@@ -114,6 +114,13 @@ class ExperimentEvalConfig(Frozen):
     guidance: float | None = Field(
         None, ge=0, description="CFG scale of the evaluation images; None = round.sampler's."
     )
+    steps: int | None = Field(
+        None,
+        gt=0,
+        description="Sampler steps of the evaluation images; None = round.sampler's. The pool "
+        "is the model's training data, so it can be drawn with more steps (round.sampler) than "
+        "the evaluation needs.",
+    )
     prdc: bool = Field(
         True,
         description="PRDC against the real test split, at equal counts per class (min of "
@@ -601,7 +608,7 @@ def evaluate_all(
         else:
             n, seed = ev.per_class, ev.seed
             title = f"{label}: sample the evaluation set"
-            sample_set(steps, title, model, d / "samples", n, seed, ev.guidance)
+            sample_set(steps, title, model, d / "samples", n, seed, ev.guidance, ev.steps)
             log_to = (steps.uri, run_id) if run_id else None
             fn = lambda d=d, log_to=log_to: measure(cfg, d, shared, log_to)  # noqa: E731
         steps.run(f"{label}: the expert, PRDC, TSTR", d / "eval.json", fn)

@@ -287,12 +287,14 @@ def sample_set(
     per_class: int,
     seed: int,
     guidance: float | None = None,
+    sampler_steps: int | None = None,
 ) -> None:
     """``run_sample`` of ``per_class`` images per class from ``model`` into ``out`` (with the
-    round's sampler, at ``guidance`` when given)."""
+    round's sampler, at ``guidance`` and ``sampler_steps`` when given)."""
     from pathloop.sampling import SampleConfig, run_sample
 
     update = {"seed": seed} | ({"guidance": guidance} if guidance is not None else {})
+    update |= {"steps": sampler_steps} if sampler_steps is not None else {}
     sampler = updated(steps.cfg.round.sampler, **update)
     steps.run(
         title,

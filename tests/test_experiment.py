@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -56,13 +57,24 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
 
     wd = tmp_path / "exp"
     over = [f"workdir={wd}", "data.source=shards", f"data.path={phantom_shards}"]
-    cfg = load_config(ExperimentConfig, None, [*over, f"pretrained={tiny_ckpt}", *MINIMAL])
+    steps = ["evaluation.steps=3"]  # the pool keeps round.sampler's 2 steps
+    cfg = load_config(ExperimentConfig, None, [*over, f"pretrained={tiny_ckpt}", *MINIMAL, *steps])
     res = run_experiment(cfg)
 
     # every arm x seed and the pretrained model judged on the same 32 images (seed, class)
     rows = {r["arm"]: r for r in res["rows"]}
     assert list(rows) == ["control", "feedback", "base"]
     assert [rows[a]["n_seeds"] for a in rows] == [2, 2, 1]
+    sets = ("pool", "eval/base/samples", "eval/control-seed1/samples")
+    drawn = {
+        d: {
+            p["steps"]
+            for f in (wd / d).glob("*.parquet")
+            for p in pq.read_table(f)["provenance"].to_pylist()
+        }
+        for d in sets
+    }
+    assert drawn == dict(zip(sets, [{2}, {3}, {3}], strict=True))
     assert {r["n_images"] for r in rows.values()} == {32}
     labels = ["base", "control-seed0", "control-seed1", "feedback-seed0", "feedback-seed1"]
     z = {lab: np.load(wd / "eval" / lab / "verdicts.npz") for lab in labels}
