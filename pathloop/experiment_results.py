@@ -249,6 +249,14 @@ def _rounds_md(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def eval_sampler(config: dict[str, Any]) -> str:
+    """How the evaluation images were drawn, from the experiment's config (a dump)."""
+    sampler, ev = config["round"]["sampler"], config["evaluation"]
+    steps = ev.get("steps") or sampler["steps"]
+    guidance = sampler["guidance"] if ev.get("guidance") is None else ev["guidance"]
+    return f"Evaluation images: {sampler['sampler']}, {steps} steps, CFG {guidance:g}."
+
+
 def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
     """results.json, results.md, and the plots; {name: path}."""
     from pathloop import report, viz
@@ -260,7 +268,7 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         f"Expert: the judge ({results['expert']} profile). Every arm is paired with the control "
         f"on the same {a['eval_images_per_model']} evaluation images (same seed and class) over "
         f"{results['rows'][0]['n_seeds']} finetuning seeds; intervals: two-way bootstrap over "
-        "images and seeds; McNemar: exact, seeds pooled.",
+        f"images and seeds; McNemar: exact, seeds pooled. {eval_sampler(results['config'])}",
         "",
         viz.markdown_table(MAIN_COLUMNS, main_rows(results)),
         "",

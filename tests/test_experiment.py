@@ -92,6 +92,7 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     # outputs: tables, plots, one parent run with a child per arm x seed and the reward model
     md = (wd / "results.md").read_text()
     assert "| control |" in md
+    assert "Evaluation images: ddim, 3 steps, CFG " in md  # evaluation.steps, not the pool's 2
     # colour drift: a column of the table, per class in results.json, its figure linked
     head = next(line for line in md.splitlines() if line.startswith("| arm |"))
     assert head.rstrip(" |").endswith("colour drift (worst class, real-spread units)")
