@@ -575,9 +575,8 @@ def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything."),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Does feedback beat the data alone? Control, feedback-data and oracle-real arms on
-    phantoms with slide artifacts (local Ray, SQLite MLflow), paired on the same images; 2-CPU
-    sized."""
+    """Does feedback beat the data alone? Control and feedback-data arms on phantoms with
+    slide artifacts (local Ray, SQLite MLflow), paired on the same images; 2-CPU sized."""
     from pathloop.demo import run_demo
 
     run_demo(workdir, overrides)

@@ -333,7 +333,7 @@ class Shared:
     shards: Path  # the real images (train: beta_r term; test: PRDC and TSTR)
     model: str  # the frozen pretrained checkpoint every arm starts from
     expert: str | None  # the judge's expert profile (from the shard manifest)
-    pool: Path  # the finetuning pool, drawn once from the pretrained model
+    pool: Path | None  # the finetuning pool, drawn once from the pretrained model (if trained on)
     reward: str | None  # the reward model's checkpoint (feedback arm)
     oracle: Path | None  # the expert's verdicts on the pool as a rewards table (oracle arm)
     checklist: Path | None = None  # the expert's checklist scores on the pool (oracle-dpo)
@@ -371,9 +371,10 @@ def shared_steps(steps: Steps, shards: Path) -> Shared:
     model = pretrained_model(steps, shards)["checkpoint"]
     expert = scenario_expert(shards)
     console.print(f"expert: judge ({expert or 'default'} profile)")
-    pool = wd / "pool"
-    sample_set(steps, "pool: sample", model, pool, cfg.round.pool_per_class, POOL_SEED)
     sources = {arm_source(arm)[0] for arm in cfg.arms}
+    pool = wd / "pool" if sources - set(NO_POOL) else None  # no arm trains on it: not drawn
+    if pool is not None:
+        sample_set(steps, "pool: sample", model, pool, cfg.round.pool_per_class, POOL_SEED)
     needs_model = sources & {"feedback", FEEDBACK_DATA}
     reward = train_reward_model(steps, shards, model, expert) if needs_model else None
     oracle = wd / "oracle" / "rewards.parquet" if "oracle" in sources else None
@@ -433,7 +434,7 @@ def arm_finetune(
         # the arms without feedback train Eq. 3's way whatever the method under test
         method=method or (cfg.finetune.method if source in ("feedback", "oracle") else "reward"),
         pretrained=shared.model,
-        synthetic=str(shared.pool),
+        synthetic=str(shared.pool) if shared.pool else None,  # the control's weighs nothing
         real=str(shared.expert_data if source == EXPERT_DATA else shared.shards),
         train={"seed": seed},
     )
@@ -630,21 +631,21 @@ def arithmetic(cfg: ExperimentConfig, shards: Path) -> dict[str, Any]:
     r, ft, ev = cfg.round, cfg.finetune.train, cfg.evaluation
     drawn, runs = ft.steps * ft.batch_size, len(cfg.arms) * len(cfg.seeds)
     n_eval = ev.per_class * n_cls
+    sources = {arm_source(a)[0] for a in cfg.arms}
+    n_pool = r.pool_per_class * n_cls if sources - set(NO_POOL) else 0  # drawn if trained on
     return {
         "classes": n_cls,
         "real_train_images": n_train,
         "real_test_images": n_test,
-        "review_images": r.review_per_class * n_cls
-        if "feedback" in {arm_source(a)[0] for a in cfg.arms}
-        else 0,
-        "pool_images": r.pool_per_class * n_cls,
+        "review_images": r.review_per_class * n_cls if sources & {"feedback", FEEDBACK_DATA} else 0,
+        "pool_images": n_pool,
         "rounds": cfg.rounds,
         "finetune_runs": runs * cfg.rounds,
         "pools_drawn_after_round_1": (cfg.rounds - 1)
         * len(cfg.seeds)
         * sum(arm_source(a)[0] not in NO_POOL for a in cfg.arms),
         "synthetic_rows_drawn_per_run": drawn,
-        "pool_passes_per_run": round(drawn / (r.pool_per_class * n_cls), 2),
+        "pool_passes_per_run": round(drawn / n_pool, 2) if n_pool else 0,
         "real_passes_per_run": round(drawn / max(n_train, 1), 2),
         "eval_images_per_model": n_eval,
         "eval_images_sampled": n_eval * (runs * (cfg.rounds if ev.every_round else 1) + 1),

@@ -58,11 +58,12 @@ class FinetuneConfig(Frozen):
         "finetuning (DiffusionNFT: learns from implausible samples too); dpo: Diffusion-DPO.",
     )
     pretrained: str = Field("runs/pretrain/result.json", description="Model to start from.")
-    synthetic: str = Field(
+    synthetic: str | None = Field(
         "runs/samples",
         description=(
             "Synthetic images: a shard set or a feedback.parquet (dpo needs its fail_* columns "
-            "unless a reward model scores them)."
+            "unless a reward model scores them); None with reward_mode=none: no synthetic set, "
+            "the beta_r term on the real images alone (the no-feedback control without a pool)."
         ),
     )
     reward_model: str | None = Field(None, description="Reward model ref (path or MLflow URI).")
@@ -290,7 +291,8 @@ def _finetune_batch(
 
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     b = cfg.train.batch_size
-    pick = torch.randint(0, n_syn, (b,), generator=g)  # (B,) synthetic rows (or pairs)
+    # (B,) synthetic rows (or pairs); drawn without a synthetic set too, so the stream stays
+    pick = torch.randint(0, max(n_syn, 1), (b,), generator=g)
     if real_p is None:
         pick_real = torch.randint(0, max(n_real, 1), (b,), generator=g)  # (B,)
     else:
@@ -329,7 +331,7 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     syn, cls, w = data["images"], data["class_ids"], data["weights"]
     pairs = training_pairs(data["pairs"], cfg.dpo_ties) if cfg.method == "dpo" else None
     n_syn = len(syn) if pairs is None else len(pairs)
-    shape = (3, syn.shape[1], syn.shape[2])
+    shape = (3, *data["real_images"].shape[1:3]) if not len(syn) else (3, *syn.shape[1:3])
     # Eq. 3 with weigh_real draws the real rows in proportion to their weights: the same
     # expectation as weighing them, with full batches (0/1 verdicts: exactly the curated data)
     resample = cfg.weigh_real and cfg.method == "reward"
@@ -348,10 +350,10 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
         return diffusion_loss(model, st.scheduler, x0, y, noise=noise[:, 0], timesteps=t[:, 0])
 
     if cfg.method == "reward":
-        r = torch.from_numpy(w[pick.numpy()]).float()  # (b,) cached, shaped rewards
         # a pool that weighs 0 everywhere (the control, feedback-data; the weights are the same
-        # on every rank) has no gradient: its forward and backward pass are skipped
+        # on every rank), or none at all, has no gradient: its forward and backward are skipped
         idle = not w.any()
+        r = torch.zeros(len(pick)) if idle else torch.from_numpy(w[pick.numpy()]).float()  # (b,)
         l_syn = torch.zeros(len(pick), device=dev) if idle else err(st.model, pick)  # (b,)
     elif cfg.method == "nft":
         y, x0, ts = labels(pick), _to_x(syn, pick).to(dev), t[:, 0].to(dev).long()
@@ -443,7 +445,18 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
 
     from pathloop.data import load_arrays, load_image_table
 
-    images, class_ids, cols = load_image_table(cfg.synthetic)
+    real_x, real_y = (
+        load_arrays(cfg.real, split=cfg.real_split)
+        if cfg.real
+        else (np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0, np.int64))
+    )
+    if cfg.synthetic:
+        images, class_ids, cols = load_image_table(cfg.synthetic)
+    else:  # the real term alone: an empty synthetic set of the real images' shape
+        images, class_ids = np.zeros((0, *real_x.shape[1:]), np.uint8), np.zeros(0, np.int64)
+        cols = {"id": np.zeros(0, str)}
+    if not len(real_x):
+        real_x = np.zeros((0, *images.shape[1:]), np.uint8)
     scores = _scores(cfg, images, class_ids, cols, out.parent / "rewards.npz")  # (N,)
     weights = shape_rewards(scores, class_ids, cfg.reward_mode, cfg.reward_threshold)
     if cfg.pairs:
@@ -461,11 +474,6 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
             f"no preference pair has a winner ({kinds}), and ties do not train "
             "(dpo_ties=false): set dpo_ties=true, or get feedback that tells the images apart"
         )
-    real_x, real_y = (
-        load_arrays(cfg.real, split=cfg.real_split)
-        if cfg.real
-        else (np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64))
-    )
     real_w, real_scores = np.ones(len(real_x)), None  # (M,) the beta_r term's weights
     if cfg.weigh_real:
         real_scores = _real_scores(cfg, real_x, real_y, out.parent / "real_rewards.npz")
@@ -491,7 +499,7 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
         "pair_kinds": kinds,
         "pairs_trained": trained if cfg.method == "dpo" else 0,
         "real_images": len(real_x),
-        "mean_weight": float(np.mean(weights)),
+        "mean_weight": float(np.mean(weights)) if len(weights) else 0.0,
         "mean_score": None if np.isnan(scores).all() else float(np.nanmean(scores)),
         "real_mean_score": None if real_scores is None else float(np.mean(real_scores)),
     }
@@ -625,6 +633,12 @@ def check_reward_source(cfg: FinetuneConfig) -> None:
     """Refuse a config whose synthetic images would get no weights, or two sources of them."""
     if cfg.pairs and cfg.method != "dpo":
         raise ValueError(f"pairs={cfg.pairs} are preference pairs: set method=dpo to train on them")
+    if not cfg.synthetic and not (cfg.method == "reward" and cfg.reward_mode == "none"):
+        raise ValueError(
+            f"synthetic is unset, and method={cfg.method} with reward_mode={cfg.reward_mode} "
+            "trains on synthetic images: set synthetic=<shard set or feedback.parquet>, or "
+            "method=reward reward_mode=none for the real term alone"
+        )
     if cfg.rewards and cfg.reward_model:
         raise ValueError(
             f"set rewards= or reward_model=, not both (got rewards={cfg.rewards}, "

@@ -279,6 +279,36 @@ def test_each_arm_finetunes_with_its_own_weights(mixed_pool, phantom_shards, tin
         )
 
 
+def test_the_pool_is_drawn_only_when_an_arm_trains_on_it(
+    phantom_shards, tiny_ckpt, tmp_path, monkeypatch
+):
+    """Arms on real images alone (control, expert-data, feedback-data) do not need the pool: it
+    is not drawn, and their finetuning configs name no synthetic set."""
+    from pathloop import experiment
+    from pathloop.finetune import _finetune_data
+    from pathloop.pipeline import Steps
+
+    drawn = []
+    monkeypatch.setattr(experiment, "sample_set", lambda steps, title, *a: drawn.append(title))
+    base = [f"workdir={tmp_path}", "data.source=shards", f"data.path={phantom_shards}"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for arms, pool in (("[control,expert-data]", None), ("[control,self-training]", "pool")):
+        over = [*base, f"pretrained={tiny_ckpt}", f"arms={arms}"]
+        cfg = load_config(ExperimentConfig, None, over)
+        shared = experiment.shared_steps(Steps(cfg, uri, None), phantom_shards)
+        assert shared.pool == (tmp_path / pool if pool else None)
+        ft = experiment.arm_finetune(cfg, "control", 0, shared, tmp_path / "control")
+        assert ft.synthetic == (str(tmp_path / pool) if pool else None)
+    assert drawn == ["pool: sample"]  # the second set of arms only
+    (tmp_path / "np").mkdir()
+    no_pool = dataclasses.replace(shared, pool=None)
+    ft = experiment.arm_finetune(cfg, "control", 0, no_pool, tmp_path / "np")
+    info = _finetune_data(ft, None, tmp_path / "np" / "data.npz")
+    z = np.load(tmp_path / "np" / "data.npz")
+    assert info["synthetic_images"] == 0 and len(z["real_images"]) == info["real_images"] > 0
+    assert z["images"].shape == (0, *z["real_images"].shape[1:])
+
+
 def test_expert_data_keeps_the_train_images_the_expert_accepts(phantom_shards, tiny_ckpt, tmp_path):
     """expert-data: the control's training on the real train images the expert passes (half
     of them here declared as the wrong class), every other split as it was."""

@@ -267,26 +267,33 @@ def _tiny_state_and_data(overrides: list[str]):
 def test_a_pool_that_weighs_zero_is_skipped():
     """A pool that weighs 0 everywhere (the control's reward_mode=none, or zero rewards in any
     mode): its loss and gradients are those of a vanishing weight, with one network call per step
-    (the real batch) instead of two."""
+    (the real batch) instead of two. Without a pool at all (synthetic unset) the control draws
+    the same real rows, noise and steps: the same loss and gradients."""
     import torch
 
     from pathloop.finetune import finetune_loss
 
     got = {}
     cases = {"none": ("none", 0.0), "raw": ("raw", 1e-30), "zeros": ("raw", 0.0)}
-    for name, (mode, w) in cases.items():  # raw 1e-30: the pool term computed, weighed ~0
-        torch.manual_seed(0)
+    for name, (mode, w) in {**cases, "no pool": ("none", None)}.items():
+        torch.manual_seed(0)  # raw 1e-30: the pool term computed, weighed ~0
         cfg, st, data = _tiny_state_and_data([f"reward_mode={mode}", "beta_r=1.0"])
-        data["weights"] = np.full(4, w, np.float32)
+        data["weights"] = np.full(4, w or 0.0, np.float32)
+        if w is None:  # an empty synthetic set, as _finetune_data writes it for synthetic=None
+            data |= {"images": data["images"][:0], "class_ids": data["class_ids"][:0]}
+            data["weights"] = data["weights"][:0]
         calls = []
         st.model.register_forward_hook(lambda m, i, o, calls=calls: calls.append(len(i[0])))
         loss = finetune_loss(cfg, st, None, data, 3, 0, 1)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in st.model.parameters() if p.grad is not None])
         got[name] = (loss.item(), grads, calls)
-    assert got["none"][2] == got["zeros"][2] == [8] and got["raw"][2] == [8, 8]  # real batch
+    assert got["none"][2] == got["zeros"][2] == got["no pool"][2] == [8]  # the real batch
+    assert got["raw"][2] == [8, 8]
     assert got["none"][0] == pytest.approx(got["raw"][0]) and got["none"][0] > 0
     torch.testing.assert_close(got["none"][1], got["raw"][1])
+    assert got["no pool"][0] == got["none"][0]
+    torch.testing.assert_close(got["no pool"][1], got["none"][1], rtol=0, atol=0)
 
 
 def test_weigh_real_draws_real_rows_in_proportion_to_their_weights():
@@ -357,6 +364,7 @@ def test_weigh_real_needs_real_images_and_their_rewards():
         ({**ok, "real_rewards": "x", "real": None}, "set real=<shard set> and beta_r > 0"),
         ({**ok, "real_rewards": "x", "beta_r": 0.0}, "set real=<shard set> and beta_r > 0"),
         ({**ok, "real_rewards": "x", "method": "dpo"}, "method=reward or nft"),
+        ({**ok, "real_rewards": "x", "synthetic": None}, "synthetic is unset, and method=reward"),
     ]:
         with pytest.raises(ValueError, match=re.escape(needle)):
             check_reward_source(FinetuneConfig(**bad))
