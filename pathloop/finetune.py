@@ -291,7 +291,8 @@ def _finetune_batch(
 
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     b = cfg.train.batch_size
-    # (B,) synthetic rows (or pairs); drawn without a synthetic set too, so the stream stays
+    # (B,) synthetic rows (or pairs); drawn without a synthetic set too (n_syn 0), so that the
+    # rest of the seeded stream is the same with or without a pool
     pick = torch.randint(0, max(n_syn, 1), (b,), generator=g)
     if real_p is None:
         pick_real = torch.randint(0, max(n_real, 1), (b,), generator=g)  # (B,)
