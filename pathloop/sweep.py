@@ -667,8 +667,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
 
 
 class AblationConfig(Frozen):
-    """Paper Figure 4a: a reward model on 0/10/50/100 % of a feedback round, finetuning (Eq. 3)
-    with each from the same pretrained model, and every metric against the fraction."""
+    """Paper Figure 4a: a reward model on 0/10/50/100 % of a feedback round, finetuning (Eq. 3,
+    or the overrides' method) with each from the same pretrained model, and every metric
+    against the fraction."""
 
     workdir: str = Field("runs/ablation", description="Trials, rows, plots, MLflow db.")
     name: str = Field("ablation", description="Tune experiment and MLflow run name.")
@@ -677,7 +678,9 @@ class AblationConfig(Frozen):
         description="Fractions of the round's (non-held-out) feedback; 0 = the reward model "
         "learns only Eq. 2's real-image term.",
     )
-    config: str | None = Field(None, description="YAML of the finetune job (method=reward).")
+    config: str | None = Field(
+        None, description="YAML of the finetune job (any method: reward, nft, dpo)."
+    )
     overrides: list[str] = Field(default_factory=list, description="Finetune job overrides.")
     reward_config: str | None = Field(None, description="YAML of the reward job.")
     reward_overrides: list[str] = Field(default_factory=list, description="Reward overrides.")

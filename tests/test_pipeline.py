@@ -93,6 +93,27 @@ def test_loop_resumes_after_a_kill_in_finetuning(tmp_path, monkeypatch):
 
     assert guidance(wd / "round1/review") == {killed.round.sampler.guidance} == {2.0}
     assert guidance(wd / "round1/pool") == {killed.round.pool_guidance} == {1.0}
+    # the tiny sweep and ablation read their inputs from what this loop leaves
+    from pathloop.sweep import AblationConfig, SweepConfig
+
+    shipped = [
+        load_config(c, ROOT / f"jobs/configs/{n}.tiny.yaml")
+        for c, n in ((SweepConfig, "sweep"), (AblationConfig, "ablation"))
+    ]
+    inputs = {
+        o.split("=", 1)[1].split()[0]
+        for c in shipped
+        for o in (*c.overrides, *c.reward_overrides)
+        if "=runs/" in o
+    }
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    [loop_wd] = re.findall(
+        r"pathloop loop --config jobs/configs/loop.tiny.yaml workdir=(\S+)", readme
+    )
+    assert len(inputs) == 5 and all(i.startswith(f"{loop_wd}/") for i in inputs), inputs
+    assert all((wd / i.removeprefix(f"{loop_wd}/")).exists() for i in inputs), inputs
 
     # 3. the same finetune uninterrupted gives the same weights
     from pathloop.finetune import run_finetune

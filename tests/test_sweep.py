@@ -304,6 +304,56 @@ def test_ablation_four_fractions(
     ]
 
 
+@pytest.mark.slow
+def test_a_sweep_finetunes_with_nft_and_dpo(
+    ray_session, tiny_ckpt, judged_round, phantom_shards, backbone, mlflow_db, tmp_path
+):
+    """method=nft|dpo through a sweep end to end: each trial trains its reward model, which
+    gives nft its pool rewards and dpo its pairs, and the finetune run says which it ran."""
+    import mlflow
+
+    from pathloop.finetune import FinetuneConfig
+    from pathloop.sweep import run_sweep
+
+    tiny = _stage_overrides(tiny_ckpt, judged_round, phantom_shards, backbone)
+    # a 2-step reward model scores every image below MAGIC's lose bar (2 of 5): all pairs would
+    # tie as both-lose and dpo would refuse; with no lose bar the higher score wins
+    tiny["overrides"].append("dpo_lose_bar=0.0")
+    cfg = SweepConfig(
+        workdir=str(tmp_path / "methods"),
+        step="reward_finetune",
+        space={"method": Param(grid=["nft", "dpo"])},
+        metric="loss",
+        mode="min",
+        segments=1,
+        max_concurrent=2,
+        measures=["judge", "train"],
+        per_class=1,
+        sampler={"steps": 2},
+        tracking={"tracking_uri": mlflow_db, "experiment": "methods"},
+        **tiny,
+    )
+    res = run_sweep(cfg)
+    assert res["trials"] == 2 and res["failed"] == 0
+    assert sorted(r["method"] for r in res["rows"]) == ["dpo", "nft"]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["plausibility"] <= 1 for r in res["rows"])
+    client = mlflow.MlflowClient(res["tracking_uri"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("methods").experiment_id],
+        f"tags.`pathloop.sweep_id` = '{res['sweep_id']}' and tags.`pathloop.step` = 'finetune'",
+    )
+    assert sorted(run.data.params["method"] for run in runs) == ["dpo", "nft"]
+    for row in res["rows"]:
+        trial = tmp_path / "methods" / "trials" / row["trial_id"] / "finetune"
+        data = json.loads((trial / "result.json").read_text())["data"]
+        if row["method"] == "dpo":  # pairs from the trial's reward model, some with a winner
+            assert data["pairs_trained"] > 0
+        else:  # every pool image carries its reward: nft learns from both sides
+            assert data["pairs"] == 0 and data["synthetic_images"] == 64
+    best = load_config(FinetuneConfig, res["best_config"])
+    assert best.method == res["best_params"]["method"] and Path(best.reward_model).is_file()
+
+
 def test_cli_sweep_names_a_bad_key_before_starting_anything(tmp_path):
     from typer.testing import CliRunner
 
