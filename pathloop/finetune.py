@@ -95,8 +95,9 @@ class FinetuneConfig(Frozen):
     real_reward_mode: Literal["raw", "threshold", "class_norm", "class_z"] | None = Field(
         None,
         description="weigh_real: how the real images' rewards become weights (as reward_mode); "
-        "None: class_z for method=nft, else class_norm (each class keeps its weight in the "
-        "beta_r term, the images the expert prefers count more).",
+        "None: raw for method=nft (an accepted real image teaches as the plain loss does, a "
+        "rejected one pushes away), else class_norm (each class keeps its weight in the beta_r "
+        "term, the images the expert prefers count more).",
     )
     reward_mode: Literal["raw", "threshold", "class_norm", "class_z", "none", "ones"] = Field(
         "raw",
@@ -508,7 +509,11 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
 
 def real_mode(cfg: FinetuneConfig) -> str:
     """How weigh_real shapes the real images' rewards (``real_reward_mode`` or its default)."""
-    return cfg.real_reward_mode or ("class_z" if cfg.method == "nft" else "class_norm")
+    # nft: raw, not class_z. The real images are the data: one the expert accepts teaches the
+    # plain loss (reward 1), one it rejects pushes away (0). Centred within each class, a class
+    # the expert leaves alone (every real image passes) would get 0.5 everywhere: no gradient,
+    # and that class would drift back towards the model that drew the pool.
+    return cfg.real_reward_mode or ("raw" if cfg.method == "nft" else "class_norm")
 
 
 def _real_scores(cfg: FinetuneConfig, real_x, real_y, cache: Path) -> np.ndarray:

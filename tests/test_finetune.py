@@ -353,6 +353,21 @@ def test_nft_on_real_images_learns_only_from_rewards_away_from_one_half():
     assert half < 1e-3 * one and grad_norm(plain, st, data) == pytest.approx(one, rel=1e-4)
 
 
+def test_nft_keeps_the_real_term_in_classes_the_expert_leaves_alone():
+    """nft with weigh_real, by default: in a class where every real image passes, the real
+    images keep reward 1 (the plain loss's gradient, above), a rejected one gets 0; centred
+    within the class (class_z) they would all get 0.5, which gives no gradient."""
+    from pathloop.finetune import real_mode
+
+    verdicts, classes = np.array([1.0, 1.0, 1.0, 1.0, 0.0]), np.array([0, 0, 1, 1, 1])
+    cfg = FinetuneConfig(method="nft", weigh_real=True, real_rewards="x", synthetic="s")
+    weights = shape_rewards(verdicts, classes, real_mode(cfg), cfg.reward_threshold)
+    assert weights.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+    centred = shape_rewards(verdicts, classes, "class_z", cfg.reward_threshold)
+    assert centred[:2].tolist() == [0.5, 0.5]  # what the class the expert leaves alone would get
+    assert real_mode(cfg.model_copy(update={"method": "reward"})) == "class_norm"
+
+
 def test_weigh_real_needs_real_images_and_their_rewards():
     from pathloop.finetune import check_reward_source
 
