@@ -3,6 +3,7 @@ skips the finished steps and ends with the same model as an uninterrupted finetu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,6 @@ def test_loop_resumes_after_a_kill_in_finetuning(tmp_path, monkeypatch):
         for o in (*c.overrides, *c.reward_overrides)
         if "=runs/" in o
     }
-    import re
-
     readme = (ROOT / "README.md").read_text()
     [loop_wd] = re.findall(
         r"pathloop loop --config jobs/configs/loop.tiny.yaml workdir=(\S+)", readme
