@@ -389,7 +389,10 @@ def test_presets_load(scenario):
 
     cfg = load_config(ExperimentConfig, ROOT / f"jobs/configs/experiment.{scenario}.yaml")
     check_config(cfg)
-    assert cfg.data.scenario == scenario and cfg.arms == ARMS and cfg.seeds == (0, 1, 2)
+    assert cfg.data.scenario == scenario and cfg.seeds == (0, 1, 2)
+    # every preset runs the benchmark's four roles, the feedback and the oracle by one method
+    assert [arm_source(a)[0] for a in cfg.arms] == list(ARMS)
+    assert len({arm.removeprefix(arm_source(arm)[0]) for arm in cfg.arms[1:3]}) == 1
     assert 1500 <= cfg.pretrain.train.steps <= 3000
     pool = cfg.round.pool_per_class * 16
     assert cfg.finetune.train.steps * cfg.finetune.train.batch_size / pool <= 4  # pool passes
