@@ -76,6 +76,9 @@ def paired_table(
     )
     for row in rows:
         row.update(_mean_fidelity([evals[lab] for lab in labels[row["arm"]]]))
+        if row["arm"] != CONTROL:
+            ours, ctl = ([evals[lab] for lab in labels[a]] for a in (row["arm"], CONTROL))
+            row["fidelity_diff"] = _fidelity_diff(ours, ctl)
     return rows
 
 
@@ -116,6 +119,54 @@ def _mean_fidelity(evals: list[dict]) -> dict[str, float | None]:
         vals = [e[group][k] for e in evals if group in e]
         out[f"{group}_{k}"] = float(np.mean(vals)) if vals else None
     return out
+
+
+FIDELITY = {"prdc_precision": ("prdc", "precision"), "prdc_coverage": ("prdc", "coverage"),
+            "tstr_macro_f1": ("tstr", "macro_f1")}  # fmt: skip
+
+
+def _fidelity_diff(ours: list[dict], control: list[dict]) -> dict[str, dict | None]:
+    """PRDC precision, coverage and TSTR macro F1: the paired difference to the control's
+    model of the same seed, with a t interval over seeds (``stats.seed_difference``); None
+    where a metric was not run."""
+    from pathloop.stats import seed_difference
+
+    out: dict[str, dict | None] = {}
+    for name, (group, k) in FIDELITY.items():
+        a, c = ([e[group][k] for e in evals if group in e] for evals in (ours, control))
+        ok = a and c and len(a) in (1, len(c))  # one value per seed, or one model (base)
+        out[name] = seed_difference(a, c) if ok else None
+    return out
+
+
+def fidelity_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """Per arm: PRDC precision, coverage and TSTR macro F1 minus the control's, paired by
+    seed, [95 % t interval over seeds]; None when no row has them."""
+    others = [r for r in rows if r.get("fidelity_diff")]
+    if not others or not any(v for r in others for v in r["fidelity_diff"].values()):
+        return None
+    head = ["arm", "PRDC precision diff", "PRDC coverage diff", "TSTR macro F1 diff"]
+    body = [
+        [NAMES.get(r["arm"], r["arm"]), *(_fid_cell(r["fidelity_diff"][k]) for k in FIDELITY)]
+        for r in others
+    ]
+    return head, body
+
+
+def _fid_cell(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    return _diff(d) if np.isfinite(d["lo"]) else f"{d['diff']:+.3f} (one seed)"
+
+
+def _fidelity_md(results: dict[str, Any]) -> list[str]:
+    from pathloop import viz
+
+    table = fidelity_rows(results["rows"])
+    if table is None:
+        return []
+    title = "## PRDC and TSTR: paired difference to the control [95 % t interval over seeds]"
+    return [title, "", viz.markdown_table(*table), ""]
 
 
 # ----------------------------------------------------------------------------- presentation
@@ -273,6 +324,7 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         viz.markdown_table(MAIN_COLUMNS, main_rows(results)),
         "",
         *_focus_md(results),
+        *_fidelity_md(results),
         *_rounds_md(results),
         "## Per class: paired difference to the control [95 % CI]",
         "",
@@ -318,6 +370,9 @@ def print_results(results: dict[str, Any]) -> None:
     focus = []
     if (table := focus_rows(results["rows"])) is not None:
         focus = [{"title": focus_title(results), "columns": table[0], "rows": table[1]}]
+    if (table := fidelity_rows(results["rows"])) is not None:
+        title = "PRDC and TSTR minus the control's, paired by seed [95 % t interval]"
+        focus.append({"title": title, "columns": table[0], "rows": table[1]})
     if (table := round_rows(results)) is not None:
         title = "per round, against the same round's control"
         focus.append({"title": title, "columns": table[0], "rows": table[1]})

@@ -154,6 +154,36 @@ def paired_difference(
     }
 
 
+def seed_difference(
+    treated: Sequence[float], control: Sequence[float], alpha: float = 0.05
+) -> dict[str, Any]:
+    """Mean paired difference of a per-model score (PRDC, TSTR: one value per finetuning seed)
+    treated - control, paired by seed, with its Student t interval over the seeds (scipy).
+
+    ``control`` may hold one value per seed or one for all (the pretrained model: one model
+    against each control seed). Returns {diff, lo, hi, per_seed, n_seeds}; with one seed the
+    interval is NaN. Over 3 seeds t has 2 degrees of freedom: the interval is wide, by design."""
+    from scipy import stats as st
+
+    t = np.asarray(treated, dtype=float)
+    c = np.asarray(control, dtype=float)
+    if t.size == 1 and c.size > 1:
+        t = np.repeat(t, c.size)
+    if c.size == 1 and t.size > 1:
+        c = np.repeat(c, t.size)
+    if t.shape != c.shape or t.ndim != 1 or not t.size:
+        raise ValueError(f"need one value per seed on both sides, got {t.shape} and {c.shape}")
+    d = t - c
+    m = float(d.mean())
+    if d.size < 2:
+        lo = hi = math.nan
+    elif np.ptp(d) == 0:
+        lo = hi = m
+    else:
+        lo, hi = st.t.interval(1 - alpha, d.size - 1, loc=m, scale=st.sem(d))
+    return {"diff": m, "lo": float(lo), "hi": float(hi), "per_seed": d.tolist(), "n_seeds": d.size}
+
+
 # ----------------------------------------------------------------------------- per class
 
 

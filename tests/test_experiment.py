@@ -85,6 +85,10 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     assert set(rows["feedback"]["per_class"]) and len(rows["feedback"]["criteria"]) == 7
     assert rows["feedback"]["prdc_precision"] is not None
     assert rows["feedback"]["tstr_macro_f1"] is not None
+    # PRDC and TSTR: paired by seed with the control's models, a t interval over the 2 seeds
+    fid = rows["feedback"]["fidelity_diff"]
+    assert set(fid) == {"prdc_precision", "prdc_coverage", "tstr_macro_f1"}
+    assert fid["prdc_precision"]["n_seeds"] == 2 and "fidelity_diff" not in rows["control"]
     # the arms' weights: control 0; feedback the reward model's rewards on the pool
     ft = {a: np.load(wd / f"arms/{a}/seed0/finetune_data.npz") for a in ("control", "feedback")}
     assert len(ft["feedback"]["weights"]) == 32 and not ft["control"]["weights"].any()
@@ -92,6 +96,7 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     # outputs: tables, plots, one parent run with a child per arm x seed and the reward model
     md = (wd / "results.md").read_text()
     assert "| control |" in md
+    assert "## PRDC and TSTR: paired difference to the control [95 % t interval" in md
     assert "Evaluation images: ddim, 3 steps, CFG " in md  # evaluation.steps, not the pool's 2
     # colour drift: a column of the table, per class in results.json, its figure linked
     head = next(line for line in md.splitlines() if line.startswith("| arm |"))
@@ -107,6 +112,7 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     print_results(json.loads((wd / "results.json").read_text()))
     printed = capsys.readouterr().out
     assert "McNemar" in printed and "MLflow store" in printed and "colour drift" in printed
+    assert "PRDC and TSTR minus the control's" in printed
     client = mlflow.MlflowClient(res["tracking_uri"])
     parent = client.get_run(res["parent_run_id"])
     assert "feedback/diff" in parent.data.metrics and "feedback/colour_drift" in parent.data.metrics

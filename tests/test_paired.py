@@ -287,3 +287,24 @@ def test_compare_arms_undefined_values_are_none():
     json.dumps(rows, allow_nan=False)
     assert rows[1]["n"] == 0 and rows[1]["diff"] is None and rows[1]["lo"] is None
     assert rows[1]["per_seed"] == [None] and rows[1]["mcnemar_p"] == 1.0
+
+
+def test_seed_difference_is_a_t_interval_over_seeds():
+    """PRDC and TSTR give one value per finetuning seed: the paired difference to the control's
+    model of the same seed, with Student's t interval (checked against a t interval computed
+    by hand from scipy's quantile), a pretrained model broadcast against every control seed."""
+    from scipy.stats import t as student_t
+
+    arm, ctl = [0.90, 0.95, 0.92], [0.88, 0.90, 0.91]
+    d = np.array(arm) - np.array(ctl)  # 0.02, 0.05, 0.01
+    half = student_t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    r = P.seed_difference(arm, ctl)
+    assert r["diff"] == pytest.approx(d.mean()) and r["n_seeds"] == 3
+    assert (r["lo"], r["hi"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert r["per_seed"] == pytest.approx(d.tolist())
+    base = P.seed_difference([0.9], ctl)  # one model against three control seeds
+    assert base["per_seed"] == pytest.approx([0.02, 0.0, -0.01]) and base["n_seeds"] == 3
+    one = P.seed_difference([0.9], [0.8])
+    assert one["diff"] == pytest.approx(0.1) and np.isnan(one["lo"]) and np.isnan(one["hi"])
+    with pytest.raises(ValueError, match="one value per seed on both sides"):
+        P.seed_difference([0.9, 0.8], [0.8, 0.7, 0.6])
