@@ -160,8 +160,8 @@ def seed_difference(
     """Mean paired difference of a per-model score (PRDC, TSTR: one value per finetuning seed)
     treated - control, paired by seed, with its Student t interval over the seeds (scipy).
 
-    ``control`` may hold one value per seed or one for all (the pretrained model: one model
-    against each control seed). Returns {diff, lo, hi, per_seed, n_seeds}; with one seed the
+    Either side may hold one value for all seeds (the pretrained model: one model against each
+    control seed). Returns {diff, lo, hi, per_seed, n_seeds}; with one seed the
     interval is NaN. Over 3 seeds t has 2 degrees of freedom: the interval is wide, by design."""
     from scipy import stats as st
 
