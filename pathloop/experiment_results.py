@@ -111,18 +111,17 @@ def round_table(
     return out
 
 
-def _mean_fidelity(evals: list[dict]) -> dict[str, float | None]:
-    """precision, coverage, TSTR macro F1 and accuracy averaged over seeds (None: not run)."""
-    keys = {"precision": "prdc", "coverage": "prdc", "macro_f1": "tstr", "accuracy": "tstr"}
-    out = {}
-    for k, group in keys.items():
-        vals = [e[group][k] for e in evals if group in e]
-        out[f"{group}_{k}"] = float(np.mean(vals)) if vals else None
-    return out
-
-
 FIDELITY = {"prdc_precision": ("prdc", "precision"), "prdc_coverage": ("prdc", "coverage"),
             "tstr_macro_f1": ("tstr", "macro_f1")}  # fmt: skip
+
+
+def _mean_fidelity(evals: list[dict]) -> dict[str, float | None]:
+    """precision, coverage, TSTR macro F1 and accuracy averaged over seeds (None: not run)."""
+    out = {}
+    for name, (group, k) in (FIDELITY | {"tstr_accuracy": ("tstr", "accuracy")}).items():
+        vals = [e[group][k] for e in evals if group in e]
+        out[name] = float(np.mean(vals)) if vals else None
+    return out
 
 
 def _fidelity_diff(ours: list[dict], control: list[dict]) -> dict[str, dict | None]:
