@@ -222,6 +222,8 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         num_gpus=1 if cfg.use_gpu else 0,
         batch_format="numpy",
     )
+    # shards in the work table's order whatever the actor count (paired evaluations rely on it)
+    ds.context.execution_options.preserve_order = True
     prov = {
         "model_uri": model_uri,
         "checkpoint_step": step,
