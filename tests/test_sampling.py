@@ -9,8 +9,8 @@ from pathloop.config import SamplerConfig
 from pathloop.sampling import SampleConfig, run_sample
 
 
-def _run(ckpt, out, **kw):
-    sampler = SamplerConfig(sampler="ddim", steps=2, guidance=2.0, seed=5, batch_size=4)
+def _run(ckpt, out, batch_size=4, **kw):
+    sampler = SamplerConfig(sampler="ddim", steps=2, guidance=2.0, seed=5, batch_size=batch_size)
     return run_sample(SampleConfig(model=str(ckpt), out=str(out), sampler=sampler, **kw))
 
 
@@ -50,10 +50,8 @@ def test_two_actors_write_the_one_actor_shards_in_order(ray_session, tiny_ckpt, 
     from pathloop.data import iter_records, load_arrays
 
     kw = dict(per_class=8, classes=["M1", "M2", "B2", "E1"])
-    sampler = SamplerConfig(sampler="ddim", steps=2, guidance=2.0, seed=5, batch_size=2)
     _run(tiny_ckpt, tmp_path / "one", **kw)
-    run_sample(SampleConfig(model=str(tiny_ckpt), out=str(tmp_path / "two"), sampler=sampler,
-                            num_actors=2, torch_threads=1, **kw))  # fmt: skip
+    _run(tiny_ckpt, tmp_path / "two", batch_size=2, num_actors=2, torch_threads=1, **kw)
     (x1, y1), (x2, y2) = load_arrays(tmp_path / "one"), load_arrays(tmp_path / "two")
     assert np.array_equal(y1, y2) and np.abs(x1.astype(int) - x2.astype(int)).max() <= 1
     seeds = [r["provenance"]["seed"] for r in iter_records(tmp_path / "two")]
