@@ -307,6 +307,37 @@ def eval_sampler(config: dict[str, Any]) -> str:
     return f"Evaluation images: {sampler['sampler']}, {steps} steps, CFG {guidance:g}."
 
 
+def paired_samples(results: dict[str, Any], per_class: int = 2, scale: int = 2) -> Any:
+    """The first ``per_class`` evaluation images of every class, one row per model (the
+    pretrained one, then each arm's first seed): a column is one sampling seed and class, so it
+    reads as the same image under every arm. A red frame marks the images the expert rejects."""
+    from pathloop.data import iter_records, read_vocab
+    from pathloop.judged import sampling_seed
+    from pathloop.viz import image_grid
+
+    root, first = Path(results["workdir"]) / "eval", results["config"]["seeds"][0]
+    labels = {NAMES[BASE]: BASE}
+    for arm in results["config"]["arms"]:
+        labels[f"{arm} (seed {first})"] = model_label(arm, first, results["config"]["rounds"])
+    base = np.load(root / BASE / "verdicts.npz")
+    vocab = read_vocab(root / BASE / "samples")
+    seeds = [  # verdicts are in seed order: the first seeds of each class, class by class
+        int(s) for c in vocab.classes for s in base["seed"][base["class_id"] == c.id][:per_class]
+    ]
+    tiles, marks = [], []
+    for label in labels.values():
+        v = np.load(root / label / "verdicts.npz")
+        rejected = dict(zip(v["seed"].tolist(), (v["plausible"] == 0).tolist(), strict=True))
+        cols = ["image", "provenance"]
+        images = {
+            sampling_seed(r["provenance"]): r["image"]
+            for r in iter_records(root / label / "samples", columns=cols)
+        }
+        tiles += [images[s] for s in seeds]
+        marks += [rejected[s] for s in seeds]
+    return image_grid(tiles, len(labels), len(seeds), scale, list(labels), pad=3, marks=marks)
+
+
 def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
     """results.json, results.md, and the plots; {name: path}."""
     from pathloop import report, viz
@@ -321,6 +352,10 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         f"images and seeds; McNemar: exact, seeds pooled. {eval_sampler(results['config'])}",
         "",
         viz.markdown_table(MAIN_COLUMNS, main_rows(results)),
+        "",
+        "The same evaluation images under each arm (first seed; red frame: the expert rejects):",
+        "",
+        "![paired samples](samples_paired.png)",
         "",
         *_focus_md(results),
         *_fidelity_md(results),
@@ -353,6 +388,8 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
     for name, fig in figs.items():
         files[name] = wd / f"{name}.png"
         files[name].write_bytes(report.figure_png(fig))
+    files["samples_paired"] = wd / "samples_paired.png"
+    paired_samples(results).save(files["samples_paired"])
     out = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps({**results, "files": out}, indent=2, default=str))
     return out
@@ -378,7 +415,8 @@ def print_results(results: dict[str, Any]) -> None:
     print_tables([main, *focus, criteria | {"columns": head, "rows": body}, *drift.tables(results)])
     uri, files = results["tracking_uri"], results["files"]
     console.print(
-        f"results: {files['md']}, {files['json']}\nplots: {Path(files['md']).parent}/plot_*.png\n"
+        f"results: {files['md']}, {files['json']}\nplots: {Path(files['md']).parent}/plot_*.png, "
+        f"samples_paired.png\n"
         f"MLflow store: {uri} (parent run {results['parent_run_id']})\n"
         f"  open it:   mlflow ui --backend-store-uri {uri}\n"
         f"step times (s): {results['step_seconds']}"

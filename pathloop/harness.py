@@ -82,6 +82,12 @@ class TrainConfig(StepsConfig):
         500, ge=0, description="Steps between preview grids; 0 = only at end."
     )
     preview_per_class: int = Field(4, ge=1, description="Images per class in preview grids.")
+    final_preview: bool = Field(
+        True,
+        description="A preview grid at the last step too. pathloop experiment turns it off for "
+        "its arms: it draws every model's evaluation set anyway (samples_paired.png shows them "
+        "side by side), and the grid would cost each finetuning run a sampling of its own.",
+    )
     bf16: bool = Field(
         True,
         description="bf16 autocast (CUDA only). H200, paper preset, batch 256: the diffusers "
@@ -612,7 +618,7 @@ class RankZeroLog:
         if self.rank != 0 or self.st is None:
             return
         every, last = self.cfg.train.sample_every, step >= self.cfg.train.steps
-        if not (last or (every and step % every == 0)):
+        if not ((last and self.cfg.train.final_preview) or (every and step % every == 0)):
             return
         per_class = self.cfg.train.preview_per_class
         unet = ema_copy(self.st.raw, self.st.ema)

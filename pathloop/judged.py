@@ -26,7 +26,7 @@ def judge_set(shards: Path, expert: str | None, split: str | None = None) -> dic
     rows = list(iter_records(shards, split=split, columns=cols))
     if not rows:
         raise ValueError(f"{shards} holds no images to judge")
-    seeds = np.array([_seed(r["provenance"]) for r in rows], dtype=np.int64)  # (N,)
+    seeds = np.array([sampling_seed(r["provenance"]) for r in rows], dtype=np.int64)  # (N,)
     order = np.argsort(seeds, kind="stable")  # the same image index in every arm
     rows = [rows[i] for i in order]
     images = np.stack([r["image"] for r in rows])  # (N, H, W, 3)
@@ -47,7 +47,7 @@ def judge_set(shards: Path, expert: str | None, split: str | None = None) -> dic
     }
 
 
-def _seed(provenance: dict | None) -> int:
+def sampling_seed(provenance: dict | None) -> int:
     """The sampling seed of a synthetic row; -1 for a real image (no provenance)."""
     seed = (provenance or {}).get("seed")
     return -1 if seed is None else int(seed)

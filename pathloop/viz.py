@@ -15,11 +15,14 @@ def image_grid(
     scale: int = 1,
     labels: Sequence[str] | None = None,
     pad: int = 2,
+    marks: Sequence[bool] | None = None,
 ) -> Any:
     """Tile uint8 (H, W, 3) images row-major into a PIL image, upscaled without smoothing.
 
     ``labels`` (one per row) are drawn whole in a left margin as wide as the longest, in a font
-    sized to the row, so a per-class grid reads at a glance.
+    sized to the row, so a per-class grid reads at a glance. ``marks`` (one per image): a red
+    frame in the padding (pad - 1 wide) around the images marked True (e.g. the ones the
+    expert rejects).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -33,7 +36,12 @@ def image_grid(
     for i, img in enumerate(images[: rows * cols]):
         r, c = divmod(i, cols)
         tile = Image.fromarray(np.asarray(img, dtype=np.uint8)).resize((ws, hs), Image.NEAREST)
-        grid.paste(tile, (margin + pad + c * (ws + pad), pad + r * (hs + pad)))
+        x, y = margin + pad + c * (ws + pad), pad + r * (hs + pad)
+        if marks is not None and marks[i] and pad > 1:  # 1 px of white left to the neighbour
+            b = pad - 1
+            frame = (x - b, y - b, x + ws + b - 1, y + hs + b - 1)
+            ImageDraw.Draw(grid).rectangle(frame, outline=(220, 0, 0), width=b)
+        grid.paste(tile, (x, y))
     if labels:
         draw = ImageDraw.Draw(grid)
         for r, text in enumerate(labels[:rows]):

@@ -5,6 +5,7 @@ with, and config mistakes as one line."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from pathloop.config import load_config
@@ -44,6 +46,13 @@ MINIMAL = [
 ]
 
 
+def _columns(shards: Path, *cols: str) -> list[list]:
+    from pathloop.data import iter_records
+
+    rows = list(iter_records(shards, columns=list(cols)))
+    return [[r[c] for r in rows] for c in cols]
+
+
 def _mtimes(wd: Path) -> dict[Path, int]:
     done = [*wd.glob("**/result.json"), *wd.glob("**/eval.json"), *wd.glob("**/manifest.json")]
     return {p: p.stat().st_mtime_ns for p in done}
@@ -58,6 +67,7 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     wd = tmp_path / "exp"
     over = [f"workdir={wd}", "data.source=shards", f"data.path={phantom_shards}"]
     steps = ["evaluation.steps=3"]  # the pool keeps round.sampler's 2 steps
+    steps.append("parallel_finetunes=2")  # two finetuning runs at a time
     cfg = load_config(ExperimentConfig, None, [*over, f"pretrained={tiny_ckpt}", *MINIMAL, *steps])
     res = run_experiment(cfg)
 
@@ -93,6 +103,9 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     ft = {a: np.load(wd / f"arms/{a}/seed0/finetune_data.npz") for a in ("control", "feedback")}
     assert len(ft["feedback"]["weights"]) == 32 and not ft["control"]["weights"].any()
     assert 0 < ft["feedback"]["weights"].mean() < 1
+    # no preview grid at the end of an arm's finetuning: its evaluation set is its picture
+    assert (wd / "arms/feedback/seed0/result.json").exists()
+    assert not (wd / "arms/feedback/seed0/previews").exists()
     # outputs: tables, plots, one parent run with a child per arm x seed and the reward model
     md = (wd / "results.md").read_text()
     assert "| control |" in md
@@ -109,6 +122,21 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     assert all(np.isfinite(v["worst"]) and v["worst"] >= 0 for v in colour["labels"].values())
     for name in ("plot_arms", "plot_classes", "plot_colour"):
         assert Path(res["files"][name]).read_bytes()[:4] == b"\x89PNG"
+    # the same images under each arm: a row per model (first seed), a column per sampling seed
+    # (both of every class's), its pixels from that model's evaluation set, rejects framed red
+    grid = np.asarray(Image.open(res["files"]["samples_paired"]).convert("RGB"))
+    tile = 2 * 32 + 3  # scale 2, pad 3
+    assert grid.shape[0] == 3 * tile + 3
+    margin = grid.shape[1] - 32 * tile - 3
+    assert "](samples_paired.png)" in md
+    for r, lab in enumerate(["base", "control-seed0", "feedback-seed0"]):
+        ims, provs = _columns(wd / "eval" / lab / "samples", "image", "provenance")
+        images = {p["seed"]: im for im, p in zip(ims, provs, strict=True)}
+        for c in range(32):
+            x, y = margin + 3 + c * tile, 3 + r * tile
+            assert np.array_equal(grid[y : y + 64 : 2, x : x + 64 : 2], images[100_000 + c])
+            red = tuple(grid[y + 32, x - 1]) == (220, 0, 0)
+            assert red == (z[lab]["plausible"][c] == 0), (lab, c)
     print_results(json.loads((wd / "results.json").read_text()))
     printed = capsys.readouterr().out
     assert "McNemar" in printed and "MLflow store" in printed and "colour drift" in printed
@@ -122,6 +150,9 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     runs = {r.info.run_name: r for r in children}
     assert {"reward", *labels[1:]} <= set(runs)
     assert "eval/judge_rate" in runs["feedback-seed1"].data.metrics
+    # parallel_finetunes=2: the four finetuning runs went two at a time
+    spans = sorted((runs[n].info.start_time, runs[n].info.end_time) for n in labels[1:])
+    assert sum(b[0] < a[1] for a, b in itertools.pairwise(spans)) >= 2, spans
 
     # rerun after an interruption: only the missing step runs again
     before = _mtimes(wd)
@@ -367,6 +398,7 @@ def test_the_scenario_expert_labels_the_review_set(mixed_pool, tmp_path):
         (["finetune.reward_mode=ones"], "finetune.reward_mode=ones would give"),
         (["finetune.beta_r=0"], "finetune.beta_r must be > 0"),
         (["evaluation.per_class=8"], "evaluation.per_class=8 is below"),
+        (["parallel_finetunes=2", "rounds=2"], "parallel_finetunes=2 works with rounds=1"),
     ],
 )
 def test_config_mistakes_are_one_line(args, needle, tmp_path, monkeypatch):
