@@ -31,6 +31,7 @@ is skipped on rerun; every run is an MLflow child of one parent ``experiment`` r
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -237,9 +238,10 @@ class ExperimentConfig(Frozen):
         ge=1,
         le=8,
         description="Finetuning runs at once (rounds=1 only: later rounds sample pools between "
-        "runs). On 2 cores, two runs at finetune.scaling.torch_threads=1 overlap what each run "
-        "does besides training (worker start, data, checkpoints) and train about 1.09x as fast "
-        "together as one two-thread run; each run needs a free CPU for its worker.",
+        "runs), each in a thread of the driver with its own Ray Train worker, which needs a "
+        "free CPU. On 2 cores, two runs at finetune.scaling.torch_threads=1 overlap what each "
+        "run does besides training (worker start, data, checkpoints, MLflow) and use both "
+        "cores better than one two-thread run (docs/experiments.md).",
     )
     dpo_lr: float | None = Field(
         None,
@@ -503,21 +505,47 @@ def run_chain(steps: Steps, shared: Shared, arm: str, seed: int) -> dict[str, di
     return out
 
 
+def _prepare_threads() -> None:
+    """Start Ray and resolve diffusers' lazily loaded names in the main thread: two finetuning
+    runs doing either at once in their threads fail (ray.init's connect asserts; diffusers'
+    lazy module raises ImportError for a name another thread is importing)."""
+    from diffusers import (  # noqa: F401
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        UNet2DModel,
+    )
+    from diffusers.optimization import get_scheduler  # noqa: F401
+    from diffusers.training_utils import EMAModel  # noqa: F401
+
+    from pathloop import reaper
+
+    reaper.init_ray(ignore_reinit_error=True)
+
+
 def run_arms(steps: Steps, shared: Shared) -> dict[str, dict[str, Any]]:
     """Finetune every arm with every seed (``parallel_finetunes`` at once, the arms that
     train on the pool first, so the short runs fill the end); {model_label: finetune result}
-    in arm, seed order."""
-    from concurrent.futures import ThreadPoolExecutor
+    in arm, seed order. A failed run stops the ones not yet started and raises at once."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     cfg = steps.cfg
     chains = [(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
     if cfg.parallel_finetunes == 1:  # in the main thread, where Ray Train handles Ctrl-C
         done = {c: run_chain(steps, shared, *c) for c in chains}
     else:
+        _prepare_threads()
         order = sorted(chains, key=lambda c: arm_source(c[0])[0] in NO_POOL)
         with ThreadPoolExecutor(cfg.parallel_finetunes) as pool:
-            runs = pool.map(lambda c: run_chain(steps, shared, *c), order)
-            done = dict(zip(order, runs, strict=True))
+            futures = {pool.submit(run_chain, steps, shared, *c): c for c in order}
+            done = {}
+            try:
+                for f in as_completed(futures):
+                    done[futures[f]] = f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     return {label: r for c in chains for label, r in done[c].items()}
 
 
@@ -706,6 +734,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     from pathloop.config import dump_config
 
     check_config(cfg)
+    t0 = time.perf_counter()
     wd = Path(storage.absolute(cfg.workdir))
     cfg = updated(cfg, workdir=str(wd))
     wd.mkdir(parents=True, exist_ok=True)
@@ -735,6 +764,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "colour": drift.eval_colour(wd / "eval", shards, final_labels(cfg), BASE),  # cheap
         "evaluations": {k: v for k, v in evals.items() if k != REAL},
         "step_seconds": steps.timings,
+        # this invocation's wall time: steps found done are not in it; with
+        # parallel_finetunes > 1 the finetuning step times overlap and sum to more
+        "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     results["files"] = res.write_outputs(results, wd)
     tracking.log_metrics(uri, parent, headline_metrics(rows) | drift.metrics(results["colour"]), 0)

@@ -373,6 +373,9 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         "",
         viz.markdown_table(["quantity", "value"], [[k, str(v)] for k, v in a.items()]),
         "",
+        f"Wall time of the run that wrote this: {results.get('wall_seconds', 0) / 60:.1f} min "
+        "(steps found done from an earlier run not counted).",
+        "",
     ]
     files = {"json": wd / "results.json", "md": wd / "results.md"}
     files["md"].write_text("\n".join(md))
@@ -419,5 +422,7 @@ def print_results(results: dict[str, Any]) -> None:
         f"samples_paired.png\n"
         f"MLflow store: {uri} (parent run {results['parent_run_id']})\n"
         f"  open it:   mlflow ui --backend-store-uri {uri}\n"
-        f"step times (s): {results['step_seconds']}"
+        f"step times (s): {results['step_seconds']}\n"
+        f"wall time of this run: {results.get('wall_seconds', 0) / 60:.1f} min (steps found "
+        "done not counted)"
     )

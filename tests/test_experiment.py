@@ -141,6 +141,8 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     printed = capsys.readouterr().out
     assert "McNemar" in printed and "MLflow store" in printed and "colour drift" in printed
     assert "PRDC and TSTR minus the control's" in printed
+    assert res["wall_seconds"] >= sum(res["step_seconds"].values()) / 2  # two at once at most
+    assert f"wall time of this run: {res['wall_seconds'] / 60:.1f} min" in printed
     client = mlflow.MlflowClient(res["tracking_uri"])
     parent = client.get_run(res["parent_run_id"])
     assert "feedback/diff" in parent.data.metrics and "feedback/colour_drift" in parent.data.metrics
@@ -410,6 +412,41 @@ def test_config_mistakes_are_one_line(args, needle, tmp_path, monkeypatch):
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], res.output
     assert not (tmp_path / "runs").exists()  # refused before anything is written
+
+
+def test_a_failed_parallel_run_stops_the_queue_and_raises_at_once(monkeypatch):
+    """parallel_finetunes=2: the first failure surfaces while the other thread still runs, and
+    the runs not yet started are not started."""
+    import time
+    from types import SimpleNamespace
+
+    import pathloop.experiment as E
+
+    started = []
+
+    def chain(steps, shared, arm, seed):
+        started.append((arm, seed))
+        if (arm, seed) == ("feedback", 0):
+            raise RuntimeError("feedback-seed0 failed")
+        time.sleep(0.5)
+        return {E.model_label(arm, seed, 1): {}}
+
+    monkeypatch.setattr(E, "run_chain", chain)
+    monkeypatch.setattr(E, "_prepare_threads", lambda: None)
+    cfg = ExperimentConfig(arms=("control", "feedback"), seeds=(0, 1, 2), parallel_finetunes=2)
+    with pytest.raises(RuntimeError, match="feedback-seed0 failed"):
+        E.run_arms(SimpleNamespace(cfg=cfg), None)
+    # the pool arm first; the control's runs, queued behind, never start
+    assert started[:2] == [("feedback", 0), ("feedback", 1)]
+    assert not any(arm == "control" for arm, _ in started), started
+
+    def ok(steps, shared, arm, seed):
+        time.sleep(0.1 * (seed == 0))  # seed 0 ends last
+        return {E.model_label(arm, seed, 1): {}}
+
+    monkeypatch.setattr(E, "run_chain", ok)
+    out = E.run_arms(SimpleNamespace(cfg=cfg), None)  # labels in arm, seed order all the same
+    assert list(out) == [f"{a}-seed{s}" for a in ("control", "feedback") for s in (0, 1, 2)]
 
 
 def test_evaluation_seeds_stay_clear_of_the_training_images():
