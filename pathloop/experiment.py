@@ -275,7 +275,8 @@ class ExperimentConfig(Frozen):
         if self.parallel_finetunes > 1 and self.rounds > 1:
             raise ValueError(
                 f"parallel_finetunes={self.parallel_finetunes} works with rounds=1 (later rounds "
-                "sample a pool between finetuning runs); set parallel_finetunes=1 or rounds=1"
+                "sample a pool between finetuning runs); set parallel_finetunes=1 (with "
+                "finetune.scaling.torch_threads=2 on 2 cores) or rounds=1"
             )
         return self
 
