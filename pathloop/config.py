@@ -114,10 +114,11 @@ class SamplerConfig(Frozen):
         description="Images per UNet call (CFG doubles the rows). On 2 CPU cores 16-32 sample "
         "about 1.5x faster per image than 128; GPUs want hundreds.",
     )
-    channels_last: bool = Field(
-        False,
-        description="channels_last UNet weights. Off: GroupNorm has no channels_last kernel "
-        "in eager mode (see train.channels_last); not measured for sampling.",
+    channels_last: bool | Literal["auto"] = Field(
+        "auto",
+        description="channels_last UNet weights; auto = on a CPU, off on a GPU. 2-core CPU "
+        "machine, tiny preset, DPM++-10: 13.2 images/s against 9.6 (one thread). GPUs: eager "
+        "GroupNorm has no channels_last kernel (see train.channels_last).",
     )
     compile: bool = Field(
         False,

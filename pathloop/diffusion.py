@@ -288,6 +288,16 @@ def _denoise_chunk(
     return x
 
 
+def use_channels_last(setting: bool | str, device: torch.device | str) -> bool:
+    """``channels_last: auto`` resolved for ``device``: on for CPUs, where the tiny preset's
+    convolutions and GroupNorm run faster in that layout (2-core CPU machine, 2026-12-06: training
+    1.3x, DPM++ sampling 1.37x as many images/s), off for GPUs, where eager GroupNorm has no
+    channels_last kernel and every norm converts the activations back and forth."""
+    if setting == "auto":
+        return torch.device(device).type == "cpu"
+    return bool(setting)
+
+
 def _prepare_denoiser(unet: torch.nn.Module, channels_last: bool, compile_: bool) -> None:
     """channels_last weights and ``nn.Module.compile`` of ``unet``, in place (a module compiled
     before is kept as it is). Compiled with static shapes: the first chunk of each shape compiles
@@ -364,7 +374,7 @@ def sample(
     dtype: torch.dtype | None = None,
     generator_per_image: bool = True,
     seeds: Sequence[int] | None = None,
-    channels_last: bool = False,
+    channels_last: bool | str = False,
     compile: bool = False,
 ) -> torch.Tensor:
     """Draw one image per class id; returns (N, C, H, W) float32 in [-1, 1] on the CPU.
@@ -394,8 +404,9 @@ def sample(
     device: where to run; None = the unet's device, else the unet is moved there.
     dtype: torch.bfloat16 turns on bf16 autocast on CUDA (ignored on CPU).
     channels_last/compile: convert the unet in place, as ``device`` moves it (see
-        ``_prepare_denoiser``); both off by default, and neither changes which noise an image
-        draws, so a compiled sampler reproduces an eager one up to float rounding.
+        ``_prepare_denoiser``); both off by default (``channels_last="auto"``: on for a CPU,
+        see ``use_channels_last``), and neither changes which noise an image draws, so either
+        reproduces the default sampler up to float rounding.
     ``SamplerConfig`` fields are keyword arguments: ``sample(u, n, ids, **cfg.model_dump())``
     (the jobs resolve a guide reference such as a result.json or 'earliest' first).
     """
@@ -406,6 +417,7 @@ def sample(
         raise ValueError(f"guidance_interval must be [lo, hi] in [0, 1], got {[lo, hi]}")
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     unet.to(device)
+    channels_last = use_channels_last(channels_last, device)
     _prepare_denoiser(unet, channels_last, compile)
     guide = _load_guide(guide, guide_weights or weights, device)
     if guide is not None:

@@ -418,7 +418,7 @@ def finetune_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from pathloop.diffusion import load_checkpoint
+    from pathloop.diffusion import load_checkpoint, use_channels_last
 
     cfg = inputs.cfg
     rank, world, device = worker_context(cfg)
@@ -426,6 +426,8 @@ def finetune_loop(config: dict) -> None:
     frozen = cfg.method in ("dpo", "nft")  # the reference (dpo), the model that drew the pool (nft)
     ref = copy.deepcopy(start.unet).eval().requires_grad_(False) if frozen else None
     ref = ref.to(device) if ref is not None else None  # the frozen reference beside the model
+    if ref is not None and use_channels_last(cfg.train.channels_last, device):
+        ref = ref.to(memory_format=torch.channels_last)  # the layout build_state gives the model
     st = build_state(
         cfg, len(inputs.vocab), device, wrap=ray.train.torch.prepare_model, init_unet=start.unet
     )

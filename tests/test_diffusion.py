@@ -119,18 +119,23 @@ def test_sampling_deterministic_and_independent_of_batching(sampler):
 
 def test_channels_last_sampling_draws_the_same_images():
     """SamplerConfig's fields are sample()'s keywords; channels_last weights (converted in
-    place) change no image beyond float rounding."""
+    place; the default, auto, on a CPU) change no image beyond float rounding."""
     import copy
 
     from pathloop.config import SamplerConfig, updated
 
     unet = _unet()
     cfg = SamplerConfig(sampler="ddim", steps=2, guidance=2.0, seed=3, batch_size=3)
-    a = D.sample(unet, NOISE, [0, 1, 2], **cfg.model_dump())
-    other = copy.deepcopy(unet)
-    b = D.sample(other, NOISE, [0, 1, 2], **updated(cfg, channels_last=True).model_dump())
-    assert other.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert cfg.channels_last == "auto" and D.use_channels_last("auto", "cpu")
+    assert not D.use_channels_last("auto", "cuda") and D.use_channels_last(True, "cuda")
+    a = D.sample(unet, NOISE, [0, 1, 2], **updated(cfg, channels_last=False).model_dump())
+    assert unet.conv_in.weight.is_contiguous()
+    for setting in ("auto", True):
+        other = copy.deepcopy(unet)
+        b = D.sample(other, NOISE, [0, 1, 2], **updated(cfg, channels_last=setting).model_dump())
+        assert other.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not other.conv_in.weight.is_contiguous()
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 def test_cfg_null_class_and_guidance():

@@ -29,20 +29,29 @@ def test_global_draw_on_the_cpu_is_the_stream_checkpoints_resume_from():
 
 
 def test_cpu_defaults_stay_eager_and_the_loss_stays_a_tensor():
-    """compile=auto is off on the CPU and channels_last is off by default; a step returns its
-    loss as a detached 0-d tensor (read only when reported)."""
+    """compile=auto is off on the CPU and channels_last=auto on; a step returns its loss as a
+    detached 0-d tensor (read only when reported), the same loss as with contiguous weights up
+    to float rounding."""
     from pathloop.harness import build_state, global_draw, train_step
 
     cfg = load_config(PretrainConfig, None, TINY)
-    assert cfg.train.compile == "auto" and cfg.train.channels_last is False
-    st = build_state(cfg, 16, torch.device("cpu"))
-    assert st.model is st.raw and not st.autocast and not st.ema.foreach
+    assert cfg.train.compile == "auto" and cfg.train.channels_last == "auto"
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand((8, 3, 32, 32), generator=g) * 2 - 1  # (B, C, H, W)
     ids = torch.randint(0, 16, (8,), generator=g)  # (B,)
-    loss = train_step(st, x0, ids, *global_draw(cfg, 0, tuple(x0.shape), 16), 1.0)
-    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
-    assert torch.isfinite(loss)
+    losses = {}
+    for layout in ("auto", "false"):
+        c = load_config(PretrainConfig, None, [*TINY, f"train.channels_last={layout}"])
+        st = build_state(c, 16, torch.device("cpu"))
+        assert st.model is st.raw and not st.autocast and not st.ema.foreach
+        w = st.raw.conv_in.weight
+        assert w.is_contiguous(memory_format=torch.channels_last) == (layout == "auto")
+        steps = [train_step(st, x0, ids, *global_draw(c, s, x0.shape, 16), 1.0) for s in (0, 1)]
+        loss = steps[-1]  # after one update: the optimizer step ran in this layout too
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
+        assert torch.isfinite(loss)
+        losses[layout] = float(loss)
+    assert losses["auto"] == pytest.approx(losses["false"], rel=1e-4)
     for value in ("true", "false", "auto"):
         load_config(PretrainConfig, None, [f"train.compile={value}"])
     with pytest.raises(ConfigError, match="compile"):
