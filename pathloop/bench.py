@@ -226,6 +226,7 @@ def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
     stream = updated(cfg, workdir=str(work / "ray-stream"), data={"cache": False})
     stream_rate, _ = _ray_rate(stream)
     bare = bare_loop_rate(cfg, steps)
+    contiguous = bare_loop_rate(updated(cfg, train={"channels_last": False}), steps)
     note = f"tiny preset, 32 px, global batch {cfg.train.batch_size}, {steps} steps"
     return [
         Figure(
@@ -246,6 +247,14 @@ def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
             note=f"{note}; the streaming path for sets larger than the object store",
         ),
         Figure(
+            "train step on a CPU: channels_last (train.channels_last auto) vs contiguous",
+            bare,
+            "images/s",
+            "contiguous UNet weights (train.channels_last=false)",
+            contiguous,
+            note=f"{note}; the bare loop, one after the other",
+        ),
+        Figure(
             "pretrain data-wait fraction (Ray Data → Train)",
             wait,
             "fraction",
@@ -255,6 +264,10 @@ def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
 
 
 def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Figure]:
+    import copy
+
+    import torch
+
     from pathloop.data import read_vocab
     from pathloop.diffusion import build_unet, load_checkpoint, sample
     from pathloop.pretrain import PretrainConfig
@@ -283,6 +296,33 @@ def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Fi
                 note="batch 32, one process",
             )
         )
+    # The experiments' evaluation sampler (DPM++-10, CFG 1) with each layout, alternating
+    cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    ids = [i % 16 for i in range(64)]
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(2):
+        for layout, u in ((False, unet), (True, cl)):
+            run = lambda u=u, layout=layout: sample(  # noqa: E731
+                u,
+                noise,
+                ids,
+                sampler="dpm++",
+                steps=10,
+                guidance=1.0,
+                batch_size=16,
+                channels_last=layout,
+            )
+            rates[layout].append(_rate(len(ids), run))
+    figs.append(
+        Figure(
+            "sampling dpm++-10, CFG 1: channels_last (sampler.channels_last auto) vs contiguous",
+            max(rates[True]),
+            "images/s",
+            "contiguous UNet weights (sampler.channels_last=false)",
+            max(rates[False]),
+            note="batch 16, one process, best of two alternating rounds of 64 images",
+        )
+    )
     return figs
 
 
