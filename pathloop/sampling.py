@@ -77,15 +77,16 @@ class _Sampler:
             torch.set_num_threads(torch_threads)
         from pathloop import storage
 
-        def local_copy(files: dict[str, bytes]) -> Path:  # this node's, whichever node it is
-            local = Path(tempfile.mkdtemp(prefix="pathloop-sampler-"))
-            storage.unpack_dir(files, local)
-            return local
-
         self.cfg = SamplerConfig.model_validate(sampler)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        guide_dir = local_copy(guide_files) if guide_files else None
-        self.ck, self.guide = load_models(local_copy(ckpt_files), guide_dir, self.cfg, self.device)
+        # This node's copy of the files, whichever node it is, gone once the weights are loaded
+        # (every actor of every sampling job would otherwise leave a model's size in /tmp)
+        with tempfile.TemporaryDirectory(prefix="pathloop-sampler-") as tmp:
+            model_dir = storage.unpack_dir(ckpt_files, Path(tmp) / "model")
+            guide_dir = None
+            if guide_files:
+                guide_dir = storage.unpack_dir(guide_files, Path(tmp) / "guide")
+            self.ck, self.guide = load_models(model_dir, guide_dir, self.cfg, self.device)
         self.strength = strength
         self.dtype = torch.bfloat16 if bf16 else None
 

@@ -78,8 +78,15 @@ def test_image_to_image_records_its_start(ray_session, tiny_ckpt, phantom_shards
 
 def test_sample_job_with_a_guide_and_interval(ray_session, tiny_ckpt, tmp_path):
     """The guide travels to the actors: the model as its own guide draws the conditional
-    images (guidance 1); the shard set's note records the guidance settings."""
+    images (guidance 1); the shard set's note records the guidance settings. The actors'
+    local copies of the model and the guide are gone once loaded."""
+    import tempfile
+    from pathlib import Path
+
     from pathloop.data import load_arrays, read_manifest
+
+    copies = Path(tempfile.gettempdir()).glob  # where the actors (on this node) unpack
+    before = set(copies("pathloop-sampler-*"))
 
     def run(out, **sampler):
         cfg = SamplerConfig(sampler="ddim", steps=2, seed=5, batch_size=4, **sampler)
@@ -98,3 +105,4 @@ def test_sample_job_with_a_guide_and_interval(ray_session, tiny_ckpt, tmp_path):
     note = read_manifest(tmp_path / "g")["source_note"]
     assert "guidance_interval=[0.2, 1.0]" in note and f"guide={tiny_ckpt}" in note
     assert "weights=raw" in note
+    assert set(copies("pathloop-sampler-*")) <= before  # three jobs, no copy left behind
