@@ -10,11 +10,16 @@ GenAI traces. Only the driver or rank 0 calls these.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import re
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -359,8 +364,7 @@ def resolve_model_ref(
             tracking_uri = resolve_uri(tracking, ".")
         return _download_model(ref, tracking_uri), ref
     if storage.is_uri(ref):
-        local = Path(tempfile.mkdtemp(prefix="pathloop-model-"))  # lives as long as the process
-        return storage.copy_to_local(ref, local), ref
+        return _local_copy(ref, None, lambda dest: storage.copy_to_local(ref, dest), False), ref
     p = Path(ref)
     if not p.exists():
         raise FileNotFoundError(
@@ -375,15 +379,58 @@ def resolve_model(ref: str | Path, tracking_uri: str | None = None) -> Path:
     return resolve_model_ref(ref, tracking_uri=tracking_uri)[0]
 
 
+_downloads: dict[tuple[str | None, str], Path] = {}  # (store, reference) -> this process's copy
+_downloads_lock = threading.Lock()
+_scratch: list[Path] = []  # this process's download directory, once made
+
+
+def _scratch_dir() -> Path:
+    """The directory this process downloads models into, removed when the process exits, so a
+    job, sweep trial or replica leaves no model copy in the temp dir. Forked children inherit
+    the exit hook but not the directory: only the process that made it removes it."""
+    if not _scratch or not _scratch[0].is_dir():
+        root, pid = Path(tempfile.mkdtemp(prefix="pathloop-models-")), os.getpid()
+        atexit.register(lambda: os.getpid() == pid and shutil.rmtree(root, ignore_errors=True))
+        _scratch[:] = [root]
+    return _scratch[0]
+
+
+def _local_copy(ref: str, store: str | None, fetch: Any, reuse: bool) -> Path:
+    """``fetch(dest)`` -> local path in ``_scratch_dir``; with ``reuse`` (a reference that
+    always names the same files), once per (store, reference) and process."""
+    with _downloads_lock:
+        hit = _downloads.get((store, ref)) if reuse else None
+        if hit is not None and hit.exists():
+            return hit
+        dest = Path(tempfile.mkdtemp(dir=_scratch_dir()))
+        try:
+            path = Path(fetch(dest))
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        _downloads[(store, ref)] = path
+        return path
+
+
+def _mlflow_download(ref: str, dest: Path) -> str:
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest))
+
+
 def _download_model(ref: str, tracking_uri: str | None) -> Path:
-    """An MLflow model URI downloaded; the pathloop checkpoint (``state.json``) inside it."""
+    """An MLflow model URI downloaded (once per process, into ``_scratch_dir``); the pathloop
+    checkpoint (``state.json``) inside it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    store = mlflow.get_tracking_uri()
+    # a version number or a run pins the files; an alias or a stage may move to another version
+    pinned = re.fullmatch(r"models:/[^/@]+/\d+(/.*)?", ref) or not ref.startswith("models:/")
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+        local = _local_copy(ref, store, partial(_mlflow_download, ref), bool(pinned))
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise

@@ -3,6 +3,8 @@ model training, a run's card for reports, registered versions described with the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -81,3 +83,31 @@ def test_registered_version_describes_its_lineage_and_metrics(tiny_ckpt, tmp_pat
     assert version.tags["metric.model/plausibility/judge/rate"] == "0.625"
     with pytest.raises(ValueError, match="not models:/<name>/<version>"):
         tracking.describe_model_version(uri, f"runs:/{run}/model")
+
+
+def test_a_downloaded_model_is_fetched_once_and_removed_when_the_process_exits(tiny_ckpt, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tc = TrackingConfig(tracking_uri=uri, experiment="downloads")
+    run = tracking.start_run(tc, tmp_path, run_name="pretrain")
+    assert tracking.log_checkpoint_model(uri, run, tiny_ckpt, "dl-tiny") == "models:/dl-tiny/1"
+    script = (
+        "import sys; from pathloop.tracking import resolve_model_ref as r\n"
+        "a, b = (r('models:/dl-tiny/1', tracking_uri=sys.argv[1])[0] for _ in range(2))\n"
+        "assert a == b and (a / 'state.json').is_file(), (a, b)\n"
+        "c = r(f'runs:/{sys.argv[2]}/model', tracking_uri=sys.argv[1])[0]\n"
+        "print(a, c)\n"
+    )
+    scratch = tmp_path / "tmp"  # the child's temp dir: every copy it makes lands here
+    scratch.mkdir()
+    env = os.environ | {"TMPDIR": str(scratch)}
+    out = subprocess.run(
+        [sys.executable, "-c", script, uri, run], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    by_run = Path(out.stdout.split()[1])
+    assert scratch in by_run.parents  # a run's model is copied (a version may be read in place)
+    assert list(scratch.iterdir()) == []  # nothing left once the process is gone
