@@ -412,6 +412,28 @@ def _local_copy(ref: str, store: str | None, fetch: Any, reuse: bool) -> Path:
         return path
 
 
+def _in_place(ref: str) -> Path | None:
+    """Where the files of an MLflow model URI already lie on this machine (a store whose
+    artifacts are local or on shared storage), else None. Those are read where they are, as
+    MLflow itself does for a local version, so every node of a cluster sees the same path."""
+    from urllib.parse import urlparse
+
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    if ref.startswith("models:/"):
+        under = ModelsArtifactRepository.get_underlying_uri(ref)
+    elif ref.startswith("runs:/"):
+        under = RunsArtifactRepository.get_underlying_uri(ref)
+    else:
+        return None
+    if urlparse(under).scheme not in ("", "file"):
+        return None
+    path = Path(local_file_uri_to_path(under))
+    return path if path.exists() else None
+
+
 def _mlflow_download(ref: str, dest: Path) -> str:
     import mlflow
 
@@ -419,8 +441,8 @@ def _mlflow_download(ref: str, dest: Path) -> str:
 
 
 def _download_model(ref: str, tracking_uri: str | None) -> Path:
-    """An MLflow model URI downloaded (once per process, into ``_scratch_dir``); the pathloop
-    checkpoint (``state.json``) inside it."""
+    """The pathloop checkpoint (``state.json``) of an MLflow model URI: in place where its
+    files are local, else downloaded (once per process, into ``_scratch_dir``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -430,7 +452,9 @@ def _download_model(ref: str, tracking_uri: str | None) -> Path:
     # a version number or a run pins the files; an alias or a stage may move to another version
     pinned = re.fullmatch(r"models:/[^/@]+/\d+(/.*)?", ref) or not ref.startswith("models:/")
     try:
-        local = _local_copy(ref, store, partial(_mlflow_download, ref), bool(pinned))
+        local = _in_place(ref) or _local_copy(
+            ref, store, partial(_mlflow_download, ref), bool(pinned)
+        )
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise

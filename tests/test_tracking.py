@@ -85,7 +85,9 @@ def test_registered_version_describes_its_lineage_and_metrics(tiny_ckpt, tmp_pat
         tracking.describe_model_version(uri, f"runs:/{run}/model")
 
 
-def test_a_downloaded_model_is_fetched_once_and_removed_when_the_process_exits(tiny_ckpt, tmp_path):
+def test_model_copies_are_removed_when_the_process_exits_and_local_versions_read_in_place(
+    tiny_ckpt, tmp_path
+):
     import os
     import subprocess
     import sys
@@ -99,15 +101,18 @@ def test_a_downloaded_model_is_fetched_once_and_removed_when_the_process_exits(t
         "a, b = (r('models:/dl-tiny/1', tracking_uri=sys.argv[1])[0] for _ in range(2))\n"
         "assert a == b and (a / 'state.json').is_file(), (a, b)\n"
         "c = r(f'runs:/{sys.argv[2]}/model', tracking_uri=sys.argv[1])[0]\n"
-        "print(a, c)\n"
+        "d = r(f'file://{sys.argv[3]}')[0]\n"
+        "assert (c / 'state.json').is_file() and (d / 'state.json').is_file(), (c, d)\n"
+        "print(a, c, d)\n"
     )
     scratch = tmp_path / "tmp"  # the child's temp dir: every copy it makes lands here
     scratch.mkdir()
     env = os.environ | {"TMPDIR": str(scratch)}
-    out = subprocess.run(
-        [sys.executable, "-c", script, uri, run], env=env, capture_output=True, text=True
-    )
+    argv = [sys.executable, "-c", script, uri, run, str(tiny_ckpt)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    by_run = Path(out.stdout.split()[1])
-    assert scratch in by_run.parents  # a run's model is copied (a version may be read in place)
-    assert list(scratch.iterdir()) == []  # nothing left once the process is gone
+    version, by_run, remote = (Path(p) for p in out.stdout.split())
+    # a version in a store with local artifacts (or on shared storage) is read where it lies
+    assert scratch not in version.parents and (version / "state.json").is_file()
+    assert scratch in by_run.parents and scratch in remote.parents  # these were copied
+    assert list(scratch.iterdir()) == []  # and nothing is left once the process is gone
