@@ -547,7 +547,7 @@ def run_concepts(cfg: ConceptsConfig) -> dict[str, Any]:
     from pathloop.classifiers import load_subtype_classifier
     from pathloop.data import read_manifest, read_vocab
     from pathloop.diffusion import load_checkpoint
-    from pathloop.tracking import resolve_model_ref
+    from pathloop.tracking import for_workers, resolve_model_ref
 
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)
@@ -569,6 +569,7 @@ def run_concepts(cfg: ConceptsConfig) -> dict[str, Any]:
         "pathloop.subtypes": ",".join(subtypes),
     }
     cfg, uri, run_id = prepare_run(cfg, "concepts", tags)
+    ckpt_dir = for_workers(ckpt_dir, cfg.workdir, "pretrained_model")
 
     # ---- Γρ first (trained on the subtype labels), then the training rows
     seed = cfg.classifier.seed

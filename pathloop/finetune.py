@@ -689,7 +689,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     from pathloop import storage
     from pathloop.diffusion import load_checkpoint
-    from pathloop.tracking import log_metrics, resolve_model_ref
+    from pathloop.tracking import for_workers, log_metrics, resolve_model_ref
 
     check_reward_source(cfg)
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
@@ -719,6 +719,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "pathloop.feedback_fraction": str(cfg.feedback_fraction),
     }
     cfg, uri, run_id = prepare_run(cfg, "finetune", tags)
+    ckpt_dir = for_workers(ckpt_dir, cfg.workdir, "pretrained_model")
     data_file = Path(cfg.workdir) / "finetune_data.npz"
     stats = _finetune_data(cfg, start.vocab, data_file)
     rprint({"config": cfg.model_dump(mode="json"), "data": stats})

@@ -670,7 +670,8 @@ def _reward_backbone(cfg: RewardConfig, uri: str, run_id: str) -> str:
     from pathloop.tracking import resolve_model_ref
 
     if cfg.backbone:
-        return str(resolve_model_ref(cfg.backbone, cfg.tracking)[0])
+        local = resolve_model_ref(cfg.backbone, cfg.tracking)[0]
+        return str(tracking.for_workers(local, cfg.workdir, "backbone_model"))
     out = Path(cfg.workdir) / "backbone"
     if cfg.resume and (out / "config.json").exists():
         return str(out)

@@ -412,6 +412,19 @@ def _local_copy(ref: str, store: str | None, fetch: Any, reuse: bool) -> Path:
         return path
 
 
+def for_workers(path: str | Path, workdir: str | Path, name: str) -> Path:
+    """A resolved model dir where Ray workers on any node can read it: ``path`` itself, unless
+    it is this process's download copy (the driver's temp dir, gone when the driver exits), then
+    a copy in ``<workdir>/<name>``: on a cluster the work dir is on the shared filesystem."""
+    path = Path(path)
+    if not _scratch or _scratch[0] not in path.parents:
+        return path
+    dest = Path(workdir) / name
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(path, dest)
+    return dest.resolve()
+
+
 def _in_place(ref: str) -> Path | None:
     """Where the files of an MLflow model URI already lie on this machine (a store whose
     artifacts are local or on shared storage), else None. Those are read where they are, as

@@ -116,3 +116,13 @@ def test_model_copies_are_removed_when_the_process_exits_and_local_versions_read
     assert scratch not in version.parents and (version / "state.json").is_file()
     assert scratch in by_run.parents and scratch in remote.parents  # these were copied
     assert list(scratch.iterdir()) == []  # and nothing is left once the process is gone
+
+
+def test_ray_workers_get_a_downloaded_model_from_the_work_dir(tiny_ckpt, tmp_path):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    assert tracking.for_workers(tiny_ckpt, wd, "pretrained_model") == tiny_ckpt  # stays put
+    copy = tracking.resolve_model_ref(f"file://{tiny_ckpt}")[0]  # the driver's own download
+    assert copy != tiny_ckpt and (copy / "state.json").is_file()
+    shared = tracking.for_workers(copy, wd, "pretrained_model")  # what nodes' workers can read
+    assert shared == (wd / "pretrained_model").resolve() and (shared / "state.json").is_file()
