@@ -389,7 +389,7 @@ def _scratch_dir() -> Path:
     job, sweep trial or replica leaves no model copy in the temp dir. Forked children inherit
     the exit hook but not the directory: only the process that made it removes it."""
     if not _scratch or not _scratch[0].is_dir():
-        root, pid = Path(tempfile.mkdtemp(prefix="pathloop-models-")), os.getpid()
+        root, pid = Path(tempfile.mkdtemp(prefix="pathloop-models-")).resolve(), os.getpid()
         atexit.register(lambda: os.getpid() == pid and shutil.rmtree(root, ignore_errors=True))
         _scratch[:] = [root]
     return _scratch[0]
@@ -417,7 +417,7 @@ def for_workers(path: str | Path, workdir: str | Path, name: str) -> Path:
     it is this process's download copy (the driver's temp dir, gone when the driver exits), then
     a copy in ``<workdir>/<name>``: on a cluster the work dir is on the shared filesystem."""
     path = Path(path)
-    if not _scratch or _scratch[0] not in path.parents:
+    if not _scratch or _scratch[0] not in path.resolve().parents:
         return path
     dest = Path(workdir) / name
     shutil.rmtree(dest, ignore_errors=True)
