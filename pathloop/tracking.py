@@ -408,7 +408,8 @@ def _local_copy(ref: str, store: str | None, fetch: Any, reuse: bool) -> Path:
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
-        _downloads[(store, ref)] = path
+        if reuse:
+            _downloads[(store, ref)] = path
         return path
 
 
