@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 from collections import Counter, defaultdict
@@ -615,6 +616,31 @@ def read_shards(
     ``cache`` reads and decodes once, keeps the uint8 images in Ray's object store
     (``materialize``) and leaves only augmentation to every epoch: for sets that fit in it.
     """
+    aug = augment.model_dump() if augment is not None else None
+    kw = {"augment": aug, "keep_id": with_ids}
+    if cache:
+        decoded = decoded_shards(shard_dir, split, classes)
+        return decoded.map_batches(augment_batch, batch_format="numpy", fn_kwargs=kw)
+    ds = _scan_shards(shard_dir, split, classes)
+    return ds.map_batches(transform_batch, batch_format="numpy", fn_kwargs=kw)
+
+
+def decoded_shards(
+    shard_dir: str | Path, split: str | None = None, classes: list[str | int] | None = None
+) -> ray.data.Dataset:
+    """The selected records decoded once and kept in Ray's object store (``materialize``):
+    ``id``, ``image`` uint8 (H, W, 3) and ``class_id``, not augmented (``held_epochs``)."""
+    return (
+        _scan_shards(shard_dir, split, classes)
+        .map_batches(decode_batch, batch_format="numpy")
+        .materialize()
+    )
+
+
+def _scan_shards(
+    shard_dir: str | Path, split: str | None, classes: list[str | int] | None
+) -> ray.data.Dataset:
+    """The Parquet scan of ``read_shards``: split and class filters pushed down, three columns."""
     import ray.data
     from ray.data.expressions import col, lit
 
@@ -631,13 +657,37 @@ def read_shards(
         ds = ds.filter(expr=col("split") == lit(split))
     if ids is not None:
         ds = ds.filter(expr=col("class_id").is_in(ids))
-    ds = ds.select_columns(["id", "image", "class_id"])
-    aug = augment.model_dump() if augment is not None else None
-    kw = {"augment": aug, "keep_id": with_ids}
-    if not cache:
-        return ds.map_batches(transform_batch, batch_format="numpy", fn_kwargs=kw)
-    decoded = ds.map_batches(decode_batch, batch_format="numpy").materialize()
-    return decoded.map_batches(augment_batch, batch_format="numpy", fn_kwargs=kw)
+    return ds.select_columns(["id", "image", "class_id"])
+
+
+def held_epochs(
+    source: Any, batch_size: int, augment: AugmentConfig | None, seed: int, shuffle: bool = True
+) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
+    """Endless epochs over decoded images read once from ``source`` (a ``decoded_shards``
+    dataset or a Ray Train shard of one) into this process's memory: each epoch an iterator of
+    full batches {"image": float32 (b, 3, H, W) in [-1, 1], "class_id": int64 (b,)}, in an
+    order drawn from (seed, epoch) (file order with ``shuffle=False``) and augmented here,
+    reproducibly. Ray Data reads the shard once instead of running a pipeline every epoch."""
+    import torch
+
+    parts = list(source.iter_batches(batch_format="numpy"))
+    held = {k: np.concatenate([p[k] for p in parts]) for k in ("id", "image", "class_id")}
+    n = len(held["class_id"])
+    if n < batch_size:
+        raise ValueError(
+            f"{n} images in this worker's share < its batch {batch_size}; "
+            "lower train.batch_size or add data"
+        )
+
+    def epoch(rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            out = augment_batch({k: v[idx] for k, v in held.items()}, augment, rng, False)
+            yield {k: torch.from_numpy(out[k]) for k in ("image", "class_id")}
+
+    for e in itertools.count():
+        yield epoch(np.random.default_rng([seed, e]))
 
 
 def torch_batches(

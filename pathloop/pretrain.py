@@ -131,7 +131,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from rich import print as rprint
 
     from pathloop import storage
-    from pathloop.data import read_manifest, read_shards, read_vocab
+    from pathloop.data import decoded_shards, read_manifest, read_shards, read_vocab
 
     # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
     shards = storage.absolute(cfg.data.shards)
@@ -148,13 +148,12 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = read_shards(
-        shards,
-        split=cfg.data.split,
-        classes=cfg.data.classes,
-        augment=cfg.data.augment,
-        cache=cfg.data.cache,
-    )
+    if cfg.data.cache:  # decoded once; every worker shuffles and augments its share itself
+        ds = decoded_shards(shards, split=cfg.data.split, classes=cfg.data.classes)
+    else:
+        ds = read_shards(
+            shards, split=cfg.data.split, classes=cfg.data.classes, augment=cfg.data.augment
+        )
     inputs = PretrainInputs(cfg=cfg, vocab=vocab, mlflow=MlflowRun(uri=uri, run_id=run_id))
     ckpt_dir = fit(pretrain_loop, inputs, datasets={"train": ds})
     return finish_run(cfg, uri, run_id, ckpt_dir, {"arithmetic": arith})

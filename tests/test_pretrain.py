@@ -184,21 +184,62 @@ def near_identical_shards(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("buffer", [0, 4096])
-def test_training_batches_mix_classes_only_when_shuffled(ray_session, phantom_shards, buffer):
+def test_training_batches_mix_classes_only_when_shuffled(
+    ray_session, phantom_shards, buffer, cache
+):
     """Shards are stored class by class: without the shuffle buffer a batch holds one or two
-    classes (what made the Ray-trained model far worse than a shuffled bare loop)."""
-    from pathloop.data import read_shards
+    classes (what made the Ray-trained model far worse than a shuffled bare loop); so with the
+    images held in the worker (data.cache) unless shuffled."""
+    from pathloop.data import decoded_shards, read_shards
     from pathloop.harness import shuffled_batches
 
-    cfg = PretrainConfig.model_validate({"data": {"shuffle_buffer": buffer}})
-    batches = shuffled_batches(read_shards(phantom_shards, split="train"), cfg, 16, 0)
+    cfg = PretrainConfig.model_validate({"data": {"shuffle_buffer": buffer, "cache": cache}})
+    read = decoded_shards if cache else read_shards
+    batches = shuffled_batches(read(phantom_shards, split="train"), cfg, 16, 0)
     seen = [len(set(next(batches)["class_id"].tolist())) for _ in range(4)]
     batches.close()
     if buffer:
         assert min(seen) >= 5, seen  # 16 draws from 16 classes
     else:
         assert max(seen) <= 2, seen
+
+
+def test_held_epochs_visit_every_image_once_per_epoch_in_a_seeded_order(
+    ray_session, phantom_shards
+):
+    """data.cache: the worker reads its decoded share once; every epoch is a fresh seeded order
+    over all of it (full batches only), augmented in the worker, the same for the same seed."""
+    import itertools
+
+    from pathloop.data import AugmentConfig, decoded_shards, held_epochs
+
+    ds = decoded_shards(phantom_shards, split="train")
+    n = ds.count()
+    want = np.bincount(
+        np.concatenate([b["class_id"] for b in ds.iter_batches(batch_format="numpy")])
+    )
+
+    def epochs(seed, augment=None, k=3):
+        return [list(e) for e in itertools.islice(held_epochs(ds, 8, augment, seed), k)]
+
+    plain = epochs(0)
+    for ep in plain:
+        assert len(ep) == n // 8 and all(b["image"].shape[0] == 8 for b in ep)
+        ids = np.concatenate([b["class_id"].numpy() for b in ep])
+        assert (np.bincount(ids, minlength=len(want)) <= want).all()  # no image twice
+        assert len(ids) >= n - 7  # every image but the last partial batch's
+        x = torch.cat([b["image"] for b in ep])
+        assert x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0
+    order = [torch.cat([b["image"] for b in ep]) for ep in plain]
+    assert not torch.equal(order[0], order[1])  # reshuffled every epoch
+    again = epochs(0)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(plain[0], again[0], strict=True))
+    assert not torch.equal(plain[0][0]["image"], epochs(1, k=1)[0][0]["image"])
+    flipped = epochs(0, AugmentConfig(), k=1)[0]  # same order, pixels flipped and turned
+    assert torch.equal(flipped[0]["class_id"], plain[0][0]["class_id"])
+    assert not torch.equal(flipped[0]["image"], plain[0][0]["image"])
 
 
 def test_worker_progress_lines_bypass_the_wrapped_sys_stdout(capsys, monkeypatch):
