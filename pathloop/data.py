@@ -671,13 +671,13 @@ def held_epochs(
     import torch
 
     parts = list(source.iter_batches(batch_format="numpy"))
-    held = {k: np.concatenate([p[k] for p in parts]) for k in ("id", "image", "class_id")}
-    n = len(held["class_id"])
+    n = sum(len(p["class_id"]) for p in parts)
     if n < batch_size:
         raise ValueError(
             f"{n} images in this worker's share < its batch {batch_size}; "
             "lower train.batch_size or add data"
         )
+    held = {k: np.concatenate([p[k] for p in parts]) for k in ("id", "image", "class_id")}
 
     def epoch(rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
         order = rng.permutation(n) if shuffle else np.arange(n)

@@ -46,7 +46,8 @@ class DataConfig(Frozen):
         ge=0,
         description="Images in each worker's Ray Data shuffle buffer, reshuffled every epoch "
         "(shards are stored class by class, so 0 = file order gives one-class batches; a buffer "
-        "at least the dataset's size is a full shuffle).",
+        "at least the dataset's size is a full shuffle). With data.cache every epoch is a full "
+        "shuffle of the worker's share unless 0.",
     )
     cache: bool = Field(
         True,

@@ -240,6 +240,11 @@ def test_held_epochs_visit_every_image_once_per_epoch_in_a_seeded_order(
     flipped = epochs(0, AugmentConfig(), k=1)[0]  # same order, pixels flipped and turned
     assert torch.equal(flipped[0]["class_id"], plain[0][0]["class_id"])
     assert not torch.equal(flipped[0]["image"], plain[0][0]["image"])
+    with pytest.raises(ValueError, match="lower train.batch_size"):
+        next(held_epochs(ds, n + 1, None, 0))
+    empty = decoded_shards(phantom_shards, split="train", classes=[0]).filter(lambda r: False)
+    with pytest.raises(ValueError, match="0 images in this worker's share"):
+        next(held_epochs(empty, 8, None, 0))
 
 
 def test_worker_progress_lines_bypass_the_wrapped_sys_stdout(capsys, monkeypatch):
