@@ -71,6 +71,7 @@ from pathloop.judged import (
 )
 from pathloop.metrics import TSTRConfig
 from pathloop.pipeline import (
+    PRETRAIN_STEP,
     FeedbackSourceConfig,
     LoopConfig,
     LoopDataConfig,
@@ -746,9 +747,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     arith = arithmetic(cfg, shards)
     _print_arithmetic(arith)
     check_seed_ranges(cfg, arith["classes"])
+    marks = [t0, time.perf_counter()]  # stage boundaries: data, shared steps, arms, evaluation
     shared = shared_steps(steps, shards)
+    marks.append(time.perf_counter())
     finetuned = run_arms(steps, shared)
+    marks.append(time.perf_counter())
     evals = evaluate_all(steps, shared, finetuned)
+    marks.append(time.perf_counter())
     focus = res.scenario_classes(shards)
     rows = res.paired_table(cfg, evals, focus)
     results = {
@@ -768,6 +773,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         # this invocation's wall time: steps found done are not in it; with
         # parallel_finetunes > 1 the finetuning step times overlap and sum to more
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "stage_seconds": res.stage_seconds(np.diff(marks), steps.timings.get(PRETRAIN_STEP, 0)),
     }
     results["files"] = res.write_outputs(results, wd)
     tracking.log_metrics(uri, parent, headline_metrics(rows) | drift.metrics(results["colour"]), 0)

@@ -375,6 +375,7 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         "",
         f"Wall time of the run that wrote this: {results.get('wall_seconds', 0) / 60:.1f} min "
         "(steps found done from an earlier run not counted).",
+        *(["", f"By stage: {stage_text(results)}."] if results.get("stage_seconds") else []),
         "",
     ]
     files = {"json": wd / "results.json", "md": wd / "results.md"}
@@ -426,3 +427,22 @@ def print_results(results: dict[str, Any]) -> None:
         f"wall time of this run: {results.get('wall_seconds', 0) / 60:.1f} min (steps found "
         "done not counted)"
     )
+    if results.get("stage_seconds"):
+        console.print(f"by stage: {stage_text(results)}")
+
+
+def stage_seconds(took: Any, pretraining: float) -> dict[str, float]:
+    """Wall seconds by stage from the durations of the four (data, shared steps, arms,
+    evaluation), the pretraining step's own (0 when the model was given or found done) split
+    out of the shared steps."""
+    data, shared, arms, evaluation = (float(v) for v in took)
+    out = {"data": data, "pretraining": pretraining, "shared steps": shared - pretraining}
+    return {
+        k: round(v, 1) for k, v in (out | {"finetuning": arms, "evaluation": evaluation}).items()
+    }
+
+
+def stage_text(results: dict[str, Any]) -> str:
+    """The run's wall time by stage, in minutes: data, pretraining (0 when the model was given
+    or found done), shared steps (pool, reward model, oracle), finetuning, evaluation."""
+    return ", ".join(f"{k} {v / 60:.1f} min" for k, v in results["stage_seconds"].items())

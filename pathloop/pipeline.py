@@ -133,6 +133,8 @@ class LoopConfig(Frozen):
 
 # ----------------------------------------------------------------------------- step plumbing
 
+PRETRAIN_STEP = "pretrain the diffusion model"  # its title, the key of its seconds in timings
+
 
 class Steps:
     """Runs a step unless its output exists; every step a child of the parent MLflow run."""
@@ -466,7 +468,7 @@ def pretrained_model(steps: Steps, shards: Path) -> dict[str, Any]:
         return given_model(cfg.pretrained, steps.uri)
     pre_wd = Path(cfg.workdir) / "pretrain"
     steps.run(
-        "pretrain the diffusion model",
+        PRETRAIN_STEP,
         pre_wd / "result.json",
         lambda: run_pretrain(
             training_config(

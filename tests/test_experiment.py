@@ -61,7 +61,7 @@ def _mtimes(wd: Path) -> dict[Path, int]:
 def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tmp_path, capsys):
     import mlflow
 
-    from pathloop.experiment_results import print_results
+    from pathloop.experiment_results import print_results, stage_text
 
     wd = tmp_path / "exp"
     over = [f"workdir={wd}", "data.source=shards", f"data.path={phantom_shards}"]
@@ -142,6 +142,15 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     assert "PRDC and TSTR minus the control's" in printed
     assert res["wall_seconds"] >= sum(res["step_seconds"].values()) / 2  # two at once at most
     assert f"wall time of this run: {res['wall_seconds'] / 60:.1f} min" in printed
+    # the same wall time by stage; the model was given, so no pretraining in it
+    stages = res["stage_seconds"]
+    assert list(stages) == ["data", "pretraining", "shared steps", "finetuning", "evaluation"]
+    assert stages["pretraining"] == 0 and min(stages.values()) >= 0
+    assert sum(stages.values()) <= res["wall_seconds"] + 0.5
+    tuned = [v for k, v in res["step_seconds"].items() if k.endswith(": finetune")]
+    assert max(tuned) <= stages["finetuning"] + 0.5
+    assert f"By stage: {stage_text(res)}." in md
+    assert "by stage: data" in printed and " ".join(printed.split()).count(stage_text(res)) == 1
     client = mlflow.MlflowClient(res["tracking_uri"])
     parent = client.get_run(res["parent_run_id"])
     assert "feedback/diff" in parent.data.metrics and "feedback/colour_drift" in parent.data.metrics
@@ -161,6 +170,7 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     (wd / "eval/feedback-seed1/eval.json").unlink()
     again = run_experiment(cfg)
     assert list(again["step_seconds"]) == ["feedback-seed1: the expert, PRDC, TSTR"]
+    assert again["stage_seconds"]["finetuning"] < stages["finetuning"]  # every run found done
     after = _mtimes(wd)
     redone = {p for p in before if after.get(p) != before[p]}
     assert redone == {wd / "eval/feedback-seed1/eval.json"}
