@@ -236,6 +236,7 @@ def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
     after = bare_loop_rate(cfg, steps)
     bare = (before + after) / 2
     contiguous = bare_loop_rate(updated(cfg, train={"channels_last": False}), steps)
+    bf16 = bare_loop_rate(updated(cfg, train={"bf16_cpu": True}), steps)
     stream = updated(cfg, workdir=str(work / "ray-stream"), data={"cache": False})
     stream_rate, _ = _ray_rate(stream)
     note = f"tiny preset, 32 px, global batch {cfg.train.batch_size}, {steps} steps"
@@ -266,6 +267,15 @@ def bench_train(work: Path, shards: Path, steps: int) -> list[Figure]:
             "contiguous UNet weights (train.channels_last=false)",
             contiguous,
             note=f"{note}; the bare loop, one after the other (the run after Ray Train)",
+        ),
+        Figure(
+            "train step on a CPU: bf16 autocast (train.bf16_cpu) vs fp32",
+            bf16,
+            "images/s",
+            "fp32, channels_last (the run after Ray Train)",
+            after,
+            note=f"{note}; the bare loop, one after the other; bf16 only where the CPU has "
+            "native bf16 instructions (AVX512-BF16, AMX), else both fp32",
         ),
         Figure(
             "pretrain data-wait fraction (Ray Data → Train)",
@@ -307,13 +317,19 @@ def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Fi
                 note="batch 32, one process",
             )
         )
-    # The experiments' evaluation sampler (DPM++-10, CFG 1) with each layout, alternating
+    # The experiments' evaluation sampler (DPM++-10, CFG 1): each layout, and bf16 autocast in
+    # channels_last, alternating
     cl = copy.deepcopy(unet)  # converted in place by its first channels_last=True call
     ids = [i % 16 for i in range(64)]
-    rates: dict[bool, list[float]] = {False: [], True: []}
+    variants = {
+        "contiguous": (unet, False, False),
+        "cl": (cl, True, False),
+        "bf16": (cl, True, True),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(2):
-        for layout, u in ((False, unet), (True, cl)):
-            run = lambda u=u, layout=layout: sample(  # noqa: E731
+        for name, (u, layout, bf16) in variants.items():
+            run = lambda u=u, layout=layout, bf16=bf16: sample(  # noqa: E731
                 u,
                 noise,
                 ids,
@@ -322,16 +338,28 @@ def bench_sampling(work: Path, checkpoint: Path | None, shards: Path) -> list[Fi
                 guidance=1.0,
                 batch_size=16,
                 channels_last=layout,
+                bf16_cpu=bf16,
             )
-            rates[layout].append(_rate(len(ids), run))
+            rates[name].append(_rate(len(ids), run))
+    note = "batch 16, one process, best of two alternating rounds of 64 images"
     figs.append(
         Figure(
             "sampling dpm++-10, CFG 1: channels_last (sampler.channels_last auto) vs contiguous",
-            max(rates[True]),
+            max(rates["cl"]),
             "images/s",
             "contiguous UNet weights (sampler.channels_last=false)",
-            max(rates[False]),
-            note="batch 16, one process, best of two alternating rounds of 64 images",
+            max(rates["contiguous"]),
+            note=note,
+        )
+    )
+    figs.append(
+        Figure(
+            "sampling dpm++-10, CFG 1: bf16 autocast (sampler.bf16_cpu) vs fp32",
+            max(rates["bf16"]),
+            "images/s",
+            "fp32, channels_last",
+            max(rates["cl"]),
+            note=f"{note}; bf16 only where the CPU has native bf16 instructions, else both fp32",
         )
     )
     return figs

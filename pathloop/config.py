@@ -125,6 +125,12 @@ class SamplerConfig(Frozen):
         description="torch.compile the UNet for this batch size (each new batch shape compiles "
         "once): for GPU processes that sample many batches; compile time is not measured.",
     )
+    bf16_cpu: bool = Field(
+        False,
+        description="bf16 autocast on a CPU with native bf16 instructions (AVX512-BF16, AMX; "
+        "fp32 elsewhere). 2-core EPYC, tiny preset, DPM++-10, one thread: 23.4 images/s against "
+        "15.2 in fp32; images differ by bf16 rounding. CUDA runs use the sample job's bf16.",
+    )
 
 
 class AdamWConfig(Frozen):

@@ -95,6 +95,12 @@ class TrainConfig(StepsConfig):
         description="bf16 autocast (CUDA only). H200, paper preset, batch 256: the diffusers "
         "example step ran at 1,068 images/s in bf16 against 769 in fp32.",
     )
+    bf16_cpu: bool = Field(
+        False,
+        description="bf16 autocast on a CPU with native bf16 instructions (AVX512-BF16, AMX; "
+        "fp32 elsewhere). 2-core EPYC, tiny preset, batch 32, one thread: 74 images/s against "
+        "50 in fp32.",
+    )
     channels_last: bool | Literal["auto"] = Field(
         "auto",
         description="channels_last UNet weights; auto = on a CPU, off on a GPU. CPU (2-core "
@@ -161,6 +167,7 @@ def build_state(
         build_lr_schedule,
         build_scheduler,
         build_unet,
+        cpu_bf16,
         use_channels_last,
     )
 
@@ -187,7 +194,7 @@ def build_state(
         lr_sched,
         build_scheduler(cfg.noise, "ddpm"),
         device,
-        autocast=cuda and cfg.train.bf16,
+        autocast=cuda and cfg.train.bf16 or cpu_bf16(cfg.train.bf16_cpu, device),
     )
 
 

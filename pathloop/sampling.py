@@ -117,6 +117,7 @@ class _Sampler:
             dtype=self.dtype,
             channels_last=self.cfg.channels_last,
             compile=self.cfg.compile,
+            bf16_cpu=self.cfg.bf16_cpu,
         )
         out = {k: v for k, v in batch.items() if k != "init_png"}
         out["pixels"] = to_uint8(x)  # (B, H, W, 3)

@@ -138,6 +138,30 @@ def test_channels_last_sampling_draws_the_same_images():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+def test_bf16_cpu_sampling_stays_close_to_fp32(monkeypatch):
+    """bf16_cpu runs the UNet under bf16 autocast on a CPU with native bf16 instructions: the
+    same noise, images apart by bf16 rounding only; on a CPU without them, or off, fp32."""
+    from pathloop.config import SamplerConfig
+
+    unet = _unet()
+    cfg = SamplerConfig(sampler="dpm++", steps=4, guidance=2.0, seed=3, batch_size=3)
+    assert cfg.bf16_cpu is False and not D.cpu_bf16(False, "cpu") and not D.cpu_bf16(True, "cuda")
+    fp32 = D.sample(unet, NOISE, [0, 1, 2], **cfg.model_dump())
+    on = cfg.model_copy(update={"bf16_cpu": True}).model_dump()
+    if D.cpu_bf16(True, "cpu"):
+        calls = []
+        real = torch.autocast
+        monkeypatch.setattr(torch, "autocast", lambda *a, **k: calls.append(a) or real(*a, **k))
+        bf16 = D.sample(unet, NOISE, [0, 1, 2], **on)
+        monkeypatch.undo()
+        assert calls and all(a == ("cpu", torch.bfloat16) for a in calls)
+        diff = (bf16 - fp32).abs()
+        assert bf16.dtype == torch.float32 and 0 < diff.mean() < 0.05, diff.mean()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not D.cpu_bf16(True, "cpu")
+    assert torch.equal(D.sample(unet, NOISE, [0, 1, 2], **on), fp32)  # no native bf16: fp32
+
+
 def test_cfg_null_class_and_guidance():
     unet = _unet()
     null = D.null_class(unet)

@@ -58,6 +58,27 @@ def test_cpu_defaults_stay_eager_and_the_loss_stays_a_tensor():
         load_config(PretrainConfig, None, ["train.compile=sometimes"])
 
 
+def test_bf16_cpu_autocasts_the_step_where_the_cpu_has_native_bf16(monkeypatch):
+    """train.bf16_cpu: the step under bf16 autocast on a CPU with native bf16 instructions, its
+    loss near fp32's; on one without them fp32 (train.bf16 alone is CUDA's)."""
+    from pathloop.diffusion import cpu_bf16
+    from pathloop.harness import build_state, global_draw, train_step
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand((8, 3, 32, 32), generator=g) * 2 - 1  # (B, C, H, W)
+    ids = torch.randint(0, 16, (8,), generator=g)  # (B,)
+    losses = {}
+    for flag in ("false", "true"):
+        c = load_config(PretrainConfig, None, [*TINY, f"train.bf16_cpu={flag}"])
+        st = build_state(c, 16, torch.device("cpu"))
+        assert st.autocast == (flag == "true" and cpu_bf16(True, "cpu"))
+        losses[flag] = float(train_step(st, x0, ids, *global_draw(c, 0, x0.shape, 16), 1.0))
+    assert losses["true"] == pytest.approx(losses["false"], rel=0.05)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    c = load_config(PretrainConfig, None, [*TINY, "train.bf16_cpu=true"])
+    assert not build_state(c, 16, torch.device("cpu")).autocast
+
+
 def test_step_loop_reads_the_losses_once_per_report(monkeypatch, tmp_path):
     """Steps hand back tensors; each report holds its window's mean as a float, and the first
     report the first step's seconds (the step torch.compile compiles in)."""
