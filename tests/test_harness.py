@@ -28,6 +28,12 @@ def test_global_draw_on_the_cpu_is_the_stream_checkpoints_resume_from():
             assert torch.equal(got, want)
 
 
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded batch of 8 images (B, C, H, W) in [-1, 1] and their class ids (B,)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand((8, 3, 32, 32), generator=g) * 2 - 1, torch.randint(0, 16, (8,), generator=g)
+
+
 def test_cpu_defaults_stay_eager_and_the_loss_stays_a_tensor():
     """compile=auto is off on the CPU and channels_last=auto on; a step returns its loss as a
     detached 0-d tensor (read only when reported), the same loss as with contiguous weights up
@@ -36,9 +42,7 @@ def test_cpu_defaults_stay_eager_and_the_loss_stays_a_tensor():
 
     cfg = load_config(PretrainConfig, None, TINY)
     assert cfg.train.compile == "auto" and cfg.train.channels_last == "auto"
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.rand((8, 3, 32, 32), generator=g) * 2 - 1  # (B, C, H, W)
-    ids = torch.randint(0, 16, (8,), generator=g)  # (B,)
+    x0, ids = _batch()
     losses = {}
     for layout in ("auto", "false"):
         c = load_config(PretrainConfig, None, [*TINY, f"train.channels_last={layout}"])
@@ -64,9 +68,7 @@ def test_bf16_cpu_autocasts_the_step_where_the_cpu_has_native_bf16(monkeypatch):
     from pathloop.diffusion import cpu_bf16
     from pathloop.harness import build_state, global_draw, train_step
 
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.rand((8, 3, 32, 32), generator=g) * 2 - 1  # (B, C, H, W)
-    ids = torch.randint(0, 16, (8,), generator=g)  # (B,)
+    x0, ids = _batch()
     losses = {}
     for flag in ("false", "true"):
         c = load_config(PretrainConfig, None, [*TINY, f"train.bf16_cpu={flag}"])
