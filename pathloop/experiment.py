@@ -101,10 +101,7 @@ class ExperimentEvalConfig(Frozen):
     """How every model (each arm x seed, and the pretrained one) is evaluated."""
 
     per_class: int = Field(
-        128,
-        gt=0,
-        description="Evaluation images per class and model, judged by the expert; one image "
-        "moves a class rate by 1/per_class.",
+        128, gt=0, description="Evaluation images per class and model, judged by the expert."
     )
     seed: int = Field(
         100_000,
@@ -123,19 +120,13 @@ class ExperimentEvalConfig(Frozen):
         "is the model's training data, so it can be drawn with more steps (round.sampler) than "
         "the evaluation needs.",
     )
-    prdc: bool = Field(
-        True,
-        description="PRDC against the real test split, at equal counts per class (min of "
-        "per_class and the test split's); off for speed.",
-    )
+    prdc: bool = Field(True, description="PRDC against the real test split (equal class counts).")
     k: int = Field(5, gt=0, description="PRDC nearest neighbours (Naeem et al. 2020: 5).")
     features: FeatureModelConfig = Field(
         default_factory=FeatureModelConfig,
         description="The evaluation classifier whose features PRDC uses (trained once).",
     )
-    tstr: bool = Field(
-        True, description="Train on synthetic, test on the real test split; off for speed."
-    )
+    tstr: bool = Field(True, description="Train on synthetic, test on the real test split.")
     tstr_classifier: TSTRConfig = Field(
         default_factory=TSTRConfig,
         description="TSTR classifier; it trains on synthetic_per_class (paper: 128) of the "
@@ -144,9 +135,7 @@ class ExperimentEvalConfig(Frozen):
     device: str = Field("auto", description="PRDC and TSTR device: auto, cpu, cuda.")
     n_boot: int = Field(2000, ge=100, description="Bootstrap draws of each paired interval.")
     every_round: bool = Field(
-        True,
-        description="With rounds > 1, evaluate every round's model too (the per-round table: "
-        "the gain each round adds); false evaluates the last round's alone.",
+        True, description="rounds > 1: evaluate every round's model (the gain each round adds)."
     )
     down_by: float = Field(
         0.05, ge=0, description="A class is down when its paired difference is below -down_by."
@@ -170,6 +159,11 @@ class SharedRoundConfig(RoundConfig):
         "of the pretrained model per class (the paper's round), or as many real train images "
         "per class (the expert reviews the data, so the reward model learns what in them the "
         "expert rejects; for the -real arms).",
+    )
+    calibrate_real: bool = Field(
+        False,
+        description="review_from=real: the feedback arms that weigh the real images shift the "
+        "reward model's scores of them per class to the expert's rate on the reviewed cells.",
     )
 
 
@@ -294,6 +288,8 @@ def check_config(cfg: ExperimentConfig) -> None:
     from pathloop.finetune import REWARD_FREE
 
     r, ft, ev = cfg.round, cfg.finetune, cfg.evaluation
+    if r.calibrate_real and r.review_from != "real":
+        raise ValueError("round.calibrate_real needs round.review_from=real (the expert's labels)")
     if r.pool_guidance not in (None, r.sampler.guidance):
         raise ValueError(
             f"round.pool_guidance={r.pool_guidance} differs from round.sampler.guidance="
@@ -444,6 +440,8 @@ def arm_finetune(
     if weighs_real(arm):  # the same rewards weigh the real images of the beta_r term
         given = str(shared.oracle_real) if source == "oracle" else None  # else the reward model
         weights |= {"weigh_real": True, "real_rewards": given}
+    if weights.get("weigh_real") and source != "oracle" and cfg.round.calibrate_real:
+        weights["real_labels"] = str(Path(cfg.workdir) / "feedback" / "feedback.parquet")
     if method == "dpo":  # pairs of one class from the checklist scores, MAGIC's rule
         ft = cfg.finetune
         lr = cfg.dpo_lr or ft.optim.lr * 2 / ft.dpo_beta
@@ -452,6 +450,7 @@ def arm_finetune(
         cfg.finetune,
         workdir,
         **{"reward_model": None, "rewards": None, "weigh_real": False, "real_rewards": None}
+        | {"real_labels": None}
         | weights,
         # the arms without feedback train Eq. 3's way whatever the method under test
         method=method or (cfg.finetune.method if source in ("feedback", "oracle") else "reward"),

@@ -92,6 +92,16 @@ class FinetuneConfig(Frozen):
         description="weigh_real: precomputed rewards of the real images, a CSV or Parquet "
         "table of id and reward over the real split (e.g. the expert's verdicts on it).",
     )
+    real_labels: str | None = Field(
+        None,
+        description="weigh_real with a reward model: the expert's labels of some real train "
+        "images (a CSV or Parquet table of id and plausible 1/0, such as the feedback export of "
+        "a review of real cells). The reward model's scores of the real images are shifted per "
+        "class, one logit offset each, so that their mean over the class equals the acceptance "
+        "among its labelled images; the order within a class stays the reward model's. A reward "
+        "model fitted to a few labels per class can misjudge a class's level, and nft pushes the "
+        "model away from every real image scored below 0.5.",
+    )
     real_reward_mode: Literal["raw", "threshold", "class_norm", "class_z"] | None = Field(
         None,
         description="weigh_real: how the real images' rewards become weights (as reward_mode); "
@@ -481,6 +491,8 @@ def _finetune_data(cfg: FinetuneConfig, vocab, out: Path) -> dict[str, Any]:
     real_w, real_scores = np.ones(len(real_x)), None  # (M,) the beta_r term's weights
     if cfg.weigh_real:
         real_scores = _real_scores(cfg, real_x, real_y, out.parent / "real_rewards.npz")
+        if cfg.real_labels:
+            real_scores = _calibrated(cfg, real_scores, real_y)
         real_w = shape_rewards(real_scores, real_y, real_mode(cfg), cfg.reward_threshold)
         if cfg.method == "reward" and not real_w.sum() > 0:
             raise ValueError(
@@ -526,6 +538,48 @@ def _real_scores(cfg: FinetuneConfig, real_x, real_y, cache: Path) -> np.ndarray
         ids = [r["id"] for r in iter_records(cfg.real, cfg.real_split, columns=["id"])]
         return given_rewards(cfg.real_rewards, ids, key="real_rewards", what="real")
     return _cached_rewards(cfg, real_x, real_y, cache, source=f"{cfg.real}:{cfg.real_split}")
+
+
+def calibrate_per_class(
+    scores: np.ndarray, class_ids: np.ndarray, targets: dict[int, float]
+) -> np.ndarray:
+    """``scores`` (M,) in [0, 1] shifted in logit space, one offset per class, so that the mean of
+    each class named in ``targets`` is its target (clipped to [0.01, 0.99]); other classes keep
+    their scores. The order within a class is unchanged."""
+    from scipy.optimize import brentq
+    from scipy.special import expit, logit
+
+    z = logit(np.clip(np.asarray(scores, dtype=np.float64), 1e-6, 1 - 1e-6))  # (M,)
+    out = expit(z)
+    for c, target in targets.items():
+        m = class_ids == c
+        if not m.any():
+            continue
+        p = float(np.clip(target, 0.01, 0.99))
+        shift = brentq(lambda b, zc=z[m], p=p: expit(zc + b).mean() - p, -40.0, 40.0)
+        out[m] = expit(z[m] + shift)
+    return out
+
+
+def _calibrated(cfg: FinetuneConfig, scores: np.ndarray, real_y: np.ndarray) -> np.ndarray:
+    """The real images' scores (M,) shifted per class to the acceptance among the images the
+    expert labelled (``real_labels``), looked up by id in the real split."""
+    from pathloop.data import iter_records
+
+    hint = "pass a table with columns id and plausible (1/0), such as a feedback export"
+    table = _read_table("real_labels", cfg.real_labels, ("id", "plausible"), ("id",), hint)
+    ids = [r["id"] for r in iter_records(cfg.real, cfg.real_split, columns=["id"])]
+    labels = dict(zip(table["id"].to_pylist(), table["plausible"].to_pylist(), strict=True))
+    rows = [(k, float(labels[i])) for k, i in enumerate(ids) if labels.get(i) is not None]
+    if not rows:
+        raise ValueError(
+            f"real_labels={cfg.real_labels} labels none of the {len(ids)} real images of "
+            f"{cfg.real} (split {cfg.real_split}); {hint} of the same real images"
+        )
+    idx, y = np.array([k for k, _ in rows]), np.array([v for _, v in rows])
+    cls = real_y[idx]
+    targets = {int(c): float(y[cls == c].mean()) for c in np.unique(cls)}
+    return calibrate_per_class(scores, real_y, targets)
 
 
 def _scores(cfg: FinetuneConfig, images, class_ids, cols: dict, cache: Path) -> np.ndarray:
@@ -674,6 +728,11 @@ def check_reward_source(cfg: FinetuneConfig) -> None:
             "weigh_real needs the real images' rewards: real_rewards=<table of id, reward> or "
             "reward_model=<path or MLflow URI> to score them"
         )
+    if cfg.real_labels and not (cfg.weigh_real and cfg.reward_model and not cfg.real_rewards):
+        raise ValueError(
+            "real_labels calibrates the reward model's scores of the real images: set "
+            "weigh_real=true and reward_model=, without real_rewards="
+        )
     if cfg.weigh_real and cfg.method == "dpo":
         raise ValueError("weigh_real works with method=reward or nft; method=dpo trains on pairs")
     if cfg.method == "reward" and cfg.reward_mode == "none" and (cfg.beta_r == 0 or not cfg.real):
@@ -695,7 +754,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     ckpt_dir, pre_uri = resolve_model_ref(cfg.pretrained, cfg.tracking)
     start = load_checkpoint(ckpt_dir)
     # Workers do not share the driver's cwd: every path crosses as an absolute one (or a URI).
-    paths = ("synthetic", "real", "rewards", "pairs", "real_rewards")
+    paths = ("synthetic", "real", "rewards", "pairs", "real_rewards", "real_labels")
     abs_ = {k: storage.absolute(v) for k in paths if (v := getattr(cfg, k))}
     cfg = updated(
         cfg,

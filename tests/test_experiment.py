@@ -411,6 +411,7 @@ def test_the_scenario_expert_labels_the_review_set(mixed_pool, tmp_path):
         (["finetune.beta_r=0"], "finetune.beta_r must be > 0"),
         (["evaluation.per_class=8"], "evaluation.per_class=8 is below"),
         (["parallel_finetunes=2", "rounds=2"], "parallel_finetunes=2 works with rounds=1"),
+        (["round.calibrate_real=true"], "round.calibrate_real needs round.review_from=real"),
     ],
 )
 def test_config_mistakes_are_one_line(args, needle, tmp_path, monkeypatch):
@@ -482,9 +483,14 @@ def test_presets_load(scenario):
     pool = cfg.round.pool_per_class * 16
     assert cfg.finetune.train.steps * cfg.finetune.train.batch_size / pool <= 4  # pool passes
     assert cfg.reward.lambda_r == (0 if scenario == "label-noise" else 0.3)
-    if scenario != "label-noise":  # bf16 on CPUs that have it: within 30 min given the model
-        assert cfg.pretrain.train.bf16_cpu and cfg.finetune.train.bf16_cpu
-        assert cfg.round.sampler.bf16_cpu  # the pool, the review set and the evaluation sets
+    # bf16 on CPUs that have it: within 30 min given the model
+    assert cfg.pretrain.train.bf16_cpu and cfg.finetune.train.bf16_cpu
+    assert cfg.round.sampler.bf16_cpu  # the pool, the review set and the evaluation sets
+    # the expert labels real cells, and the feedback and oracle reach the real images (nft)
+    assert cfg.round.review_from == "real" and cfg.arms[1:3] == (
+        "feedback-nft-real",
+        "oracle-nft-real",
+    )
 
 
 def test_real_arms_weigh_the_real_images_by_the_same_rewards(mixed_pool, tiny_ckpt, tmp_path):
@@ -517,6 +523,12 @@ def test_real_arms_weigh_the_real_images_by_the_same_rewards(mixed_pool, tiny_ck
     data = arm_finetune(cfg, "feedback-data", 5, shared, tmp_path / "d")  # no pool, scored reals
     assert (data.weigh_real, data.reward_model, data.reward_mode) == (True, "reward-model", "none")
     assert (data.real, data.method, data.real_rewards) == (str(real), "reward", None)
+    assert data.real_labels is None and nft.real_labels is None
+    cal = cfg.model_copy(update={"round": cfg.round.model_copy(update={"calibrate_real": True})})
+    export = str(tmp_path / "feedback" / "feedback.parquet")  # the review's labels
+    for arm in ("feedback-nft-real", "feedback-data", "oracle-nft-real", "feedback"):
+        got = arm_finetune(cal, arm, 5, shared, tmp_path / "c").real_labels
+        assert got == (export if arm.startswith("feedback-") else None), arm
     ft = ft.model_copy(update={"rewards": None, "reward_mode": "none"})  # the real term alone
     (tmp_path / "o").mkdir()
     info = _finetune_data(ft, None, tmp_path / "o" / "data.npz")

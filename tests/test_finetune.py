@@ -368,6 +368,62 @@ def test_nft_keeps_the_real_term_in_classes_the_expert_leaves_alone():
     assert real_mode(cfg.model_copy(update={"method": "reward"})) == "class_norm"
 
 
+def test_calibration_sets_each_class_to_its_rate_and_keeps_the_order():
+    """real_labels: one logit shift per class takes the class's mean score to the rate the
+    expert gave its labelled images; the order within a class and unlabelled classes stay."""
+    from scipy.special import expit, logit
+    from scipy.stats import spearmanr
+
+    from pathloop.finetune import calibrate_per_class
+
+    rng = np.random.default_rng(0)
+    scores, ids = rng.uniform(0.02, 0.7, 300), np.repeat([0, 1, 2], 100)  # (300,)
+    out = calibrate_per_class(scores, ids, {0: 0.8, 1: 1.0})
+    assert out[ids == 0].mean() == pytest.approx(0.8, abs=1e-6)
+    assert out[ids == 1].mean() == pytest.approx(0.99, abs=1e-6)  # clipped: no infinite shift
+    np.testing.assert_allclose(out[ids == 2], scores[ids == 2])  # no labels: unchanged
+    for c in (0, 1):
+        m = ids == c
+        assert spearmanr(scores[m], out[m]).statistic == pytest.approx(1.0)
+        shift = logit(out[m]) - logit(scores[m])
+        np.testing.assert_allclose(shift, shift[0], atol=1e-6)  # one offset per class
+        assert shift[0] > 0 and expit(logit(scores[m]) + shift[0]).mean() == pytest.approx(
+            out[m].mean()
+        )
+
+
+def test_real_labels_shift_the_reward_models_real_scores(tmp_path, monkeypatch):
+    """The real images' scores, looked up by id, move to the labelled images' rate per class."""
+    import pathloop.finetune as finetune
+    from pathloop.data import ShardWriter, iter_records
+    from pathloop.phantoms import generate
+    from pathloop.vocab import BONE_MARROW_16
+
+    real = tmp_path / "real"
+    with ShardWriter(real, BONE_MARROW_16, source_note="two classes") as w:
+        for img, cls, sub in generate(8, size=32, seed=0, classes=[0, 1]):
+            w.add(img, cls, "train", "phantom", sub)
+    rows = list(iter_records(real, "train", columns=["id", "class_id"]))
+    y = np.array([r["class_id"] for r in rows])  # (16,) the order the beta_r term reads
+    first = [np.flatnonzero(y == c)[:4] for c in (0, 1)]  # four labelled images per class
+    labels = {"id": [rows[i]["id"] for i in np.concatenate(first)]}
+    pq.write_table(pa.table(labels | {"plausible": [1, 1, 0, 1, 0, 0, 0, 1]}), tmp_path / "l.pq")
+    monkeypatch.setattr(finetune, "_cached_rewards", lambda *a, **k: np.full(16, 0.5))
+    cfg = FinetuneConfig(
+        real=str(real), weigh_real=True, reward_model="m", real_labels=str(tmp_path / "l.pq")
+    )
+    finetune.check_reward_source(cfg)
+    scores = finetune._real_scores(cfg, None, y, tmp_path / "c.npz")
+    out = finetune._calibrated(cfg, scores, y)
+    assert out[y == 0] == pytest.approx(0.75) and out[y == 1] == pytest.approx(0.25)
+    pq.write_table(pa.table({"id": ["x"], "plausible": [1]}), tmp_path / "none.pq")
+    none = cfg.model_copy(update={"real_labels": str(tmp_path / "none.pq")})
+    with pytest.raises(ValueError, match="labels none of the 16 real images"):
+        finetune._calibrated(none, scores, y)
+    with pytest.raises(ValueError, match="set weigh_real=true and reward_model="):
+        finetune.check_reward_source(cfg.model_copy(update={"real_rewards": "r.csv"}))
+
+
 def test_weigh_real_needs_real_images_and_their_rewards():
     from pathloop.finetune import check_reward_source
 
