@@ -570,7 +570,8 @@ def _calibrated(cfg: FinetuneConfig, scores: np.ndarray, real_y: np.ndarray) -> 
     table = _read_table("real_labels", cfg.real_labels, ("id", "plausible"), ("id",), hint)
     ids = [r["id"] for r in iter_records(cfg.real, cfg.real_split, columns=["id"])]
     labels = dict(zip(table["id"].to_pylist(), table["plausible"].to_pylist(), strict=True))
-    rows = [(k, float(labels[i])) for k, i in enumerate(ids) if labels.get(i) is not None]
+    given = ((k, labels.get(i)) for k, i in enumerate(ids))  # unlabelled or unjudged: skipped
+    rows = [(k, float(v)) for k, v in given if v is not None and np.isfinite(v)]
     if not rows:
         raise ValueError(
             f"real_labels={cfg.real_labels} labels none of the {len(ids)} real images of "

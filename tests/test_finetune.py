@@ -407,7 +407,10 @@ def test_real_labels_shift_the_reward_models_real_scores(tmp_path, monkeypatch):
     y = np.array([r["class_id"] for r in rows])  # (16,) the order the beta_r term reads
     first = [np.flatnonzero(y == c)[:4] for c in (0, 1)]  # four labelled images per class
     labels = {"id": [rows[i]["id"] for i in np.concatenate(first)]}
-    pq.write_table(pa.table(labels | {"plausible": [1, 1, 0, 1, 0, 0, 0, 1]}), tmp_path / "l.pq")
+    # reviewed images without a verdict (NaN, null) count for nothing
+    labels["id"] += [rows[i]["id"] for i in np.flatnonzero(y == 0)[4:6]]
+    plausible = [1, 1, 0, 1, 0, 0, 0, 1, float("nan"), None]
+    pq.write_table(pa.table(labels | {"plausible": plausible}), tmp_path / "l.pq")
     monkeypatch.setattr(finetune, "_cached_rewards", lambda *a, **k: np.full(16, 0.5))
     cfg = FinetuneConfig(
         real=str(real), weigh_real=True, reward_model="m", real_labels=str(tmp_path / "l.pq")
