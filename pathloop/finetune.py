@@ -87,6 +87,12 @@ class FinetuneConfig(Frozen):
         "data); with method=nft they enter the negative-aware loss, so a rejected real image "
         "pushes the model away from it.",
     )
+    real_nft: bool = Field(
+        True,
+        description="weigh_real with method=nft: the real images enter the negative-aware loss "
+        "(True), or are drawn in proportion to their weights and fitted with the plain loss as "
+        "with method=reward (False; 0/1 verdicts: the curated data, nothing pushes away).",
+    )
     real_rewards: str | None = Field(
         None,
         description="weigh_real: precomputed rewards of the real images, a CSV or Parquet "
@@ -122,9 +128,7 @@ class FinetuneConfig(Frozen):
         ),
     )
     reward_threshold: float = Field(0.5, ge=0, le=1, description="For reward_mode=threshold.")
-    dpo_beta: float = Field(
-        100.0, gt=0, description="Diffusion-DPO beta (errors are per-pixel MSE)."
-    )
+    dpo_beta: float = Field(100.0, gt=0, description="Diffusion-DPO beta (per-pixel MSE errors).")
     dpo_lose_bar: float = Field(
         0.4,
         ge=0,
@@ -346,7 +350,7 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     shape = (3, *data["real_images"].shape[1:3]) if not len(syn) else (3, *syn.shape[1:3])
     # Eq. 3 with weigh_real draws the real rows in proportion to their weights: the same
     # expectation as weighing them, with full batches (0/1 verdicts: exactly the curated data)
-    resample = cfg.weigh_real and cfg.method == "reward"
+    resample = cfg.weigh_real and (cfg.method == "reward" or not cfg.real_nft)
     real_p = torch.from_numpy(data["real_weights"]).double() if resample else None
     pick, pick_real, noise, noise_real, t, drop, drop_real = _finetune_batch(
         cfg, step, n_syn, len(data["real_images"]), shape, rank, world, real_p
@@ -391,11 +395,10 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
         # Class dropout on the real term too: without it the null class (CFG's unconditional
         # branch) learns only from reward-weighted synthetic rows and goes stale while the
         # conditional branch moves, and guidance then extrapolates the mismatch.
-        y = torch.where(
-            drop_real, null, torch.from_numpy(data["real_class_ids"][pick_real.numpy()])
-        )
+        y_real = torch.from_numpy(data["real_class_ids"][pick_real.numpy()])  # (b,)
+        y = torch.where(drop_real, null, y_real)
         y, x_real = y.to(dev), _to_x(data["real_images"], pick_real).to(dev)
-        if cfg.weigh_real and cfg.method == "nft":  # rejected real images push away too
+        if cfg.weigh_real and cfg.method == "nft" and cfg.real_nft:  # rejected ones push away
             w_real = torch.from_numpy(data["real_weights"][pick_real.numpy()]).float().to(dev)
             ts = t[:, 0].to(dev).long()
             x_t = st.scheduler.add_noise(x_real, noise_real, ts)

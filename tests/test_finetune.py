@@ -353,6 +353,41 @@ def test_nft_on_real_images_learns_only_from_rewards_away_from_one_half():
     assert half < 1e-3 * one and grad_norm(plain, st, data) == pytest.approx(one, rel=1e-4)
 
 
+def test_nft_with_real_nft_off_draws_the_real_rows_and_fits_them_plainly():
+    """method=nft, weigh_real, real_nft=false: the pool stays in the negative-aware loss, the
+    real rows are drawn by their weights (0/1: the curated data) and fitted with the plain loss,
+    so rewards of 0.5 still train (in the nft loss they give no gradient) and a weight-0 image
+    is never drawn."""
+    import copy
+
+    import torch
+
+    from pathloop.finetune import finetune_loss
+
+    cfg, st, data = _tiny_state_and_data(
+        ["method=nft", "weigh_real=true", "real_rewards=x", "real_nft=false"]
+    )
+    ref = copy.deepcopy(st.model).eval().requires_grad_(False)
+    data["weights"] = np.full(4, 0.5, np.float32)  # the pool carries no information
+    norms = {}
+    for name, c in {"plain": cfg, "nft": cfg.model_copy(update={"real_nft": True})}.items():
+        data["real_weights"] = np.full(4, 0.5, np.float32)
+        st.model.zero_grad()
+        finetune_loss(c, st, ref, data, 0, 0, 1).backward()
+        norms[name] = sum(
+            p.grad.abs().sum().item() for p in st.model.parameters() if p.grad is not None
+        )
+    assert norms["nft"] < 1e-3 * norms["plain"]
+    data["real_weights"] = np.array([0, 0, 1, 0], np.float32)
+    with torch.no_grad():
+        only_2 = finetune_loss(cfg, st, ref, data, 0, 0, 1).item()
+        data["real_images"][0] = data["real_images"][3]  # an image never drawn
+        same = finetune_loss(cfg, st, ref, data, 0, 0, 1).item()
+        data["real_images"][2] = data["real_images"][1]  # the one drawn
+        other = finetune_loss(cfg, st, ref, data, 0, 0, 1).item()
+    assert same == only_2 and other != pytest.approx(only_2)
+
+
 def test_nft_keeps_the_real_term_in_classes_the_expert_leaves_alone():
     """nft with weigh_real, by default: in a class where every real image passes, the real
     images keep reward 1 (the plain loss's gradient, above), a rejected one gets 0; centred
