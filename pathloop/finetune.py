@@ -348,7 +348,7 @@ def finetune_loss(cfg, st, ref, data, step: int, rank: int, world: int):
     pairs = training_pairs(data["pairs"], cfg.dpo_ties) if cfg.method == "dpo" else None
     n_syn = len(syn) if pairs is None else len(pairs)
     shape = (3, *data["real_images"].shape[1:3]) if not len(syn) else (3, *syn.shape[1:3])
-    # Eq. 3 with weigh_real draws the real rows in proportion to their weights: the same
+    # Eq. 3 (or nft, real_nft=false) with weigh_real draws the real rows by their weights: the same
     # expectation as weighing them, with full batches (0/1 verdicts: exactly the curated data)
     resample = cfg.weigh_real and (cfg.method == "reward" or not cfg.real_nft)
     real_p = torch.from_numpy(data["real_weights"]).double() if resample else None
