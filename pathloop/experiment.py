@@ -365,21 +365,23 @@ def _judge_feedback(cfg: ExperimentConfig, review: Path, export: Path, expert: s
     return collect_feedback(loop, review, export, "experiment-review", **judge_options(expert))
 
 
+def review_labels(workdir: str | Path) -> Path:
+    """The expert's labels of the review set: the reward model's data; calibrate_real reads them."""
+    return Path(workdir) / "feedback" / "feedback.parquet"
+
+
 def train_reward_model(steps: Steps, shards: Path, model: str, expert: str | None) -> str:
     """Review set → the expert's feedback → the reward model (Eq. 2); its checkpoint."""
     cfg, wd = steps.cfg, Path(steps.cfg.workdir)
-    review, export, reward_wd = wd / "review", wd / "feedback", wd / "reward"
+    review, export, reward_wd = wd / "review", review_labels(wd).parent, wd / "reward"
     n = cfg.round.review_per_class
     if cfg.round.review_from == "real":
         done = lambda: write_real_review(shards, review, n, REVIEW_SEED)  # noqa: E731
         steps.run("review set: real train images", review / "manifest.json", done)
     else:
         sample_set(steps, "review set: sample", model, review, n, REVIEW_SEED)
-    steps.run(
-        "review set: the expert's feedback",
-        export / "feedback.parquet",
-        lambda: _judge_feedback(cfg, review, export, expert),
-    )
+    done = lambda: _judge_feedback(cfg, review, export, expert)  # noqa: E731
+    steps.run("review set: the expert's feedback", review_labels(wd), done)
     return reward_step(steps, "", reward_wd, export, shards, "reward")["checkpoint"]
 
 
@@ -441,7 +443,7 @@ def arm_finetune(
         given = str(shared.oracle_real) if source == "oracle" else None  # else the reward model
         weights |= {"weigh_real": True, "real_rewards": given}
     if weights.get("weigh_real") and source != "oracle" and cfg.round.calibrate_real:
-        weights["real_labels"] = str(Path(cfg.workdir) / "feedback" / "feedback.parquet")
+        weights["real_labels"] = str(review_labels(cfg.workdir))
     if method == "dpo":  # pairs of one class from the checklist scores, MAGIC's rule
         ft = cfg.finetune
         lr = cfg.dpo_lr or ft.optim.lr * 2 / ft.dpo_beta
@@ -449,8 +451,8 @@ def arm_finetune(
     return training_config(
         cfg.finetune,
         workdir,
-        **{"reward_model": None, "rewards": None, "weigh_real": False, "real_rewards": None}
-        | {"real_labels": None}
+        **dict.fromkeys(("reward_model", "rewards", "real_rewards", "real_labels"))
+        | {"weigh_real": False}
         | weights,
         # the arms without feedback train Eq. 3's way whatever the method under test
         method=method or (cfg.finetune.method if source in ("feedback", "oracle") else "reward"),
