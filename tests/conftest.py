@@ -15,6 +15,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download weights
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage reporting from CI
+# Ray Train's controller polls its workers every 2 s, so every fit ends up to 2 s after its
+# last step; the suite's tiny fits cost mostly such start-up and wind-down.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 # The real-cell data set lives beside the clone (…/shared/data/real_cells), not inside it.
 REAL_CELLS = Path(__file__).resolve().parents[1].parent / "shared/data/real_cells"

@@ -169,6 +169,8 @@ def test_pretrain_job_resumes_past_a_truncated_newest_checkpoint(
         "train.steps=4",
         "train.checkpoint_every=2",
         "train.sample_every=0",
+        "train.preview_per_class=1",
+        "preview.steps=2",
         "scaling.torch_threads=1",
         "max_failures=0",
     ]
