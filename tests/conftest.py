@@ -169,13 +169,16 @@ class LocalRayCluster:
             subprocess.run([*ray_job, "stop", "--address", self.url, job_id], env=self.env)
             pytest.fail(f"job {job_id} still running after {timeout}s; log tail:\n{logs[-3000:]}")
 
-    def stop(self, grace: float = 60) -> None:
+    def stop(self, grace: float = 5) -> None:
         import shutil
         import signal
         import subprocess
 
         if self.proc is not None:
-            self.proc.terminate()  # `ray start --block` shuts its processes down on SIGTERM
+            # `ray start --block` shuts its processes down on SIGTERM, but once a Ray Data job
+            # has run it waits 30 s on Ray Data's detached actors; this throwaway cluster's group
+            # is killed after `grace` instead (its temp dir goes with it)
+            self.proc.terminate()
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
@@ -189,9 +192,11 @@ class LocalRayCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[LocalRayCluster]:
-    """A local Ray cluster (2 CPUs) to submit jobs to with the Ray Jobs CLI; see LocalRayCluster."""
+    """A local Ray cluster (2 CPUs) to submit jobs to with the Ray Jobs CLI; see LocalRayCluster.
+    Stopped after its module: idle, its twenty processes would go on taking CPU from the rest of
+    the suite."""
     cluster = LocalRayCluster(num_cpus=2).start()
     yield cluster
     cluster.stop()
