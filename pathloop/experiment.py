@@ -140,6 +140,15 @@ class ExperimentEvalConfig(Frozen):
     down_by: float = Field(
         0.05, ge=0, description="A class is down when its paired difference is below -down_by."
     )
+    bars: dict[Literal["feedback", "oracle", "self-training", "expert-data"], float] = Field(
+        default_factory=lambda: {"feedback": 0.10, "oracle": 0.15},
+        description="The benchmark's gain bars by the source of an arm's rewards (feedback: "
+        "the reward model's, feedback-data included; oracle: the expert's verdicts): the least "
+        "paired difference to the control over the classes the scenario changes (all classes "
+        "where it changes every class). results.md checks each such arm against it and the "
+        "other bars: its interval above 0, no class down by more than down_by, PRDC precision "
+        "and coverage not below the control's. {} = no check.",
+    )
 
 
 class SharedRoundConfig(RoundConfig):
@@ -767,6 +776,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "rows": rows,
         "rounds": res.round_table(cfg, evals, focus),
         "focus_classes": focus,
+        "bars": res.bar_checks(rows, cfg.evaluation.bars, cfg.evaluation.down_by),
         "real": evals[REAL],
         "colour": drift.eval_colour(wd / "eval", shards, final_labels(cfg), BASE),  # cheap
         "evaluations": {k: v for k, v in evals.items() if k != REAL},
@@ -777,7 +787,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "stage_seconds": res.stage_seconds(np.diff(marks), steps.timings.get(PRETRAIN_STEP, 0)),
     }
     results["files"] = res.write_outputs(results, wd)
-    tracking.log_metrics(uri, parent, headline_metrics(rows) | drift.metrics(results["colour"]), 0)
+    bars = {f"{b['arm']}/bars_hold": float(b["holds"]) for b in results["bars"]}
+    metrics = headline_metrics(rows) | drift.metrics(results["colour"]) | bars
+    tracking.log_metrics(uri, parent, metrics, 0)
     for f in results["files"].values():
         tracking.log_artifact(uri, parent, f)
     tracking.end_run(uri, parent)

@@ -15,6 +15,7 @@ import numpy as np
 from rich.console import Console
 
 from pathloop import drift
+from pathloop.arms import FEEDBACK_DATA, arm_source
 from pathloop.experiment import BASE, CONTROL, REAL, ExperimentConfig, final_labels, model_label
 
 console = Console()
@@ -166,6 +167,125 @@ def _fidelity_md(results: dict[str, Any]) -> list[str]:
         return []
     title = "## PRDC and TSTR: paired difference to the control [95 % t interval over seeds]"
     return [title, "", viz.markdown_table(*table), ""]
+
+
+# ----------------------------------------------------------------------------- the bars
+
+
+def bar_source(arm: str) -> str:
+    """The key of ``evaluation.bars`` an arm answers to: the source of its rewards
+    (feedback-data, the reward model drawing the real images, counts as feedback)."""
+    source = arm_source(arm)[0]
+    return "feedback" if source == FEEDBACK_DATA else source
+
+
+def _not_below(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A PRDC difference to the control, checked: it holds when the mean paired difference
+    over seeds is at least 0; None when the metric was not run."""
+    if not d:
+        return None
+    return {"diff": d["diff"], "lo": d["lo"], "hi": d["hi"], "holds": bool(d["diff"] >= 0)}
+
+
+def bar_checks(
+    rows: list[dict[str, Any]], bars: dict[str, float], down_by: float
+) -> list[dict[str, Any]]:
+    """Every arm with a bar (``bars`` by ``bar_source``) against the benchmark's bars: the
+    paired gain over the changed classes (``focus``; all classes without one) at least the
+    bar, its 95 % interval above 0, no class down by more than ``down_by``, PRDC precision and
+    coverage not below the control's. ``holds``: every check holds (one not run does not)."""
+    out = []
+    for row in rows:
+        bar = None if row["arm"] in (CONTROL, BASE) else bars.get(bar_source(row["arm"]))
+        if bar is None:
+            continue
+        gain = row.get("focus") or row
+        fid = row.get("fidelity_diff") or {}
+        prdc = {k: _not_below(fid.get(f"prdc_{k}")) for k in ("precision", "coverage")}
+        down = {c: row["per_class"][c]["diff"] for c in row["classes_down"]}
+        checks = {
+            "gain": bool(gain["diff"] >= bar - 1e-9),
+            "above_0": bool(gain["lo"] > 0),
+            "no_class_down": not down,
+            **{k: None if v is None else v["holds"] for k, v in prdc.items()},
+        }
+        out.append(
+            {
+                "arm": row["arm"],
+                "bar": bar,
+                "over": "the changed classes" if "focus" in row else "all classes",
+                "gain": {k: gain[k] for k in ("diff", "lo", "hi")},
+                "down": down,
+                "down_by": down_by,
+                **prdc,
+                "checks": checks,
+                "holds": all(v is True for v in checks.values()),
+            }
+        )
+    return out
+
+
+def _yes(ok: bool | None) -> str:
+    return "yes" if ok else "no"
+
+
+def _prdc_cell(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "not run"
+    if not np.isfinite(d["lo"]):
+        return f"{d['diff']:+.3f} (one seed): {_yes(d['holds'])}"
+    noise = ", within noise" if not d["holds"] and d["hi"] >= 0 else ""
+    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]: {_yes(d['holds'])}{noise}"
+
+
+def bar_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The bars table: one row per arm with a bar; None when no arm has one."""
+    checked = results.get("bars") or []
+    if not checked:
+        return None
+    down_by = checked[0]["down_by"]
+    head = [
+        "arm",
+        f"gain over {checked[0]['over']} (bar)",
+        "95 % interval above 0",
+        f"no class down by more than {down_by:g}",
+        "PRDC precision not below the control",
+        "PRDC coverage not below the control",
+        "all hold",
+    ]
+    body = []
+    for b in checked:
+        g, ok = b["gain"], b["checks"]
+        down = ", ".join(f"{c} {d:+.3f}" for c, d in b["down"].items())
+        body.append(
+            [
+                b["arm"],
+                f"{g['diff']:+.3f} (bar {b['bar']:+.2f}): {_yes(ok['gain'])}",
+                f"[{g['lo']:+.3f}, {g['hi']:+.3f}]: {_yes(ok['above_0'])}",
+                "yes" if ok["no_class_down"] else f"no: {down}",
+                _prdc_cell(b["precision"]),
+                _prdc_cell(b["coverage"]),
+                _yes(b["holds"]),
+            ]
+        )
+    return head, body
+
+
+BARS_TEXT = (
+    "Each arm with a bar (`evaluation.bars`) against the control: its paired gain at least the "
+    "bar with the 95 % interval above 0, no class down by more than the margin, and PRDC "
+    "precision and coverage not below the control's (the mean paired difference over seeds at "
+    'least 0; "within noise": below, with an interval that reaches 0).'
+)
+
+
+def _bars_md(results: dict[str, Any]) -> list[str]:
+    from pathloop import viz
+
+    table = bar_rows(results)
+    if table is None:
+        return []
+    return ["## Against the benchmark's bars", "", BARS_TEXT, "", viz.markdown_table(*table), ""]
 
 
 # ----------------------------------------------------------------------------- presentation
@@ -357,6 +477,7 @@ def write_outputs(results: dict[str, Any], wd: Path) -> dict[str, str]:
         "",
         "![paired samples](samples_paired.png)",
         "",
+        *_bars_md(results),
         *_focus_md(results),
         *_fidelity_md(results),
         *_rounds_md(results),
@@ -413,6 +534,9 @@ def print_results(results: dict[str, Any]) -> None:
     if (table := fidelity_rows(results["rows"])) is not None:
         title = "PRDC and TSTR minus the control's, paired by seed [95 % t interval]"
         focus.append({"title": title, "columns": table[0], "rows": table[1]})
+    if (table := bar_rows(results)) is not None:
+        title = "against the benchmark's bars (evaluation.bars)"
+        focus.insert(0, {"title": title, "columns": table[0], "rows": table[1]})
     if (table := round_rows(results)) is not None:
         title = "per round, against the same round's control"
         focus.append({"title": title, "columns": table[0], "rows": table[1]})

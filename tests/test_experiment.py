@@ -114,6 +114,12 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     head = next(line for line in md.splitlines() if line.startswith("| arm |"))
     assert head.rstrip(" |").endswith("colour drift (worst class, real-spread units)")
     assert "](plot_colour.png)" in md
+    # the benchmark's bars: the feedback arm against evaluation.bars' +0.10 over all classes
+    [bars] = json.loads((wd / "results.json").read_text())["bars"]
+    assert bars["arm"] == "feedback" and bars["bar"] == 0.10 and bars["over"] == "all classes"
+    assert bars["gain"]["diff"] == pytest.approx(rows["feedback"]["diff"])
+    assert "## Against the benchmark's bars" in md
+    assert f"| feedback | {bars['gain']['diff']:+.3f} (bar +0.10): " in md
     colour = json.loads((wd / "results.json").read_text())["colour"]
     assert list(colour["labels"]) == ["control", "feedback", "base", "real"]
     cells = colour["labels"]["feedback"]["per_class"]
@@ -139,7 +145,7 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     print_results(json.loads((wd / "results.json").read_text()))
     printed = capsys.readouterr().out
     assert "McNemar" in printed and "MLflow store" in printed and "colour drift" in printed
-    assert "PRDC and TSTR minus the control's" in printed
+    assert "PRDC and TSTR minus the control's" in printed and "benchmark's bars" in printed
     assert res["wall_seconds"] >= sum(res["step_seconds"].values()) / 2  # two at once at most
     assert f"wall time of this run: {res['wall_seconds'] / 60:.1f} min" in printed
     # the same wall time by stage; the model was given, so no pretraining in it
@@ -154,6 +160,7 @@ def test_two_arms_two_seeds_end_to_end_then_resume(phantom_shards, tiny_ckpt, tm
     client = mlflow.MlflowClient(res["tracking_uri"])
     parent = client.get_run(res["parent_run_id"])
     assert "feedback/diff" in parent.data.metrics and "feedback/colour_drift" in parent.data.metrics
+    assert parent.data.metrics["feedback/bars_hold"] == float(bars["holds"])
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
@@ -412,6 +419,7 @@ def test_the_scenario_expert_labels_the_review_set(mixed_pool, tmp_path):
         (["evaluation.per_class=8"], "evaluation.per_class=8 is below"),
         (["parallel_finetunes=2", "rounds=2"], "parallel_finetunes=2 works with rounds=1"),
         (["round.calibrate_real=true"], "round.calibrate_real needs round.review_from=real"),
+        (["evaluation.bars={bogus: 0.1}"], "evaluation.bars.bogus.[key]: Input should be"),
     ],
 )
 def test_config_mistakes_are_one_line(args, needle, tmp_path, monkeypatch):
@@ -423,6 +431,64 @@ def test_config_mistakes_are_one_line(args, needle, tmp_path, monkeypatch):
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], res.output
     assert not (tmp_path / "runs").exists()  # refused before anything is written
+
+
+def test_every_arm_with_a_bar_is_checked_against_each_of_the_benchmarks_bars():
+    """evaluation.bars by the source of an arm's rewards: the gain over the changed classes
+    (the focus) against the bar, its interval, the classes down, PRDC not below the control."""
+    from pathloop.experiment_results import bar_checks, bar_rows
+
+    def fid(diff, lo, hi):
+        return {"diff": diff, "lo": lo, "hi": hi, "per_seed": [diff], "n_seeds": 3}
+
+    def row(arm, gain, lo, down=(), precision=None, coverage=None):
+        per_class = {"M2": {"diff": -0.07 if down else 0.0}, "M5": {"diff": 0.2}}
+        prdc = {"prdc_precision": precision, "prdc_coverage": coverage}
+        return {
+            "arm": arm,
+            "diff": 0.01,  # over all classes: not what a focused scenario is judged on
+            "lo": -0.01,
+            "focus": {"diff": gain, "lo": lo, "hi": gain + 0.05},
+            "classes_down": list(down),
+            "per_class": per_class,
+            "fidelity_diff": prdc if precision or coverage else {},
+        }
+
+    rows = [
+        {"arm": "control", "classes_down": []},
+        row("feedback-nft-real", 0.10, 0.02, (), fid(0.01, 0.0, 0.02), fid(0.0, -0.01, 0.01)),
+        row("oracle-nft-real", 0.149, 0.1, (), fid(0.01, 0.0, 0.02), fid(0.01, 0.0, 0.02)),
+        row("feedback-data", 0.2, 0.1, ("M2",), fid(-0.01, -0.02, 0.0), fid(0.01, 0.0, 0.02)),
+        row("oracle", 0.3, -0.01, (), fid(-0.01, -0.02, -0.005), fid(0.01, 0.0, 0.02)),
+        row("expert-data", 0.3, 0.2),  # PRDC not run: not shown to hold
+        row("self-training", 0.3, 0.2, (), fid(0.01, 0.0, 0.02), fid(0.01, 0.0, 0.02)),
+        {"arm": "base", "classes_down": []},
+    ]
+    bars = {"feedback": 0.10, "oracle": 0.15}
+    checked = {b["arm"]: b for b in bar_checks(rows, bars, 0.05)}
+    assert list(checked) == ["feedback-nft-real", "oracle-nft-real", "feedback-data", "oracle"]
+    assert [b["bar"] for b in checked.values()] == [0.10, 0.15, 0.10, 0.15]
+    assert [b["holds"] for b in checked.values()] == [True, False, False, False]
+    assert checked["oracle-nft-real"]["checks"]["gain"] is False  # +0.149 < +0.15
+    fd = checked["feedback-data"]
+    assert fd["down"] == {"M2": -0.07} and fd["checks"]["precision"] is False
+    assert checked["oracle"]["checks"]["above_0"] is False
+    assert checked["oracle"]["checks"]["precision"] is False
+    assert checked["feedback-nft-real"]["over"] == "the changed classes"
+    head, body = bar_rows({"bars": list(checked.values())})
+    assert head[1] == "gain over the changed classes (bar)" and head[3].endswith("0.05")
+    cells = {r[0]: r for r in body}
+    assert cells["oracle-nft-real"][1] == "+0.149 (bar +0.15): no"
+    assert cells["feedback-data"][3] == "no: M2 -0.070"
+    assert cells["feedback-data"][4] == "-0.010 [-0.020, +0.000]: no, within noise"
+    assert cells["oracle"][4] == "-0.010 [-0.020, -0.005]: no"
+    assert [r[-1] for r in body] == ["yes", "no", "no", "no"]
+    # a bar for the curated data too: PRDC not run there, so its bars are not shown to hold
+    expert = bar_checks(rows, bars | {"expert-data": 0.2}, 0.05)[-1]
+    assert expert["arm"] == "expert-data" and expert["checks"]["gain"]
+    assert expert["precision"] is None and not expert["holds"]
+    assert bar_rows({"bars": [expert]})[1][0][4] == "not run"
+    assert bar_checks(rows, {}, 0.05) == [] and bar_rows({"bars": []}) is None
 
 
 def test_a_failed_parallel_run_stops_the_queue_and_raises_at_once(monkeypatch):
