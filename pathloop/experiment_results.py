@@ -535,8 +535,9 @@ def print_results(results: dict[str, Any]) -> None:
         title = "PRDC and TSTR minus the control's, paired by seed [95 % t interval]"
         focus.append({"title": title, "columns": table[0], "rows": table[1]})
     if (table := bar_rows(results)) is not None:
-        title = "against the benchmark's bars (evaluation.bars)"
-        focus.insert(0, {"title": title, "columns": table[0], "rows": table[1]})
+        title = f"against the benchmark's bars (evaluation.bars), {table[0][1]}"
+        short = ["arm", "gain", "interval > 0", "classes down", "precision", "coverage", "all"]
+        focus.insert(0, {"title": title, "columns": short, "rows": table[1]})
     if (table := round_rows(results)) is not None:
         title = "per round, against the same round's control"
         focus.append({"title": title, "columns": table[0], "rows": table[1]})
