@@ -1,10 +1,10 @@
 """``make demo``: does expert feedback beat the data alone, on 2 CPU cores?
 
 It is ``pathloop experiment --config jobs/configs/experiment.demo.yaml workdir=runs/demo``:
-phantoms where half the training cells carry a slide artifact the expert rejects → a 1000-step
-pretrained model → the simulated expert labels 256 real training cells → reward model → the
-control and feedback-data arms finetuned from the same model → the same evaluation images for
-each → the paired difference to the control with its 95 % interval. Rerun it after an
+phantoms where 30 % of the training labels name another class, which the expert sees → a
+1000-step pretrained model → the simulated expert labels 256 real training cells → reward model
+→ the control and feedback-data arms finetuned from the same model → the same evaluation images
+for each → the paired difference to the control with its 95 % interval. Rerun it after an
 interruption: finished steps are found by their outputs and skipped.
 """
 
