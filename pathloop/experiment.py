@@ -787,9 +787,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "stage_seconds": res.stage_seconds(np.diff(marks), steps.timings.get(PRETRAIN_STEP, 0)),
     }
     results["files"] = res.write_outputs(results, wd)
-    bars = {f"{b['arm']}/bars_hold": float(b["holds"]) for b in results["bars"]}
-    metrics = headline_metrics(rows) | drift.metrics(results["colour"]) | bars
-    tracking.log_metrics(uri, parent, metrics, 0)
+    tracking.log_metrics(uri, parent, res.parent_metrics(results), 0)
     for f in results["files"].values():
         tracking.log_artifact(uri, parent, f)
     tracking.end_run(uri, parent)
@@ -799,14 +797,3 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 def final_labels(cfg: ExperimentConfig) -> dict[str, list[str]]:
     """{arm: its seeds' last-round model labels}: what the headline table compares."""
     return {a: [model_label(a, s, cfg.rounds) for s in cfg.seeds] for a in cfg.arms}
-
-
-def headline_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The parent run's metrics: ``<arm>/<name>`` of every row (None and NaN left out)."""
-    keys = ("rate", "diff", "lo", "hi", "mcnemar_p", "prdc_precision", "prdc_coverage")
-    out = {}
-    for row in rows:
-        vals = {k: row.get(k) for k in (*keys, "tstr_macro_f1")}
-        vals["classes_down"] = len(row["classes_down"])
-        out.update({f"{row['arm']}/{k}": float(v) for k, v in vals.items() if v is not None})
-    return {k: v for k, v in out.items() if np.isfinite(v)}

@@ -225,6 +225,19 @@ def bar_checks(
     return out
 
 
+def parent_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The parent run's metrics: ``<arm>/<name>`` of every row (None and NaN left out), each
+    arm's colour drift, and ``<arm>/bars_hold`` (1 or 0) of every arm with a bar."""
+    keys = ("rate", "diff", "lo", "hi", "mcnemar_p", "prdc_precision", "prdc_coverage")
+    out = {}
+    for row in results["rows"]:
+        vals = {k: row.get(k) for k in (*keys, "tstr_macro_f1")}
+        vals["classes_down"] = len(row["classes_down"])
+        out.update({f"{row['arm']}/{k}": float(v) for k, v in vals.items() if v is not None})
+    out = {k: v for k, v in out.items() if np.isfinite(v)} | drift.metrics(results["colour"])
+    return out | {f"{b['arm']}/bars_hold": float(b["holds"]) for b in results.get("bars", [])}
+
+
 def _yes(ok: bool | None) -> str:
     return "yes" if ok else "no"
 
