@@ -651,7 +651,17 @@ def _scan_shards(
     files, fs = _shard_paths(d, manifest)
     if not files:
         raise ValueError(f"{d} holds no records; nothing to read")
-    ds = ray.data.read_parquet(files, filesystem=fs)
+    # Ray Data's V1 Parquet reader: V2 lists files through a pool of FooterReader actors (32
+    # unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise), each a new process that
+    # imports Ray Data and pandas, on every scan. A job reading a few shard files spends more
+    # CPU starting them than reading. V1 reads the footers in the caller, or in tasks when
+    # there are many files, and pushes the same filters and projection down.
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(files, filesystem=fs)
+    finally:
+        ctx.use_datasource_v2 = v2
     if split is not None:
         _check_choice("split", split, SPLITS)
         ds = ds.filter(expr=col("split") == lit(split))
