@@ -373,3 +373,18 @@ def test_ray_reader_matches_plain_reader(ray_session: object, tiny_shards: Path)
     assert len(batches) == 3 and set(batches[0]) == {"image", "class_id"}
     assert tuple(batches[0]["image"].shape) == (8, 3, 16, 16)
     assert batches[0]["class_id"].dtype == torch.int64
+
+
+def test_shards_are_scanned_without_footer_reader_actors(
+    ray_session: object, tiny_shards: Path
+) -> None:
+    """The scan goes through Ray Data's V1 Parquet reader, which starts no FooterReader actors
+    (V2 starts 32 processes per scan), and leaves the caller's DataContext as it was."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ds = read_shards(tiny_shards, split="train").materialize()
+    assert ds.count() == 24 and ctx.use_datasource_v2 == before
+    stats = ds.stats()
+    assert "ReadParquet" in stats and "FooterReader" not in stats and "V2" not in stats
