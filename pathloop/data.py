@@ -654,8 +654,9 @@ def _scan_shards(
     # Ray Data's V1 Parquet reader: V2 lists files through a pool of FooterReader actors (32
     # unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise), each a new process that
     # imports Ray Data and pandas, on every scan. A job reading a few shard files spends more
-    # CPU starting them than reading. V1 reads the footers in the caller, or in tasks when
-    # there are many files, and pushes the same filters and projection down.
+    # CPU starting them than reading. V1 reads the footers in the caller (in tasks when there
+    # are many files), samples a file's size in a task on Ray's reused worker processes, and
+    # pushes the same filters and projection down.
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:

@@ -387,4 +387,4 @@ def test_shards_are_scanned_without_footer_reader_actors(
     ds = read_shards(tiny_shards, split="train").materialize()
     assert ds.count() == 24 and ctx.use_datasource_v2 == before
     stats = ds.stats()
-    assert "ReadParquet" in stats and "FooterReader" not in stats and "V2" not in stats
+    assert "ReadParquet" in stats and "ReadFiles" not in stats  # V2: ListFiles -> ReadFiles
